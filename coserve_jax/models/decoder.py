@@ -1,0 +1,228 @@
+"""One Flax NNX decoder for the Llama / Qwen2 / Mistral families, with per-token multi-LoRA.
+
+The architecture is ``transformers``' ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` and
+``MistralForCausalLM`` differ only in configuration: q/k/v bias, tied embeddings, GQA, RoPE
+scaling): pre-norm decoder layers of RMSNorm -> GQA self-attention with RoPE -> residual ->
+RMSNorm -> SwiGLU MLP -> residual, then a final RMSNorm and the LM head.
+
+Layout choices, made for what the serving step and token-level finetuning need:
+
+* Tokens are a flat batch ``[T]`` (sequences packed back to back, each token with its own
+  position, sequence id and adapter index), the form the fused step fills with inference and
+  finetuning tokens alike.
+* The weights of all decoder layers are stacked on a leading layer axis and run with
+  ``jax.lax.scan``: one layer is compiled, not ``num_layers`` copies (start-up compile time for
+  many shape buckets), and a slice of layers is a slice of arrays (layer-sliced backward).
+* Linear weights are stored ``[in, out]`` (``y = x @ W``), the transpose of PyTorch's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coserve_jax.lora.pool import LoRAPool, LoRAPoolConfig, ParamInit, adapter_onehot, lora_delta
+from coserve_jax.models import rope
+from coserve_jax.models.attention import dense_attention, packed_causal_mask
+from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""``(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) -> [T,Hq,D]``: the attention of one layer."""
+
+BIASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every base-model parameter of :class:`CausalLM` by name, with its (stacked) shape.
+
+    Names: ``embed_tokens [V,H]``, ``layers.input_norm [L,H]``, ``layers.post_norm [L,H]``,
+    ``layers.{module} [L,in,out]``, ``layers.{module}_bias [L,out]`` (when the config has that
+    bias), ``norm [H]``, ``lm_head [H,V]`` (untied only).
+    """
+    L, H, V = config.num_layers, config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (V, H), "layers.input_norm": (L, H), "layers.post_norm": (L, H)}
+    for m in LINEAR_MODULES:
+        d_in, d_out = config.module_dims(m)
+        shapes[f"layers.{m}"] = (L, d_in, d_out)
+    for m in _biased_modules(config):
+        shapes[f"layers.{m}_bias"] = (L, config.module_dims(m)[1])
+    shapes["norm"] = (H,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (H, V)
+    return shapes
+
+
+def _biased_modules(config: ModelConfig) -> tuple[str, ...]:
+    out: tuple[str, ...] = ()
+    if config.qkv_bias:
+        out += BIASES["qkv"]
+    if config.o_bias:
+        out += BIASES["o"]
+    if config.mlp_bias:
+        out += BIASES["mlp"]
+    return out
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading layer axis (see :func:`param_shapes`)."""
+
+    def __init__(self, config: ModelConfig, dtype, param_init: ParamInit):
+        shapes = param_shapes(config)
+        self.input_norm = nnx.Param(param_init("layers.input_norm", shapes["layers.input_norm"], dtype))
+        self.post_norm = nnx.Param(param_init("layers.post_norm", shapes["layers.post_norm"], dtype))
+        self.kernel = nnx.Dict()
+        self.bias = nnx.Dict()
+        for m in LINEAR_MODULES:
+            self.kernel[m] = nnx.Param(param_init(f"layers.{m}", shapes[f"layers.{m}"], dtype))
+        for m in _biased_modules(config):
+            self.bias[m] = nnx.Param(param_init(f"layers.{m}_bias", shapes[f"layers.{m}_bias"], dtype))
+
+    def arrays(self) -> dict:
+        """The stacked arrays as a plain pytree ``{input_norm, post_norm, kernel: {...}, bias: {...}}``."""
+        return {
+            "input_norm": self.input_norm[...],
+            "post_norm": self.post_norm[...],
+            "kernel": {m: v[...] for m, v in self.kernel.items()},
+            "bias": {m: v[...] for m, v in self.bias.items()},
+        }
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``LlamaRMSNorm``: normalise in float32, cast back, then scale. ``x [T,H]``, ``weight [H]``."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def decoder_layer(
+    config: ModelConfig,
+    p: dict,
+    lora: dict,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    onehot: jax.Array | None,
+    attend: Attend,
+) -> jax.Array:
+    """One decoder layer (``LlamaDecoderLayer.forward``) on a flat token batch.
+
+    Args:
+        p: one layer's slice of :meth:`DecoderLayers.arrays`.
+        lora: ``{module: (A [S,in,R], B [S,R,out], scaling [S])}`` for this layer (may be empty).
+        h: residual stream ``[T, H]``.
+        cos, sin: RoPE tables ``[T, head_dim]``.
+        onehot: ``[T, S]`` adapter selector, or ``None`` when there is no pool.
+        attend: the attention implementation.
+    Returns:
+        The new residual stream ``[T, H]``.
+    """
+
+    def linear(x: jax.Array, m: str) -> jax.Array:
+        y = x @ p["kernel"][m]
+        if m in p["bias"]:
+            y = y + p["bias"][m]
+        if m in lora and onehot is not None:
+            y = y + lora_delta(x, *lora[m], onehot)
+        return y
+
+    t = h.shape[0]
+    x = rms_norm(h, p["input_norm"], config.rms_norm_eps)
+    q = linear(x, "q_proj").reshape(t, config.num_heads, config.head_dim)
+    k = linear(x, "k_proj").reshape(t, config.num_kv_heads, config.head_dim)
+    v = linear(x, "v_proj").reshape(t, config.num_kv_heads, config.head_dim)
+    q = rope.apply_rope(q, cos, sin)
+    k = rope.apply_rope(k, cos, sin)
+    attn = attend(q, k, v).reshape(t, config.q_size)
+    h = h + linear(attn, "o_proj")
+    x = rms_norm(h, p["post_norm"], config.rms_norm_eps)
+    mlp = jax.nn.silu(linear(x, "gate_proj")) * linear(x, "up_proj")
+    return h + linear(mlp, "down_proj")
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only language model (``LlamaForCausalLM`` and family) with an optional LoRA pool.
+
+    Build it with :func:`coserve_jax.models.loader.load_model` (weights from a checkpoint) or
+    :func:`coserve_jax.models.loader.init_random` (real shapes, random weights); the constructor
+    takes a ``param_init(name, shape, dtype)`` callback that supplies every parameter.
+
+    Args:
+        config: the model's :class:`ModelConfig`.
+        dtype: parameter and activation dtype (``jnp.float32``, ``jnp.bfloat16`` ...).
+        param_init: supplies each parameter (names from :func:`param_shapes` and ``lora.*``).
+        lora: pool shape, or ``None`` for a model without adapters.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype, param_init: ParamInit, lora: LoRAPoolConfig | None = None):
+        self.config = config
+        shapes = param_shapes(config)
+        self.embed_tokens = nnx.Param(param_init("embed_tokens", shapes["embed_tokens"], dtype))
+        self.layers = DecoderLayers(config, dtype, param_init)
+        self.norm = nnx.Param(param_init("norm", shapes["norm"], dtype))
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(param_init("lm_head", shapes["lm_head"], dtype))
+        self.lora = None if lora is None else LoRAPool(config, lora, dtype, param_init)
+
+    @property
+    def dtype(self):
+        """The parameters' dtype."""
+        return self.embed_tokens[...].dtype
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        adapter_ids: jax.Array,
+        attend: Attend,
+    ) -> jax.Array:
+        """Run embeddings, all decoder layers and the final norm.
+
+        Args:
+            tokens, positions, adapter_ids: int32 ``[T]``.
+            attend: the attention of every layer (same callable for each layer).
+        Returns:
+            ``[T, H]`` final-normed hidden states in the model dtype.
+        """
+        config = self.config
+        h = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        cos, sin = rope.cos_sin(config, positions, h.dtype)
+        onehot = None
+        lora_arrays: dict = {}
+        if self.lora is not None:
+            onehot = adapter_onehot(adapter_ids, self.lora.config.max_loras, jnp.float32)
+            lora_arrays = self.lora.layer_arrays()
+
+        def body(h, xs):
+            p, lora = xs
+            return decoder_layer(config, p, lora, h, cos, sin, onehot, attend), None
+
+        h, _ = jax.lax.scan(body, h, (self.layers.arrays(), lora_arrays))
+        return rms_norm(h, self.norm[...], config.rms_norm_eps)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head: ``[T, H]`` -> float32 ``[T, V]`` (computed in the model dtype, as HF does)."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return (hidden @ w).astype(jnp.float32)
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, adapter_ids: jax.Array
+    ) -> jax.Array:
+        """Whole-sequence forward of a packed batch with dense causal attention (no KV cache).
+
+        Args:
+            tokens: int32 ``[T]`` token ids.
+            positions: int32 ``[T]`` position of each token in its sequence (0-based).
+            segment_ids: int32 ``[T]`` sequence of each token; ``-1`` marks a padding slot.
+            adapter_ids: int32 ``[T]`` adapter index per token (0 = base model).
+        Returns:
+            float32 logits ``[T, vocab_size]`` (rows of padding slots are meaningless).
+        """
+        mask = packed_causal_mask(segment_ids, positions)
+        scale = self.config.head_dim ** -0.5
+
+        def attend(q, k, v):
+            return dense_attention(q, k, v, mask, scale)
+
+        return self.logits(self.hidden_states(tokens, positions, adapter_ids, attend))

@@ -1,0 +1,75 @@
+"""Tokenizer and chat template of a checkpoint, through ``transformers.AutoTokenizer``, offline.
+
+We do not reimplement tokenization: ``AutoTokenizer`` (Rust ``tokenizers`` underneath) loads the
+``tokenizer.json`` / ``tokenizer_config.json`` of the checkpoint directory or of a separate
+tokenizer directory, and its ``apply_chat_template`` renders conversations with the template the
+checkpoint ships (Jinja, the same code path ``transformers`` users run). Nothing is fetched from a
+hub: ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+
+
+def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local checkpoint or tokenizer directory.
+
+    Args:
+        path: a directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``).
+        chat_template: optional override: a Jinja template string, or the path of a ``.jinja`` file
+            (e.g. a template from the model card when the checkpoint has none).
+    Returns:
+        A ``transformers`` tokenizer (``PreTrainedTokenizerFast`` or the backend class of the
+        installed ``transformers``).
+    Raises:
+        FileNotFoundError: ``path`` is not a directory or holds no tokenizer files.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+    known = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in known):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(known)}) in {path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if chat_template is not None:
+        text = os.fspath(chat_template)
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        tokenizer.chat_template = text
+    return tokenizer
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> str:
+    """Render an OpenAI-style conversation (``[{"role": ..., "content": ...}, ...]``) to a prompt.
+
+    Args:
+        add_generation_prompt: end with the assistant header, ready for generation.
+        template_kwargs: passed to the template (e.g. ``date_string`` for Llama 3.1, ``tools``).
+    Raises:
+        ValueError: the tokenizer has no chat template (pass one to :func:`load_tokenizer`).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; pass chat_template= to load_tokenizer")
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+) -> list[int]:
+    """Token ids of :func:`render_chat`'s prompt (special tokens come from the template itself)."""
+    return tokenizer.encode(render_chat(tokenizer, messages, **kwargs), add_special_tokens=False)

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written by `transformers` itself."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> pathlib.Path:
+    """Path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs the third-party data in ../shared/data")
+    return path
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256, max_position_embeddings=512)
+
+FAMILIES = {
+    # Llama 3.1: GQA 4:1, llama3 RoPE scaling. head_dim 16 with original context 64 puts RoPE frequencies
+    # in all three llama3 bands (kept, interpolated, divided by `factor`).
+    "llama31": dict(
+        model_type="llama",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        ),
+        tie_word_embeddings=False,
+    ),
+    # Qwen2: q/k/v bias, tied embeddings, GQA 2:1.
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Mistral: GQA, no sliding window in use.
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None, head_dim=16),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised `transformers` model of a tiny config of the family (fp32, eval mode)."""
+    import torch
+    import transformers
+
+    spec = {**TINY, **FAMILIES[family], **overrides}
+    model_type = spec.pop("model_type")
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[
+        model_type
+    ]
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+    }[model_type]
+    torch.manual_seed(seed)
+    config = cfg_cls(**spec)
+    model = model_cls(config).eval()
+    # HF initialises biases and norms to constants; randomise them so the test can see mistakes.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: save a tiny model of `family` with `save_pretrained`, return (dir, torch model)."""
+    cache: dict = {}
+
+    def make(family: str, **save_kwargs):
+        key = (family, tuple(sorted(save_kwargs.items())))
+        if key not in cache:
+            model = make_hf_model(family)
+            path = tmp_path_factory.mktemp(f"{family}_ckpt")
+            model.save_pretrained(path, **save_kwargs)
+            cache[key] = (path, model)
+        return cache[key]
+
+    return make
+
+
+def hf_logits(model, sequences, **kwargs) -> list[np.ndarray]:
+    """`transformers` logits for each sequence, run as one right-padded batch with an attention mask."""
+    import torch
+
+    n = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), n), dtype=torch.long)
+    mask = torch.zeros((len(sequences), n), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, **kwargs).logits.float().numpy()
+    return [out[i, : len(s)] for i, s in enumerate(sequences)]
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max |ours - ref| / max |ref|."""
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def random_sequences(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
+
+
+def our_logits(model, sequences, adapter_ids=None, pad_to=None) -> list[np.ndarray]:
+    """Our logits for each sequence, run as one packed batch (eager forward)."""
+    import jax.numpy as jnp
+
+    from coserve_jax.models import pack_sequences
+
+    batch = pack_sequences(sequences, adapter_ids, pad_to=pad_to)
+    return batch.unpack(np.asarray(model(*(jnp.asarray(a) for a in batch.arrays()))))

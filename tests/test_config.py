@@ -1,0 +1,75 @@
+"""config.json parsing: every family's fields, both transformers layouts, and errors naming the field."""
+
+import pathlib
+
+import pytest
+
+from coserve_jax.models import ModelConfig, RopeScaling, UnsupportedConfigError
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
+
+BASE = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=100,
+    max_position_embeddings=256,
+)
+
+
+def test_llama31_config_old_layout():
+    c = ModelConfig.from_pretrained(CONFIGS / "llama-3.1-8b")
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (32, 32, 8, 128)
+    assert c.rope_theta == 500000.0
+    assert c.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert c.eos_token_ids == (128001, 128008, 128009)
+    # Llama-3.1-8B has 8,030,261,248 parameters (model card: 8.03B).
+    assert c.num_params() == 8_030_261_248
+
+
+def test_rope_parameters_layout_of_transformers_5():
+    d = dict(BASE, rope_parameters={"rope_theta": 123.0, "rope_type": "linear", "factor": 2.0})
+    c = ModelConfig.from_hf_dict(d)
+    assert c.rope_theta == 123.0 and c.rope_scaling == RopeScaling("linear", 2.0)
+
+
+def test_qwen2_has_qkv_bias_and_head_dim_default():
+    c = ModelConfig.from_hf_dict(dict(BASE, model_type="qwen2", tie_word_embeddings=True))
+    assert c.qkv_bias and not c.o_bias and c.tie_word_embeddings and c.head_dim == 16 and c.num_kv_heads == 4
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"model_type": "gemma"}, "model_type"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1.0}}, "rope_parameters.rope_type"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.low_freq_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"vocab_size": None}, "vocab_size"),
+        ({"model_type": "mistral", "sliding_window": 128}, "sliding_window"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+        ({"model_type": "qwen2", "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+    ],
+)
+def test_unsupported_fields_are_named(patch, field):
+    with pytest.raises(UnsupportedConfigError) as e:
+        ModelConfig.from_hf_dict({**BASE, **patch})
+    assert e.value.field == field
+    assert repr(field) in str(e.value)
+
+
+def test_sliding_window_that_never_applies_is_accepted():
+    # Mistral-7B-v0.1 style: the window is accepted when every sequence fits inside it.
+    c = ModelConfig.from_hf_dict({**BASE, "model_type": "mistral", "sliding_window": 128}, max_model_len=128)
+    assert c.max_model_len == 128
+    assert ModelConfig.from_hf_dict({**BASE, "model_type": "mistral", "sliding_window": 4096}).max_model_len == 256
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_pretrained(tmp_path)
