@@ -37,6 +37,17 @@ FAMILIES = {
         ),
         tie_word_embeddings=False,
     ),
+    # Llama 3.2: tied embeddings with llama3 RoPE scaling and GQA.
+    "llama32": dict(
+        model_type="llama",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+        ),
+        tie_word_embeddings=True,
+    ),
     # Qwen2: q/k/v bias, tied embeddings, GQA 2:1.
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     # Mistral: GQA, no sliding window in use.

@@ -13,7 +13,7 @@ from coserve_jax.models import load_model, pack_sequences
 LENGTHS = [37, 5, 64, 1, 20]  # different lengths in one packed batch, plus padding slots
 
 
-@pytest.mark.parametrize("family", ["llama31", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama31", "llama32", "qwen2", "mistral"])
 def test_logits_match_transformers(family, hf_checkpoint):
     path, hf_model = hf_checkpoint(family)
     model = load_model(path, dtype="float32")

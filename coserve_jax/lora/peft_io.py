@@ -65,6 +65,7 @@ class LoRAModule:
 
     @property
     def rank(self) -> int:
+        """LoRA rank r (columns of ``a``)."""
         return int(self.a.shape[1])
 
 
@@ -95,6 +96,7 @@ class LoRAWeights:
 
     @property
     def max_rank(self) -> int:
+        """The largest rank over all modules (0 for an empty adapter)."""
         return max((m.rank for m in self.modules.values()), default=0)
 
 
