@@ -1,0 +1,76 @@
+"""Pure-JAX ragged paged attention: the oracle the Pallas kernel is tested against.
+
+Layout (one layer): ``k_pages, v_pages: [num_pages, page_size, num_kv_heads, head_dim]``.
+Sequence ``s`` owns pages ``page_table[s, :]`` in token order; its KV length after this step is
+``kv_lens[s]`` (tokens already cached plus this step's query tokens). Its query tokens are
+``q[cu_q_lens[s]:cu_q_lens[s+1]]``, the last ``q_len`` tokens of the sequence (one decode token
+or a prefill chunk). Slots past ``cu_q_lens[num_seqs]`` are padding and return zeros.
+
+Runs everywhere (gathers every sequence's pages: memory ``O(T * max_kv_len)``), so it is for
+tests and small CPU runs, not for speed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's K/V into their pages.
+
+    Args:
+        k_pages, v_pages: ``[P, page_size, Hkv, D]``.
+        k, v: ``[T, Hkv, D]``, the new tokens' keys and values.
+        slot_mapping: int32 ``[T]``, ``page * page_size + offset`` of each token (padding slots point
+            into the reserved scratch page 0).
+    Returns:
+        The updated ``(k_pages, v_pages)``.
+    """
+    p, page, h, d = k_pages.shape
+    kf = k_pages.reshape(p * page, h, d).at[slot_mapping].set(k.astype(k_pages.dtype))
+    vf = v_pages.reshape(p * page, h, d).at[slot_mapping].set(v.astype(v_pages.dtype))
+    return kf.reshape(p, page, h, d), vf.reshape(p, page, h, d)
+
+
+def ragged_paged_attention_ref(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Causal GQA attention of packed query tokens over paged K/V (K/V of this step already written).
+
+    Args:
+        q: ``[T, Hq, D]``.
+        k_pages, v_pages: ``[P, page_size, Hkv, D]``.
+        kv_lens: int32 ``[S]``; page_table: int32 ``[S, max_pages]``; cu_q_lens: int32 ``[S + 1]``.
+        num_seqs: int32 scalar, sequences in use (``<= S``).
+        scale: score multiplier (``D ** -0.5``).
+    Returns:
+        ``[T, Hq, D]`` in ``q``'s dtype; softmax in float32; padding slots are zeros.
+    """
+    t, hq, d = q.shape
+    _, page, hkv, _ = k_pages.shape
+    s_max, max_pages = page_table.shape
+    tok = jnp.arange(t)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s_max - 1)
+    valid = tok < cu_q_lens[num_seqs]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q_pos = kv_lens[seq] - q_len + (tok - cu_q_lens[seq])  # absolute position of each query
+    k_seq = k_pages[page_table].reshape(s_max, max_pages * page, hkv, d)  # [S, KV, Hkv, D]
+    v_seq = v_pages[page_table].reshape(s_max, max_pages * page, hkv, d)
+    kv_pos = jnp.arange(max_pages * page)
+    mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & valid[:, None]
+    qg = q.reshape(t, hkv, hq // hkv, d)
+    scores = jnp.einsum("thgd,tkhd->thgk", qg, k_seq[seq]).astype(jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.where(mask[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)
+    out = jnp.einsum("thgk,tkhd->thgd", probs, v_seq[seq])
+    return out.reshape(t, hq, d)
