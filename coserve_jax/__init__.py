@@ -1,3 +1,21 @@
-"""coserve-jax: LLM inference and LoRA finetuning co-served in one fused JAX/XLA step."""
+"""coserve-jax: LLM inference and LoRA finetuning co-served in one fused JAX/XLA step.
+
+``from coserve_jax import Engine, SamplingParams`` is the notebook API. The names are imported
+lazily, so ``coserve_jax.sched`` (pure Python) can be used without importing JAX.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["Engine", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name):
+    if name in ("Engine", "RequestOutput"):
+        from coserve_jax import engine
+
+        return getattr(engine, name)
+    if name == "SamplingParams":
+        from coserve_jax.sched.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'coserve_jax' has no attribute {name!r}")

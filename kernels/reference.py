@@ -44,6 +44,7 @@ def ragged_paged_attention_ref(
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
     scale: float,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """Causal GQA attention of packed query tokens over paged K/V (K/V of this step already written).
 
@@ -53,19 +54,25 @@ def ragged_paged_attention_ref(
         kv_lens: int32 ``[S]``; page_table: int32 ``[S, max_pages]``; cu_q_lens: int32 ``[S + 1]``.
         num_seqs: int32 scalar, sequences in use (``<= S``).
         scale: score multiplier (``D ** -0.5``).
+        layer: with the all-layer cache ``[L, P, page_size, Hkv, D]``, the layer to read (int32
+            scalar); its pages are gathered directly, without copying the layer out first.
     Returns:
         ``[T, Hq, D]`` in ``q``'s dtype; softmax in float32; padding slots are zeros.
     """
     t, hq, d = q.shape
-    _, page, hkv, _ = k_pages.shape
+    page, hkv = k_pages.shape[-3], k_pages.shape[-2]
     s_max, max_pages = page_table.shape
     tok = jnp.arange(t)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s_max - 1)
     valid = tok < cu_q_lens[num_seqs]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_pos = kv_lens[seq] - q_len + (tok - cu_q_lens[seq])  # absolute position of each query
-    k_seq = k_pages[page_table].reshape(s_max, max_pages * page, hkv, d)  # [S, KV, Hkv, D]
-    v_seq = v_pages[page_table].reshape(s_max, max_pages * page, hkv, d)
+    if layer is None:
+        k_seq, v_seq = k_pages[page_table], v_pages[page_table]
+    else:
+        k_seq, v_seq = k_pages[layer, page_table], v_pages[layer, page_table]
+    k_seq = k_seq.reshape(s_max, max_pages * page, hkv, d)  # [S, KV, Hkv, D]
+    v_seq = v_seq.reshape(s_max, max_pages * page, hkv, d)
     kv_pos = jnp.arange(max_pages * page)
     mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & valid[:, None]
     qg = q.reshape(t, hkv, hq // hkv, d)

@@ -18,7 +18,7 @@ Layout choices, made for what the serving step and token-level finetuning need:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,10 @@ from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 """``(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) -> [T,Hq,D]``: the attention of one layer."""
+
+CachedAttend = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+"""``(q, k, v, cache, layer) -> (out [T,Hq,D], cache)``: attention that also reads and writes a
+KV cache (any pytree, e.g. the all-layer paged K/V) for layer ``layer`` (int32 scalar)."""
 
 BIASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -175,15 +179,21 @@ class CausalLM(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         adapter_ids: jax.Array,
-        attend: Attend,
-    ) -> jax.Array:
+        attend: Attend | CachedAttend,
+        cache: Any = None,
+    ) -> jax.Array | tuple[jax.Array, Any]:
         """Run embeddings, all decoder layers and the final norm.
 
         Args:
             tokens, positions, adapter_ids: int32 ``[T]``.
-            attend: the attention of every layer (same callable for each layer).
+            attend: the attention of every layer. Without ``cache`` an :data:`Attend`; with one a
+                :data:`CachedAttend`, called with the cache and the layer index and returning the
+                updated cache, which is carried through the scan over layers (so a donated cache
+                is updated in place).
+            cache: optional KV cache pytree.
         Returns:
-            ``[T, H]`` final-normed hidden states in the model dtype.
+            ``[T, H]`` final-normed hidden states in the model dtype; with ``cache``, the pair
+            ``(hidden, cache)``.
         """
         config = self.config
         h = jnp.take(self.embed_tokens[...], tokens, axis=0)
@@ -193,13 +203,26 @@ class CausalLM(nnx.Module):
         if self.lora is not None:
             onehot = adapter_onehot(adapter_ids, self.lora.config.max_loras, jnp.float32)
             lora_arrays = self.lora.layer_arrays()
+        with_cache = cache is not None
 
-        def body(h, xs):
-            p, lora = xs
-            return decoder_layer(config, p, lora, h, cos, sin, onehot, attend), None
+        def body(carry, xs):
+            h, cache = carry
+            p, lora, layer = xs
+            box = [cache]
 
-        h, _ = jax.lax.scan(body, h, (self.layers.arrays(), lora_arrays))
-        return rms_norm(h, self.norm[...], config.rms_norm_eps)
+            def attend_layer(q, k, v):
+                if not with_cache:
+                    return attend(q, k, v)
+                out, box[0] = attend(q, k, v, box[0], layer)
+                return out
+
+            h = decoder_layer(config, p, lora, h, cos, sin, onehot, attend_layer)
+            return (h, box[0]), None
+
+        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (h, cache), _ = jax.lax.scan(body, (h, cache), (self.layers.arrays(), lora_arrays, layer_ids))
+        h = rms_norm(h, self.norm[...], config.rms_norm_eps)
+        return (h, cache) if with_cache else h
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: ``[T, H]`` -> float32 ``[T, V]`` (computed in the model dtype, as HF does)."""

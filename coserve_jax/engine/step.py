@@ -1,0 +1,205 @@
+"""The fused serving step: one jitted function over a flat batch of token slots, per shape bucket.
+
+A step takes ``T`` token slots (decode tokens and prefill chunks of up to ``S`` sequences, packed
+back to back, then padding) and the paged KV cache, runs the model once, writes the new K/V into
+the pages, and samples one token for the last position of every sequence. Shapes are padded to a
+small grid of buckets ``(T, S)`` (powers of two up to the step's limits), each compiled ahead of
+time at start-up; the KV cache arguments are donated so XLA updates them in place. Calling a
+compiled bucket never traces or compiles again, which :class:`~coserve_jax.compile_counter.CompileCounter`
+lets tests check.
+
+The model's parameters are an argument (an ``nnx.State``), not constants baked into the
+executable, so loading an adapter changes values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coserve_jax.engine.sampler import SamplerOutput, SamplingInputs, sample
+from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
+from coserve_jax.models.decoder import CausalLM
+
+
+class StepInputs(NamedTuple):
+    """One step's flat batch (int32 unless said).
+
+    token_ids, positions, adapter_ids: ``[T]``; attn: :class:`AttentionMetadata`;
+    logits_indices ``[S]``: the slot of each sequence's last token; sampling: :class:`SamplingInputs`.
+    """
+
+    token_ids: jax.Array
+    positions: jax.Array
+    adapter_ids: jax.Array
+    attn: AttentionMetadata
+    logits_indices: jax.Array
+    sampling: SamplingInputs
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+    """A compiled step shape: ``num_tokens`` token slots, ``num_seqs`` sequence slots."""
+
+    num_tokens: int
+    num_seqs: int
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    """``lo, 2 lo, 4 lo, ...`` below ``hi``, then ``hi`` itself."""
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    out.append(hi)
+    return out
+
+
+def make_buckets(
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    token_buckets: Sequence[int] | None = None,
+    seq_buckets: Sequence[int] | None = None,
+) -> list[Bucket]:
+    """The bucket grid: every ``(T, S)`` with ``S <= T`` from the two lists (defaults: powers of
+    two from 16 tokens / 4 sequences up to the limits), plus ``S = min(T, max_num_seqs)`` for each
+    ``T`` so any batch that fits ``T`` has a bucket.
+
+    Raises:
+        ValueError: a bucket list whose largest entry is not the limit.
+    """
+    tb = sorted(set(token_buckets or powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)))
+    sb = sorted(set(seq_buckets or powers_of_two(min(4, max_num_seqs), max_num_seqs)))
+    if tb[-1] != max_num_batched_tokens:
+        raise ValueError(f"the largest token bucket must be max_num_batched_tokens={max_num_batched_tokens}, got {tb}")
+    if sb[-1] != max_num_seqs:
+        raise ValueError(f"the largest sequence bucket must be max_num_seqs={max_num_seqs}, got {sb}")
+    out = set()
+    for t in tb:
+        for s in sb:
+            if s <= t:
+                out.add(Bucket(t, s))
+        out.add(Bucket(t, min(t, max_num_seqs)))
+    return sorted(out)
+
+
+def pick_bucket(buckets: Sequence[Bucket], num_tokens: int, num_seqs: int) -> Bucket:
+    """The smallest bucket (fewest token slots, then fewest sequence slots) that fits.
+
+    Raises:
+        ValueError: no bucket is large enough.
+    """
+    for b in buckets:  # sorted by (T, S)
+        if b.num_tokens >= num_tokens and b.num_seqs >= num_seqs:
+            return b
+    raise ValueError(f"no step bucket holds {num_tokens} tokens and {num_seqs} sequences")
+
+
+def configure_compilation_cache(path: str | os.PathLike | None) -> None:
+    """Point JAX's persistent compilation cache at ``path`` (``None``: leave the setting alone).
+
+    Every executable is cached, however fast it compiled, so a restart with the same model,
+    buckets and jax version loads the step instead of compiling it.
+    """
+    if path is None:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
+    """The step as a pure function ``(state, k_cache, v_cache, inputs) -> (k_cache, v_cache, SamplerOutput)``.
+
+    Args:
+        graphdef: from ``nnx.split(model)``.
+        scale: attention score scale (``head_dim ** -0.5``).
+        impl: attention implementation (:data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`).
+        max_logprobs: top logprobs returned per sequence.
+    """
+
+    def step(state, k_cache, v_cache, inputs: StepInputs):
+        model: CausalLM = nnx.merge(graphdef, state)
+
+        def attend(q, k, v, cache, layer):
+            kc, vc = cache
+            out, kc, vc = paged_attention(q, k, v, kc, vc, layer, inputs.attn, scale=scale, impl=impl)
+            return out, (kc, vc)
+
+        h, (k_cache, v_cache) = model.hidden_states(
+            inputs.token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache)
+        )
+        logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
+        return k_cache, v_cache, sample(logits, inputs.sampling, max_logprobs)
+
+    return step
+
+
+def abstract_inputs(bucket: Bucket, max_pages_per_seq: int) -> StepInputs:
+    """``ShapeDtypeStruct`` inputs of a bucket, for ahead-of-time lowering."""
+    t, s = bucket.num_tokens, bucket.num_seqs
+    i32, f32 = jnp.int32, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    return StepInputs(
+        token_ids=sds((t,), i32),
+        positions=sds((t,), i32),
+        adapter_ids=sds((t,), i32),
+        attn=AttentionMetadata(sds((t,), i32), sds((s,), i32), sds((s, max_pages_per_seq), i32), sds((s + 1,), i32), sds((), i32)),
+        logits_indices=sds((s,), i32),
+        sampling=SamplingInputs(sds((s,), f32), sds((s,), i32), sds((s,), f32), sds((s,), jnp.uint32), sds((s,), i32)),
+    )
+
+
+class CompiledStep:
+    """The step compiled ahead of time for every bucket.
+
+    Args:
+        model: the model (its graph is fixed; its state is passed at each call).
+        buckets: the shapes to compile.
+        max_pages_per_seq: page-table width (``ceil(max_model_len / page_size)``).
+        k_cache, v_cache: example caches (shapes, dtypes, shardings).
+        impl, max_logprobs: see :func:`make_step_fn`.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        buckets: Sequence[Bucket],
+        max_pages_per_seq: int,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        *,
+        impl: str,
+        max_logprobs: int,
+    ):
+        self.graphdef, state = nnx.split(model)
+        self.buckets = list(buckets)
+        self.max_pages_per_seq = max_pages_per_seq
+        fn = make_step_fn(self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs)
+        self._jitted = jax.jit(fn, donate_argnums=(1, 2))
+        self._compiled: dict[Bucket, Any] = {}
+        self._example = (state, k_cache, v_cache)
+        self.compile_seconds = 0.0
+
+    def compile_all(self) -> float:
+        """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
+        t0 = time.perf_counter()
+        state, k, v = self._example
+        for b in self.buckets:
+            if b not in self._compiled:
+                self._compiled[b] = self._jitted.lower(state, k, v, abstract_inputs(b, self.max_pages_per_seq)).compile()
+        self._example = None
+        self.compile_seconds += time.perf_counter() - t0
+        return self.compile_seconds
+
+    def __call__(self, bucket: Bucket, state, k_cache, v_cache, inputs: StepInputs) -> tuple[jax.Array, jax.Array, SamplerOutput]:
+        """Run the compiled step of ``bucket`` (never compiles: raises ``KeyError`` for a bucket
+        not compiled)."""
+        return self._compiled[bucket](state, k_cache, v_cache, inputs)

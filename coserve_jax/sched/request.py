@@ -1,0 +1,76 @@
+"""A generation request as the scheduler sees it: token ids, progress, state. Plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from coserve_jax.sched.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
+    RUNNING = "running"  # holds KV pages; prefilling or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended (OpenAI's ``finish_reason`` values, plus ``abort``)."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    Attributes:
+        request_id: unique id (any hashable; the engine uses strings).
+        prompt_token_ids: the prompt, token ids (non-empty).
+        params: its :class:`SamplingParams`.
+        adapter_index: LoRA adapter index of its tokens (0 = base model).
+        seed: the sampling seed in use (``params.seed`` or one the engine drew).
+        eos_token_ids: ids that end generation unless ``params.ignore_eos``.
+        arrival_time: seconds (the engine's clock), for FCFS order and metrics.
+        output_token_ids: generated tokens so far.
+        num_computed_tokens: tokens whose K/V are in the cache (reset to 0 by preemption).
+        num_preemptions: times it lost its pages and had to be recomputed.
+    """
+
+    request_id: object
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_index: int = 0
+    seed: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_id(self, i: int) -> int:
+        """Token ``i`` of prompt + output."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens ``start:stop`` of prompt + output."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,298 @@
+"""Continuous-batching inference scheduler: which tokens of which requests go into the next step.
+
+Each call of :meth:`Scheduler.schedule` plans one step under two limits, a token budget
+(``max_num_batched_tokens``) and a sequence limit (``max_num_seqs``):
+
+1. **Decode first**: every running request whose tokens are all computed but its last sampled
+   one gets that one token (Sarathi-Serve's stall-free batching, Agrawal et al., OSDI 2024).
+2. **Chunked prefill**: running requests part-way through their prompt get the next chunk, as
+   large as the remaining budget allows.
+3. **Admission**: waiting requests, first come first served, are admitted while the budget,
+   the sequence limit and the free pages (above a watermark kept for running requests to grow)
+   allow; a request that does not fit blocks those behind it, so none starves.
+
+Pages come from :class:`~coserve_jax.sched.kv_cache.KVCacheManager`. When a running request needs
+a page and none is free, the most recently admitted request not yet planned in this step is
+**preempted by recomputation** (vLLM's default): its pages are freed and it goes back to the
+front of the queue with its generated tokens, all of which the next prefill recomputes. No new
+request is admitted in a step that preempted.
+
+After the device ran the step, :meth:`Scheduler.update` appends the sampled tokens and applies
+the token-level stop conditions (EOS ids unless ``ignore_eos``, ``stop_token_ids``,
+``max_tokens``, the context length); stop strings need text and are the engine's
+(:meth:`Scheduler.finish`).
+
+Pure Python over plain data; no JAX, no NumPy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Hashable, Iterable
+
+from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.request import FinishReason, Request, RequestStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step.
+
+    Attributes:
+        max_num_seqs: most sequences in one step (and running at once).
+        max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
+        max_model_len: context length: prompt + output tokens of one request.
+        watermark_pages: free pages admission leaves for running requests to grow into.
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    watermark_pages: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one request in a step.
+
+    Attributes:
+        request: the request.
+        start: position of the first token (= tokens already in the KV cache).
+        token_ids: the tokens to compute, positions ``start .. start + len - 1``.
+        page_table: the request's pages after this step's allocation, in token order.
+        sample: whether this chunk reaches the last known token, so a new token is sampled.
+    """
+
+    request: Request
+    start: int
+    token_ids: list[int]
+    page_table: tuple[int, ...]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """One step's plan: decode chunks first, then prefill chunks, in batch order."""
+
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for c in self.chunks if c.sample and c.num_tokens == 1 and c.start > 0)
+
+
+class Scheduler:
+    """Continuous batching with decode-first chunked prefill and preemption by recomputation.
+
+    Args:
+        config: step limits.
+        kv_cache: the page allocator (its pages are the device cache's).
+    Raises:
+        ValueError: a cache too small for one sequence of ``max_model_len`` tokens (a lone
+            request could then never finish).
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        need = kv_cache.pages_for(config.max_model_len)
+        if need > kv_cache.capacity:
+            raise ValueError(
+                f"the KV cache holds {kv_cache.capacity} pages; one sequence of max_model_len="
+                f"{config.max_model_len} tokens needs {need}"
+            )
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[Hashable, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request.
+
+        Raises:
+            ValueError: duplicate id, empty prompt, or a prompt that leaves no room to generate in
+                the context length, or needs more pages than the whole cache holds.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; the context length is {self.config.max_model_len} "
+                "(prompt + at least one generated token must fit)"
+            )
+        if self.kv_cache.pages_for(n + 1) > self.kv_cache.capacity:
+            raise ValueError(f"the prompt needs {self.kv_cache.pages_for(n + 1)} KV pages; the cache has {self.kv_cache.capacity}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: Hashable) -> Request | None:
+        """Cancel a request wherever it is and free its pages. Unknown ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, FinishReason.ABORT)
+        return req
+
+    def finish(self, request_id: Hashable, reason: FinishReason = FinishReason.STOP) -> None:
+        """End a running request (e.g. the engine matched a stop string)."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        if req.request_id in self.kv_cache:
+            self.kv_cache.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- planning ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (see the module docstring); allocates the pages it needs."""
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        planned: set[int] = set()
+        preempted: list[Request] = []
+        # Decodes (one token left to compute) before prefill chunks; admission order within each.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for req in order:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            end = req.num_computed_tokens + n
+            while not self.kv_cache.can_grow(req.request_id, end):
+                victim = self._pick_victim(planned, req)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            table = self._grow(req, end)
+            chunks.append(self._chunk(req, n, table))
+            planned.add(id(req))
+            budget -= n
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.kv_cache.can_admit(n, reserve_pages=self.config.watermark_pages):
+                    break  # FCFS: whoever is first waits for pages; nobody overtakes
+                self.waiting.popleft()
+                table = self.kv_cache.admit(req.request_id, n)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                chunks.append(self._chunk(req, n, table))
+                budget -= n
+        return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _grow(self, req: Request, end: int) -> tuple[int, ...]:
+        if end > self.kv_cache.num_tokens(req.request_id):
+            self.kv_cache.grow(req.request_id, end)
+        return self.kv_cache.page_table(req.request_id)
+
+    @staticmethod
+    def _chunk(req: Request, n: int, table: tuple[int, ...]) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(
+            request=req, start=start, token_ids=req.token_ids(start, start + n), page_table=table,
+            sample=start + n == req.num_tokens,
+        )
+
+    def _pick_victim(self, planned: set[int], current: Request) -> Request:
+        """The most recently admitted running request not yet planned this step (else ``current``)."""
+        for req in reversed(self.running):
+            if req is not current and id(req) not in planned:
+                return req
+        return current
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache.free(req.request_id)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- results -------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: Iterable[int | None]) -> list[Request]:
+        """Record a finished step.
+
+        Args:
+            output: the plan the step ran.
+            sampled: one entry per chunk, in order: the sampled token id, or ``None`` for a
+                chunk that did not sample.
+        Returns:
+            The requests that finished in this step (their pages are already freed).
+        """
+        finished = []
+        for chunk, token in zip(output.chunks, sampled, strict=True):
+            req = chunk.request
+            if req.status is not RequestStatus.RUNNING:  # aborted while the step ran
+                continue
+            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.sample:
+                continue
+            if token is None:
+                raise ValueError(f"chunk of request {req.request_id!r} samples but got no token")
+            req.output_token_ids.append(int(token))
+            reason = self.stop_reason(req)
+            if reason is not None:
+                self._finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def stop_reason(self, req: Request) -> FinishReason | None:
+        """The token-level stop condition the request's last token meets, if any."""
+        p = req.params
+        last = req.output_token_ids[-1]
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if (not p.ignore_eos and last in req.eos_token_ids) or last in p.stop_token_ids:
+                return FinishReason.STOP
+        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
