@@ -1,0 +1,212 @@
+"""Engine end to end against `transformers` generate (greedy) and `peft`, on tiny checkpoints.
+
+32 concurrent prompts of 1..300 tokens run with a 64-token step budget (prompts above it are
+prefilled in chunks) and a KV cache of 40 pages of 16 tokens for up to 16 running sequences (it
+runs out, so requests are preempted and recomputed), with no compilation after start-up.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, random_sequences, shared_data
+from peft import LoraConfig, get_peft_model
+
+from coserve_jax import Engine, SamplingParams
+from coserve_jax.compile_counter import CompileCounter
+from coserve_jax.lora.manager import AdapterError
+
+ENGINE_KW = dict(
+    dtype="float32", max_num_seqs=16, max_num_batched_tokens=64, page_size=16, num_kv_pages=40,
+    token_buckets=(16, 64), seq_buckets=(4, 16), max_loras=2, max_lora_rank=8, compilation_cache_dir=None,
+)
+MAX_TOKENS = 12
+
+
+def prompts_1_to_300(vocab, seed=0):
+    lengths = np.random.default_rng(seed).integers(1, 301, size=32)
+    lengths[:2] = [1, 300]
+    return random_sequences(lengths, vocab, seed)
+
+
+def hf_greedy(model, prompt, max_new_tokens=MAX_TOKENS):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def engines(hf_checkpoint):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path, hf = hf_checkpoint(family)
+            cache[family] = (Engine(path, **ENGINE_KW), hf)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_matches_transformers(engines, family):
+    engine, hf = engines(family)
+    prompts = prompts_1_to_300(hf.config.vocab_size)
+    preempted_before = engine.num_preemptions
+    with CompileCounter() as compiles:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=2))
+    assert compiles.count == 0, f"{compiles.count} compilations after warm-up"
+    assert engine.num_preemptions > preempted_before, "the page pool was meant to force preemption"
+    assert any(o.num_preemptions for o in outs)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p), f"prompt of {len(p)} tokens"
+        assert o.finish_reason in ("stop", "length")
+    # logprobs of the chosen tokens = log_softmax of transformers' logits at those positions
+    for p, o in zip(prompts[:4], outs[:4]):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1 : -1]
+        ref = torch.log_softmax(logits.double(), -1)
+        np.testing.assert_allclose(o.logprobs, ref[np.arange(len(o.token_ids)), o.token_ids].numpy(), atol=1e-4)
+        assert len(o.top_logprobs) == len(o.token_ids) and all(len(t) == 2 for t in o.top_logprobs)
+        assert all(o.token_ids[i] in t for i, t in enumerate(o.top_logprobs))  # greedy: chosen is top-1
+    sched = engine.scheduler
+    sched.kv_cache.check_invariants()
+    assert sched.kv_cache.num_used_pages == 0 and not sched.has_unfinished
+
+
+def test_adapters_match_peft(engines, tmp_path_factory):
+    """Some requests on adapter a, some on b, the rest on the base model, all in the same steps."""
+    engine, hf = engines("llama31")
+    specs = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+             "b": dict(r=8, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"], use_rslora=True)}
+    peft_models = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(**spec, init_lora_weights=False))
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn_like(p) * 0.2)
+        out = tmp_path_factory.mktemp(f"engine_adapter_{name}")
+        pm.save_pretrained(out)
+        engine.load_adapter(name, out)
+        peft_models[name] = pm.eval()
+    prompts = prompts_1_to_300(hf.config.vocab_size, seed=1)
+    names = [("a", "b", None)[i % 3] for i in range(len(prompts))]
+    with CompileCounter() as compiles:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), adapter=names)
+    assert compiles.count == 0
+    differs = 0
+    for p, n, o in zip(prompts, names, outs):
+        ref = hf_greedy(peft_models[n] if n else hf, p)
+        assert o.token_ids == ref, f"adapter {n}, prompt of {len(p)} tokens"
+        assert o.adapter == n
+        differs += n is not None and ref != hf_greedy(hf, p)
+    assert differs > 0, "the adapters should change some generations"
+    with pytest.raises(AdapterError, match="no adapter named"):
+        engine.generate([[1, 2, 3]], adapter="missing")
+    assert not engine.has_unfinished
+    engine.unload_adapter("a")
+    engine.unload_adapter("b")
+
+
+def test_seeded_sampling_reproduces_whatever_the_batch(engines):
+    engine, hf = engines("llama31")
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    prompt = random_sequences([37], hf.config.vocab_size, seed=5)[0]
+    alone = engine.generate([prompt], params)[0].token_ids
+    others = prompts_1_to_300(hf.config.vocab_size, seed=2)[:20]  # a crowd that forces chunking/preemption
+    crowd = [SamplingParams(max_tokens=15, temperature=1.0) for _ in others]
+    outs = engine.generate(others[:7] + [prompt] + others[7:], crowd[:7] + [params] + crowd[7:])
+    assert outs[7].token_ids == alone
+    again = engine.generate([prompt], params)[0].token_ids
+    assert again == alone
+    other_seed = engine.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 4321}))[0].token_ids
+    assert other_seed != alone
+
+
+def test_bad_requests_fail_alone(engines):
+    engine, hf = engines("qwen2")
+    with pytest.raises(ValueError, match="context length"):
+        engine.generate([[1] * 600])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[1, 2, hf.config.vocab_size]])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.generate(["text"])
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    # a batch with one bad prompt queues nothing
+    with pytest.raises(ValueError):
+        engine.generate([[1, 2], [1] * 600])
+    assert not engine.has_unfinished
+    assert engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_stream_abort_frees_pages(engines):
+    engine, hf = engines("mistral")
+    prompts = random_sequences([50, 5, 120], hf.config.vocab_size, seed=3)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    full = engine.generate(prompts, params)
+    got = {i: [] for i in range(3)}
+    for o in engine.stream(prompts, params):
+        got[o.index] += o.delta_token_ids
+    assert [got[i] for i in range(3)] == [o.token_ids for o in full]
+    it = engine.stream(prompts, params)
+    next(it)
+    it.close()  # early close aborts the rest
+    assert not engine.has_unfinished and engine.scheduler.kv_cache.num_used_pages == 0
+
+
+@pytest.fixture(scope="module")
+def text_engine():
+    path = shared_data("models", "llama2_tiny_random")
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(path, **{**ENGINE_KW, "max_model_len": 512, "max_loras": 0})
+    return engine, hf
+
+
+def test_text_prompts_streaming_and_stop_strings(text_engine):
+    engine, hf = text_engine
+    tok = engine.tokenizer
+    prompts = ["Once upon a time", "The capital of France is", "def fib(n):"]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = engine.generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        ids = tok(p)["input_ids"]
+        assert o.prompt_token_ids == ids
+        assert o.token_ids == hf_greedy(hf, ids, 24)
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    streamed = {i: "" for i in range(3)}
+    for o in engine.stream(prompts, params):
+        streamed[o.index] += o.delta_text
+    assert [streamed[i] for i in range(3)] == [o.text for o in outs]
+    # A stop string taken from the middle of the first output cuts the text before it.
+    text = outs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text.index(stop)
+    (o,) = engine.generate([prompts[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop, "zzzzqqq"]))
+    assert o.finish_reason == "stop" and o.text == text[:cut]
+    assert len(o.token_ids) < 24
+    (o2,) = engine.generate(
+        [prompts[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=stop, include_stop_str_in_output=True)
+    )
+    assert o2.text == text[: cut + len(stop)]
+    streamed = "".join(x.delta_text for x in engine.stream([prompts[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])))
+    assert streamed == text[:cut]
+
+
+def test_pallas_kernel_in_the_step(hf_checkpoint):
+    """The whole engine with the Pallas kernel (interpreted on CPU) generates what transformers does."""
+    path, hf = hf_checkpoint("llama32")
+    kw = {**ENGINE_KW, "token_buckets": (32,), "seq_buckets": (8,), "max_num_batched_tokens": 32, "max_num_seqs": 8}
+    engine = Engine(path, **kw, attention_impl="pallas_interpret")
+    prompts = random_sequences([1, 17, 40, 70, 5, 33], hf.config.vocab_size, seed=9)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 6)
