@@ -1,11 +1,11 @@
-"""``python -m coserve_jax``: run the model core end to end on a built-in default or a local checkpoint.
+"""``python -m coserve_jax``: the inference engine end to end on a built-in default or a local checkpoint.
 
 With no arguments it builds a tiny Llama-3-style model with random weights (no download), loads
-two random LoRA adapters into the pool, and runs one packed batch in which every sequence uses a
-different adapter (or the base model), printing per-sequence greedy next tokens and timings.
-With ``--model DIR`` it loads a local Hugging Face checkpoint (and its tokenizer) instead and
-greedily continues ``--prompt`` (whole-sequence recompute per token: a smoke test of the model
-layer, not the serving engine).
+two random LoRA adapters, and serves 24 concurrent requests of 1 to 200 tokens (greedy and
+sampled, on the base model and both adapters) through the engine: continuous batching, chunked
+prefill, paged KV cache, the compiled step buckets. It prints the engine's figures and a few
+outputs. With ``--model DIR`` it loads a local Hugging Face checkpoint and its tokenizer and
+streams a greedy continuation of ``--prompt``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from coserve_jax.compile_counter import CompileCounter
+from coserve_jax.engine import Engine
 from coserve_jax.lora import LoRAPoolConfig
-from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights
-from coserve_jax.models import ModelConfig, init_random, load_model, pack_sequences
+from coserve_jax.models import ModelConfig, init_random
+from coserve_jax.sched.sampling_params import SamplingParams
 
 TINY = ModelConfig.from_hf_dict(
     dict(
@@ -61,48 +61,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="local Hugging Face checkpoint directory (default: built-in tiny model)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--prompt", default="The capital of France is", help="prompt for --model")
-    parser.add_argument("--max-tokens", type=int, default=8, help="tokens to generate for --model")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {len(jax.devices())} device(s)")
 
     if args.model:
-        from coserve_jax.tokenizer import load_tokenizer
-
-        model = load_model(args.model, dtype=args.dtype)
-        tokenizer = load_tokenizer(args.model)
-        ids = tokenizer.encode(args.prompt)
-        graphdef, state = nnx.split(model)
-        forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-        for _ in range(args.max_tokens):
-            batch = pack_sequences([ids])
-            logits = forward(state, *batch.arrays())
-            ids.append(int(jnp.argmax(logits[len(ids) - 1])))
-        print(tokenizer.decode(ids))
+        engine = Engine(args.model, dtype=args.dtype, max_num_seqs=8, max_model_len=4096)
+        print(args.prompt, end="", flush=True)
+        for out in engine.stream(args.prompt, SamplingParams(max_tokens=args.max_tokens, temperature=0)):
+            print(out.delta_text, end="", flush=True)
+        print()
         return
 
     t0 = time.perf_counter()
     model = init_random(TINY, seed=0, dtype=args.dtype, lora=LoRAPoolConfig(max_loras=2, max_lora_rank=8))
-    manager = AdapterManager(model)
-    manager.load("attn-r4", _random_adapter(TINY, 4, ("q_proj", "v_proj"), seed=1))
-    manager.load("mlp-r8", _random_adapter(TINY, 8, ("gate_proj", "up_proj", "down_proj"), seed=2))
-    print(f"tiny {TINY.model_type} model: {TINY.num_params():,} parameters, adapters {manager.names} "
-          f"({time.perf_counter() - t0:.2f} s to build)")
-
+    engine = Engine(
+        model, max_num_seqs=16, max_num_batched_tokens=128, num_kv_pages=96, token_buckets=(32, 128), seq_buckets=(8, 16)
+    )
+    engine.load_adapter("attn-r4", _random_adapter(TINY, 4, ("q_proj", "v_proj"), seed=1))
+    engine.load_adapter("mlp-r8", _random_adapter(TINY, 8, ("gate_proj", "up_proj", "down_proj"), seed=2))
+    print(
+        f"tiny {TINY.model_type} model: {TINY.num_params():,} parameters; adapters {engine.list_adapters()}; "
+        f"{len(engine.buckets)} step buckets compiled; start-up {time.perf_counter() - t0:.1f} s"
+    )
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, TINY.vocab_size, 24).tolist()
-    names = [None, "attn-r4", "mlp-r8"]
-    batch = pack_sequences([prompt] * 3, [manager.adapter_index(n) for n in names], pad_to=128)
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-    t0 = time.perf_counter()
-    logits = np.asarray(forward(state, *batch.arrays()))
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    np.asarray(forward(state, *batch.arrays()))
-    run_ms = (time.perf_counter() - t0) * 1e3
-    print(f"one packed batch of {len(batch.tokens)} token slots: compile {compile_s:.2f} s, run {run_ms:.2f} ms")
-    for name, rows in zip(names, batch.unpack(logits)):
-        print(f"  adapter {name or 'base':8s} -> greedy next token {int(rows[-1].argmax()):4d}")
+    prompts = [rng.integers(0, TINY.vocab_size, int(n)).tolist() for n in rng.integers(1, 201, 24)]
+    names = [(None, "attn-r4", "mlp-r8")[i % 3] for i in range(24)]
+    params = [
+        SamplingParams(max_tokens=args.max_tokens, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, seed=i, ignore_eos=True)
+        for i in range(24)
+    ]
+    with CompileCounter() as compiles:
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params, adapter=names)
+        wall = time.perf_counter() - t0
+    n_out = sum(len(o.token_ids) for o in outs)
+    print(
+        f"24 requests ({sum(map(len, prompts))} prompt tokens) -> {n_out} generated tokens in {engine.num_steps} steps, "
+        f"{wall:.2f} s ({n_out / wall:.0f} tokens/s); preemptions {engine.num_preemptions}; "
+        f"compilations after start-up {compiles.count}"
+    )
+    for o, n, p in list(zip(outs, names, params))[:3]:
+        mode = "greedy" if p.temperature == 0 else f"T={p.temperature}"
+        print(f"  request {o.index:2d} adapter {n or 'base':8s} {mode:6s} prompt {len(o.prompt_token_ids):3d} tokens -> {o.token_ids[:8]} ...")
+    # Same prompt on the three models: the adapters change the greedy continuation.
+    same = engine.generate([prompts[0]] * 3, SamplingParams(max_tokens=4, temperature=0), adapter=[None, "attn-r4", "mlp-r8"])
+    for n, o in zip(("base", "attn-r4", "mlp-r8"), same):
+        print(f"  adapter {n:8s} -> greedy tokens {o.token_ids}")
 
 
 if __name__ == "__main__":

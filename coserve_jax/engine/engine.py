@@ -29,6 +29,7 @@ from coserve_jax.engine.step import Bucket, CompiledStep, configure_compilation_
 from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
 from coserve_jax.lora.manager import AdapterError, AdapterManager
+from coserve_jax.lora.peft_io import LoRAWeights
 from coserve_jax.lora.pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
@@ -205,8 +206,9 @@ class Engine:
         return max(per_seq + 1, min(max_num_seqs * per_seq + 1, (1 << 30) // page_bytes))
 
     # ---- adapters ------------------------------------------------------------------------
-    def load_adapter(self, name: str, peft_dir: str | os.PathLike) -> None:
-        """Load a PEFT LoRA adapter directory under ``name`` (usable by requests at once).
+    def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:
+        """Load a PEFT LoRA adapter directory (or in-memory :class:`LoRAWeights`) under ``name``,
+        usable by requests at once.
 
         Raises:
             AdapterError: no LoRA pool, a name in use, no free slot, or an adapter that does not fit
