@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"24 requests ({sum(map(len, prompts))} prompt tokens) -> {n_out} generated tokens in {engine.num_steps} steps, "
         f"{wall:.2f} s ({n_out / wall:.0f} tokens/s); preemptions {engine.num_preemptions}; "
-        f"compilations after start-up {compiles.count}"
+        f"compilations after start-up {compiles.requests}"
     )
     for o, n, p in list(zip(outs, names, params))[:3]:
         mode = "greedy" if p.temperature == 0 else f"T={p.temperature}"

@@ -57,7 +57,7 @@ def test_greedy_matches_transformers(engines, family):
     preempted_before = engine.num_preemptions
     with CompileCounter() as compiles:
         outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=2))
-    assert compiles.count == 0, f"{compiles.count} compilations after warm-up"
+    assert compiles.requests == 0, f"{compiles.requests} compilations after warm-up"
     assert engine.num_preemptions > preempted_before, "the page pool was meant to force preemption"
     assert any(o.num_preemptions for o in outs)
     for p, o in zip(prompts, outs):
@@ -97,7 +97,7 @@ def test_adapters_match_peft(engines, tmp_path_factory):
     names = [("a", "b", None)[i % 3] for i in range(len(prompts))]
     with CompileCounter() as compiles:
         outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), adapter=names)
-    assert compiles.count == 0
+    assert compiles.requests == 0
     differs = 0
     for p, n, o in zip(prompts, names, outs):
         ref = hf_greedy(peft_models[n] if n else hf, p)
@@ -210,3 +210,16 @@ def test_pallas_kernel_in_the_step(hf_checkpoint):
     outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(hf, p, 6)
+
+
+def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
+    """A second engine with the same model and buckets loads its step from the cache directory."""
+    path, _ = hf_checkpoint("qwen2")
+    kw = {**ENGINE_KW, "max_num_batched_tokens": 16, "max_num_seqs": 4, "token_buckets": None, "seq_buckets": None,
+          "compilation_cache_dir": tmp_path / "xla"}
+    Engine(path, **kw)
+    assert any((tmp_path / "xla").iterdir()), "nothing was written to the compilation cache"
+    with CompileCounter() as compiles:
+        engine = Engine(path, **kw)
+    assert compiles.count == 0 and compiles.cache_hits == len(engine.buckets) == compiles.requests
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids

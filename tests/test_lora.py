@@ -109,7 +109,7 @@ def test_load_unload_never_recompiles_the_forward(setup):
         manager.unload("qv")
         manager.load("qv_again", adapters["qv"][0])
         out = np.asarray(forward(nnx.state(model), *batch.arrays()))
-    assert compiles.count == 0
+    assert compiles.requests == 0
     # Slot 1 was freed and reused: "qv_again" serves index 1 and "mlp_rs" index 2.
     assert manager.adapter_index("qv_again") == 1
     ref = [hf_logits(adapters["qv"][1], [seqs[0]])[0], hf_logits(adapters["mlp_rs"][1], [seqs[1]])[0]]

@@ -109,8 +109,14 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
     """
     if path is None:
         return
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    if jax.config.jax_compilation_cache_dir != path:
+        # JAX decides once per process whether the cache is in use; start over for a new directory.
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -29,12 +29,15 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
         :class:`StepInputs` of NumPy arrays.
     """
     t, s = bucket.num_tokens, bucket.num_seqs
-    token_ids = np.zeros(t, np.int32)
-    positions = np.zeros(t, np.int32)
-    adapter_ids = np.zeros(t, np.int32)
-    slot_mapping = np.zeros(t, np.int32)
-    kv_lens = np.zeros(s, np.int32)
+    n_seq = len(plan.chunks)
+    # Per-token and per-sequence values are gathered in Python lists (one pass, no small NumPy
+    # ops per chunk: most chunks of a busy step are single decode tokens), then copied once.
+    tok: list[int] = []
+    pos: list[int] = []
+    ada: list[int] = []
+    slots: list[int] = []
     page_table = np.zeros((s, max_pages_per_seq), np.int32)
+    kv_lens = np.zeros(s, np.int32)
     cu = np.zeros(s + 1, np.int32)
     logits_indices = np.zeros(s, np.int32)
     temperature = np.zeros(s, np.float32)
@@ -42,34 +45,52 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
     top_p = np.ones(s, np.float32)
     seed = np.zeros(s, np.uint32)
     sample_index = np.zeros(s, np.int32)
-    off = 0
+    seq_kv, seq_cu, seq_temp, seq_k, seq_p, seq_seed, seq_idx = [], [], [], [], [], [], []
     for i, c in enumerate(plan.chunks):
-        n = c.num_tokens
-        end = off + n
         req = c.request
-        token_ids[off:end] = c.token_ids
-        pos = np.arange(c.start, c.start + n, dtype=np.int32)
-        positions[off:end] = pos
-        adapter_ids[off:end] = req.adapter_index
-        table = np.asarray(c.page_table, np.int32)
-        slot_mapping[off:end] = table[pos // page_size] * page_size + pos % page_size
+        n = len(c.token_ids)
+        table = c.page_table
+        tok.extend(c.token_ids)
+        ada.extend([req.adapter_index] * n)
+        if n == 1:
+            pos.append(c.start)
+            slots.append(table[c.start // page_size] * page_size + c.start % page_size)
+        else:
+            r = range(c.start, c.start + n)
+            pos.extend(r)
+            slots.extend(table[q // page_size] * page_size + q % page_size for q in r)
         page_table[i, : len(table)] = table
-        kv_lens[i] = c.start + n
-        cu[i + 1] = end
-        logits_indices[i] = end - 1
+        seq_kv.append(c.start + n)
+        seq_cu.append(len(tok))
         p = req.params
-        temperature[i] = p.temperature
-        top_k[i] = p.top_k
-        top_p[i] = p.top_p
-        seed[i] = req.seed
-        sample_index[i] = len(req.output_token_ids)
-        off = end
-    cu[len(plan.chunks) + 1 :] = off
+        seq_temp.append(p.temperature)
+        seq_k.append(p.top_k)
+        seq_p.append(p.top_p)
+        seq_seed.append(req.seed)
+        seq_idx.append(len(req.output_token_ids))
+    off = len(tok)
+    token_ids = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    adapter_ids = np.zeros(t, np.int32)
+    slot_mapping = np.zeros(t, np.int32)
+    token_ids[:off] = tok
+    positions[:off] = pos
+    adapter_ids[:off] = ada
+    slot_mapping[:off] = slots
+    kv_lens[:n_seq] = seq_kv
+    cu[1 : n_seq + 1] = seq_cu
+    cu[n_seq + 1 :] = off
+    logits_indices[:n_seq] = np.asarray(seq_cu, np.int32) - 1
+    temperature[:n_seq] = seq_temp
+    top_k[:n_seq] = seq_k
+    top_p[:n_seq] = seq_p
+    seed[:n_seq] = seq_seed
+    sample_index[:n_seq] = seq_idx
     return StepInputs(
         token_ids=token_ids,
         positions=positions,
         adapter_ids=adapter_ids,
-        attn=AttentionMetadata(slot_mapping, kv_lens, page_table, cu, np.int32(len(plan.chunks))),
+        attn=AttentionMetadata(slot_mapping, kv_lens, page_table, cu, np.int32(n_seq)),
         logits_indices=logits_indices,
         sampling=SamplingInputs(temperature, top_k, top_p, seed, sample_index),
     )

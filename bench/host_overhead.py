@@ -1,0 +1,92 @@
+"""Host time per step spent outside the device: scheduling, building the step's arrays, updating.
+
+Drives the real scheduler (``coserve_jax.sched``) and the real input builder
+(``coserve_jax.engine.step_inputs``) with a stand-in for the device that returns a token per
+sequence, so only host work is timed. ``N`` requests are first prefilled, then every step is a
+decode step of all ``N`` (the steady state of a busy server); a second series adds a 512-token
+prefill chunk of a newly arriving request to each step.
+
+    python bench/host_overhead.py --out bench/results/host_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+from coserve_jax.engine.step import make_buckets, pick_bucket
+from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.request import Request
+from coserve_jax.sched.sampling_params import SamplingParams
+from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
+
+PAGE, MAX_LEN, BUDGET = 16, 8192, 2048
+
+
+def run(n: int, steps: int, with_prefill: bool) -> dict:
+    max_seqs = n + 1
+    kv = KVCacheManager(num_pages=n * (MAX_LEN // PAGE) // 4 + 1024, page_size=PAGE)
+    sched = Scheduler(SchedulerConfig(max_seqs, BUDGET, MAX_LEN), kv)
+    buckets = make_buckets(BUDGET, max_seqs)
+    max_pages = MAX_LEN // PAGE
+    params = SamplingParams(max_tokens=10_000, temperature=0.8, top_p=0.9, ignore_eos=True)
+    for i in range(n):
+        sched.add_request(Request(i, list(range(1000, 1000 + 1024)), params, seed=i))
+    while any(r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids for r in sched.running) or sched.waiting:
+        plan = sched.schedule()
+        sched.update(plan, [1 if c.sample else None for c in plan.chunks])
+    times = {"schedule": [], "build_inputs": [], "update": [], "total": []}
+    next_id = n
+    for _ in range(steps):
+        if with_prefill and not sched.waiting:
+            sched.add_request(Request(next_id, list(range(5000)), params, seed=next_id))
+            next_id += 1
+        t0 = time.perf_counter()
+        plan = sched.schedule()
+        t1 = time.perf_counter()
+        bucket = pick_bucket(buckets, plan.num_tokens, plan.num_seqs)
+        build_step_inputs(plan, bucket, PAGE, max_pages)
+        t2 = time.perf_counter()
+        sched.update(plan, [7 if c.sample else None for c in plan.chunks])
+        t3 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            times[k].append(v * 1e6)
+        if with_prefill:  # keep the running set at n: retire the newcomer once it decodes
+            for r in list(sched.running):
+                if r.request_id >= n and r.output_token_ids:
+                    sched.finish(r.request_id)
+    return {
+        k: {"mean_us": statistics.fmean(v), "p50_us": statistics.median(v), "p99_us": sorted(v)[int(0.99 * len(v)) - 1]}
+        for k, v in times.items()
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    result = {
+        "command": "python bench/host_overhead.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+        "settings": {"page_size": PAGE, "max_model_len": MAX_LEN, "max_num_batched_tokens": BUDGET, "prompt_tokens": 1024},
+        "runs": [],
+    }
+    for n in (64, 256):
+        for with_prefill in (False, True):
+            r = run(n, args.steps, with_prefill)
+            result["runs"].append({"running_requests": n, "plus_prefill_chunk": with_prefill, **r})
+            print(f"{n:4d} running{' + prefill chunk' if with_prefill else '':16s}: " + ", ".join(
+                f"{k} {v['mean_us']:.0f} us" for k, v in r.items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
