@@ -1,0 +1,271 @@
+"""Finetuning data: JSONL / JSON records in the formats users have, tokenized with a loss mask.
+
+Formats, recognised per record by its keys:
+
+* ``{"text": ...}``: plain text; loss on every token (causal LM pretraining style).
+* Alpaca ``{"instruction", "input" (optional), "output"}``: rendered with the Stanford Alpaca
+  prompt (``ALPACA_PROMPT`` / ``ALPACA_PROMPT_NO_INPUT``); loss on the output only.
+* Prompt-completion ``{"prompt", "completion"}`` (TRL / OpenAI legacy); loss on the completion.
+  ``columns={"prompt": "question", "completion": "answer"}`` maps other names (e.g. GSM8K).
+* Chat ``{"messages": [{"role", "content"}, ...]}`` (OpenAI's fine-tuning format), rendered with the
+  tokenizer's chat template; loss on the assistant messages only.
+
+``train_on_prompt=True`` puts the loss on every token instead. Completion-style records get the
+tokenizer's EOS appended (so the model learns to stop), as TRL's SFT does.
+
+Every record is checked before any training starts; all problems are reported at once with the
+file's line numbers (:class:`DataValidationError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class DataValidationError(ValueError):
+    """Bad training records. ``errors`` lists ``(line, message)``; the message names each."""
+
+    def __init__(self, path: str, errors: Sequence[tuple[int, str]]):
+        self.path = path
+        self.errors = list(errors)
+        shown = "; ".join(f"line {n}: {m}" for n, m in self.errors[:10])
+        more = f" (and {len(self.errors) - 10} more)" if len(self.errors) > 10 else ""
+        super().__init__(f"{path}: {len(self.errors)} bad record(s): {shown}{more}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingExample:
+    """One tokenized training sequence.
+
+    Attributes:
+        token_ids: the sequence, int token ids.
+        loss_mask: per token, whether it is a training target (predicted from the tokens before
+            it); ``loss_mask[0]`` is always false.
+        line: the record's line in its file.
+    """
+
+    token_ids: tuple[int, ...]
+    loss_mask: tuple[bool, ...]
+    line: int
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.loss_mask)
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line, record)`` pairs of a ``.jsonl`` file (one JSON value per non-blank line) or a
+    ``.json`` file holding a list. Unparsable lines become ``(line, DataValidationError)`` entries
+    rather than exceptions, so that all problems can be reported together.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataValidationError: a ``.json`` file that is not a JSON list.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if path.endswith(".json") or stripped.startswith("["):
+        return _read_json_list(path, text)
+    out: list[tuple[int, Any]] = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((i, DataValidationError(path, [(i, f"not valid JSON ({e.msg} at column {e.colno})")])))
+    return out
+
+
+def _read_json_list(path: str, text: str) -> list[tuple[int, Any]]:
+    dec = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text[i:].startswith("["):
+        raise DataValidationError(path, [(1, "a .json training file must hold a list of records")])
+    i += 1
+    out = []
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text):
+            raise DataValidationError(path, [(text.count("\n") + 1, "unterminated JSON list")])
+        if text[i] == "]":
+            return out
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(path, [(e.lineno, f"not valid JSON ({e.msg})")]) from None
+        out.append((line, obj))
+
+
+def record_format(rec: Any, columns: Mapping[str, str] | None = None) -> str:
+    """``"text"``, ``"alpaca"``, ``"prompt_completion"`` or ``"messages"``.
+
+    Raises:
+        ValueError: not an object, or keys of none of the formats.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
+    cols = {"prompt": "prompt", "completion": "completion", **(columns or {})}
+    if "messages" in rec:
+        return "messages"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if cols["prompt"] in rec and cols["completion"] in rec:
+        return "prompt_completion"
+    if "text" in rec:
+        return "text"
+    raise ValueError(
+        f"unknown record format (keys {sorted(rec)}): expected 'text', 'messages', "
+        f"'instruction'+'output', or '{cols['prompt']}'+'{cols['completion']}'"
+    )
+
+
+def _str_field(rec: Mapping, key: str, allow_empty: bool = False) -> str:
+    v = rec.get(key, "" if allow_empty else None)
+    if not isinstance(v, str):
+        raise ValueError(f"field '{key}' must be a string, got {type(v).__name__ if key in rec else 'nothing'}")
+    if not allow_empty and not v.strip():
+        raise ValueError(f"field '{key}' is empty")
+    return v
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _prompt_completion(tokenizer, prompt: str, completion: str, train_on_prompt: bool) -> tuple[list[int], list[bool]]:
+    p = _encode(tokenizer, prompt, True)
+    c = _encode(tokenizer, completion, False)
+    if tokenizer.eos_token_id is not None:
+        c.append(int(tokenizer.eos_token_id))
+    ids = p + c
+    mask = [train_on_prompt] * len(p) + [True] * len(c)
+    return ids, mask
+
+
+def _chat(tokenizer, messages: Any, train_on_prompt: bool) -> tuple[list[int], list[bool]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{j}] must be {{'role': one of {list(ROLES)}, 'content': string}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("'messages' has no assistant message to train on")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat records need a tokenizer with a chat template")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    full = render(messages, False)
+    spans = []  # character spans of the assistant turns in the full rendering
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(messages[:j], True) if j else ""
+        end = render(messages[: j + 1], False)
+        if not (full.startswith(start) and full.startswith(end)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; cannot mask the prompt")
+        spans.append((len(start), len(end)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [train_on_prompt or any(s <= a and b <= e and b > a for s, e in spans) for a, b in enc["offset_mapping"]]
+    return ids, mask
+
+
+def tokenize_record(
+    rec: Any,
+    tokenizer,
+    *,
+    train_on_prompt: bool = False,
+    columns: Mapping[str, str] | None = None,
+    line: int = 0,
+) -> TrainingExample:
+    """One record -> :class:`TrainingExample` (format from :func:`record_format`).
+
+    Raises:
+        ValueError: a malformed record (the message names the field).
+    """
+    fmt = record_format(rec, columns)
+    cols = {"prompt": "prompt", "completion": "completion", **(columns or {})}
+    if fmt == "text":
+        ids = _encode(tokenizer, _str_field(rec, "text"), True)
+        if tokenizer.eos_token_id is not None:
+            ids.append(int(tokenizer.eos_token_id))
+        mask = [True] * len(ids)
+    elif fmt == "alpaca":
+        instruction, inp = _str_field(rec, "instruction"), _str_field(rec, "input", allow_empty=True)
+        prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
+        ids, mask = _prompt_completion(tokenizer, prompt, _str_field(rec, "output"), train_on_prompt)
+    elif fmt == "prompt_completion":
+        ids, mask = _prompt_completion(
+            tokenizer, _str_field(rec, cols["prompt"]), _str_field(rec, cols["completion"]), train_on_prompt
+        )
+    else:
+        ids, mask = _chat(tokenizer, rec["messages"], train_on_prompt)
+    mask[0] = False  # the first token has nothing to be predicted from
+    if len(ids) < 2 or not any(mask):
+        raise ValueError("the record has no token to train on")
+    return TrainingExample(tuple(ids), tuple(mask), line)
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    tokenizer,
+    *,
+    train_on_prompt: bool = False,
+    columns: Mapping[str, str] | None = None,
+    max_seq_len: int | None = None,
+) -> list[TrainingExample]:
+    """Read, validate and tokenize a whole training file.
+
+    Args:
+        path: ``.jsonl`` or ``.json`` file.
+        tokenizer: a ``transformers`` tokenizer (with a chat template for chat records).
+        train_on_prompt: loss on prompt tokens too.
+        columns: field names for prompt-completion records, e.g. ``{"prompt": "question",
+            "completion": "answer"}``.
+        max_seq_len: longest sequence allowed, in tokens (longer records are errors, not
+            silently truncated).
+    Returns:
+        One :class:`TrainingExample` per record, in file order.
+    Raises:
+        FileNotFoundError: no such file.
+        DataValidationError: every bad record with its line number; nothing is returned.
+    """
+    errors: list[tuple[int, str]] = []
+    out: list[TrainingExample] = []
+    records = read_records(path)
+    if not records:
+        raise DataValidationError(os.fspath(path), [(1, "the file holds no records")])
+    for line, rec in records:
+        if isinstance(rec, DataValidationError):
+            errors.extend(rec.errors)
+            continue
+        try:
+            ex = tokenize_record(rec, tokenizer, train_on_prompt=train_on_prompt, columns=columns, line=line)
+        except ValueError as e:
+            errors.append((line, str(e)))
+            continue
+        if max_seq_len is not None and len(ex.token_ids) > max_seq_len:
+            errors.append((line, f"{len(ex.token_ids)} tokens, above max_seq_len={max_seq_len}"))
+            continue
+        out.append(ex)
+    if errors:
+        raise DataValidationError(os.fspath(path), errors)
+    return out
