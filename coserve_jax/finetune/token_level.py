@@ -1,0 +1,281 @@
+"""Token-level LoRA finetuning: a training sequence's forward in chunks, its backward in layer slices.
+
+The mechanics that let finetuning ride inside serving steps (FlexLLM, NSDI 2026, section 4;
+../shared/docs/REFERENCE.md section 1), as pure functions that a step can call:
+
+* **Forward in chunks.** A training sequence is consumed ``chunk`` tokens at a time, like a
+  prefill: each chunk attends to the K/V that earlier chunks left in the paged KV cache. What the
+  backward needs is saved per layer: the layer's *input* residual stream ``h_l`` of each token
+  (``[L, N, H]`` in all), and the final hidden state. Nothing else (no attention
+  probabilities, no MLP intermediates, no inputs of frozen linears): the backward recomputes a
+  layer from ``h_l`` (activation checkpointing at layer boundaries).
+* **Backward in layer slices.** First the loss head gives ``dL/dh_L``. Then each slice of
+  ``layers_per_slice`` layers, top down, recomputes its layers on the whole sequence from the
+  saved inputs (dense causal attention: exactly what the chunked forward computed) and takes
+  their VJP with respect to the residual stream and *the job's LoRA A/B only* (base weights are
+  closed-over constants: no base-weight gradients exist). The gradient at the slice boundary,
+  ``[N, H]``, is all that carries over to the next slice.
+
+The result is the gradient of the whole-sequence loss, whatever the chunk size and slice size
+(tests compare against ``jax.grad`` of the whole-sequence forward).
+
+Loss: token cross-entropy summed over the target tokens (``loss_mask``), divided by
+``normalizer`` (the number of target tokens in the optimizer step's accumulation group, so that
+accumulating sequence gradients gives the mean over all target tokens of the group).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
+from coserve_jax.models import rope
+from coserve_jax.models.attention import dense_attention, packed_causal_mask
+from coserve_jax.models.config import ModelConfig
+from coserve_jax.models.decoder import decoder_layer, rms_norm
+
+LoRAParams = dict  # {module: {"A": [L, in, R], "B": [L, R, out]}}: one adapter's trainable weights
+
+
+class BaseWeights(NamedTuple):
+    """The frozen base model as plain arrays (from a :class:`CausalLM`)."""
+
+    embed: jax.Array  # [V, H]
+    layers: dict  # DecoderLayers.arrays(): stacked [L, ...]
+    norm: jax.Array  # [H]
+    lm_head: jax.Array  # [H, V]
+
+
+def base_weights(model) -> BaseWeights:
+    """The frozen arrays of a :class:`~coserve_jax.models.decoder.CausalLM`."""
+    embed = model.embed_tokens[...]
+    head = embed.T if model.lm_head is None else model.lm_head[...]
+    return BaseWeights(embed, model.layers.arrays(), model.norm[...], head)
+
+
+def _layer_lora(lora: LoRAParams, scaling: dict, layer) -> dict:
+    """One layer's adapter in the pool layout ``{m: (A [1,in,R], B [1,R,out], scaling [1])}``."""
+    return {
+        m: (w["A"][layer][None], w["B"][layer][None], jnp.reshape(scaling[m][layer], (1,)))
+        for m, w in lora.items()
+    }
+
+
+def _layer_params(base: BaseWeights, layer) -> dict:
+    return jax.tree.map(lambda x: x[layer], base.layers)
+
+
+def forward_chunk(
+    config: ModelConfig,
+    base: BaseWeights,
+    lora: LoRAParams,
+    scaling: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    impl: str = "reference",
+):
+    """Forward of one chunk of a training sequence over the paged KV cache, saving layer inputs.
+
+    Args:
+        tokens, positions: int32 ``[c]``, the chunk (positions continue the sequence).
+        k_cache, v_cache: ``[L, P, page_size, Hkv, D]``; the chunk's K/V are written into them.
+        meta: attention metadata of the one-sequence batch.
+        lora, scaling: the job's adapter (``scaling[m]``: float32 ``[L]``).
+    Returns:
+        ``(layer_inputs [L, c, H], final_hidden [c, H] (before the final norm), k_cache, v_cache)``.
+    """
+    h = jnp.take(base.embed, tokens, axis=0)
+    cos, sin = rope.cos_sin(config, positions, h.dtype)
+    onehot = jnp.ones((tokens.shape[0], 1), jnp.float32)
+    scale = config.head_dim ** -0.5
+
+    def body(carry, layer):
+        h, kc, vc = carry
+        box = [kc, vc]
+
+        def attend(q, k, v):
+            out, box[0], box[1] = paged_attention(q, k, v, box[0], box[1], layer, meta, scale=scale, impl=impl)
+            return out
+
+        out = decoder_layer(config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot, attend)
+        return (out, box[0], box[1]), h
+
+    (h, k_cache, v_cache), inputs = jax.lax.scan(
+        body, (h, k_cache, v_cache), jnp.arange(config.num_layers, dtype=jnp.int32)
+    )
+    return inputs, h, k_cache, v_cache
+
+
+def token_losses(config: ModelConfig, base: BaseWeights, final_hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of predicting ``targets [N]`` from ``final_hidden [N, H]`` (pre-norm), float32 ``[N]``."""
+    x = rms_norm(final_hidden, base.norm, config.rms_norm_eps)
+    logits = (x @ base.lm_head).astype(jnp.float32)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+
+
+def head_backward(config, base, final_hidden, targets, weights):
+    """Loss ``sum(weights * CE)`` and its gradient w.r.t. the final hidden state ``[N, H]``."""
+    loss, vjp = jax.vjp(lambda h: jnp.sum(weights * token_losses(config, base, h, targets)), final_hidden)
+    (dh,) = vjp(jnp.ones_like(loss))
+    return loss, dh
+
+
+def slice_backward(
+    config: ModelConfig,
+    base: BaseWeights,
+    lora: LoRAParams,
+    scaling: dict,
+    layer_inputs: jax.Array,
+    positions: jax.Array,
+    dh: jax.Array,
+    first_layer: jax.Array,
+    num_layers: int,
+):
+    """VJP of layers ``first_layer .. first_layer + num_layers - 1`` on the whole sequence.
+
+    Args:
+        layer_inputs: ``[L, N, H]`` saved by the chunked forward.
+        positions: int32 ``[N]``.
+        dh: ``[N, H]``, gradient w.r.t. the output of the slice's top layer.
+        first_layer: int32 scalar (traced: one executable serves every slice of this size).
+        num_layers: static slice size.
+    Returns:
+        ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` has ``lora``'s structure,
+        non-zero only in the slice's layers.
+    """
+    n = positions.shape[0]
+    cos, sin = rope.cos_sin(config, positions, layer_inputs.dtype)
+    mask = packed_causal_mask(jnp.zeros((n,), jnp.int32), positions)
+    scale = config.head_dim ** -0.5
+    onehot = jnp.ones((n, 1), jnp.float32)
+    grads = jax.tree.map(jnp.zeros_like, lora)
+
+    def layer_fn(layer, h, lora_layer):
+        return decoder_layer(
+            config, _layer_params(base, layer), lora_layer, h, cos, sin, onehot,
+            lambda q, k, v: dense_attention(q, k, v, mask, scale),
+        )
+
+    def body(i, carry):
+        dh, grads = carry
+        layer = first_layer + num_layers - 1 - i
+        h_in = jax.lax.dynamic_index_in_dim(layer_inputs, layer, keepdims=False)
+        ab = {m: (w["A"][layer], w["B"][layer]) for m, w in lora.items()}
+
+        def f(h, ab):
+            lora_layer = {m: (a[None], b[None], jnp.reshape(scaling[m][layer], (1,))) for m, (a, b) in ab.items()}
+            return layer_fn(layer, h, lora_layer)
+
+        _, vjp = jax.vjp(f, h_in, ab)
+        dh_in, dab = vjp(dh)
+        grads = {
+            m: {"A": g["A"].at[layer].add(dab[m][0]), "B": g["B"].at[layer].add(dab[m][1])} for m, g in grads.items()
+        }
+        return dh_in, grads
+
+    return jax.lax.fori_loop(0, num_layers, body, (dh, grads))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk", "layers_per_slice", "impl"))
+def sequence_gradient(
+    config: ModelConfig,
+    base: BaseWeights,
+    lora: LoRAParams,
+    scaling: dict,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    normalizer: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    page_table: jax.Array,
+    *,
+    chunk: int,
+    layers_per_slice: int,
+    impl: str = "reference",
+):
+    """Loss and LoRA gradient of one sequence, computed the token-level way (for tests and the
+    finetuning-only baseline): forward in ``chunk``-token pieces over the paged cache, then the
+    backward in slices of ``layers_per_slice`` layers.
+
+    Args:
+        tokens: int32 ``[N]``; loss_mask: bool ``[N]`` (token ``t`` is a target predicted from
+            ``tokens[:t]``); normalizer: float32 scalar the summed loss is divided by.
+        k_cache, v_cache: ``[L, P, page_size, Hkv, D]`` scratch caches; page_table: int32
+            ``[1, max_pages]`` holding the sequence's pages.
+        chunk: tokens per forward piece (``N`` need not be a multiple: the last piece is padded).
+        layers_per_slice: layers per backward slice (must divide ``num_layers``).
+    Returns:
+        ``(loss, grads)``: float32 scalar and a pytree like ``lora``.
+    Raises:
+        ValueError: ``layers_per_slice`` does not divide the number of layers.
+    """
+    L, n = config.num_layers, tokens.shape[0]
+    if L % layers_per_slice:
+        raise ValueError(f"layers_per_slice={layers_per_slice} must divide num_layers={L}")
+    page_size = k_cache.shape[2]
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    toks = jnp.pad(tokens, (0, pad))
+    pos_all = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+    h_dim = config.hidden_size
+    dtype = base.embed.dtype
+    inputs = jnp.zeros((L, n_chunks * chunk, h_dim), dtype)
+    final = jnp.zeros((n_chunks * chunk, h_dim), dtype)
+
+    def fwd(i, carry):
+        inputs, final, kc, vc = carry
+        start = i * chunk
+        t = jax.lax.dynamic_slice_in_dim(toks, start, chunk)
+        pos = jax.lax.dynamic_slice_in_dim(pos_all, start, chunk)
+        q_len = jnp.minimum(chunk, n - start)
+        valid = jnp.arange(chunk) < q_len
+        slots = page_table[0, pos // page_size] * page_size + pos % page_size
+        meta = AttentionMetadata(
+            slot_mapping=jnp.where(valid, slots, 0).astype(jnp.int32),  # padding -> scratch page 0
+            kv_lens=jnp.reshape(start + q_len, (1,)).astype(jnp.int32),
+            page_table=page_table,
+            cu_q_lens=jnp.stack([0, q_len]).astype(jnp.int32),
+            num_seqs=jnp.int32(1),
+        )
+        li, h, kc, vc = forward_chunk(config, base, lora, scaling, t, pos, kc, vc, meta, impl=impl)
+        inputs = jax.lax.dynamic_update_slice_in_dim(inputs, li, start, axis=1)
+        final = jax.lax.dynamic_update_slice_in_dim(final, h, start, axis=0)
+        return inputs, final, kc, vc
+
+    inputs, final, _, _ = jax.lax.fori_loop(0, n_chunks, fwd, (inputs, final, k_cache, v_cache))
+    inputs, final = inputs[:, :n], final[:n]
+    targets = jnp.roll(tokens, -1)  # position t predicts token t + 1
+    weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
+    loss, dh = head_backward(config, base, final, targets, weights)
+    grads = jax.tree.map(jnp.zeros_like, lora)
+    positions = jnp.arange(n, dtype=jnp.int32)
+    for s in reversed(range(L // layers_per_slice)):  # one slice per serving step when fused
+        dh, g = slice_backward(config, base, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice)
+        grads = jax.tree.map(jnp.add, grads, g)
+    return loss, grads
+
+
+def whole_sequence_loss(config: ModelConfig, base: BaseWeights, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer):
+    """The reference: the same loss as one dense whole-sequence forward (differentiate with ``jax.grad``)."""
+    n = tokens.shape[0]
+    positions = jnp.arange(n, dtype=jnp.int32)
+    mask = packed_causal_mask(jnp.zeros((n,), jnp.int32), positions)
+    scale = config.head_dim ** -0.5
+    h = jnp.take(base.embed, tokens, axis=0)
+    cos, sin = rope.cos_sin(config, positions, h.dtype)
+    onehot = jnp.ones((n, 1), jnp.float32)
+    for layer in range(config.num_layers):
+        h = decoder_layer(
+            config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot,
+            lambda q, k, v: dense_attention(q, k, v, mask, scale),
+        )
+    weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
+    return jnp.sum(weights * token_losses(config, base, h, jnp.roll(tokens, -1)))
