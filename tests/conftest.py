@@ -81,6 +81,23 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def make_peft_adapter(base, spec: dict, seed: int, out_dir, scale: float = 0.1):
+    """A `peft` LoRA on a copy of `base` with random non-zero A and B, saved to `out_dir`; returns it (eval mode)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**spec, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: save a tiny model of `family` with `save_pretrained`, return (dir, torch model)."""

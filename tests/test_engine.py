@@ -5,13 +5,10 @@ prefilled in chunks) and a KV cache of 40 pages of 16 tokens for up to 16 runnin
 runs out, so requests are preempted and recomputed), with no compilation after start-up.
 """
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, random_sequences, shared_data
-from peft import LoraConfig, get_peft_model
+from conftest import FAMILIES, make_peft_adapter, random_sequences, shared_data
 
 from coserve_jax import Engine, SamplingParams
 from coserve_jax.compile_counter import CompileCounter
@@ -83,16 +80,9 @@ def test_adapters_match_peft(engines, tmp_path_factory):
              "b": dict(r=8, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"], use_rslora=True)}
     peft_models = {}
     for i, (name, spec) in enumerate(specs.items()):
-        torch.manual_seed(10 + i)
-        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(**spec, init_lora_weights=False))
-        with torch.no_grad():
-            for pname, p in pm.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn_like(p) * 0.2)
         out = tmp_path_factory.mktemp(f"engine_adapter_{name}")
-        pm.save_pretrained(out)
+        peft_models[name] = make_peft_adapter(hf, spec, seed=10 + i, out_dir=out, scale=0.2)
         engine.load_adapter(name, out)
-        peft_models[name] = pm.eval()
     prompts = prompts_1_to_300(hf.config.vocab_size, seed=1)
     names = [("a", "b", None)[i % 3] for i in range(len(prompts))]
     with CompileCounter() as compiles:

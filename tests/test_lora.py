@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import hf_logits, our_logits, random_sequences, rel_err
+from conftest import hf_logits, make_peft_adapter, our_logits, random_sequences, rel_err
 from flax import nnx
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from coserve_jax.compile_counter import CompileCounter
 from coserve_jax.lora import LoRAPoolConfig
@@ -38,15 +37,8 @@ def setup(hf_checkpoint, tmp_path_factory):
     path, base = hf_checkpoint("llama31")
     adapters = {}
     for i, (name, spec) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**spec, init_lora_weights=False))
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn_like(p) * 0.1)
         out = tmp_path_factory.mktemp(f"adapter_{name}")
-        peft_model.save_pretrained(out)
-        adapters[name] = (out, peft_model.eval())
+        adapters[name] = (out, make_peft_adapter(base, spec, seed=100 + i, out_dir=out))
     return path, base, adapters
 
 
