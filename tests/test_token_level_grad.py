@@ -66,3 +66,42 @@ def test_prompt_mask_matters():
     g1 = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, jnp.arange(30) >= 10, 20.0))(lora)
     g2 = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, jnp.arange(30) >= 0, 20.0))(lora)
     assert rel(g1["q_proj"]["A"], g2["q_proj"]["A"]) > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_lora_dropout_masks_repeat_in_chunks_and_recompute(chunk):
+    """With LoRA dropout the token-level gradient still equals jax.grad of the whole-sequence loss
+    under the same masks, and the masks matter (a different seed changes the gradient)."""
+    config, base, lora, scaling = setup()
+    n = 90
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, n), jnp.int32)
+    loss_mask = jnp.asarray(np.arange(n) >= 20)
+    normalizer = jnp.float32(loss_mask.sum())
+    shape = (config.num_layers, 9, 16, config.num_kv_heads, config.head_dim)
+    page_table = jnp.arange(1, 9, dtype=jnp.int32)[None]
+    _, grads = sequence_gradient(
+        config, base, lora, scaling, tokens, loss_mask, normalizer, jnp.zeros(shape), jnp.zeros(shape), page_table,
+        chunk=chunk, layers_per_slice=1, dropout_rate=0.3, dropout_seed=11,
+    )
+    ref = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, loss_mask, normalizer, 0.3, 11))(lora)
+    other = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, loss_mask, normalizer, 0.3, 12))(lora)
+    for m in MODULES:
+        for w in ("A", "B"):
+            assert rel(grads[m][w], ref[m][w]) <= 1e-5, (m, w)
+    assert rel(other["q_proj"]["A"], ref["q_proj"]["A"]) > 1e-2
+
+
+def test_dropout_rate_zero_is_identity_and_rate_is_respected():
+    from coserve_jax.lora.dropout import LoRADropout
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 256)), jnp.float32)
+    pos = jnp.arange(64, dtype=jnp.int32)
+    seed = jnp.full((64,), 5, jnp.uint32)
+    off = LoRADropout(jnp.zeros(64), seed, pos).apply(x, jnp.int32(1), "q_proj")
+    assert np.array_equal(np.asarray(off), np.asarray(x))
+    on = np.asarray(LoRADropout(jnp.full(64, 0.25), seed, pos).apply(x, jnp.int32(1), "q_proj"))
+    dropped = np.mean(on == 0)
+    assert 0.22 < dropped < 0.28
+    kept = on != 0
+    assert np.allclose(on[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)

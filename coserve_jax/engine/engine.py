@@ -5,6 +5,11 @@ the host-side scheduler and the adapters. One :meth:`Engine.step` = schedule (ho
 padded inputs (host) -> run the compiled step (device) -> append sampled tokens, detokenize,
 check stop conditions (host). :meth:`Engine.generate` and :meth:`Engine.stream` loop over steps.
 
+Finetuning jobs (:meth:`Engine.create_finetuning_job`) ride in the same steps: a forward chunk of
+a training sequence in the token slots inference leaves free, and a backward slice dispatched
+right after (:mod:`coserve_jax.finetune.fused`); the optimizer step runs when a job's
+accumulation group is complete and writes the job's adapter slot.
+
 Not thread-safe: one thread drives an engine (the server runs it in its own loop thread).
 """
 
@@ -16,6 +21,7 @@ import json
 import os
 import pathlib
 import time
+import uuid
 from typing import Iterator, Sequence
 
 import jax
@@ -25,8 +31,16 @@ from flax import nnx
 
 from coserve_jax.engine.detokenizer import IncrementalDetokenizer
 from coserve_jax.engine.outputs import RequestOutput
-from coserve_jax.engine.step import Bucket, CompiledStep, configure_compilation_cache, make_buckets, pick_bucket
+from coserve_jax.engine.step import (
+    Bucket, CompiledStep, configure_compilation_cache, make_buckets, pick_bucket, powers_of_two,
+)
 from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.finetune import fused
+from coserve_jax.finetune.checkpoint import JobCheckpointer
+from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.data import TrainingExample, load_dataset
+from coserve_jax.finetune.job import FinetuningError, FinetuningJob, JobStatus, plan_steps
+from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
 from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
 from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.lora.peft_io import LoRAWeights
@@ -88,6 +102,17 @@ class Engine:
         seed: seeds the per-request seeds of requests that give none.
         watermark_pages: free pages admission keeps for running requests to grow into
             (default: 1% of the cache, at least 1).
+        max_finetune_jobs: finetuning jobs that can train at once (0: no finetuning; needs a
+            LoRA pool). Each takes an activation-store row of ``num_layers x
+            finetune_max_seq_len x hidden`` values.
+        finetune_max_seq_len: longest training sequence in tokens (default
+            ``min(max_model_len, 2048)``).
+        max_finetune_tokens: most finetuning forward tokens in one step (default: all of
+            ``max_num_batched_tokens`` that inference leaves).
+        finetune_layers_per_slice: decoder layers of backward work per step (divides the number
+            of layers).
+        finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
+            powers of two from 64 up to ``finetune_max_seq_len``).
     Raises:
         ValueError: inconsistent limits (e.g. a cache too small for one ``max_model_len`` sequence).
         FileNotFoundError, UnsupportedConfigError, CheckpointError: from loading the model.
@@ -121,6 +146,11 @@ class Engine:
         compilation_cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         seed: int = 0,
         watermark_pages: int | None = None,
+        max_finetune_jobs: int = 1,
+        finetune_max_seq_len: int | None = None,
+        max_finetune_tokens: int | None = None,
+        finetune_layers_per_slice: int = 1,
+        finetune_seq_buckets: Sequence[int] | None = None,
     ):
         configure_compilation_cache(compilation_cache_dir)
         path = None
@@ -154,11 +184,32 @@ class Engine:
         kv = KVCacheManager(num_kv_pages, page_size)
         if watermark_pages is None:
             watermark_pages = max(1, kv.capacity // 100)
+        self.model_path = None if path is None else os.fspath(path)
+        self.finetune_layout = None
+        if max_finetune_jobs < 0:
+            raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
+        if max_finetune_jobs and self.model.lora is not None:
+            n_max = min(finetune_max_seq_len or min(self.max_model_len, 2048), self.max_model_len)
+            if config.num_layers % finetune_layers_per_slice or finetune_layers_per_slice < 1:
+                raise ValueError(f"finetune_layers_per_slice={finetune_layers_per_slice} must divide num_layers={config.num_layers}")
+            seq_b = sorted(set(finetune_seq_buckets or powers_of_two(min(64, n_max), n_max)))
+            if seq_b[-1] != n_max:
+                raise ValueError(f"the largest finetune_seq_buckets entry must be finetune_max_seq_len={n_max}, got {seq_b}")
+            self.finetune_layout = fused.FinetuneLayout(max_finetune_jobs, n_max, finetune_layers_per_slice, tuple(seq_b))
+        ft_tokens = 0
+        if self.finetune_layout is not None:
+            ft_tokens = min(max_finetune_tokens or max_num_batched_tokens, max_num_batched_tokens)
+            if ft_tokens < 1:
+                raise ValueError(f"max_finetune_tokens must be >= 1, got {max_finetune_tokens}")
+        self.max_finetune_tokens = ft_tokens
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, watermark_pages), kv
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, watermark_pages, ft_tokens), kv
         )
         self.k_cache = jnp.zeros(shape, dtype_)
         self.v_cache = jnp.zeros(shape, dtype_)
+        self.ft_buffers = None
+        if self.finetune_layout is not None:
+            self.ft_buffers = fused.init_buffers(config, self.model.lora.config, self.finetune_layout, dtype_)
 
         impl = default_implementation() if attention_impl == "auto" else attention_impl
         if impl not in IMPLEMENTATIONS:
@@ -167,10 +218,22 @@ class Engine:
         self.buckets: list[Bucket] = make_buckets(max_num_batched_tokens, max_num_seqs, token_buckets, seq_buckets)
         self._state = nnx.state(self.model)
         self._step = CompiledStep(
-            self.model, self.buckets, self.max_pages_per_seq, self.k_cache, self.v_cache,
-            impl=impl, max_logprobs=self.max_logprobs,
+            self.model, self.buckets, self.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
+            finetune_tokens=ft_tokens, impl=impl, max_logprobs=self.max_logprobs,
         )
         self.compile_seconds = self._step.compile_all()
+        self._backward: dict[int, object] = {}
+        self._zero_row = None
+        if self.finetune_layout is not None:
+            t0 = time.perf_counter()
+            graphdef = self._step.graphdef
+            for length in self.finetune_layout.seq_buckets:
+                fn = jax.jit(fused.make_backward_fn(graphdef, config, self.finetune_layout, length), donate_argnums=1)
+                self._backward[length] = fn.lower(self._state, self.ft_buffers, fused.abstract_backward_inputs()).compile()
+            self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        self._jobs: dict[str, FinetuningJob] = {}
+        self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
@@ -229,6 +292,9 @@ class Engine:
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
         index = self.adapters.adapter_index(name)
+        for job in self._jobs.values():
+            if job.adapter_index == index and not job.done:
+                raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
         users = [r.request_id for r in self._requests.values() if r.adapter_index == index]
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
@@ -238,6 +304,168 @@ class Engine:
     def list_adapters(self) -> list[str]:
         """Names of the loaded adapters."""
         return [] if self.adapters is None else self.adapters.names
+
+    # ---- finetuning ----------------------------------------------------------------------
+    def create_finetuning_job(
+        self,
+        training_data: str | os.PathLike | Sequence[TrainingExample],
+        config: FinetuneConfig | None = None,
+        *,
+        adapter_name: str | None = None,
+        job_id: str | None = None,
+        **settings,
+    ) -> FinetuningJob:
+        """Start a LoRA finetuning job that trains inside the serving steps.
+
+        Args:
+            training_data: a ``.jsonl`` / ``.json`` file of text, Alpaca, prompt-completion or
+                chat records (:func:`coserve_jax.finetune.data.load_dataset`, validated up
+                front), or already tokenized :class:`TrainingExample` s.
+            config: the job's :class:`FinetuneConfig` (default: its defaults).
+            adapter_name: the name inference requests use for the adapter being trained
+                (default: the job id). It serves the latest optimizer step's weights.
+            job_id: an id of your own (default ``ftjob-<12 hex>``).
+            **settings: overrides of ``config`` fields (``lora`` may be a dict).
+        Returns:
+            The job's handle; it trains as the engine steps (:meth:`step`, :meth:`generate`,
+            :meth:`wait_for`).
+        Raises:
+            FinetuningError: finetuning is off, all job slots are busy, a duplicate id, or a
+                checkpoint that cannot be resumed.
+            DataValidationError: bad records, with their line numbers; nothing is started.
+            AdapterError: the adapter does not fit the pool (rank, modules) or the name is taken.
+            ValueError: bad settings.
+        """
+        if self.finetune_layout is None:
+            raise FinetuningError(
+                "this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)"
+            )
+        cfg = config or FinetuneConfig()
+        if settings:
+            cfg = FinetuneConfig.from_dict({**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **settings})
+        lora = cfg.lora
+        pool = self.model.lora.config
+        if lora.r > pool.max_lora_rank:
+            raise AdapterError(f"LoRA rank r={lora.r} exceeds the engine's max_lora_rank={pool.max_lora_rank}")
+        missing = [m for m in lora.target_modules if m not in pool.target_modules]
+        if missing:
+            raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
+        job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
+        if job_id in self._jobs:
+            raise FinetuningError(f"a finetuning job with id {job_id!r} exists")
+        name = adapter_name or job_id
+        if name in self.list_adapters():
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        layout = self.finetune_layout
+        if isinstance(training_data, (str, os.PathLike)):
+            if self.tokenizer is None:
+                raise FinetuningError("this engine has no tokenizer: pass TrainingExample lists")
+            examples = load_dataset(
+                training_data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                max_seq_len=layout.max_seq_len,
+            )
+        else:
+            examples = list(training_data)
+            if not examples:
+                raise ValueError("no training examples")
+            long = [i for i, e in enumerate(examples) if len(e.token_ids) > layout.max_seq_len]
+            if long:
+                raise ValueError(f"examples {long[:5]} are longer than finetune_max_seq_len={layout.max_seq_len}")
+            bad = [i for i, e in enumerate(examples) if any(not 0 <= t < self.config.vocab_size for t in e.token_ids)]
+            if bad:
+                raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
+        if not self._free_rows:
+            raise FinetuningError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
+        _, total_steps = plan_steps(cfg, len(examples))
+        tx = make_optimizer(cfg, total_steps)
+        schedule = learning_rate_schedule(cfg, total_steps)
+        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, self.model.dtype), donate_argnums=(2,))
+        checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
+        row = self._free_rows[0]
+        job = FinetuningJob(
+            job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
+            num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
+            params=init_lora(self.config, lora, cfg.seed), tx=tx, update_fn=update, checkpointer=checkpointer,
+            base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job,
+        )
+        if cfg.resume:
+            job.restore_latest()
+        job.compile_update(self.ft_buffers.grads)
+        self.load_adapter(name, job.lora_weights())
+        job.adapter_index = self.adapters.adapter_index(name)
+        self._free_rows.remove(row)
+        self.ft_buffers = self.ft_buffers._replace(grads=self._zero_row(self.ft_buffers.grads, np.int32(row)))
+        self._jobs[job_id] = job
+        if job.step >= job.total_steps:
+            self._end_job(job, JobStatus.SUCCEEDED)
+        else:
+            self._feed(job)
+        return job
+
+    @property
+    def finetuning_jobs(self) -> list[FinetuningJob]:
+        """Every job this engine ran or runs, oldest first."""
+        return list(self._jobs.values())
+
+    def get_finetuning_job(self, job_id: str) -> FinetuningJob:
+        """Raises ``KeyError`` for an unknown id."""
+        return self._jobs[job_id]
+
+    @property
+    def has_active_jobs(self) -> bool:
+        return any(not j.done for j in self._jobs.values())
+
+    def wait_for(self, *jobs: FinetuningJob, max_steps: int | None = None) -> None:
+        """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
+        Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
+        yourself to serve and train together)."""
+        jobs = jobs or tuple(j for j in self._jobs.values() if not j.done)
+        n = 0
+        while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
+            self.step()
+            n += 1
+
+    def _feed(self, job: FinetuningJob) -> None:
+        seq = job.next_sequence()
+        if seq is not None:
+            self.scheduler.add_training_sequence(seq)
+
+    def _run_backward(self, b) -> None:
+        seq = b.sequence
+        length = self.finetune_layout.bucket_for(seq.num_tokens)
+        inputs = fused.BackwardInputs(
+            np.int32(seq.store_row), np.int32(seq.adapter_index), np.int32(b.first_layer), np.int32(seq.num_tokens),
+            np.float32(seq.dropout_rate), np.uint32(seq.dropout_seed),
+        )
+        self.ft_buffers = self._backward[length](self._state, self.ft_buffers, inputs)
+
+    def _advance_jobs(self) -> None:
+        for seq in self.scheduler.pop_trained():
+            job = self._jobs.get(seq.job_id)
+            if job is None or job.done:
+                continue
+            try:
+                if job.sequence_done(seq):
+                    grads, pool = job.optimizer_step(self.ft_buffers.grads)
+                    self.ft_buffers = self.ft_buffers._replace(grads=grads)
+                    self.adapters.write_weights(job.adapter_index, pool)
+                    self._state = nnx.state(self.model)
+                if job.step >= job.total_steps:
+                    self._end_job(job, JobStatus.SUCCEEDED)
+                else:
+                    self._feed(job)
+            except Exception as e:  # one job's failure (e.g. a full disk at checkpoint) ends it alone
+                self._end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
+
+    def _end_job(self, job: FinetuningJob, status: JobStatus, error: str | None = None) -> None:
+        self.scheduler.remove_training(job.id)
+        job.finish(status, error)
+        if job.store_row not in self._free_rows:
+            self._free_rows.append(job.store_row)
+            self._free_rows.sort()
+
+    def _cancel_job(self, job: FinetuningJob) -> None:
+        self._end_job(job, JobStatus.CANCELLED)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -319,18 +547,40 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns an output for every request that got a token or finished
         (with this step's ``delta_token_ids`` / ``delta_text``). The outputs of unfinished
-        requests are live objects that later steps update; copy what you keep."""
+        requests are live objects that later steps update; copy what you keep.
+
+        Finetuning work planned into the step (a forward chunk, a backward slice) runs too, and
+        jobs whose accumulation group completed take their optimizer step."""
         plan = self.scheduler.schedule()
-        if not plan.chunks:
+        if plan.is_empty:
             return []
-        bucket = pick_bucket(self.buckets, plan.num_tokens, plan.num_seqs)
-        inputs = build_step_inputs(plan, bucket, self.page_size, self.max_pages_per_seq)
-        self.k_cache, self.v_cache, out = self._step(bucket, self._state, self.k_cache, self.v_cache, inputs)
+        out = None
+        if plan.num_tokens:
+            bucket = pick_bucket(self.buckets, plan.num_tokens, plan.num_seqs)
+            layout = self.finetune_layout
+            inputs = build_step_inputs(
+                plan, bucket, self.page_size, self.max_pages_per_seq, self.max_finetune_tokens,
+                layout.max_seq_len if layout else 0, layout.max_jobs * layout.max_seq_len if layout else 0,
+            )
+            self.k_cache, self.v_cache, self.ft_buffers, out, ft_loss = self._step(
+                bucket, self._state, self.k_cache, self.v_cache, self.ft_buffers, inputs
+            )
+            if plan.finetune is not None:
+                job = self._jobs.get(plan.finetune.sequence.job_id)
+                if job is not None:
+                    job.add_forward_loss(plan.finetune.sequence, ft_loss)
+        if plan.backward is not None:
+            self._run_backward(plan.backward)
+        self.num_steps += 1
+        if not plan.chunks:
+            self.scheduler.update(plan, [])
+            self._advance_jobs()
+            return []
         tokens, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
         now = time.monotonic()
-        self.num_steps += 1
         sampled = [int(tokens[i]) if c.sample else None for i, c in enumerate(plan.chunks)]
         self.scheduler.update(plan, sampled)
+        self._advance_jobs()
         results = []
         for i, c in enumerate(plan.chunks):
             if not c.sample:

@@ -10,6 +10,10 @@ lets tests check.
 
 The model's parameters are an argument (an ``nnx.State``), not constants baked into the
 executable, so loading an adapter changes values only.
+
+With finetuning on, the step also carries a training sequence's forward chunk in token slots
+after the inference tokens, saves its layer inputs into the donated activation store and runs
+its loss head (:mod:`coserve_jax.finetune.fused`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from coserve_jax.engine.sampler import SamplerOutput, SamplingInputs, sample
+from coserve_jax.finetune.fused import FinetuneBuffers, FinetuneForward, save_forward
+from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
+from coserve_jax.lora.dropout import LoRADropout
 from coserve_jax.models.decoder import CausalLM
 
 
@@ -32,7 +39,9 @@ class StepInputs(NamedTuple):
     """One step's flat batch (int32 unless said).
 
     token_ids, positions, adapter_ids: ``[T]``; attn: :class:`AttentionMetadata`;
-    logits_indices ``[S]``: the slot of each sequence's last token; sampling: :class:`SamplingInputs`.
+    logits_indices ``[S]``: the slot of each sequence's last token; sampling: :class:`SamplingInputs`;
+    with finetuning: dropout (:class:`LoRADropout`, ``[T]``) and finetune
+    (:class:`FinetuneForward`, ``[C]``), else ``None``.
     """
 
     token_ids: jax.Array
@@ -41,6 +50,8 @@ class StepInputs(NamedTuple):
     attn: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingInputs
+    dropout: LoRADropout | None = None
+    finetune: FinetuneForward | None = None
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -122,7 +133,11 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
 
 
 def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
-    """The step as a pure function ``(state, k_cache, v_cache, inputs) -> (k_cache, v_cache, SamplerOutput)``.
+    """The step as a pure function
+    ``(state, k_cache, v_cache, ft_buffers, inputs) -> (k_cache, v_cache, ft_buffers, SamplerOutput, ft_loss)``.
+
+    ``ft_buffers`` (:class:`FinetuneBuffers`) and ``inputs.finetune`` are ``None`` on an engine
+    without finetuning; ``ft_loss`` is then 0.
 
     Args:
         graphdef: from ``nnx.split(model)``.
@@ -131,7 +146,7 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
         max_logprobs: top logprobs returned per sequence.
     """
 
-    def step(state, k_cache, v_cache, inputs: StepInputs):
+    def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, inputs: StepInputs):
         model: CausalLM = nnx.merge(graphdef, state)
 
         def attend(q, k, v, cache, layer):
@@ -139,20 +154,34 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
             out, kc, vc = paged_attention(q, k, v, kc, vc, layer, inputs.attn, scale=scale, impl=impl)
             return out, (kc, vc)
 
-        h, (k_cache, v_cache) = model.hidden_states(
-            inputs.token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache)
+        ft = inputs.finetune
+        out = model.hidden_states(
+            inputs.token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache),
+            save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout,
         )
+        loss = jnp.float32(0.0)
+        if ft is None:
+            h, (k_cache, v_cache) = out
+        else:
+            h, (k_cache, v_cache), (saved, final) = out
+            ft_buffers, loss = save_forward(model.config, base_weights(model), ft_buffers, ft, saved, final)
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
-        return k_cache, v_cache, sample(logits, inputs.sampling, max_logprobs)
+        return k_cache, v_cache, ft_buffers, sample(logits, inputs.sampling, max_logprobs), loss
 
     return step
 
 
-def abstract_inputs(bucket: Bucket, max_pages_per_seq: int) -> StepInputs:
-    """``ShapeDtypeStruct`` inputs of a bucket, for ahead-of-time lowering."""
+def abstract_inputs(bucket: Bucket, max_pages_per_seq: int, finetune_tokens: int = 0) -> StepInputs:
+    """``ShapeDtypeStruct`` inputs of a bucket, for ahead-of-time lowering (``finetune_tokens``:
+    most finetuning slots of a step, 0 without finetuning)."""
     t, s = bucket.num_tokens, bucket.num_seqs
     i32, f32 = jnp.int32, jnp.float32
     sds = jax.ShapeDtypeStruct
+    dropout = finetune = None
+    if finetune_tokens:
+        c = min(t, finetune_tokens)
+        dropout = LoRADropout(sds((t,), f32), sds((t,), jnp.uint32), sds((t,), i32))
+        finetune = FinetuneForward(sds((c,), i32), sds((c,), i32), sds((c,), i32), sds((c,), f32))
     return StepInputs(
         token_ids=sds((t,), i32),
         positions=sds((t,), i32),
@@ -160,6 +189,8 @@ def abstract_inputs(bucket: Bucket, max_pages_per_seq: int) -> StepInputs:
         attn=AttentionMetadata(sds((t,), i32), sds((s,), i32), sds((s, max_pages_per_seq), i32), sds((s + 1,), i32), sds((), i32)),
         logits_indices=sds((s,), i32),
         sampling=SamplingInputs(sds((s,), f32), sds((s,), i32), sds((s,), f32), sds((s,), jnp.uint32), sds((s,), i32)),
+        dropout=dropout,
+        finetune=finetune,
     )
 
 
@@ -171,6 +202,8 @@ class CompiledStep:
         buckets: the shapes to compile.
         max_pages_per_seq: page-table width (``ceil(max_model_len / page_size)``).
         k_cache, v_cache: example caches (shapes, dtypes, shardings).
+        ft_buffers: example finetuning buffers, or ``None`` without finetuning.
+        finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
         impl, max_logprobs: see :func:`make_step_fn`.
     """
 
@@ -181,31 +214,35 @@ class CompiledStep:
         max_pages_per_seq: int,
         k_cache: jax.Array,
         v_cache: jax.Array,
+        ft_buffers: FinetuneBuffers | None = None,
         *,
+        finetune_tokens: int = 0,
         impl: str,
         max_logprobs: int,
     ):
         self.graphdef, state = nnx.split(model)
         self.buckets = list(buckets)
         self.max_pages_per_seq = max_pages_per_seq
+        self.finetune_tokens = finetune_tokens if ft_buffers is not None else 0
         fn = make_step_fn(self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs)
-        self._jitted = jax.jit(fn, donate_argnums=(1, 2))
+        self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
         self._compiled: dict[Bucket, Any] = {}
-        self._example = (state, k_cache, v_cache)
+        self._example = (state, k_cache, v_cache, ft_buffers)
         self.compile_seconds = 0.0
 
     def compile_all(self) -> float:
         """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
         t0 = time.perf_counter()
-        state, k, v = self._example
+        state, k, v, ft = self._example
         for b in self.buckets:
             if b not in self._compiled:
-                self._compiled[b] = self._jitted.lower(state, k, v, abstract_inputs(b, self.max_pages_per_seq)).compile()
+                inputs = abstract_inputs(b, self.max_pages_per_seq, self.finetune_tokens)
+                self._compiled[b] = self._jitted.lower(state, k, v, ft, inputs).compile()
         self._example = None
         self.compile_seconds += time.perf_counter() - t0
         return self.compile_seconds
 
-    def __call__(self, bucket: Bucket, state, k_cache, v_cache, inputs: StepInputs) -> tuple[jax.Array, jax.Array, SamplerOutput]:
+    def __call__(self, bucket: Bucket, state, k_cache, v_cache, ft_buffers, inputs: StepInputs):
         """Run the compiled step of ``bucket`` (never compiles: raises ``KeyError`` for a bucket
-        not compiled)."""
-        return self._compiled[bucket](state, k_cache, v_cache, inputs)
+        not compiled). Returns ``(k_cache, v_cache, ft_buffers, SamplerOutput, ft_loss)``."""
+        return self._compiled[bucket](state, k_cache, v_cache, ft_buffers, inputs)

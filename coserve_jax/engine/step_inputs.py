@@ -3,7 +3,8 @@
 Token slots ``[0, n)`` hold the planned chunks back to back in plan order; slots ``[n, T)`` are
 padding: token 0 at position 0 with the base model, writing its K/V into the scratch page 0 (never
 read), attended by nothing. Sequence slots past the plan have ``kv_len`` 0 and an all-zero page
-table row.
+table row. A finetuning forward chunk, if planned, is the last sequence, after the inference
+chunks; its sequence slot samples a token nobody reads.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ import numpy as np
 
 from coserve_jax.engine.sampler import SamplingInputs
 from coserve_jax.engine.step import Bucket, StepInputs
+from coserve_jax.finetune.fused import FinetuneForward
 from coserve_jax.kernels.paged_attention import AttentionMetadata
-from coserve_jax.sched.scheduler import SchedulerOutput
+from coserve_jax.lora.dropout import LoRADropout
+from coserve_jax.sched.scheduler import ScheduledChunk, SchedulerOutput
 
 
-def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max_pages_per_seq: int) -> StepInputs:
+def build_step_inputs(
+    plan: SchedulerOutput,
+    bucket: Bucket,
+    page_size: int,
+    max_pages_per_seq: int,
+    finetune_tokens: int = 0,
+    store_rows_per_job: int = 0,
+    num_store_rows: int = 0,
+) -> StepInputs:
     """NumPy inputs of one step.
 
     Args:
@@ -25,6 +36,10 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
         bucket: the shapes to pad to.
         page_size: tokens per page.
         max_pages_per_seq: page-table width.
+        finetune_tokens: the step's finetuning slots (0: an engine without finetuning; the
+            bucket has ``min(T, finetune_tokens)``).
+        store_rows_per_job, num_store_rows: activation-store layout
+            (:class:`~coserve_jax.finetune.fused.FinetuneLayout`).
     Returns:
         :class:`StepInputs` of NumPy arrays.
     """
@@ -46,7 +61,12 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
     seed = np.zeros(s, np.uint32)
     sample_index = np.zeros(s, np.int32)
     seq_kv, seq_cu, seq_temp, seq_k, seq_p, seq_seed, seq_idx = [], [], [], [], [], [], []
-    for i, c in enumerate(plan.chunks):
+    chunks: list = list(plan.chunks)
+    ft = plan.finetune
+    if ft is not None:
+        chunks.append(ScheduledChunk(_TrainingAsRequest(ft.sequence), ft.start, ft.token_ids, ft.page_table, False))
+        n_seq += 1
+    for i, c in enumerate(chunks):
         req = c.request
         n = len(c.token_ids)
         table = c.page_table
@@ -86,6 +106,26 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
     top_p[:n_seq] = seq_p
     seed[:n_seq] = seq_seed
     sample_index[:n_seq] = seq_idx
+    dropout = finetune = None
+    if finetune_tokens:
+        c = min(t, finetune_tokens)
+        rate = np.zeros(t, np.float32)
+        dseed = np.zeros(t, np.uint32)
+        save_slots = np.zeros(c, np.int32)
+        dest = np.full(c, num_store_rows, np.int32)
+        targets = np.zeros(c, np.int32)
+        weights = np.zeros(c, np.float32)
+        if ft is not None:
+            seq, n = ft.sequence, ft.num_tokens
+            first = off - n
+            rate[first:off] = seq.dropout_rate
+            dseed[first:off] = seq.dropout_seed
+            save_slots[:n] = np.arange(first, off)
+            dest[:n] = seq.store_row * store_rows_per_job + np.arange(ft.start, ft.start + n)
+            targets[:n] = seq.targets[ft.start : ft.start + n]
+            weights[:n] = seq.weights[ft.start : ft.start + n]
+        dropout = LoRADropout(rate, dseed, positions)
+        finetune = FinetuneForward(save_slots, dest, targets, weights)
     return StepInputs(
         token_ids=token_ids,
         positions=positions,
@@ -93,4 +133,20 @@ def build_step_inputs(plan: SchedulerOutput, bucket: Bucket, page_size: int, max
         attn=AttentionMetadata(slot_mapping, kv_lens, page_table, cu, np.int32(n_seq)),
         logits_indices=logits_indices,
         sampling=SamplingInputs(temperature, top_k, top_p, seed, sample_index),
+        dropout=dropout,
+        finetune=finetune,
     )
+
+
+class _TrainingAsRequest:
+    """A training sequence seen as a request by the loop above (base sampling, never read)."""
+
+    class _Params:
+        temperature, top_k, top_p = 0.0, 0, 1.0
+
+    params = _Params()
+    seed = 0
+    output_token_ids: tuple = ()
+
+    def __init__(self, seq):
+        self.adapter_index = seq.adapter_index

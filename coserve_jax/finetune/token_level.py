@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
+from coserve_jax.lora import dropout as lora_dropout
 from coserve_jax.models import rope
 from coserve_jax.models.attention import dense_attention, packed_causal_mask
 from coserve_jax.models.config import ModelConfig
@@ -81,6 +82,8 @@ def forward_chunk(
     meta: AttentionMetadata,
     *,
     impl: str = "reference",
+    dropout_rate=0.0,
+    dropout_seed=0,
 ):
     """Forward of one chunk of a training sequence over the paged KV cache, saving layer inputs.
 
@@ -89,6 +92,7 @@ def forward_chunk(
         k_cache, v_cache: ``[L, P, page_size, Hkv, D]``; the chunk's K/V are written into them.
         meta: attention metadata of the one-sequence batch.
         lora, scaling: the job's adapter (``scaling[m]``: float32 ``[L]``).
+        dropout_rate, dropout_seed: LoRA dropout of the sequence (:mod:`coserve_jax.lora.dropout`).
     Returns:
         ``(layer_inputs [L, c, H], final_hidden [c, H] (before the final norm), k_cache, v_cache)``.
     """
@@ -96,6 +100,10 @@ def forward_chunk(
     cos, sin = rope.cos_sin(config, positions, h.dtype)
     onehot = jnp.ones((tokens.shape[0], 1), jnp.float32)
     scale = config.head_dim ** -0.5
+    n = tokens.shape[0]
+    drop = lora_dropout.LoRADropout(
+        jnp.full((n,), dropout_rate, jnp.float32), jnp.full((n,), dropout_seed, jnp.uint32), positions
+    )
 
     def body(carry, layer):
         h, kc, vc = carry
@@ -105,7 +113,10 @@ def forward_chunk(
             out, box[0], box[1] = paged_attention(q, k, v, box[0], box[1], layer, meta, scale=scale, impl=impl)
             return out
 
-        out = decoder_layer(config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot, attend)
+        out = decoder_layer(
+            config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot, attend,
+            drop.at_layer(layer),
+        )
         return (out, box[0], box[1]), h
 
     (h, k_cache, v_cache), inputs = jax.lax.scan(
@@ -138,48 +149,57 @@ def slice_backward(
     dh: jax.Array,
     first_layer: jax.Array,
     num_layers: int,
+    dropout_rate=0.0,
+    dropout_seed=0,
 ):
     """VJP of layers ``first_layer .. first_layer + num_layers - 1`` on the whole sequence.
 
     Args:
+        lora: the job's adapter ``{m: {"A": [L, in, R], "B": [L, R, out]}}``; scaling ``{m: [L]}``.
         layer_inputs: ``[L, N, H]`` saved by the chunked forward.
         positions: int32 ``[N]``.
         dh: ``[N, H]``, gradient w.r.t. the output of the slice's top layer.
         first_layer: int32 scalar (traced: one executable serves every slice of this size).
         num_layers: static slice size.
+        dropout_rate, dropout_seed: the sequence's LoRA dropout (same masks as its forward).
     Returns:
-        ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` has ``lora``'s structure,
-        non-zero only in the slice's layers.
+        ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` is
+        ``{m: {"A": [num_layers, in, R], "B": [num_layers, R, out]}}``, float32, the gradients of
+        the slice's layers (``grads[m]["A"][i]`` belongs to layer ``first_layer + i``).
     """
     n = positions.shape[0]
     cos, sin = rope.cos_sin(config, positions, layer_inputs.dtype)
     mask = packed_causal_mask(jnp.zeros((n,), jnp.int32), positions)
     scale = config.head_dim ** -0.5
     onehot = jnp.ones((n, 1), jnp.float32)
-    grads = jax.tree.map(jnp.zeros_like, lora)
-
-    def layer_fn(layer, h, lora_layer):
-        return decoder_layer(
-            config, _layer_params(base, layer), lora_layer, h, cos, sin, onehot,
-            lambda q, k, v: dense_attention(q, k, v, mask, scale),
-        )
+    drop = lora_dropout.LoRADropout(
+        jnp.full((n,), dropout_rate, jnp.float32), jnp.full((n,), dropout_seed, jnp.uint32), positions
+    )
+    grads = {
+        m: {k: jnp.zeros((num_layers,) + w[k].shape[1:], jnp.float32) for k in ("A", "B")} for m, w in lora.items()
+    }
 
     def body(i, carry):
         dh, grads = carry
-        layer = first_layer + num_layers - 1 - i
+        local = num_layers - 1 - i
+        layer = first_layer + local
         h_in = jax.lax.dynamic_index_in_dim(layer_inputs, layer, keepdims=False)
         ab = {m: (w["A"][layer], w["B"][layer]) for m, w in lora.items()}
 
         def f(h, ab):
             lora_layer = {m: (a[None], b[None], jnp.reshape(scaling[m][layer], (1,))) for m, (a, b) in ab.items()}
-            return layer_fn(layer, h, lora_layer)
+            return decoder_layer(
+                config, _layer_params(base, layer), lora_layer, h, cos, sin, onehot,
+                lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(layer),
+            )
 
         _, vjp = jax.vjp(f, h_in, ab)
-        dh_in, dab = vjp(dh)
+        dh_in, dab = vjp(dh.astype(h_in.dtype))
         grads = {
-            m: {"A": g["A"].at[layer].add(dab[m][0]), "B": g["B"].at[layer].add(dab[m][1])} for m, g in grads.items()
+            m: {"A": g["A"].at[local].set(dab[m][0].astype(jnp.float32)), "B": g["B"].at[local].set(dab[m][1].astype(jnp.float32))}
+            for m, g in grads.items()
         }
-        return dh_in, grads
+        return dh_in.astype(dh.dtype), grads
 
     return jax.lax.fori_loop(0, num_layers, body, (dh, grads))
 
@@ -200,6 +220,8 @@ def sequence_gradient(
     chunk: int,
     layers_per_slice: int,
     impl: str = "reference",
+    dropout_rate=0.0,
+    dropout_seed=0,
 ):
     """Loss and LoRA gradient of one sequence, computed the token-level way (for tests and the
     finetuning-only baseline): forward in ``chunk``-token pieces over the paged cache, then the
@@ -212,6 +234,7 @@ def sequence_gradient(
             ``[1, max_pages]`` holding the sequence's pages.
         chunk: tokens per forward piece (``N`` need not be a multiple: the last piece is padded).
         layers_per_slice: layers per backward slice (must divide ``num_layers``).
+        dropout_rate, dropout_seed: LoRA dropout (:mod:`coserve_jax.lora.dropout`).
     Returns:
         ``(loss, grads)``: float32 scalar and a pytree like ``lora``.
     Raises:
@@ -245,7 +268,9 @@ def sequence_gradient(
             cu_q_lens=jnp.stack([0, q_len]).astype(jnp.int32),
             num_seqs=jnp.int32(1),
         )
-        li, h, kc, vc = forward_chunk(config, base, lora, scaling, t, pos, kc, vc, meta, impl=impl)
+        li, h, kc, vc = forward_chunk(
+            config, base, lora, scaling, t, pos, kc, vc, meta, impl=impl, dropout_rate=dropout_rate, dropout_seed=dropout_seed
+        )
         inputs = jax.lax.dynamic_update_slice_in_dim(inputs, li, start, axis=1)
         final = jax.lax.dynamic_update_slice_in_dim(final, h, start, axis=0)
         return inputs, final, kc, vc
@@ -255,15 +280,22 @@ def sequence_gradient(
     targets = jnp.roll(tokens, -1)  # position t predicts token t + 1
     weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
     loss, dh = head_backward(config, base, final, targets, weights)
-    grads = jax.tree.map(jnp.zeros_like, lora)
     positions = jnp.arange(n, dtype=jnp.int32)
+    parts = []
     for s in reversed(range(L // layers_per_slice)):  # one slice per serving step when fused
-        dh, g = slice_backward(config, base, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice)
-        grads = jax.tree.map(jnp.add, grads, g)
+        dh, g = slice_backward(
+            config, base, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice,
+            dropout_rate, dropout_seed,
+        )
+        parts.append(g)
+    grads = jax.tree.map(lambda *gs: jnp.concatenate(gs[::-1], axis=0), *parts)  # slices top-down -> layers
     return loss, grads
 
 
-def whole_sequence_loss(config: ModelConfig, base: BaseWeights, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer):
+def whole_sequence_loss(
+    config: ModelConfig, base: BaseWeights, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer,
+    dropout_rate=0.0, dropout_seed=0,
+):
     """The reference: the same loss as one dense whole-sequence forward (differentiate with ``jax.grad``)."""
     n = tokens.shape[0]
     positions = jnp.arange(n, dtype=jnp.int32)
@@ -272,10 +304,11 @@ def whole_sequence_loss(config: ModelConfig, base: BaseWeights, lora: LoRAParams
     h = jnp.take(base.embed, tokens, axis=0)
     cos, sin = rope.cos_sin(config, positions, h.dtype)
     onehot = jnp.ones((n, 1), jnp.float32)
+    drop = lora_dropout.constant(n, dropout_rate, dropout_seed)
     for layer in range(config.num_layers):
         h = decoder_layer(
             config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot,
-            lambda q, k, v: dense_attention(q, k, v, mask, scale),
+            lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(jnp.int32(layer)),
         )
     weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
     return jnp.sum(weights * token_losses(config, base, h, jnp.roll(tokens, -1)))

@@ -120,6 +120,27 @@ class AdapterManager:
         self._write(slot, self._stacks(LoRAWeights({})))
         self._slots[slot] = None
 
+    def write_weights(self, index: int, weights: dict[str, tuple[jax.Array, jax.Array]]) -> None:
+        """Overwrite the A/B of a loaded adapter in place, on the device (a finetuning job's
+        optimizer step). Scaling and bookkeeping are unchanged.
+
+        Args:
+            index: the adapter index (slot + 1).
+            weights: ``{module: (A [L, in, max_lora_rank], B [L, max_lora_rank, out])}`` in the
+                pool's dtype, for modules of the pool.
+        Raises:
+            AdapterError: an empty slot or a module the pool lacks.
+        """
+        slot = index - 1
+        if not 0 <= slot < len(self._slots) or self._slots[slot] is None:
+            raise AdapterError(f"adapter index {index} is not loaded")
+        pool = self.model.lora
+        for m, (a, b) in weights.items():
+            if m not in pool.A:
+                raise AdapterError(f"the pool has no stack for {m!r}")
+            for var, value in ((pool.A[m], a), (pool.B[m], b)):
+                var.set_value(_write_slot(var[...], jnp.int32(slot), value))
+
     def get(self, name: str) -> LoRAWeights:
         """Read an adapter back from the device (current values, padding trimmed)."""
         slot = self.adapter_index(name) - 1

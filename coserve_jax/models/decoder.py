@@ -110,6 +110,7 @@ def decoder_layer(
     sin: jax.Array,
     onehot: jax.Array | None,
     attend: Attend,
+    drop: Callable[[jax.Array, str], jax.Array] | None = None,
 ) -> jax.Array:
     """One decoder layer (``LlamaDecoderLayer.forward``) on a flat token batch.
 
@@ -120,6 +121,8 @@ def decoder_layer(
         cos, sin: RoPE tables ``[T, head_dim]``.
         onehot: ``[T, S]`` adapter selector, or ``None`` when there is no pool.
         attend: the attention implementation.
+        drop: optional LoRA dropout ``(x, module) -> dropout(x)`` applied to the LoRA branch's
+            input only (PEFT ``lora.Linear``); see :mod:`coserve_jax.lora.dropout`.
     Returns:
         The new residual stream ``[T, H]``.
     """
@@ -129,7 +132,7 @@ def decoder_layer(
         if m in p["bias"]:
             y = y + p["bias"][m]
         if m in lora and onehot is not None:
-            y = y + lora_delta(x, *lora[m], onehot)
+            y = y + lora_delta(x if drop is None else drop(x, m), *lora[m], onehot)
         return y
 
     t = h.shape[0]
@@ -181,7 +184,10 @@ class CausalLM(nnx.Module):
         adapter_ids: jax.Array,
         attend: Attend | CachedAttend,
         cache: Any = None,
-    ) -> jax.Array | tuple[jax.Array, Any]:
+        *,
+        save_indices: jax.Array | None = None,
+        dropout: Any = None,
+    ):
         """Run embeddings, all decoder layers and the final norm.
 
         Args:
@@ -191,9 +197,14 @@ class CausalLM(nnx.Module):
                 updated cache, which is carried through the scan over layers (so a donated cache
                 is updated in place).
             cache: optional KV cache pytree.
+            save_indices: optional int32 ``[C]`` token slots whose activations token-level
+                finetuning keeps (:mod:`coserve_jax.finetune.token_level`).
+            dropout: optional :class:`~coserve_jax.lora.dropout.LoRADropout` of the batch.
         Returns:
             ``[T, H]`` final-normed hidden states in the model dtype; with ``cache``, the pair
-            ``(hidden, cache)``.
+            ``(hidden, cache)``. With ``save_indices`` one more element is appended: the pair
+            ``(layer_inputs [L, C, H], final_hidden [C, H])`` of the chosen slots, the residual
+            stream entering every layer and leaving the last one (before the final norm).
         """
         config = self.config
         h = jnp.take(self.embed_tokens[...], tokens, axis=0)
@@ -216,13 +227,19 @@ class CausalLM(nnx.Module):
                 out, box[0] = attend(q, k, v, box[0], layer)
                 return out
 
-            h = decoder_layer(config, p, lora, h, cos, sin, onehot, attend_layer)
-            return (h, box[0]), None
+            saved = None if save_indices is None else jnp.take(h, save_indices, axis=0)
+            drop = None if dropout is None else dropout.at_layer(layer)
+            h = decoder_layer(config, p, lora, h, cos, sin, onehot, attend_layer, drop)
+            return (h, box[0]), saved
 
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (h, cache), _ = jax.lax.scan(body, (h, cache), (self.layers.arrays(), lora_arrays, layer_ids))
+        (h, cache), saved = jax.lax.scan(body, (h, cache), (self.layers.arrays(), lora_arrays, layer_ids))
+        final = None if save_indices is None else jnp.take(h, save_indices, axis=0)
         h = rms_norm(h, self.norm[...], config.rms_norm_eps)
-        return (h, cache) if with_cache else h
+        out = (h, cache) if with_cache else (h,)
+        if save_indices is not None:
+            out = out + ((saved, final),)
+        return out if len(out) > 1 else out[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: ``[T, H]`` -> float32 ``[T, V]`` (computed in the model dtype, as HF does)."""

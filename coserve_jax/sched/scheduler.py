@@ -17,6 +17,15 @@ a page and none is free, the most recently admitted request not yet planned in t
 front of the queue with its generated tokens, all of which the next prefill recomputes. No new
 request is admitted in a step that preempted.
 
+**Finetuning** (token-level, :mod:`coserve_jax.sched.finetune`) takes what inference leaves:
+
+4. **Forward chunk**: with budget and a sequence slot left, one training sequence in its forward
+   phase (round robin over the jobs) gets the next chunk of up to ``max_finetune_tokens`` tokens,
+   if its pages fit above the watermark. Inference that runs out of pages frees a training
+   sequence's pages before it preempts a request (the sequence's forward restarts later).
+5. **Backward slice**: one training sequence in its backward phase (round robin) gets its next
+   slice of layers; the backward work a step carries is bounded by that slice.
+
 After the device ran the step, :meth:`Scheduler.update` appends the sampled tokens and applies
 the token-level stop conditions (EOS ids unless ``ignore_eos``, ``stop_token_ids``,
 ``max_tokens``, the context length); stop strings need text and are the engine's
@@ -31,6 +40,7 @@ import collections
 import dataclasses
 from typing import Hashable, Iterable
 
+from coserve_jax.sched.finetune import BackwardSlice, FinetuneChunk, TrainingPhase, TrainingSequence
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
 
@@ -43,13 +53,16 @@ class SchedulerConfig:
         max_num_seqs: most sequences in one step (and running at once).
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: context length: prompt + output tokens of one request.
-        watermark_pages: free pages admission leaves for running requests to grow into.
+        watermark_pages: free pages admission (and finetuning) leave for running requests to
+            grow into.
+        max_finetune_tokens: most finetuning forward tokens in one step (0: no finetuning).
     """
 
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
     watermark_pages: int = 0
+    max_finetune_tokens: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -82,18 +95,27 @@ class ScheduledChunk:
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    """One step's plan: decode chunks first, then prefill chunks, in batch order."""
+    """One step's plan: decode chunks first, then prefill chunks, in batch order; then at most one
+    finetuning forward chunk (after the inference tokens) and one backward slice."""
 
     chunks: list[ScheduledChunk]
     preempted: list[Request]
+    finetune: FinetuneChunk | None = None
+    backward: BackwardSlice | None = None
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        """Token slots the step needs: inference and finetuning forward tokens."""
+        return sum(c.num_tokens for c in self.chunks) + (self.finetune.num_tokens if self.finetune else 0)
 
     @property
     def num_seqs(self) -> int:
-        return len(self.chunks)
+        """Sequence slots the step needs (a finetuning chunk takes one)."""
+        return len(self.chunks) + (1 if self.finetune else 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and self.finetune is None and self.backward is None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -124,6 +146,9 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[Hashable, Request] = {}
         self.num_preemptions = 0
+        self.training: list[TrainingSequence] = []  # at most one per job
+        self._rr_forward = 0
+        self._rr_backward = 0
 
     # ---- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -176,7 +201,78 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
+        """Whether inference requests are waiting or running (finetuning not counted)."""
         return bool(self.waiting or self.running)
+
+    # ---- finetuning ----------------------------------------------------------------------
+    def add_training_sequence(self, seq: TrainingSequence) -> None:
+        """Start a job's next training sequence.
+
+        Raises:
+            ValueError: finetuning is off (``max_finetune_tokens == 0``), the job already has a
+                sequence in flight, or the sequence cannot fit the KV cache or the context length.
+        """
+        if self.config.max_finetune_tokens < 1:
+            raise ValueError("this scheduler has no finetuning budget (max_finetune_tokens=0)")
+        if any(s.job_id == seq.job_id for s in self.training):
+            raise ValueError(f"job {seq.job_id!r} already has a training sequence in flight")
+        if seq.num_tokens > self.config.max_model_len:
+            raise ValueError(f"training sequence of {seq.num_tokens} tokens exceeds max_model_len={self.config.max_model_len}")
+        if self.kv_cache.pages_for(seq.num_tokens) > self.kv_cache.capacity:
+            raise ValueError(f"training sequence needs {self.kv_cache.pages_for(seq.num_tokens)} KV pages; the cache has {self.kv_cache.capacity}")
+        self.training.append(seq)
+
+    def remove_training(self, job_id: Hashable) -> TrainingSequence | None:
+        """Drop a job's sequence in flight (cancel) and free its pages."""
+        for seq in self.training:
+            if seq.job_id == job_id:
+                self.training.remove(seq)
+                if seq.kv_id in self.kv_cache:
+                    self.kv_cache.free(seq.kv_id)
+                return seq
+        return None
+
+    def _round_robin(self, phase: TrainingPhase, start: int) -> list[TrainingSequence]:
+        seqs = [s for s in self.training if s.phase is phase]
+        if not seqs:
+            return []
+        k = start % len(seqs)
+        return seqs[k:] + seqs[:k]
+
+    def _preempt_training(self) -> bool:
+        """Free the pages of a training sequence in its forward phase (it restarts later)."""
+        for seq in reversed(self.training):
+            if seq.kv_id in self.kv_cache:
+                self.kv_cache.free(seq.kv_id)
+                seq.num_computed = 0
+                seq.num_restarts += 1
+                return True
+        return False
+
+    def _schedule_finetune(self, budget: int, num_chunks: int) -> tuple[FinetuneChunk | None, BackwardSlice | None]:
+        fwd = None
+        if budget > 0 and num_chunks < self.config.max_num_seqs:
+            for seq in self._round_robin(TrainingPhase.FORWARD, self._rr_forward):
+                n = min(self.config.max_finetune_tokens, budget, seq.num_tokens - seq.num_computed)
+                end = seq.num_computed + n
+                held = len(self.kv_cache.page_table(seq.kv_id)) if seq.kv_id in self.kv_cache else 0
+                need = self.kv_cache.pages_for(end) - held
+                if need + self.config.watermark_pages > self.kv_cache.num_free_pages:
+                    continue
+                if seq.kv_id in self.kv_cache:
+                    self.kv_cache.grow(seq.kv_id, end)
+                else:
+                    self.kv_cache.admit(seq.kv_id, end)
+                start = seq.num_computed
+                fwd = FinetuneChunk(seq, start, seq.token_ids[start:end], self.kv_cache.page_table(seq.kv_id))
+                self._rr_forward += 1
+                break
+        bwd = None
+        for seq in self._round_robin(TrainingPhase.BACKWARD, self._rr_backward):
+            bwd = BackwardSlice(seq, seq.next_first_layer)
+            self._rr_backward += 1
+            break
+        return fwd, bwd
 
     @property
     def num_running(self) -> int:
@@ -203,6 +299,8 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             end = req.num_computed_tokens + n
             while not self.kv_cache.can_grow(req.request_id, end):
+                if self._preempt_training():
+                    continue
                 victim = self._pick_victim(planned, req)
                 self._preempt(victim)
                 preempted.append(victim)
@@ -226,7 +324,12 @@ class Scheduler:
                 self.running.append(req)
                 chunks.append(self._chunk(req, n, table))
                 budget -= n
-        return SchedulerOutput(chunks=chunks, preempted=preempted)
+        fwd, bwd = (None, None)
+        if self.training and not preempted:
+            fwd, bwd = self._schedule_finetune(budget, len(chunks))
+        elif self.training:
+            _, bwd = self._schedule_finetune(0, len(chunks))
+        return SchedulerOutput(chunks=chunks, preempted=preempted, finetune=fwd, backward=bwd)
 
     def _grow(self, req: Request, end: int) -> tuple[int, ...]:
         if end > self.kv_cache.num_tokens(req.request_id):
@@ -263,11 +366,13 @@ class Scheduler:
 
         Args:
             output: the plan the step ran.
-            sampled: one entry per chunk, in order: the sampled token id, or ``None`` for a
-                chunk that did not sample.
+            sampled: one entry per inference chunk, in order: the sampled token id, or ``None``
+                for a chunk that did not sample.
         Returns:
             The requests that finished in this step (their pages are already freed).
+            Training sequences that completed their backward are in :meth:`pop_trained`.
         """
+        self._update_finetune(output)
         finished = []
         for chunk, token in zip(output.chunks, sampled, strict=True):
             req = chunk.request
@@ -284,6 +389,24 @@ class Scheduler:
                 self._finish(req, reason)
                 finished.append(req)
         return finished
+
+    def _update_finetune(self, output: SchedulerOutput) -> None:
+        c = output.finetune
+        if c is not None and c.sequence in self.training and c.sequence.num_computed == c.start:
+            seq = c.sequence
+            seq.num_computed = c.start + c.num_tokens
+            if seq.phase is not TrainingPhase.FORWARD:  # forward done: the backward needs no K/V
+                self.kv_cache.free(seq.kv_id)
+        b = output.backward
+        if b is not None and b.sequence in self.training and b.first_layer == b.sequence.next_first_layer:
+            b.sequence.slices_done += 1
+
+    def pop_trained(self) -> list[TrainingSequence]:
+        """Remove and return the training sequences whose backward is complete."""
+        done = [s for s in self.training if s.phase is TrainingPhase.DONE]
+        for s in done:
+            self.training.remove(s)
+        return done
 
     def stop_reason(self, req: Request) -> FinishReason | None:
         """The token-level stop condition the request's last token meets, if any."""

@@ -1,0 +1,313 @@
+"""A finetuning job: its data order, optimizer state, progress and checkpoints (host side),
+and the handle users hold (:class:`FinetuningJob`).
+
+The engine drives it (:meth:`coserve_jax.engine.Engine.create_finetuning_job`): it asks the job
+for its next :class:`~coserve_jax.sched.finetune.TrainingSequence`, tells it each forward chunk's
+loss and each sequence that finished its backward, and lets it run the optimizer step when an
+accumulation group is complete. The job then writes its new weights into its adapter slot, so
+inference requests naming the job's adapter get the latest optimizer step's weights.
+
+Data order: sequence ``k`` (counting across epochs) is example ``perm_e[k mod N]`` of epoch
+``e = k div N``, with ``perm_e`` a shuffle seeded by ``(seed, e)``; optimizer step ``g`` uses
+sequences ``g * A .. (g + 1) * A - 1`` (``A = gradient_accumulation_steps``), and its loss is the
+mean token cross-entropy over all their target tokens. Everything is a function of the step
+count, so a job resumed from a checkpoint continues with the same sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from coserve_jax.finetune.checkpoint import JobCheckpointer
+from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, write_peft
+from coserve_jax.sched.finetune import TrainingSequence
+
+
+def plan_steps(config: FinetuneConfig, num_examples: int) -> tuple[int, int]:
+    """``(total_sequences, total_steps)`` of a job: ``max_steps`` optimizer steps of
+    ``gradient_accumulation_steps`` sequences if set, else ``ceil(num_train_epochs * N)``
+    sequences in ``ceil(sequences / gradient_accumulation_steps)`` steps (the last group may be
+    smaller)."""
+    acc = config.gradient_accumulation_steps
+    if config.max_steps is not None:
+        return config.max_steps * acc, config.max_steps
+    seqs = max(1, math.ceil(config.num_train_epochs * num_examples))
+    return seqs, math.ceil(seqs / acc)
+
+
+class JobStatus(str, enum.Enum):
+    """OpenAI's fine-tuning job statuses (the subset that applies)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class FinetuningError(RuntimeError):
+    """A finetuning job could not be created, resumed or continued."""
+
+
+@dataclasses.dataclass
+class LossRecord:
+    """One optimizer step's metrics: ``step`` (1-based), ``loss`` (mean token cross-entropy of
+    its sequences), ``grad_norm`` (before clipping), ``learning_rate``, ``tokens`` (sequence
+    tokens trained), ``time`` (``time.time()``)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    tokens: int
+    time: float
+
+
+class FinetuningJob:
+    """Handle of a finetuning job running inside an :class:`~coserve_jax.engine.Engine`.
+
+    Read ``status``, ``step`` / ``total_steps``, ``loss_history`` (:class:`LossRecord` per
+    optimizer step), ``tokens_per_s``, ``error``; call :meth:`cancel` and :meth:`export`. The
+    job's adapter is loaded in the engine under ``adapter_name`` from the start and stays
+    loaded after the job ends (unload it with ``engine.unload_adapter``).
+
+    Built by the engine; not constructed directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        adapter_name: str,
+        examples: Sequence[TrainingExample],
+        config: FinetuneConfig,
+        store_row: int,
+        adapter_index: int,
+        num_layers: int,
+        layers_per_slice: int,
+        params: dict,
+        tx,
+        update_fn: Callable,
+        checkpointer: JobCheckpointer | None,
+        base_model_name_or_path: str | None,
+        cancel_fn: Callable[["FinetuningJob"], None],
+    ):
+        self.id = job_id
+        self.adapter_name = adapter_name
+        self.config = config
+        self.examples = list(examples)
+        self.store_row = store_row
+        self.adapter_index = adapter_index
+        self.num_layers = num_layers
+        self.layers_per_slice = layers_per_slice
+        self.params = params
+        self.opt_state = tx.init(params)
+        self._update = update_fn
+        self.checkpointer = checkpointer
+        self.base_model_name_or_path = base_model_name_or_path
+        self._cancel_fn = cancel_fn
+        self.total_sequences, self.total_steps = plan_steps(config, len(self.examples))
+        self.status = JobStatus.RUNNING
+        self.error: str | None = None
+        self.step = 0
+        self.loss_history: list[LossRecord] = []
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.trained_tokens = 0
+        self._next_seq = 0  # sequence counter of the next sequence to start
+        self._perms: dict[int, list[int]] = {}
+        self._seq_loss: dict[tuple[int, int], list] = {}  # (seq index, restarts) -> device losses
+        self._group_loss: list = []
+        self._group_tokens = 0
+        self._seconds = 0.0  # wall time while running
+        self._resumed_from: int | None = None
+
+    # ---- user API -----------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.status is not JobStatus.RUNNING
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens (forward and backward of whole sequences) per second of wall time since
+        the job started (or resumed), until it ended."""
+        end = self.finished_at or time.time()
+        return self.trained_tokens / max(end - self.created_at, 1e-9)
+
+    @property
+    def resumed_from_step(self) -> int | None:
+        """The checkpoint step this job resumed from, if any."""
+        return self._resumed_from
+
+    def cancel(self) -> None:
+        """Stop training now. The adapter keeps the last optimizer step's weights and stays
+        loaded; no checkpoint is written."""
+        if not self.done:
+            self._cancel_fn(self)
+
+    def export(self, path: str | os.PathLike) -> None:
+        """Write the adapter (the last optimizer step's float32 weights) as a PEFT directory,
+        atomically (:func:`coserve_jax.lora.peft_io.write_peft`)."""
+        write_peft(self.lora_weights(), path, self.num_layers, self.base_model_name_or_path)
+
+    def lora_weights(self) -> LoRAWeights:
+        """The adapter's current weights on the host (float32)."""
+        lora = self.config.lora
+        host = jax.device_get(self.params)
+        modules = {}
+        for m, w in host.items():
+            for layer in range(self.num_layers):
+                modules[(layer, m)] = LoRAModule(np.asarray(w["A"][layer]), np.asarray(w["B"][layer]), lora.lora_alpha)
+        return LoRAWeights(modules, lora.use_rslora, self.base_model_name_or_path)
+
+    def __repr__(self) -> str:
+        return f"FinetuningJob(id={self.id!r}, adapter={self.adapter_name!r}, status={self.status.value}, step={self.step}/{self.total_steps})"
+
+    # ---- data ---------------------------------------------------------------------------
+    def _example(self, k: int) -> TrainingExample:
+        n = len(self.examples)
+        epoch, i = divmod(k, n)
+        if not self.config.shuffle:
+            return self.examples[i]
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = list(range(n))
+            random.Random(self.config.seed * 1_000_003 + epoch).shuffle(perm)
+            self._perms = {epoch: perm}
+        return self.examples[perm[i]]
+
+    def _group(self, step: int) -> range:
+        acc = self.config.gradient_accumulation_steps
+        return range(step * acc, min((step + 1) * acc, self.total_sequences))
+
+    def normalizer(self, step: int) -> int:
+        """Target tokens of optimizer step ``step``'s sequences (0-based step)."""
+        return sum(self._example(k).num_targets for k in self._group(step))
+
+    def dropout_seed(self, k: int) -> int:
+        return (self.config.seed * 0x9E3779B1 + k * 0x85EBCA77 + 1) & 0xFFFFFFFF
+
+    def next_sequence(self) -> TrainingSequence | None:
+        """The next sequence to train, or ``None`` when the last optimizer step's sequences have
+        all been handed out."""
+        k = self._next_seq
+        if self.done or k >= self.total_sequences:
+            return None
+        acc = self.config.gradient_accumulation_steps
+        norm = self.normalizer(k // acc)
+        ex = self._example(k)
+        ids = list(ex.token_ids)
+        n = len(ids)
+        targets = ids[1:] + [0]
+        weights = [(1.0 / norm if ex.loss_mask[t + 1] else 0.0) for t in range(n - 1)] + [0.0]
+        self._next_seq += 1
+        return TrainingSequence(
+            job_id=self.id, store_row=self.store_row, adapter_index=self.adapter_index, token_ids=ids,
+            targets=targets, weights=weights, dropout_rate=self.config.lora.lora_dropout,
+            dropout_seed=self.dropout_seed(k), num_layers=self.num_layers, layers_per_slice=self.layers_per_slice,
+            index=k,
+        )
+
+    # ---- progress (called by the engine) --------------------------------------------------
+    def add_forward_loss(self, seq: TrainingSequence, loss) -> None:
+        """Record a forward chunk's weighted loss (a device scalar; not synchronised here)."""
+        self._seq_loss.setdefault((seq.index, seq.num_restarts), []).append(loss)
+
+    def sequence_done(self, seq: TrainingSequence) -> bool:
+        """A sequence finished its backward. Returns whether its optimizer step's group is complete."""
+        losses = self._seq_loss.pop((seq.index, seq.num_restarts), [])
+        self._seq_loss = {k: v for k, v in self._seq_loss.items() if k[0] != seq.index}
+        self._group_loss.extend(losses)
+        self._group_tokens += seq.num_tokens
+        self.trained_tokens += seq.num_tokens
+        return seq.index + 1 == self._group(self.step).stop
+
+    def optimizer_step(self, grads_acc: dict) -> tuple[dict, dict]:
+        """Apply the optimizer to the accumulated gradient.
+
+        Returns:
+            ``(grads_acc, pool_weights)``: the accumulators with this job's row zeroed, and the
+            new weights in the pool's layout (``{m: (A, B)}``) for the engine to write.
+        """
+        self.params, self.opt_state, grads_acc, pool, norm, lr = self._update(
+            self.params, self.opt_state, grads_acc, np.int32(self.store_row), np.int32(self.step)
+        )
+        loss = float(sum(float(x) for x in self._group_loss))
+        self.step += 1
+        self.loss_history.append(LossRecord(self.step, loss, float(norm), float(lr), self._group_tokens, time.time()))
+        self._group_loss, self._group_tokens = [], 0
+        if self.checkpointer is not None:
+            every = self.config.save_steps
+            if self.step == self.total_steps or (every and self.step % every == 0):
+                self.save_checkpoint()
+        return grads_acc, pool
+
+    def compile_update(self, grads_like: dict) -> None:
+        """Compile the optimizer step ahead of time (so no step of the engine compiles)."""
+        self._update = self._update.lower(
+            self.params, self.opt_state, grads_like, np.int32(0), np.int32(0)
+        ).compile()
+
+    def finish(self, status: JobStatus, error: str | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.finished_at = time.time()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {
+            "job_id": self.id,
+            "adapter_name": self.adapter_name,
+            "step": self.step,
+            "next_sequence": self.step * self.config.gradient_accumulation_steps,
+            "total_steps": self.total_steps,
+            "rank": self.config.lora.r,
+            "target_modules": list(self.config.lora.target_modules),
+            "loss_history": [dataclasses.asdict(r) for r in self.loss_history],
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current optimizer step (blocking, crash-safe)."""
+        if self.checkpointer is None:
+            raise FinetuningError(f"job {self.id!r} has no checkpoint_dir")
+        self.checkpointer.save(self.step, self.params, self.opt_state, self._meta())
+
+    def restore_latest(self) -> bool:
+        """Continue from the newest complete checkpoint, if there is one. Returns whether it did.
+
+        Raises:
+            FinetuningError: the checkpoint belongs to a different adapter shape.
+        """
+        if self.checkpointer is None:
+            return False
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return False
+        try:
+            params, opt_state, meta = self.checkpointer.restore(step, self.params, self.opt_state)
+        except Exception as e:  # orbax raises several types for shape/structure mismatches
+            raise FinetuningError(
+                f"cannot resume from {self.checkpointer.directory} step {step}: {e}; use another checkpoint_dir "
+                "or resume=False"
+            ) from e
+        if meta.get("rank") != self.config.lora.r or meta.get("target_modules") != list(self.config.lora.target_modules):
+            raise FinetuningError(
+                f"checkpoint {self.checkpointer.directory} step {step} is of a rank-{meta.get('rank')} adapter on "
+                f"{meta.get('target_modules')}; this job trains rank {self.config.lora.r} on {list(self.config.lora.target_modules)}"
+            )
+        self.params, self.opt_state = params, opt_state
+        self.step = int(meta["step"])
+        self._next_seq = int(meta["next_sequence"])
+        self.loss_history = [LossRecord(**r) for r in meta.get("loss_history", [])]
+        self._resumed_from = step
+        return True

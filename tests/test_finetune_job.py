@@ -1,0 +1,226 @@
+"""Finetuning jobs inside the serving engine: optimizer steps equal a plain optax loop, inference
+is isolated from training, PEFT export, cancel, validation, several jobs at once."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from conftest import hf_logits, make_peft_adapter, our_logits, random_sequences, rel_err
+
+from coserve_jax import Engine, SamplingParams
+from coserve_jax.finetune.config import LoRAConfig
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.finetune.job import FinetuningError, JobStatus
+from coserve_jax.finetune.optim import init_lora
+from coserve_jax.finetune.token_level import base_weights, whole_sequence_loss
+from coserve_jax.lora.manager import AdapterError
+
+ENGINE_KW = dict(
+    dtype="float32", max_num_seqs=8, max_num_batched_tokens=48, page_size=16, num_kv_pages=120,
+    token_buckets=(16, 48), seq_buckets=(4, 8), max_loras=3, max_lora_rank=8, compilation_cache_dir=None,
+    max_finetune_jobs=2, finetune_max_seq_len=256, max_finetune_tokens=24, finetune_seq_buckets=(128, 256),
+)
+
+
+def examples(vocab, lengths=(37, 150, 90, 23, 201), prompt=(5, 40, 0, 3, 60), seed=3):
+    out = []
+    for i, (ids, p) in enumerate(zip(random_sequences(lengths, vocab, seed), prompt)):
+        out.append(TrainingExample(tuple(ids), tuple([False] * max(p, 1) + [True] * (len(ids) - max(p, 1))), i + 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(hf_checkpoint):
+    path, hf = hf_checkpoint("llama31")
+    return Engine(path, **ENGINE_KW), hf, path
+
+
+def plain_optax_loop(engine, exs, lora: LoRAConfig, tx, steps, acc, seed, dropout_seed=None):
+    """The reference: whole-sequence jax.grad, gradients summed over each group of `acc`
+    sequences (loss = mean over the group's target tokens), one optax update per group."""
+    config = engine.config
+    base = base_weights(engine.model)
+    params = init_lora(config, lora, seed)
+    scaling = {m: jnp.full((config.num_layers,), lora.scaling, jnp.float32) for m in params}
+    opt_state = tx.init(params)
+    n = len(exs)
+    for g in range(steps):
+        ks = range(g * acc, (g + 1) * acc)
+        norm = float(sum(exs[k % n].num_targets for k in ks))
+        grads = jax.tree.map(jnp.zeros_like, params)
+        for k in ks:
+            e = exs[k % n]
+            tokens, mask = jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask)
+            seed_k = 0 if dropout_seed is None else dropout_seed(k)
+            grads = jax.tree.map(
+                jnp.add, grads,
+                jax.grad(lambda p: whole_sequence_loss(config, base, p, scaling, tokens, mask, norm, lora.lora_dropout, seed_k))(params),
+            )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def assert_params_close(ours, ref, tol):
+    errs = {}
+    for m in ref:
+        for w in ("A", "B"):
+            assert np.abs(np.asarray(ref[m][w])).max() > 0, (m, w)
+            errs[m, w] = rel_err(np.asarray(ours[m][w]), np.asarray(ref[m][w], np.float64))
+    assert max(errs.values()) <= tol, errs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_two_jobs_with_accumulation_equal_plain_optax_loops(engine, dropout):
+    """Two jobs (AdamW with warm-up + linear decay + clipping + accumulation 2; SGD with momentum,
+    rsLoRA, all linear modules) train at once beside inference requests; after 5 optimizer steps
+    each adapter equals a plain optax loop over the same sequences, and the served adapter is
+    the latest optimizer step's weights."""
+    eng, hf, _ = engine
+    exs = examples(hf.config.vocab_size)
+    lora_a = LoRAConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj", "down_proj"), lora_dropout=dropout)
+    lora_b = LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, lora_dropout=dropout)
+    job_a = eng.create_finetuning_job(
+        exs, lora=lora_a, optimizer="adamw", learning_rate=2e-2, warmup_steps=2, lr_scheduler_type="linear",
+        weight_decay=0.01, max_grad_norm=1.0, gradient_accumulation_steps=2, max_steps=5, shuffle=False, seed=1,
+    )
+    job_b = eng.create_finetuning_job(
+        exs[::-1], lora=lora_b, optimizer="sgd", momentum=0.9, learning_rate=0.5, lr_scheduler_type="constant",
+        max_grad_norm=None, gradient_accumulation_steps=1, max_steps=5, shuffle=False, seed=2,
+    )
+    prompts = random_sequences([5, 60, 17], hf.config.vocab_size, seed=9)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+    assert all(len(o.token_ids) == 20 for o in outs)
+    assert job_a.trained_tokens > 0 and job_b.trained_tokens > 0, "the jobs trained while requests were served"
+    eng.wait_for(job_a, job_b)
+    assert job_a.status is JobStatus.SUCCEEDED and job_b.status is JobStatus.SUCCEEDED
+    assert [r.step for r in job_a.loss_history] == [1, 2, 3, 4, 5]
+    assert job_a.loss_history[0].learning_rate == 0.0  # warm-up starts at 0, as transformers' schedulers
+
+    total = 5
+    sched_a = optax.join_schedules([optax.linear_schedule(0.0, 2e-2, 2), optax.linear_schedule(2e-2, 0.0, total - 2)], [2])
+    tx_a = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched_a, weight_decay=0.01))
+    ref_a = plain_optax_loop(eng, exs, lora_a, tx_a, 5, 2, seed=1, dropout_seed=job_a.dropout_seed)
+    tx_b = optax.sgd(0.5, momentum=0.9)
+    ref_b = plain_optax_loop(eng, exs[::-1], lora_b, tx_b, 5, 1, seed=2, dropout_seed=job_b.dropout_seed)
+    # Adam divides each entry by its own RMS, so float32 rounding in entries whose gradient is
+    # near zero shows up at ~1e-5 of the weights' scale; SGD is linear in the gradient.
+    assert_params_close(job_b.params, ref_b, 1e-5)
+    assert_params_close(job_a.params, ref_a, 1e-4)
+
+    served = eng.adapters.get(job_a.adapter_name)
+    for (layer, m), mod in served.modules.items():
+        assert np.allclose(mod.a, np.asarray(job_a.params[m]["A"][layer]), atol=1e-7)
+        assert np.allclose(mod.b, np.asarray(job_a.params[m]["B"][layer]), atol=1e-7)
+    # The reported loss of step 1 is the group's mean token cross-entropy at the initial weights
+    # (B = 0: the base model's).
+    first = [exs[0], exs[1]]
+    logits = hf_logits(hf, [list(e.token_ids) for e in first])
+    ce, count = 0.0, 0
+    for e, lg in zip(first, logits):
+        lp = torch.log_softmax(torch.tensor(lg), -1).numpy()
+        for t in range(1, len(e.token_ids)):
+            if e.loss_mask[t]:
+                ce -= lp[t - 1, e.token_ids[t]]
+                count += 1
+    assert abs(job_a.loss_history[0].loss - ce / count) < 1e-4
+    for name in (job_a.adapter_name, job_b.adapter_name):
+        eng.unload_adapter(name)
+
+
+def test_inference_is_isolated_from_a_training_job(engine, tmp_path):
+    """The tokens of concurrent requests (base model, another adapter, greedy and seeded sampling)
+    are identical with and without a job training beside them; the job never writes the base
+    weights or another adapter's slot."""
+    eng, hf, _ = engine
+    make_peft_adapter(hf, dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]), seed=5, out_dir=tmp_path / "other")
+    eng.load_adapter("other", tmp_path / "other")
+    prompts = random_sequences([3, 45, 80, 11, 130, 7], hf.config.vocab_size, seed=4)
+    params = [SamplingParams(max_tokens=16, temperature=0), SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7)] * 3
+    adapters = [None, "other"] * 3
+
+    def snapshot():
+        state = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(eng.model.layers.arrays())}
+        state["embed"] = np.asarray(eng.model.embed_tokens[...])
+        other = eng.adapters.get("other")
+        return state, {k: (m.a.copy(), m.b.copy()) for k, m in other.modules.items()}
+
+    before = snapshot()
+    alone = [o.token_ids for o in eng.generate(prompts, params, adapters)]
+    job = eng.create_finetuning_job(examples(hf.config.vocab_size), learning_rate=5e-2, max_steps=4, lora={"r": 8, "target_modules": "all-linear"})
+    steps_before = job.trained_tokens
+    beside = [o.token_ids for o in eng.generate(prompts, params, adapters)]
+    assert job.trained_tokens > steps_before or job.step > 0
+    eng.wait_for(job)
+    assert job.status is JobStatus.SUCCEEDED
+    assert beside == alone
+    after = snapshot()
+    for k in before[0]:
+        assert np.array_equal(before[0][k], after[0][k]), k
+    for k in before[1]:
+        assert np.array_equal(before[1][k][0], after[1][k][0]) and np.array_equal(before[1][k][1], after[1][k][1])
+    # The job's adapter did change (control: the test can see a write).
+    trained = eng.adapters.get(job.adapter_name)
+    assert any(np.abs(m.b).max() > 0 for m in trained.modules.values())
+    eng.unload_adapter(job.adapter_name)
+    eng.unload_adapter("other")
+
+
+def test_exported_adapter_loads_in_peft_with_matching_logits(engine, tmp_path):
+    from peft import PeftModel
+
+    eng, hf, path = engine
+    job = eng.create_finetuning_job(
+        examples(hf.config.vocab_size), learning_rate=5e-2, max_steps=3,
+        lora={"r": 6, "lora_alpha": 12, "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj"]},
+    )
+    eng.wait_for(job)
+    job.export(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == 12
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    seqs = random_sequences([9, 70], hf.config.vocab_size, seed=6)
+    ref = hf_logits(peft_model, seqs)
+    ours = our_logits(eng.model, seqs, adapter_ids=[job.adapter_index] * 2)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < 1e-4
+    with peft_model.disable_adapter():
+        plain = hf_logits(peft_model, seqs)
+    assert rel_err(plain[1], ref[1]) > 1e-3, "training changed the adapter's outputs"
+    peft_model.unload()
+    eng.unload_adapter(job.adapter_name)
+
+
+def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
+    eng, hf, _ = engine
+    exs = examples(hf.config.vocab_size)
+    job = eng.create_finetuning_job(exs, max_steps=50)
+    for _ in range(5):
+        eng.step()
+    job.cancel()
+    assert job.status is JobStatus.CANCELLED and not eng.scheduler.training
+    assert eng.scheduler.kv_cache.num_used_pages == 0, "the training sequence's pages were freed"
+    assert job.adapter_name in eng.list_adapters()  # still servable with its last weights
+    job2 = eng.create_finetuning_job(exs, max_steps=50, adapter_name="second")
+    with pytest.raises(AdapterError, match="being trained"):
+        eng.unload_adapter("second")
+    with pytest.raises(AdapterError, match="already loaded"):
+        eng.create_finetuning_job(exs, adapter_name="second")
+    job2.cancel()
+    eng.unload_adapter(job.adapter_name)
+    eng.unload_adapter("second")
+    loaded = eng.list_adapters()
+    (tmp_path / "data.jsonl").write_text('{"text": "a b"}\n')
+    with pytest.raises(FinetuningError, match="tokenizer"):
+        eng.create_finetuning_job(tmp_path / "data.jsonl")
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        eng.create_finetuning_job(exs, lora={"r": 64})
+    with pytest.raises(ValueError, match="unknown finetuning setting"):
+        eng.create_finetuning_job(exs, learning_rte=1e-3)
+    with pytest.raises(ValueError, match="longer than finetune_max_seq_len"):
+        eng.create_finetuning_job([TrainingExample(tuple(range(300)), (False,) + (True,) * 299, 1)])
+    assert eng.list_adapters() == loaded and not eng.has_active_jobs
