@@ -12,6 +12,7 @@ import torch
 from conftest import hf_logits, make_peft_adapter, our_logits, random_sequences, rel_err
 
 from coserve_jax import Engine, SamplingParams
+from coserve_jax.compile_counter import CompileCounter
 from coserve_jax.finetune.config import LoRAConfig
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.finetune.job import FinetuningError, JobStatus
@@ -152,10 +153,11 @@ def test_inference_is_isolated_from_a_training_job(engine, tmp_path):
     before = snapshot()
     alone = [o.token_ids for o in eng.generate(prompts, params, adapters)]
     job = eng.create_finetuning_job(examples(hf.config.vocab_size), learning_rate=5e-2, max_steps=4, lora={"r": 8, "target_modules": "all-linear"})
-    steps_before = job.trained_tokens
-    beside = [o.token_ids for o in eng.generate(prompts, params, adapters)]
-    assert job.trained_tokens > steps_before or job.step > 0
-    eng.wait_for(job)
+    with CompileCounter() as compiles:  # nothing compiles once the job exists
+        beside = [o.token_ids for o in eng.generate(prompts, params, adapters)]
+        assert job.trained_tokens > 0 or job.step > 0
+        eng.wait_for(job)
+    assert compiles.requests == 0
     assert job.status is JobStatus.SUCCEEDED
     assert beside == alone
     after = snapshot()
@@ -224,3 +226,61 @@ def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
     with pytest.raises(ValueError, match="longer than finetune_max_seq_len"):
         eng.create_finetuning_job([TrainingExample(tuple(range(300)), (False,) + (True,) * 299, 1)])
     assert eng.list_adapters() == loaded and not eng.has_active_jobs
+
+
+RESUME_JOB = dict(
+    max_steps=6, gradient_accumulation_steps=2, learning_rate=2e-2, warmup_steps=1, save_steps=1, seed=4,
+    lora={"r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"], "lora_dropout": 0.05},
+)
+
+
+def test_kill_and_restart_resumes_to_the_same_adapter(engine, tmp_path):
+    """A job killed (SIGKILL) after its 3rd optimizer step, restarted from its orbax checkpoint
+    in another process, ends with the adapter of an uninterrupted run; a half-written checkpoint
+    directory (a crash during a save) is ignored."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    eng, hf, path = engine
+    exs = examples(hf.config.vocab_size)
+    straight = eng.create_finetuning_job(exs, **RESUME_JOB)
+    eng.wait_for(straight)
+    eng.unload_adapter(straight.adapter_name)
+
+    ckpt = tmp_path / "ckpt"
+    tests = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, str(tests / "finetune_worker.py"), str(path), str(ckpt)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        for line in proc.stdout:
+            if line.strip() == "step 3":
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -9, proc.stderr.read()
+    done = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert done and 3 <= done[-1] < 6, done
+    # A crash in the middle of the next save leaves an unfinished temporary directory behind.
+    junk = ckpt / f"{done[-1] + 1}.orbax-checkpoint-tmp-1234"
+    junk.mkdir()
+    (junk / "partial").write_bytes(b"\0" * 100)
+
+    resumed = eng.create_finetuning_job(exs, checkpoint_dir=ckpt, **RESUME_JOB)
+    assert resumed.resumed_from_step == done[-1] and resumed.step == done[-1]
+    assert [r.loss for r in resumed.loss_history] == [r.loss for r in straight.loss_history[: done[-1]]]
+    eng.wait_for(resumed)
+    assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6
+    for m in straight.params:
+        for w in ("A", "B"):
+            np.testing.assert_allclose(np.asarray(resumed.params[m][w]), np.asarray(straight.params[m][w]), rtol=0, atol=1e-7)
+    assert np.allclose([r.loss for r in resumed.loss_history], [r.loss for r in straight.loss_history], rtol=1e-6)
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())[-1] == 6
+    eng.unload_adapter(resumed.adapter_name)

@@ -49,7 +49,7 @@ from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.models.loader import load_model
 from coserve_jax.sched.kv_cache import KVCacheManager
-from coserve_jax.sched.request import Request, RequestStatus
+from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -362,7 +362,7 @@ class Engine:
                 raise FinetuningError("this engine has no tokenizer: pass TrainingExample lists")
             examples = load_dataset(
                 training_data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
-                max_seq_len=layout.max_seq_len,
+                max_seq_len=layout.max_seq_len, chat_template=cfg.chat_template,
             )
         else:
             examples = list(training_data)

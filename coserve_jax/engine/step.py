@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.engine.sampler import SamplerOutput, SamplingInputs, sample
+from coserve_jax.engine.sampler import SamplingInputs, sample
 from coserve_jax.finetune.fused import FinetuneBuffers, FinetuneForward, save_forward
 from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention

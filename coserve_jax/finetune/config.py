@@ -96,6 +96,8 @@ class FinetuneConfig:
         train_on_prompt: loss on prompt tokens too (default: completion / assistant tokens only).
         columns: field names for prompt-completion records (``{"prompt": "question",
             "completion": "answer"}`` reads GSM8K).
+        chat_template: render Alpaca / prompt-completion records as a one-turn conversation
+            through the tokenizer's chat template (chat records always are).
         checkpoint_dir: where orbax checkpoints go (``None``: no checkpoints).
         save_steps: checkpoint every this many optimizer steps (and always at the end).
         save_total_limit: checkpoints kept.
@@ -122,6 +124,7 @@ class FinetuneConfig:
     shuffle: bool = True
     train_on_prompt: bool = False
     columns: Mapping[str, str] | None = None
+    chat_template: bool = False
     checkpoint_dir: str | os.PathLike | None = None
     save_steps: int | None = None
     save_total_limit: int = 2

@@ -10,7 +10,10 @@ Formats, recognised per record by its keys:
 * Chat ``{"messages": [{"role", "content"}, ...]}`` (OpenAI's fine-tuning format), rendered with the
   tokenizer's chat template; loss on the assistant messages only.
 
-``train_on_prompt=True`` puts the loss on every token instead. Completion-style records get the
+``chat_template=True`` renders Alpaca and prompt-completion records as a one-turn conversation
+(the prompt as the user message, the completion as the assistant's) through the chat template,
+as TRL does for conversational prompt-completion data, so a chat model is tuned in the form it
+is served in. ``train_on_prompt=True`` puts the loss on every token instead. Completion-style records get the
 tokenizer's EOS appended (so the model learns to stop), as TRL's SFT does.
 
 Every record is checked before any training starts; all problems are reported at once with the
@@ -195,8 +198,10 @@ def tokenize_record(
     train_on_prompt: bool = False,
     columns: Mapping[str, str] | None = None,
     line: int = 0,
+    chat_template: bool = False,
 ) -> TrainingExample:
-    """One record -> :class:`TrainingExample` (format from :func:`record_format`).
+    """One record -> :class:`TrainingExample` (format from :func:`record_format`; see the module
+    docstring for ``chat_template``).
 
     Raises:
         ValueError: a malformed record (the message names the field).
@@ -208,14 +213,21 @@ def tokenize_record(
         if tokenizer.eos_token_id is not None:
             ids.append(int(tokenizer.eos_token_id))
         mask = [True] * len(ids)
-    elif fmt == "alpaca":
-        instruction, inp = _str_field(rec, "instruction"), _str_field(rec, "input", allow_empty=True)
-        prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
-        ids, mask = _prompt_completion(tokenizer, prompt, _str_field(rec, "output"), train_on_prompt)
-    elif fmt == "prompt_completion":
-        ids, mask = _prompt_completion(
-            tokenizer, _str_field(rec, cols["prompt"]), _str_field(rec, cols["completion"]), train_on_prompt
-        )
+    elif fmt in ("alpaca", "prompt_completion"):
+        if fmt == "alpaca":
+            instruction, inp = _str_field(rec, "instruction"), _str_field(rec, "input", allow_empty=True)
+            if chat_template:
+                prompt = instruction + (f"\n\n{inp}" if inp.strip() else "")
+            else:
+                prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
+            completion = _str_field(rec, "output")
+        else:
+            prompt, completion = _str_field(rec, cols["prompt"]), _str_field(rec, cols["completion"])
+        if chat_template:
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            ids, mask = _chat(tokenizer, msgs, train_on_prompt)
+        else:
+            ids, mask = _prompt_completion(tokenizer, prompt, completion, train_on_prompt)
     else:
         ids, mask = _chat(tokenizer, rec["messages"], train_on_prompt)
     mask[0] = False  # the first token has nothing to be predicted from
@@ -231,6 +243,7 @@ def load_dataset(
     train_on_prompt: bool = False,
     columns: Mapping[str, str] | None = None,
     max_seq_len: int | None = None,
+    chat_template: bool = False,
 ) -> list[TrainingExample]:
     """Read, validate and tokenize a whole training file.
 
@@ -242,6 +255,8 @@ def load_dataset(
             "completion": "answer"}``.
         max_seq_len: longest sequence allowed, in tokens (longer records are errors, not
             silently truncated).
+        chat_template: render Alpaca / prompt-completion records as a user / assistant
+            conversation with the tokenizer's chat template.
     Returns:
         One :class:`TrainingExample` per record, in file order.
     Raises:
@@ -258,7 +273,9 @@ def load_dataset(
             errors.extend(rec.errors)
             continue
         try:
-            ex = tokenize_record(rec, tokenizer, train_on_prompt=train_on_prompt, columns=columns, line=line)
+            ex = tokenize_record(
+                rec, tokenizer, train_on_prompt=train_on_prompt, columns=columns, line=line, chat_template=chat_template
+            )
         except ValueError as e:
             errors.append((line, str(e)))
             continue

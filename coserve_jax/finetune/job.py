@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
