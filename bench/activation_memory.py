@@ -7,9 +7,10 @@ Compile-only (no weights are allocated: shapes only), so it runs on a CPU:
   backward needs. Its temporary buffer size (``memory_analysis().temp_size_in_bytes``) is the
   activation memory (weights and LoRA are arguments, not temporaries).
 * ours: what persists between serving steps for a sequence under training, the saved layer inputs
-  ``[L, N, H]``, the final hidden state and the slice-boundary gradient ``[N, H]`` (counted), and
-  the peak temporary memory of one backward layer slice (compiled, ``memory_analysis``), which is
-  transient within one step.
+  ``[L, N, H]`` (model dtype) and the slice-boundary gradient ``[N, H]`` (float32) of the fused
+  design's activation store (:mod:`coserve_jax.finetune.fused`; the loss head's backward runs in
+  the forward step, so no final hidden state is kept), counted; and the peak temporary memory of
+  one backward layer slice (compiled, ``memory_analysis``), which is transient within one step.
 
     python bench/activation_memory.py --out bench/results/activation_memory_8b.json
 """
@@ -90,7 +91,7 @@ def main(argv=None):
         toks = jax.ShapeDtypeStruct((n,), jnp.int32)
         naive = jax.jit(jax.grad(lambda lo, b, sc, t: naive_loss(config, b, lo, sc, t))).lower(lora, base, scaling, toks).compile()
         naive_tmp = naive.memory_analysis().temp_size_in_bytes
-        saved = (config.num_layers + 2) * n * config.hidden_size * item  # layer inputs + final + dh
+        saved = config.num_layers * n * config.hidden_size * item + n * config.hidden_size * 4  # layer inputs + dh
         sl = jax.jit(
             lambda lo, b, sc, li, pos, dh, first: slice_backward(config, b, lo, sc, li, pos, dh, first, 1)
         ).lower(

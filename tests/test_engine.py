@@ -211,5 +211,6 @@ def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
     assert any((tmp_path / "xla").iterdir()), "nothing was written to the compilation cache"
     with CompileCounter() as compiles:
         engine = Engine(path, **kw)
-    assert compiles.count == 0 and compiles.cache_hits == len(engine.buckets) == compiles.requests
+    # every executable (step buckets, backward slices of finetuning) is a cache hit
+    assert compiles.count == 0 and compiles.cache_hits == compiles.requests >= len(engine.buckets) + len(engine._backward)
     assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
