@@ -231,6 +231,7 @@ class Engine:
                 fn = jax.jit(fused.make_backward_fn(graphdef, config, self.finetune_layout, length), donate_argnums=1)
                 self._backward[length] = fn.lower(self._state, self.ft_buffers, fused.abstract_backward_inputs()).compile()
             self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self.adapters.compile_writer()
             self.compile_seconds += time.perf_counter() - t0
         self._jobs: dict[str, FinetuningJob] = {}
         self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
@@ -379,7 +380,12 @@ class Engine:
         _, total_steps = plan_steps(cfg, len(examples))
         tx = make_optimizer(cfg, total_steps)
         schedule = learning_rate_schedule(cfg, total_steps)
-        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, self.model.dtype), donate_argnums=(2,))
+        L = self.config.num_layers
+        shapes = {}
+        for m in pool.target_modules:
+            d_in, d_out = self.config.module_dims(m)
+            shapes[m] = ((L, d_in, pool.max_lora_rank), (L, pool.max_lora_rank, d_out))
+        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, self.model.dtype, shapes), donate_argnums=(2,))
         checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
         row = self._free_rows[0]
         job = FinetuningJob(

@@ -66,14 +66,18 @@ def init_lora(config: ModelConfig, lora: LoRAConfig, seed: int) -> dict:
     return out
 
 
-def make_update_fn(tx: optax.GradientTransformation, schedule: optax.Schedule, rank: int, pool_rank: int, pool_dtype):
+def make_update_fn(
+    tx: optax.GradientTransformation, schedule: optax.Schedule, rank: int, pool_rank: int, pool_dtype, pool_shapes: dict
+):
     """The optimizer step as a pure function
     ``(params, opt_state, grads_acc, row, step) -> (params, opt_state, grads_acc, pool_weights, grad_norm, lr)``.
 
     Args:
         tx: the job's optimizer; schedule: its learning-rate schedule (``lr`` reported is
             ``schedule(step)``, ``step`` = optimizer steps done before this one).
-        rank: the job's rank r; pool_rank: the pool's padded rank R; pool_dtype: the pool's dtype.
+        rank: the job's rank r; pool_rank: the pool's padded rank R; pool_dtype: the pool's dtype;
+        pool_shapes: ``{m: (A shape, B shape)}`` of one slot for every pool module (modules the
+        job does not train get zeros).
     The function takes ``grads_acc`` (``FinetuneBuffers.grads``: ``{m: {"A": [J, L, in, R], ...}}``,
     donate it), uses row ``row`` of the job's modules, zeroes that row of every module, and returns
     ``pool_weights = {m: (A [L, in, R], B [L, R, out])}`` in ``pool_dtype`` and the global norm of
@@ -95,13 +99,15 @@ def make_update_fn(tx: optax.GradientTransformation, schedule: optax.Schedule, r
             m: {k: jax.lax.dynamic_update_index_in_dim(g, jnp.zeros(g.shape[1:], g.dtype), row, 0) for k, g in acc.items()}
             for m, acc in grads_acc.items()
         }
-        pool = {
-            m: (
-                jnp.pad(p["A"], ((0, 0), (0, 0), (0, pool_rank - rank))).astype(pool_dtype),
-                jnp.pad(p["B"], ((0, 0), (0, pool_rank - rank), (0, 0))).astype(pool_dtype),
-            )
-            for m, p in params.items()
-        }
+        pool = {}
+        for m, (a_shape, b_shape) in pool_shapes.items():
+            if m in params:
+                pool[m] = (
+                    jnp.pad(params[m]["A"], ((0, 0), (0, 0), (0, pool_rank - rank))).astype(pool_dtype),
+                    jnp.pad(params[m]["B"], ((0, 0), (0, pool_rank - rank), (0, 0))).astype(pool_dtype),
+                )
+            else:
+                pool[m] = (jnp.zeros(a_shape, pool_dtype), jnp.zeros(b_shape, pool_dtype))
         return params, opt_state, zeroed, pool, norm, jnp.asarray(schedule(step), jnp.float32)
 
     return update

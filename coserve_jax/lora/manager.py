@@ -42,6 +42,13 @@ def _write_slot_impl(stack: jax.Array, slot: jax.Array, value: jax.Array) -> jax
 _write_slot = jax.jit(_write_slot_impl, donate_argnums=0)
 
 
+def _write_stacks_impl(stacks: dict, slot, values: dict) -> dict:
+    return {m: tuple(_write_slot_impl(s, slot, v) for s, v in zip(stacks[m], values[m])) for m in stacks}
+
+
+_write_stacks = jax.jit(_write_stacks_impl, donate_argnums=0)
+
+
 class AdapterManager:
     """Names <-> slots of a :class:`CausalLM`'s LoRA pool.
 
@@ -57,6 +64,7 @@ class AdapterManager:
         self.model = model
         self.pool_config = model.lora.config
         self._slots: list[_SlotInfo | None] = [None] * self.pool_config.max_loras
+        self._writer = None
 
     @property
     def names(self) -> list[str]:
@@ -127,19 +135,33 @@ class AdapterManager:
         Args:
             index: the adapter index (slot + 1).
             weights: ``{module: (A [L, in, max_lora_rank], B [L, max_lora_rank, out])}`` in the
-                pool's dtype, for modules of the pool.
+                pool's dtype, for every module of the pool.
         Raises:
-            AdapterError: an empty slot or a module the pool lacks.
+            AdapterError: an empty slot or not the pool's modules.
         """
         slot = index - 1
         if not 0 <= slot < len(self._slots) or self._slots[slot] is None:
             raise AdapterError(f"adapter index {index} is not loaded")
         pool = self.model.lora
-        for m, (a, b) in weights.items():
-            if m not in pool.A:
-                raise AdapterError(f"the pool has no stack for {m!r}")
-            for var, value in ((pool.A[m], a), (pool.B[m], b)):
-                var.set_value(_write_slot(var[...], jnp.int32(slot), value))
+        if set(weights) != set(self.pool_config.target_modules):
+            raise AdapterError(f"write_weights needs all of the pool's modules {list(self.pool_config.target_modules)}")
+        stacks = {m: (pool.A[m][...], pool.B[m][...]) for m in self.pool_config.target_modules}
+        if self._writer is None:
+            self.compile_writer()
+        for m, (a, b) in self._writer(stacks, np.int32(slot), dict(weights)).items():
+            pool.A[m].set_value(a)
+            pool.B[m].set_value(b)
+
+    def compile_writer(self) -> None:
+        """Compile :meth:`write_weights` ahead of time (the engine does at start-up, so that no
+        serving step compiles it)."""
+        pool = self.model.lora
+        stacks = {m: (pool.A[m][...], pool.B[m][...]) for m in self.pool_config.target_modules}
+        values = {
+            m: tuple(jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], x.dtype, sharding=_without_axis1(x.sharding, x.ndim - 1)) for x in ab)
+            for m, ab in stacks.items()
+        }
+        self._writer = _write_stacks.lower(stacks, jax.ShapeDtypeStruct((), jnp.int32), values).compile()
 
     def get(self, name: str) -> LoRAWeights:
         """Read an adapter back from the device (current values, padding trimmed)."""
