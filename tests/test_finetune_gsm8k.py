@@ -48,17 +48,19 @@ def test_gsm8k_loss_falls_while_serving(setup):
     text = tok.decode([t for t, m in zip(first.token_ids, first.loss_mask) if m])
     assert text.startswith("Natalia sold 48/2") or "####" in text  # loss on the assistant answer only
     questions = [json.loads(line)["question"] for line in subset.read_text().splitlines()[:12]]
-    served, pending = 0, []
+    served, pending, on_adapter = 0, [], 0
     params = SamplingParams(max_tokens=12, temperature=0)
     while not job.done:
         if len(pending) < 3 and questions:
-            pending.append(engine.add_request(encode_chat(tok, [{"role": "user", "content": questions.pop()}]), params))
+            adapter = "gsm8k" if len(questions) % 2 else None  # half of them use the adapter under training
+            on_adapter += adapter is not None
+            pending.append(engine.add_request(encode_chat(tok, [{"role": "user", "content": questions.pop()}]), params, adapter))
         for o in engine.step():
             if o.finished:
                 pending.remove(o.request_id)
                 served += 1
     assert job.status is JobStatus.SUCCEEDED, job.error
-    assert served >= 10, "requests were served while the job trained"
+    assert served >= 10 and on_adapter >= 5, "requests (some on the job's adapter) were served while the job trained"
     losses = np.array([r.loss for r in job.loss_history])
     assert len(losses) == 36 and np.isfinite(losses).all()
     assert losses[-6:].mean() < losses[:6].mean() - 0.5, losses
