@@ -1,12 +1,12 @@
 """coserve-jax: LLM inference and LoRA finetuning co-served in one fused JAX/XLA step.
 
-``from coserve_jax import Engine, SamplingParams`` is the notebook API. The names are imported
+``from coserve_jax import Engine, SamplingParams, FinetuneConfig, LoRAConfig`` is the notebook API. The names are imported
 lazily, so ``coserve_jax.sched`` (pure Python) can be used without importing JAX.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "FinetuneConfig", "FinetuningJob", "LoRAConfig", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name):
@@ -14,6 +14,14 @@ def __getattr__(name):
         from coserve_jax import engine
 
         return getattr(engine, name)
+    if name in ("FinetuneConfig", "LoRAConfig"):
+        from coserve_jax.finetune import config
+
+        return getattr(config, name)
+    if name == "FinetuningJob":
+        from coserve_jax.finetune.job import FinetuningJob
+
+        return FinetuningJob
     if name == "SamplingParams":
         from coserve_jax.sched.sampling_params import SamplingParams
 

@@ -37,6 +37,9 @@ class Request:
         output_token_ids: generated tokens so far.
         num_computed_tokens: tokens whose K/V are in the cache (reset to 0 by preemption).
         num_preemptions: times it lost its pages and had to be recomputed.
+        ttft_slo_ms, tpot_slo_ms: the request's latency SLOs (``None``: the scheduler's
+            defaults), for the hybrid policy (:mod:`coserve_jax.sched.hybrid_policy`).
+        first_token_time: when its first token was sampled (seconds, the scheduler's clock).
     """
 
     request_id: object
@@ -51,6 +54,9 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -41,6 +41,7 @@ import dataclasses
 from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import BackwardSlice, FinetuneChunk, TrainingPhase, TrainingSequence
+from coserve_jax.sched.hybrid_policy import HybridPolicy, Load, StepBudget
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
 
@@ -128,12 +129,15 @@ class Scheduler:
     Args:
         config: step limits.
         kv_cache: the page allocator (its pages are the device cache's).
+        policy: optional :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy` that sizes each
+            step from the SLOs (used when :meth:`schedule` gets the clock); without it the
+            budgets are the config's fixed ones.
     Raises:
         ValueError: a cache too small for one sequence of ``max_model_len`` tokens (a lone
             request could then never finish).
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, policy: HybridPolicy | None = None):
         need = kv_cache.pages_for(config.max_model_len)
         if need > kv_cache.capacity:
             raise ValueError(
@@ -149,6 +153,8 @@ class Scheduler:
         self.training: list[TrainingSequence] = []  # at most one per job
         self._rr_forward = 0
         self._rr_backward = 0
+        self.policy = policy
+        self.last_budget: StepBudget | None = None
 
     # ---- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -249,11 +255,13 @@ class Scheduler:
                 return True
         return False
 
-    def _schedule_finetune(self, budget: int, num_chunks: int) -> tuple[FinetuneChunk | None, BackwardSlice | None]:
+    def _schedule_finetune(
+        self, budget: int, num_chunks: int, cap: int, allow_backward: bool = True
+    ) -> tuple[FinetuneChunk | None, BackwardSlice | None]:
         fwd = None
-        if budget > 0 and num_chunks < self.config.max_num_seqs:
+        if budget > 0 and cap > 0 and num_chunks < self.config.max_num_seqs:
             for seq in self._round_robin(TrainingPhase.FORWARD, self._rr_forward):
-                n = min(self.config.max_finetune_tokens, budget, seq.num_tokens - seq.num_computed)
+                n = min(cap, budget, seq.num_tokens - seq.num_computed)
                 end = seq.num_computed + n
                 held = len(self.kv_cache.page_table(seq.kv_id)) if seq.kv_id in self.kv_cache else 0
                 need = self.kv_cache.pages_for(end) - held
@@ -268,7 +276,7 @@ class Scheduler:
                 self._rr_forward += 1
                 break
         bwd = None
-        for seq in self._round_robin(TrainingPhase.BACKWARD, self._rr_backward):
+        for seq in self._round_robin(TrainingPhase.BACKWARD, self._rr_backward) if allow_backward else ():
             bwd = BackwardSlice(seq, seq.next_first_layer)
             self._rr_backward += 1
             break
@@ -283,9 +291,48 @@ class Scheduler:
         return len(self.waiting)
 
     # ---- planning ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Plan the next step (see the module docstring); allocates the pages it needs."""
+    def load(self, now: float) -> Load:
+        """What the next step could carry, for the policy."""
+        p = self.policy
+        decoding, deadlines, prefill, prefill_kv = [], [], 0, None
+        for r in self.running:
+            left = r.num_tokens - r.num_computed_tokens
+            if left == 1 and r.output_token_ids:
+                slo = r.tpot_slo_ms or (p.slo.tpot_ms if p else 0.0)
+                decoding.append((r.num_tokens, r.first_token_time, len(r.output_token_ids), slo))
+            else:
+                prefill += left
+                if prefill_kv is None:
+                    prefill_kv = r.num_computed_tokens
+        prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        for r in list(self.running) + list(self.waiting):
+            if r.first_token_time is None:
+                ttft = (r.ttft_slo_ms or (p.slo.ttft_ms if p else 0.0)) / 1000.0
+                deadlines.append((r.arrival_time + ttft - now, ttft))
+        fwd = self._round_robin(TrainingPhase.FORWARD, self._rr_forward)
+        bwd = self._round_robin(TrainingPhase.BACKWARD, self._rr_backward)
+        return Load(
+            now=now, decoding=decoding, prefill_tokens=prefill, prefill_kv=prefill_kv or 0,
+            queued_deadlines=deadlines, num_seqs=min(len(self.running) + len(self.waiting), self.config.max_num_seqs),
+            finetune_tokens=(fwd[0].num_tokens - fwd[0].num_computed) if fwd else 0,
+            finetune_kv=fwd[0].num_computed if fwd else 0,
+            backward_tokens=bwd[0].num_tokens if bwd else 0,
+        )
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """Plan the next step (see the module docstring); allocates the pages it needs.
+
+        Args:
+            now: the clock (seconds); with a policy, the step is sized from the SLOs.
+        """
         budget = self.config.max_num_batched_tokens
+        ft_cap, allow_backward = self.config.max_finetune_tokens, True
+        self.last_budget = None
+        if self.policy is not None and now is not None:
+            self.last_budget = self.policy.decide(self.load(now))
+            budget = min(budget, self.last_budget.max_tokens)
+            ft_cap = min(ft_cap, self.last_budget.max_finetune_tokens)
+            allow_backward = self.last_budget.allow_backward
         chunks: list[ScheduledChunk] = []
         planned: set[int] = set()
         preempted: list[Request] = []
@@ -325,10 +372,8 @@ class Scheduler:
                 chunks.append(self._chunk(req, n, table))
                 budget -= n
         fwd, bwd = (None, None)
-        if self.training and not preempted:
-            fwd, bwd = self._schedule_finetune(budget, len(chunks))
-        elif self.training:
-            _, bwd = self._schedule_finetune(0, len(chunks))
+        if self.training:
+            fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(chunks), ft_cap, allow_backward)
         return SchedulerOutput(chunks=chunks, preempted=preempted, finetune=fwd, backward=bwd)
 
     def _grow(self, req: Request, end: int) -> tuple[int, ...]:
@@ -361,13 +406,14 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- results -------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: Iterable[int | None]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled: Iterable[int | None], now: float | None = None) -> list[Request]:
         """Record a finished step.
 
         Args:
             output: the plan the step ran.
             sampled: one entry per inference chunk, in order: the sampled token id, or ``None``
                 for a chunk that did not sample.
+            now: the clock when the step ended (seconds); records first-token times.
         Returns:
             The requests that finished in this step (their pages are already freed).
             Training sequences that completed their backward are in :meth:`pop_trained`.
@@ -384,6 +430,8 @@ class Scheduler:
             if token is None:
                 raise ValueError(f"chunk of request {req.request_id!r} samples but got no token")
             req.output_token_ids.append(int(token))
+            if req.first_token_time is None and now is not None:
+                req.first_token_time = now
             reason = self.stop_reason(req)
             if reason is not None:
                 self._finish(req, reason)

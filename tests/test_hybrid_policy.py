@@ -1,0 +1,155 @@
+"""The hybrid SLO policy on a simulated clock with a latency model that is right about the device:
+SLOs held, finetuning gets the slack, nothing starves; a fixed budget (control) misses the SLO."""
+
+import random
+
+from coserve_jax.sched.finetune import TrainingSequence
+from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, bucket_for
+from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.latency_model import LatencyModel, StepShape
+from coserve_jax.sched.request import Request
+from coserve_jax.sched.sampling_params import SamplingParams
+from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
+
+TOKENS = [16, 32, 64, 128, 256, 512]
+SEQS = [4, 8, 16, 32]
+BWD = [128, 256, 512]
+# ms: 2 fixed, 40 per 1024 token slots, 2 per 64 sequence slots, 4 per 1e6 attention work,
+# 30 per 1024 backward tokens, 10 per 1024^2 (a 512-token slice: 17.5 ms).
+DEVICE = LatencyModel([2.0, 40.0, 2.0, 4.0, 30.0, 10.0])
+
+
+def shape_of(plan):
+    attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
+    if plan.finetune:
+        f = plan.finetune
+        attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
+    n = plan.num_tokens
+    return StepShape(
+        bucket_for(TOKENS, n) if n else 0, bucket_for(SEQS, plan.num_seqs) if n else 0, attn,
+        bucket_for(BWD, plan.backward.sequence.num_tokens) if plan.backward else 0,
+    )
+
+
+def training_seq(k, n=400):
+    ids = [(7 * j + k) % 100 + 1 for j in range(n)]
+    return TrainingSequence("job", 0, 1, ids, ids[1:] + [0], [1.0] * (n - 1) + [0.0], 0.0, 0, 8, 1, index=k)
+
+
+def simulate(policy, arrivals, slo, finetune=True, max_ft=512):
+    """Run the scheduler on a simulated clock; returns (requests, finetune stats, step log)."""
+    sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, max_ft if finetune else 0), KVCacheManager(600, 16), policy)
+    now, pending, done, log = 0.0, sorted(arrivals, key=lambda a: a[0]), [], []
+    k, ft_tokens, slices, seqs_done = 0, 0, 0, 0
+    if finetune:
+        sched.add_training_sequence(training_seq(k))
+    token_times = {}
+    while pending or sched.has_unfinished:
+        while pending and pending[0][0] <= now:
+            t, req = pending.pop(0)
+            req.arrival_time = t
+            sched.add_request(req)
+        if not sched.has_unfinished and pending and not sched.training:
+            now = pending[0][0]
+            continue
+        plan = sched.schedule(now)
+        if plan.is_empty:
+            now = pending[0][0] if pending else now + 0.001
+            continue
+        dt = DEVICE.predict(shape_of(plan)) / 1000.0  # the model is right about the device
+        now += dt
+        log.append((dt, plan))
+        ft_tokens += plan.finetune.num_tokens if plan.finetune else 0
+        slices += 1 if plan.backward else 0
+        finished = sched.update(plan, [1 if c.sample else None for c in plan.chunks], now)
+        for c in plan.chunks:
+            if c.sample:
+                token_times.setdefault(c.request.request_id, []).append(now)
+        done.extend(finished)
+        for s in sched.pop_trained():
+            seqs_done += 1
+            k += 1
+            sched.add_training_sequence(training_seq(k))
+        if now > 600:
+            raise AssertionError("simulation did not finish")
+    stats = dict(ft_tokens=ft_tokens, slices=slices, seqs=seqs_done, time=now)
+    return done, token_times, stats, log
+
+
+def workload(rate, n=60, seed=0, tpot=None):
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        r = Request(f"r{i}", [rng.randint(1, 99) for _ in range(rng.randint(50, 400))], SamplingParams(max_tokens=rng.randint(20, 80), ignore_eos=True))
+        r.tpot_slo_ms = tpot
+        out.append((t, r))
+    return out
+
+
+def slo_report(done, times, slo):
+    ttft, tpot = [], []
+    for r in done:
+        ts = times[r.request_id]
+        ttft.append((ts[0] - r.arrival_time) * 1000)
+        if len(ts) > 1:
+            tpot.append((ts[-1] - ts[0]) * 1000 / (len(ts) - 1))
+    ok = sum(1 for r, a in zip(done, ttft) if a <= slo.ttft_ms)
+    return ttft, tpot, ok
+
+
+def make_policy(slo):
+    return HybridPolicy(DEVICE, slo, TOKENS, SEQS, 512, BWD)
+
+
+def test_slos_held_and_finetuning_gets_the_slack():
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=20)
+    arrivals = workload(rate=4.0)
+    done, times, stats, log = simulate(make_policy(slo), arrivals, slo)
+    assert len(done) == 60
+    ttft, tpot, ok = slo_report(done, times, slo)
+    assert max(tpot) <= slo.tpot_ms, max(tpot)
+    assert max(ttft) <= slo.ttft_ms, max(ttft)
+    assert stats["ft_tokens"] > 5000 and stats["slices"] > 20 and stats["seqs"] >= 3
+    # Control: the same load with a fixed budget (all leftover tokens to finetuning, a slice every
+    # step, FlexLLM's public-code policy) breaks the TPOT SLO.
+    done_f, times_f, stats_f, _ = simulate(None, workload(rate=4.0), slo)
+    _, tpot_f, _ = slo_report(done_f, times_f, slo)
+    assert max(tpot_f) > slo.tpot_ms
+
+
+def test_finetuning_takes_the_device_when_inference_is_idle():
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=30, idle_step_ms=40)
+    policy = make_policy(slo)
+    sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(600, 16), policy)
+    sched.add_training_sequence(training_seq(0))
+    plan = sched.schedule(0.0)
+    assert plan.finetune.num_tokens >= 256  # the largest bucket under 40 * 0.9 ms
+    assert DEVICE.predict(shape_of(plan)) <= 40 * 0.9
+
+
+def test_finetuning_backs_off_to_zero_at_peak_load():
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=10)
+    sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(4000, 16), make_policy(slo))
+    for i in range(32):  # 32 long decodes: decode alone is predicted above the target
+        r = Request(f"r{i}", [1] * 1500, SamplingParams(max_tokens=100, ignore_eos=True))
+        r.output_token_ids.append(1)
+        r.first_token_time = 0.0
+        sched.add_request(r)
+    while sched.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in sched.running):  # prefill them
+        p = sched.schedule()
+        sched.update(p, [1 if c.sample else None for c in p.chunks], 0.0)
+    sched.add_training_sequence(training_seq(0))
+    plan = sched.schedule(1.0)  # a second after their first tokens: every request is behind its TPOT SLO
+    assert sched.last_budget.target_ms == 0.0
+    assert plan.finetune is None and plan.backward is None and len(plan.chunks) == 32
+    assert sched.last_budget.max_finetune_tokens == 0
+
+
+def test_queued_requests_do_not_starve_behind_finetuning():
+    slo = SLOConfig(ttft_ms=500, tpot_ms=30)
+    arrivals = workload(rate=1.0, n=8, seed=3)
+    done, times, stats, _ = simulate(make_policy(slo), arrivals, slo)
+    ttft, _, ok = slo_report(done, times, slo)
+    assert len(done) == 8 and max(ttft) <= slo.ttft_ms
+    assert stats["ft_tokens"] > 0
