@@ -4,9 +4,9 @@ SLOs held, finetuning gets the slack, nothing starves; a fixed budget (control) 
 import random
 
 from coserve_jax.sched.finetune import TrainingSequence
-from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, bucket_for
+from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, step_shape
 from coserve_jax.sched.kv_cache import KVCacheManager
-from coserve_jax.sched.latency_model import LatencyModel, StepShape
+from coserve_jax.sched.latency_model import LatencyModel
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
@@ -20,15 +20,7 @@ DEVICE = LatencyModel([2.0, 40.0, 2.0, 4.0, 30.0, 10.0])
 
 
 def shape_of(plan):
-    attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
-    if plan.finetune:
-        f = plan.finetune
-        attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
-    n = plan.num_tokens
-    return StepShape(
-        bucket_for(TOKENS, n) if n else 0, bucket_for(SEQS, plan.num_seqs) if n else 0, attn,
-        bucket_for(BWD, plan.backward.sequence.num_tokens) if plan.backward else 0,
-    )
+    return step_shape(plan, TOKENS, SEQS, BWD)
 
 
 def training_seq(k, n=400):

@@ -15,6 +15,7 @@ Not thread-safe: one thread drives an engine (the server runs it in its own loop
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -34,6 +35,7 @@ from coserve_jax.engine.outputs import RequestOutput
 from coserve_jax.engine.step import (
     Bucket, CompiledStep, configure_compilation_cache, make_buckets, pick_bucket, powers_of_two,
 )
+from coserve_jax.engine.profile import fitted_latency_model
 from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.finetune.checkpoint import JobCheckpointer
@@ -51,6 +53,7 @@ from coserve_jax.models.loader import load_model
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
+from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, step_shape
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 
 Prompt = str | Sequence[int]
@@ -113,6 +116,12 @@ class Engine:
             of layers).
         finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
             powers of two from 64 up to ``finetune_max_seq_len``).
+        scheduling_policy: ``"fixed"`` (the step budgets above, every step) or ``"hybrid"``
+            (each step sized from the latency model and the requests' SLOs,
+            :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
+            cached beside the compilation cache, and refined from every measured step).
+        slo: default SLOs and policy knobs (:class:`SLOConfig` or a dict of its fields) for
+            ``"hybrid"``.
     Raises:
         ValueError: inconsistent limits (e.g. a cache too small for one ``max_model_len`` sequence).
         FileNotFoundError, UnsupportedConfigError, CheckpointError: from loading the model.
@@ -151,6 +160,8 @@ class Engine:
         max_finetune_tokens: int | None = None,
         finetune_layers_per_slice: int = 1,
         finetune_seq_buckets: Sequence[int] | None = None,
+        scheduling_policy: str = "fixed",
+        slo: SLOConfig | dict | None = None,
     ):
         configure_compilation_cache(compilation_cache_dir)
         path = None
@@ -235,6 +246,20 @@ class Engine:
             self.compile_seconds += time.perf_counter() - t0
         self._jobs: dict[str, FinetuningJob] = {}
         self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
+        if scheduling_policy not in ("fixed", "hybrid"):
+            raise ValueError(f"scheduling_policy must be 'fixed' or 'hybrid', got {scheduling_policy!r}")
+        self.slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {}))
+        self.latency_model = None
+        self.last_step_ms: float | None = None
+        self.step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=100_000)
+        """``(predicted ms, measured ms)`` of each step under the hybrid policy."""
+        if scheduling_policy == "hybrid":
+            self.latency_model, self.latency_model_cached = fitted_latency_model(self, compilation_cache_dir)
+            self.scheduler.policy = HybridPolicy(
+                self.latency_model, self.slo, sorted({b.num_tokens for b in self.buckets}),
+                sorted({b.num_seqs for b in self.buckets}), max_num_batched_tokens,
+                self.finetune_layout.seq_buckets if self.finetune_layout else (),
+            )
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
@@ -482,6 +507,8 @@ class Engine:
         *,
         request_id: str | None = None,
         index: int = 0,
+        ttft_slo_ms: float | None = None,
+        tpot_slo_ms: float | None = None,
     ) -> str:
         """Queue one request. Returns its id.
 
@@ -492,6 +519,8 @@ class Engine:
             adapter: name of a loaded adapter, or ``None`` for the base model.
             request_id: an id of your own (default: a fresh one).
             index: copied into the outputs (position in a batch call).
+            ttft_slo_ms, tpot_slo_ms: this request's SLOs (default: the engine's ``slo``), used
+                by the ``"hybrid"`` policy.
         Raises:
             ValueError: empty or over-long prompt, token ids outside the vocabulary, text without
                 a tokenizer, ``logprobs`` above ``max_logprobs``, a duplicate id.
@@ -519,6 +548,7 @@ class Engine:
         req = Request(
             request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(),
+            ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
         )
         self.scheduler.add_request(req)  # validates length and id
         self._requests[rid] = req
@@ -557,10 +587,11 @@ class Engine:
 
         Finetuning work planned into the step (a forward chunk, a backward slice) runs too, and
         jobs whose accumulation group completed take their optimizer step."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(time.monotonic())
         if plan.is_empty:
             return []
         out = None
+        t_dispatch = time.perf_counter()
         if plan.num_tokens:
             bucket = pick_bucket(self.buckets, plan.num_tokens, plan.num_seqs)
             layout = self.finetune_layout
@@ -578,14 +609,21 @@ class Engine:
         if plan.backward is not None:
             self._run_backward(plan.backward)
         self.num_steps += 1
+        if self.latency_model is not None:  # the policy learns from the measured step (device time)
+            jax.block_until_ready((out, self.ft_buffers))
+            self.last_step_ms = (time.perf_counter() - t_dispatch) * 1000.0
+            policy = self.scheduler.policy
+            shape = step_shape(plan, policy.token_buckets, policy.seq_buckets, policy.backward_buckets)
+            self.step_times.append((self.latency_model.predict(shape), self.last_step_ms))
+            self.latency_model.update(shape, self.last_step_ms)
         if not plan.chunks:
-            self.scheduler.update(plan, [])
+            self.scheduler.update(plan, [], time.monotonic())
             self._advance_jobs()
             return []
         tokens, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
         now = time.monotonic()
         sampled = [int(tokens[i]) if c.sample else None for i, c in enumerate(plan.chunks)]
-        self.scheduler.update(plan, sampled)
+        self.scheduler.update(plan, sampled, now)
         self._advance_jobs()
         results = []
         for i, c in enumerate(plan.chunks):

@@ -209,3 +209,21 @@ class HybridPolicy:
                         ft, backward, pred = f, True, p
                         break
         return StepBudget(t, ft, backward, target, pred)
+
+
+def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], backward_buckets: Sequence[int] = ()) -> StepShape:
+    """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.scheduler.SchedulerOutput`)
+    runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
+    queries times the mean KV length they attend to) and its backward slice's length bucket."""
+    attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
+    if plan.finetune is not None:
+        f = plan.finetune
+        attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
+    n = plan.num_tokens
+    bwd = 0
+    if plan.backward is not None:
+        length = plan.backward.sequence.num_tokens
+        bwd = bucket_for(backward_buckets, length) if backward_buckets else length
+    return StepShape(
+        bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd
+    )

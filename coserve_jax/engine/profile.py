@@ -1,0 +1,125 @@
+"""Start-up profile of the compiled executables, to fit the step latency model (issue 5).
+
+Every step bucket runs a synthetic batch (its ``S`` sequences share its ``T`` tokens, once
+attending to almost nothing and once to a long KV) and every backward bucket runs a slice; the
+median of a few timed runs of each, after a warm-up run, is a ``(StepShape, ms)`` sample for
+:meth:`coserve_jax.sched.latency_model.LatencyModel.fit`. The synthetic batches write their
+K/V only into the scratch page 0 and their activations nowhere (the finetuning scatter drops
+them), so profiling leaves the engine's state untouched.
+
+The fitted model is cached as JSON, keyed by the model, the device, the buckets and the jax
+version, next to the compilation cache; a restart loads it instead of profiling again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.finetune import fused
+from coserve_jax.sched.finetune import BackwardSlice, TrainingSequence
+from coserve_jax.sched.hybrid_policy import step_shape
+from coserve_jax.sched.latency_model import LatencyModel, StepShape
+from coserve_jax.sched.request import Request
+from coserve_jax.sched.sampling_params import SamplingParams
+from coserve_jax.sched.scheduler import ScheduledChunk, SchedulerOutput
+
+
+def profile_key(engine) -> str:
+    """A digest of what step times depend on: model, dtype, device, buckets, attention, jax."""
+    dev = jax.devices()[0]
+    layout = engine.finetune_layout
+    desc = {
+        "model": repr(engine.config), "dtype": str(engine.model.dtype), "device": f"{dev.platform}:{dev.device_kind}",
+        "num_devices": len(jax.devices()), "buckets": [(b.num_tokens, b.num_seqs) for b in engine.buckets],
+        "finetune": None if layout is None else [layout.max_jobs, layout.max_seq_len, layout.layers_per_slice, list(layout.seq_buckets)],
+        "attention": engine.attention_impl, "page_size": engine.page_size, "jax": jax.__version__, "version": 1,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def profile_samples(engine, repeats: int = 3) -> list[tuple[StepShape, float]]:
+    """Time every compiled step bucket (two KV lengths) and backward bucket. Returns
+    ``(shape, median ms)`` samples."""
+    samples = []
+    token_b = sorted({b.num_tokens for b in engine.buckets})
+    seq_b = sorted({b.num_seqs for b in engine.buckets})
+    layout = engine.finetune_layout
+    rows = layout.max_seq_len if layout else 0
+    nrows = layout.max_jobs * layout.max_seq_len if layout else 0
+    params = SamplingParams(max_tokens=1, temperature=0)
+    for bucket in engine.buckets:
+        t, s = bucket.num_tokens, min(bucket.num_seqs, bucket.num_tokens)
+        q = t // s
+        last = t - q * (s - 1)
+        for kv in (0, max(0, min(engine.max_model_len - last - 1, 1024))):
+            chunks = []
+            for i in range(s):
+                n = q if i < s - 1 else last
+                pages = (0,) * (-(-(kv + n) // engine.page_size))
+                req = Request(i, [0] * (kv + n), params)
+                chunks.append(ScheduledChunk(req, kv, [0] * n, pages, True))
+            plan = SchedulerOutput(chunks=chunks, preempted=[])
+            inputs = build_step_inputs(plan, bucket, engine.page_size, engine.max_pages_per_seq, engine.max_finetune_tokens, rows, nrows)
+
+            def run():
+                engine.k_cache, engine.v_cache, engine.ft_buffers, out, _ = engine._step(
+                    bucket, engine._state, engine.k_cache, engine.v_cache, engine.ft_buffers, inputs
+                )
+                jax.block_until_ready(out)
+
+            samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
+    if layout is not None:
+        for length in layout.seq_buckets:
+            ids = [0] * length
+            seq = TrainingSequence("profile", 0, 1, ids, ids, [0.0] * length, 0.0, 0, engine.config.num_layers, layout.layers_per_slice)
+            plan = SchedulerOutput(chunks=[], preempted=[], backward=BackwardSlice(seq, 0))
+            inputs = fused.BackwardInputs(np.int32(0), np.int32(1), np.int32(0), np.int32(length), np.float32(0), np.uint32(0))
+
+            def run_bwd():
+                engine.ft_buffers = engine._backward[length](engine._state, engine.ft_buffers, inputs)
+                jax.block_until_ready(engine.ft_buffers)
+
+            samples.append((step_shape(plan, token_b, seq_b, layout.seq_buckets), _time(run_bwd, repeats)))
+        # the profile's backward slices added into row 0's accumulator: clear it
+        engine.ft_buffers = engine.ft_buffers._replace(grads=engine._zero_row(engine.ft_buffers.grads, np.int32(0)))
+    return samples
+
+
+def fitted_latency_model(engine, cache_dir: str | os.PathLike | None, repeats: int = 3) -> tuple[LatencyModel, bool]:
+    """The engine's latency model: loaded from ``cache_dir/latency/<key>.json`` if present, else
+    profiled, fitted and saved there. Returns ``(model, loaded_from_cache)``."""
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(os.fspath(cache_dir), "latency", profile_key(engine) + ".json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return LatencyModel.from_json(f.read()), True
+            except (ValueError, KeyError, json.JSONDecodeError):
+                pass  # a stale or damaged file: profile again
+    model = LatencyModel().fit(profile_samples(engine, repeats))
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(model.to_json())
+        os.replace(tmp, path)
+    return model, False

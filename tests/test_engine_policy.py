@@ -1,0 +1,32 @@
+"""The engine under the hybrid SLO policy: profiled latency model (cached), online refinement,
+the same tokens as transformers, finetuning still progressing."""
+
+import numpy as np
+from conftest import random_sequences
+
+from coserve_jax import Engine, SamplingParams
+from coserve_jax.finetune.data import TrainingExample
+from test_engine import ENGINE_KW, hf_greedy
+
+
+def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("llama31")
+    kw = {**ENGINE_KW, "compilation_cache_dir": tmp_path / "cache", "scheduling_policy": "hybrid",
+          "slo": {"tpot_ms": 50.0, "ttft_ms": 5000.0}, "finetune_seq_buckets": (128, 512)}
+    engine = Engine(path, **kw)
+    assert not engine.latency_model_cached
+    assert (tmp_path / "cache" / "latency").is_dir()
+    prompts = random_sequences([3, 40, 90, 150, 7, 64], hf.config.vocab_size, seed=2)
+    exs = [TrainingExample(tuple(p), (False,) + (True,) * (len(p) - 1), i) for i, p in enumerate(random_sequences([60, 120], hf.config.vocab_size, seed=3))]
+    job = engine.create_finetuning_job(exs, max_steps=2)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p)
+    engine.wait_for(job)
+    assert job.step == 2
+    n = len(engine.step_times)
+    assert n == engine.num_steps == engine.latency_model.num_updates
+    pred, meas = np.array(engine.step_times).T
+    assert np.all(meas > 0) and np.all(np.isfinite(pred))
+    again = Engine(path, **kw)
+    assert again.latency_model_cached  # the profile is not repeated
