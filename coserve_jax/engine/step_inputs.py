@@ -61,10 +61,10 @@ def build_step_inputs(
     seed = np.zeros(s, np.uint32)
     sample_index = np.zeros(s, np.int32)
     seq_kv, seq_cu, seq_temp, seq_k, seq_p, seq_seed, seq_idx = [], [], [], [], [], [], []
-    chunks: list = list(plan.chunks)
     ft = plan.finetune
+    chunks = plan.chunks  # not copied on the common path: most steps carry no finetuning chunk
     if ft is not None:
-        chunks.append(ScheduledChunk(_TrainingAsRequest(ft.sequence), ft.start, ft.token_ids, ft.page_table, False))
+        chunks = [*chunks, ScheduledChunk(_TrainingAsRequest(ft.sequence), ft.start, ft.token_ids, ft.page_table, False)]
         n_seq += 1
     for i, c in enumerate(chunks):
         req = c.request

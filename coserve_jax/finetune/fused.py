@@ -201,9 +201,10 @@ def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, leng
     return backward
 
 
-def _zero_row_impl(grads: dict, row) -> dict:
+def zero_grads_row(grads: dict, row) -> dict:
+    """``grads`` (``FinetuneBuffers.grads``) with job row ``row`` zeroed."""
     return jax.tree.map(lambda g: jax.lax.dynamic_update_index_in_dim(g, jnp.zeros(g.shape[1:], g.dtype), row, 0), grads)
 
 
-zero_row = jax.jit(_zero_row_impl, donate_argnums=0)
+zero_row = jax.jit(zero_grads_row, donate_argnums=0)
 """``(grads, row) -> grads`` with a job's accumulator row zeroed (a new job taking the row)."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from coserve_jax.finetune.config import FinetuneConfig, LoRAConfig
+from coserve_jax.finetune.fused import zero_grads_row
 from coserve_jax.models.config import ModelConfig
 
 
@@ -95,10 +96,7 @@ def make_update_fn(
         norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        zeroed = {
-            m: {k: jax.lax.dynamic_update_index_in_dim(g, jnp.zeros(g.shape[1:], g.dtype), row, 0) for k, g in acc.items()}
-            for m, acc in grads_acc.items()
-        }
+        zeroed = zero_grads_row(grads_acc, row)
         pool = {}
         for m, (a_shape, b_shape) in pool_shapes.items():
             if m in params:
