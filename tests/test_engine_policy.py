@@ -24,9 +24,14 @@ def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
         assert o.token_ids == hf_greedy(hf, p)
     engine.wait_for(job)
     assert job.step == 2
-    n = len(engine.step_times)
-    assert n == engine.num_steps == engine.latency_model.num_updates
-    pred, meas = np.array(engine.step_times).T
+    log = list(engine.step_log)
+    assert len(log) == engine.num_steps == engine.latency_model.num_updates
+    pred = np.array([r.predicted_ms for r in log])
+    meas = np.array([r.measured_ms for r in log])
     assert np.all(meas > 0) and np.all(np.isfinite(pred))
+    # the log's composition adds up: 6 prompts' prefill, 11 decode tokens each, the job's tokens
+    assert sum(r.prefill_tokens for r in log) == sum(map(len, prompts))
+    assert sum(r.decode_tokens for r in log) == 11 * len(prompts)
+    assert sum(r.finetune_tokens for r in log) >= sum(len(e.token_ids) for e in exs)
     again = Engine(path, **kw)
     assert again.latency_model_cached  # the profile is not repeated

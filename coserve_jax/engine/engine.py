@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from coserve_jax.engine.detokenizer import IncrementalDetokenizer
-from coserve_jax.engine.outputs import RequestOutput
+from coserve_jax.engine.outputs import RequestOutput, StepRecord
 from coserve_jax.engine.step import (
     Bucket, CompiledStep, configure_compilation_cache, make_buckets, pick_bucket, powers_of_two,
 )
@@ -53,6 +53,7 @@ from coserve_jax.models.loader import load_model
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
+from coserve_jax.sched.baseline_policies import FixedBudgetPolicy, TemporalPolicy
 from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, step_shape
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -116,12 +117,17 @@ class Engine:
             of layers).
         finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
             powers of two from 64 up to ``finetune_max_seq_len``).
-        scheduling_policy: ``"fixed"`` (the step budgets above, every step) or ``"hybrid"``
+        scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
             (each step sized from the latency model and the requests' SLOs,
             :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
-            cached beside the compilation cache, and refined from every measured step).
+            cached beside the compilation cache, and refined from every measured step), or a
+            baseline of :mod:`coserve_jax.sched.baseline_policies`: ``"fixed_budget"``,
+            ``"temporal"`` (see :meth:`set_scheduling_policy`).
+        policy_options: keyword arguments of that policy (:meth:`set_scheduling_policy`).
         slo: default SLOs and policy knobs (:class:`SLOConfig` or a dict of its fields) for
             ``"hybrid"``.
+        measure_steps: time every step on the device (one sync per step) and log it with the
+            latency model's prediction in :attr:`step_log` (always on under ``"hybrid"``).
     Raises:
         ValueError: inconsistent limits (e.g. a cache too small for one ``max_model_len`` sequence).
         FileNotFoundError, UnsupportedConfigError, CheckpointError: from loading the model.
@@ -161,7 +167,9 @@ class Engine:
         finetune_layers_per_slice: int = 1,
         finetune_seq_buckets: Sequence[int] | None = None,
         scheduling_policy: str = "fixed",
+        policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
+        measure_steps: bool = False,
     ):
         configure_compilation_cache(compilation_cache_dir)
         path = None
@@ -246,26 +254,74 @@ class Engine:
             self.compile_seconds += time.perf_counter() - t0
         self._jobs: dict[str, FinetuningJob] = {}
         self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
-        if scheduling_policy not in ("fixed", "hybrid"):
-            raise ValueError(f"scheduling_policy must be 'fixed' or 'hybrid', got {scheduling_policy!r}")
         self.slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {}))
+        self._cache_dir = compilation_cache_dir
         self.latency_model = None
+        self.latency_model_cached = False
+        self.measure_steps = measure_steps
         self.last_step_ms: float | None = None
-        self.step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=100_000)
-        """``(predicted ms, measured ms)`` of each step under the hybrid policy."""
-        if scheduling_policy == "hybrid":
-            self.latency_model, self.latency_model_cached = fitted_latency_model(self, compilation_cache_dir)
-            self.scheduler.policy = HybridPolicy(
-                self.latency_model, self.slo, sorted({b.num_tokens for b in self.buckets}),
-                sorted({b.num_seqs for b in self.buckets}), max_num_batched_tokens,
-                self.finetune_layout.seq_buckets if self.finetune_layout else (),
-            )
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1_000_000)
+        """One :class:`StepRecord` per measured step, oldest first (the last million)."""
+        self.scheduling_policy = "fixed"
+        self.set_scheduling_policy(scheduling_policy, **(policy_options or {}))
+        if measure_steps:
+            self._ensure_latency_model()
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._detok: dict[str, IncrementalDetokenizer | None] = {}
         self._requests: dict[str, Request] = {}
         self.num_steps = 0
+
+    # ---- scheduling policy -----------------------------------------------------------------
+    def _ensure_latency_model(self) -> None:
+        if self.latency_model is None:
+            self.latency_model, self.latency_model_cached = fitted_latency_model(self, self._cache_dir)
+
+    def set_scheduling_policy(self, name: str, **options) -> None:
+        """Choose how each step is sized, between steps (the compiled shapes stay).
+
+        Args:
+            name: ``"fixed"``: the engine's ``max_num_batched_tokens`` / ``max_finetune_tokens``
+                every step (no options). ``"hybrid"``: the SLO policy
+                (:class:`~coserve_jax.sched.hybrid_policy.HybridPolicy`; fits the latency model
+                on first use). ``"fixed_budget"``: FlexLLM's fixed budget
+                (:class:`~coserve_jax.sched.baseline_policies.FixedBudgetPolicy`; options
+                ``max_tokens``, ``max_finetune_tokens``, default the engine's). ``"temporal"``:
+                temporal sharing (:class:`~coserve_jax.sched.baseline_policies.TemporalPolicy`;
+                options ``interval_steps`` (default 64), ``sequences_per_iteration`` (default 1)).
+            **options: the policy's options, as above.
+        Raises:
+            ValueError: an unknown policy or option, or a bad option value.
+        """
+        cfg = self.scheduler.config
+        allowed = {"fixed": (), "hybrid": (), "fixed_budget": ("max_tokens", "max_finetune_tokens"),
+                   "temporal": ("interval_steps", "sequences_per_iteration")}
+        if name not in allowed:
+            raise ValueError(f"scheduling_policy must be one of {sorted(allowed)}, got {name!r}")
+        unknown = sorted(set(options) - set(allowed[name]))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for scheduling policy {name!r} (takes {list(allowed[name])})")
+        if name == "fixed":
+            policy = None
+        elif name == "fixed_budget":
+            policy = FixedBudgetPolicy(
+                min(options.get("max_tokens", cfg.max_num_batched_tokens), cfg.max_num_batched_tokens),
+                options.get("max_finetune_tokens", cfg.max_finetune_tokens),
+            )
+        elif name == "temporal":
+            policy = TemporalPolicy(
+                options.get("interval_steps", 64), cfg.max_num_batched_tokens, options.get("sequences_per_iteration", 1)
+            )
+        else:
+            self._ensure_latency_model()
+            policy = HybridPolicy(
+                self.latency_model, self.slo, sorted({b.num_tokens for b in self.buckets}),
+                sorted({b.num_seqs for b in self.buckets}), cfg.max_num_batched_tokens,
+                self.finetune_layout.seq_buckets if self.finetune_layout else (),
+            )
+        self.scheduler.policy = policy
+        self.scheduling_policy = name
 
     # ---- construction helpers ------------------------------------------------------------
     @staticmethod
@@ -509,6 +565,7 @@ class Engine:
         index: int = 0,
         ttft_slo_ms: float | None = None,
         tpot_slo_ms: float | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue one request. Returns its id.
 
@@ -521,6 +578,9 @@ class Engine:
             index: copied into the outputs (position in a batch call).
             ttft_slo_ms, tpot_slo_ms: this request's SLOs (default: the engine's ``slo``), used
                 by the ``"hybrid"`` policy.
+            arrival_time: when the request arrived, on the ``time.monotonic()`` clock (default:
+                now); TTFT and the TTFT deadline count from it (a server or a trace replay that
+                queues requests before handing them over passes the true arrival).
         Raises:
             ValueError: empty or over-long prompt, token ids outside the vocabulary, text without
                 a tokenizer, ``logprobs`` above ``max_logprobs``, a duplicate id.
@@ -547,7 +607,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
         req = Request(
             request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, seed=seed,
-            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(),
+            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
         )
         self.scheduler.add_request(req)  # validates length and id
@@ -609,13 +669,8 @@ class Engine:
         if plan.backward is not None:
             self._run_backward(plan.backward)
         self.num_steps += 1
-        if self.latency_model is not None:  # the policy learns from the measured step (device time)
-            jax.block_until_ready((out, self.ft_buffers))
-            self.last_step_ms = (time.perf_counter() - t_dispatch) * 1000.0
-            policy = self.scheduler.policy
-            shape = step_shape(plan, policy.token_buckets, policy.seq_buckets, policy.backward_buckets)
-            self.step_times.append((self.latency_model.predict(shape), self.last_step_ms))
-            self.latency_model.update(shape, self.last_step_ms)
+        if self.measure_steps or self.scheduling_policy == "hybrid":
+            self._measure(plan, out, t_dispatch)
         if not plan.chunks:
             self.scheduler.update(plan, [], time.monotonic())
             self._advance_jobs()
@@ -656,6 +711,27 @@ class Engine:
                 o.text += o.delta_text
                 results.append(o)
         return results
+
+    def _measure(self, plan, out, t_dispatch: float) -> None:
+        """Time the step on the device, log it, and refine the latency model with it."""
+        jax.block_until_ready((out, self.ft_buffers))
+        end = time.perf_counter()
+        self.last_step_ms = (end - t_dispatch) * 1000.0
+        layout = self.finetune_layout
+        shape = step_shape(
+            plan, sorted({b.num_tokens for b in self.buckets}), sorted({b.num_seqs for b in self.buckets}),
+            layout.seq_buckets if layout else (),
+        )
+        predicted = self.latency_model.predict(shape)
+        self.latency_model.update(shape, self.last_step_ms)
+        decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids))
+        self.step_log.append(StepRecord(
+            end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
+            prefill_tokens=sum(c.num_tokens for c in plan.chunks) - decode, decode_tokens=decode,
+            finetune_tokens=plan.finetune.num_tokens if plan.finetune is not None else 0,
+            backward_tokens=plan.backward.sequence.num_tokens if plan.backward is not None else 0,
+            attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
+        ))
 
     def _finalize(self, req: Request, now: float) -> RequestOutput:
         o = self._outputs.pop(req.request_id)

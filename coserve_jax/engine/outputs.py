@@ -62,3 +62,32 @@ class RequestOutput:
     def e2e_ms(self) -> float | None:
         """End-to-end latency, ms."""
         return None if self.finish_time is None else 1e3 * (self.finish_time - self.arrival_time)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One measured step (``Engine(measure_steps=True)`` or the hybrid policy).
+
+    Attributes:
+        end_time: ``time.monotonic()`` when the step's device work finished (s).
+        bucket_tokens, bucket_seqs: the compiled bucket it ran (0, 0: a backward slice alone).
+        prefill_tokens: prompt tokens computed (prefill chunks, recomputation included).
+        decode_tokens: decode tokens (one per running request with its prompt done).
+        finetune_tokens: finetuning forward tokens.
+        backward_tokens: length of the training sequence whose backward slice ran (0: none).
+        attention_work: ``sum_i q_i * kv_i`` over the step's sequences (see
+            :class:`~coserve_jax.sched.latency_model.StepShape`).
+        predicted_ms: the latency model's prediction before it learned from this step.
+        measured_ms: dispatch to device completion (ms), host input building excluded.
+    """
+
+    end_time: float
+    bucket_tokens: int
+    bucket_seqs: int
+    prefill_tokens: int
+    decode_tokens: int
+    finetune_tokens: int
+    backward_tokens: int
+    attention_work: int
+    predicted_ms: float
+    measured_ms: float

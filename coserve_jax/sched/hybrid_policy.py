@@ -27,7 +27,7 @@ Pure Python over plain data; no JAX, no NumPy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
 
@@ -70,13 +70,16 @@ class StepBudget:
         max_finetune_tokens: most finetuning forward tokens.
         allow_backward: whether a backward slice may run.
         target_ms: the step time aimed at; predicted_ms: the prediction of the chosen plan.
+        inference: whether inference tokens may run (``False``: the step is finetuning's alone,
+            as in temporal sharing).
     """
 
     max_tokens: int
     max_finetune_tokens: int
     allow_backward: bool
-    target_ms: float
-    predicted_ms: float
+    target_ms: float = 0.0
+    predicted_ms: float = 0.0
+    inference: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,14 @@ class Load:
     finetune_tokens: int = 0
     finetune_kv: int = 0
     backward_tokens: int = 0
+
+
+class StepPolicy(Protocol):
+    """What the scheduler asks each step (:meth:`Scheduler.schedule
+    <coserve_jax.sched.scheduler.Scheduler.schedule>` with the clock): the budget of the next
+    step, given its :class:`Load`. A policy may keep state across calls (one call per step)."""
+
+    def decide(self, load: Load) -> StepBudget: ...
 
 
 def bucket_for(buckets: Sequence[int], n: int) -> int:

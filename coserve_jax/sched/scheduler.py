@@ -41,7 +41,7 @@ import dataclasses
 from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import BackwardSlice, FinetuneChunk, TrainingPhase, TrainingSequence
-from coserve_jax.sched.hybrid_policy import HybridPolicy, Load, StepBudget
+from coserve_jax.sched.hybrid_policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
 
@@ -129,15 +129,17 @@ class Scheduler:
     Args:
         config: step limits.
         kv_cache: the page allocator (its pages are the device cache's).
-        policy: optional :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy` that sizes each
-            step from the SLOs (used when :meth:`schedule` gets the clock); without it the
-            budgets are the config's fixed ones.
+        policy: optional :class:`~coserve_jax.sched.hybrid_policy.StepPolicy` that sizes each
+            step (used when :meth:`schedule` gets the clock): the SLO-driven
+            :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy` or a baseline of
+            :mod:`coserve_jax.sched.baseline_policies`; without it the budgets are the config's
+            fixed ones.
     Raises:
         ValueError: a cache too small for one sequence of ``max_model_len`` tokens (a lone
             request could then never finish).
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, policy: HybridPolicy | None = None):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, policy: StepPolicy | None = None):
         need = kv_cache.pages_for(config.max_model_len)
         if need > kv_cache.capacity:
             raise ValueError(
@@ -293,13 +295,13 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------
     def load(self, now: float) -> Load:
         """What the next step could carry, for the policy."""
-        p = self.policy
+        defaults = getattr(self.policy, "slo", None)
         decoding, deadlines, prefill, prefill_kv = [], [], 0, None
         for r in self.running:
             left = r.num_tokens - r.num_computed_tokens
             if left == 1 and r.output_token_ids:
-                slo = r.tpot_slo_ms or (p.slo.tpot_ms if p else 0.0)
-                decoding.append((r.num_tokens, r.first_token_time, len(r.output_token_ids), slo))
+                tpot = r.tpot_slo_ms or (defaults.tpot_ms if defaults else 0.0)
+                decoding.append((r.num_tokens, r.first_token_time, len(r.output_token_ids), tpot))
             else:
                 prefill += left
                 if prefill_kv is None:
@@ -307,7 +309,7 @@ class Scheduler:
         prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
         for r in list(self.running) + list(self.waiting):
             if r.first_token_time is None:
-                ttft = (r.ttft_slo_ms or (p.slo.ttft_ms if p else 0.0)) / 1000.0
+                ttft = (r.ttft_slo_ms or (defaults.ttft_ms if defaults else 0.0)) / 1000.0
                 deadlines.append((r.arrival_time + ttft - now, ttft))
         fwd = self._round_robin(TrainingPhase.FORWARD, self._rr_forward)
         bwd = self._round_robin(TrainingPhase.BACKWARD, self._rr_backward)
@@ -326,18 +328,19 @@ class Scheduler:
             now: the clock (seconds); with a policy, the step is sized from the SLOs.
         """
         budget = self.config.max_num_batched_tokens
-        ft_cap, allow_backward = self.config.max_finetune_tokens, True
+        ft_cap, allow_backward, inference = self.config.max_finetune_tokens, True, True
         self.last_budget = None
         if self.policy is not None and now is not None:
             self.last_budget = self.policy.decide(self.load(now))
             budget = min(budget, self.last_budget.max_tokens)
             ft_cap = min(ft_cap, self.last_budget.max_finetune_tokens)
             allow_backward = self.last_budget.allow_backward
+            inference = self.last_budget.inference
         chunks: list[ScheduledChunk] = []
         planned: set[int] = set()
         preempted: list[Request] = []
         # Decodes (one token left to compute) before prefill chunks; admission order within each.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1) if inference else []
         for req in order:
             if budget == 0:
                 break
@@ -359,7 +362,7 @@ class Scheduler:
             chunks.append(self._chunk(req, n, table))
             planned.add(id(req))
             budget -= n
-        if not preempted:
+        if not preempted and inference:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
