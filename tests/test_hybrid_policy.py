@@ -4,7 +4,7 @@ SLOs held, finetuning gets the slack, nothing starves; a fixed budget (control) 
 import random
 
 from coserve_jax.sched.finetune import TrainingSequence
-from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, step_shape
+from coserve_jax.sched.hybrid_policy import HybridPolicy, Load, SLOConfig, step_shape
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.latency_model import LatencyModel
 from coserve_jax.sched.request import Request
@@ -145,3 +145,13 @@ def test_queued_requests_do_not_starve_behind_finetuning():
     ttft, _, ok = slo_report(done, times, slo)
     assert len(done) == 8 and max(ttft) <= slo.ttft_ms
     assert stats["ft_tokens"] > 0
+
+
+def test_backward_slice_runs_when_idle_even_above_the_idle_target():
+    # a 512-token slice takes 17.5 ms on DEVICE: above a 10 ms idle target, but nothing else runs
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=10)
+    load = Load(now=0.0, decoding=[], backward_tokens=512)
+    budget = make_policy(slo).decide(load)
+    assert budget.allow_backward and budget.predicted_ms > 10
+    busy = Load(now=0.0, decoding=[(100, None, 0, 10.0)], num_seqs=1, backward_tokens=512)
+    assert not make_policy(slo).decide(busy).allow_backward  # with a request decoding it must fit

@@ -18,7 +18,7 @@ every step is sized from the latency model (:mod:`coserve_jax.sched.latency_mode
    inference and none for finetuning.
 3. **Finetuning gets the rest**: the bucket's slots that inference leaves (which the device
    computes anyway as padding), and a backward slice if the prediction with it still meets the
-   target. At peak load the prediction of inference alone already misses the target, so
+   target, or whenever inference is idle (a slice longer than the idle target must still run). At peak load the prediction of inference alone already misses the target, so
    finetuning gets nothing.
 
 Pure Python over plain data; no JAX, no NumPy.
@@ -211,7 +211,9 @@ class HybridPolicy:
         backward = False
         if load.backward_tokens:
             with_bwd = self.latency.predict(self.shape(load, inf, ft, True))
-            if with_bwd <= target:
+            if with_bwd <= target or not (load.decoding or load.prefill_tokens):
+                # fits, or inference is idle: a slice longer than the idle target delays only a
+                # request that arrives during it, by one slice (else the job would never train)
                 backward, pred = True, with_bwd
             elif ft:  # trade forward tokens for the backward slice (a sequence's forward is useless without it)
                 for f in (ft // 2, ft // 4, 0):

@@ -12,9 +12,10 @@ device computes, which is the *padded* shape:
   ``N`` and its dense attention with ``N^2``.
 
 So ``t = w . x`` with ``x = (1, T, S, attention_work, N_backward, N_backward^2)`` (ms). The
-weights are fitted by ridge least squares to a short profile at start-up and then refined online
-by recursive least squares with exponential forgetting (RLS; Haykin, *Adaptive Filter Theory*,
-ch. 10) from every measured step, so the model follows the device (clock, thermals, co-tenants).
+weights are fitted by non-negative least squares to a short profile at start-up; measured steps
+then refine two multiplicative corrections (a global one and one per padded shape, exponential
+moving averages), so the model follows the device (clock, thermals, co-tenants) and each
+bucket's quirks without the linear weights ever drifting.
 
 Pure Python over plain data; no JAX, no NumPy.
 """
@@ -72,34 +73,55 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
 class LatencyModel:
     """Linear step-time model with online refinement.
 
+    ``predict(x) = max(0, w . x) * g * l[key(x)]``: the linear part ``w`` comes from the start-up
+    profile (:meth:`fit`; non-negative least squares, so no feature ever makes a step cheaper);
+    the online part follows the device with two ratios learned from measured steps
+    (:meth:`update`): a global one ``g`` (the device got slower or faster) and one per padded
+    shape ``l[key]``, ``key = (T, S, N_backward)`` (what the linear form misses about one
+    bucket). Both are exponential moving averages of measured / predicted time, which stay
+    stable under long runs of identical steps (where recursive least squares with forgetting
+    winds up its covariance and then jumps).
+
     Args:
-        weights: initial weights (ms per feature unit, :data:`FEATURES` order), default zeros.
-        forgetting: RLS forgetting factor in ``(0, 1]`` (1: never forget; 0.98 weights the
-            last ~50 steps most).
-        prior: initial diagonal of the RLS inverse-covariance (larger: faster first updates).
+        weights: the linear weights (ms per feature unit, :data:`FEATURES` order), default zeros.
+        forgetting: EMA factor of the global ratio in ``(0, 1]`` (the last ``1 / (1 - f)`` steps
+            weigh most; 1: no online refinement).
+        shape_rate: EMA rate of the per-shape ratios in ``[0, 1)``.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None, *, forgetting: float = 0.98, prior: float = 1e3):
+    def __init__(self, weights: Sequence[float] | None = None, *, forgetting: float = 0.98, shape_rate: float = 0.1):
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
+        if not 0.0 <= shape_rate < 1.0:
+            raise ValueError(f"shape_rate must be in [0, 1), got {shape_rate}")
         d = len(FEATURES)
         self.weights = list(weights) if weights is not None else [0.0] * d
         if len(self.weights) != d:
             raise ValueError(f"need {d} weights ({FEATURES}), got {len(self.weights)}")
         self.forgetting = forgetting
-        self.prior = prior
-        self._p = [[prior if i == j else 0.0 for j in range(d)] for i in range(d)]
+        self.shape_rate = shape_rate
+        self.global_ratio = 1.0
+        self.shape_ratio: dict[tuple[int, int, int], float] = {}
         self.num_updates = 0
 
+    @staticmethod
+    def _key(shape: StepShape) -> tuple[int, int, int]:
+        return (shape.num_tokens, shape.num_seqs, shape.backward_tokens)
+
     # ---- prediction -----------------------------------------------------------------------
+    def base(self, shape: StepShape) -> float:
+        """The profile's linear prediction (ms, never negative), before the online ratios."""
+        return max(0.0, sum(w * x for w, x in zip(self.weights, shape.features())))
+
     def predict(self, shape: StepShape) -> float:
         """Predicted step time in ms (never negative)."""
-        return max(0.0, sum(w * x for w, x in zip(self.weights, shape.features())))
+        return self.base(shape) * self.global_ratio * self.shape_ratio.get(self._key(shape), 1.0)
 
     # ---- fitting ----------------------------------------------------------------------------
     def fit(self, samples: Iterable[tuple[StepShape, float]], ridge: float = 1e-6) -> "LatencyModel":
-        """Least-squares fit to ``(shape, measured ms)`` samples (relative errors weighted equally:
-        each row is divided by its measured time). Resets the online state.
+        """Non-negative least-squares fit to ``(shape, measured ms)`` samples (relative errors
+        weighted equally: each row is divided by its measured time); an active-set loop drops
+        the most negative weight and refits until none is negative. Resets the online state.
 
         Raises:
             ValueError: no samples.
@@ -108,30 +130,40 @@ class LatencyModel:
         if not rows:
             raise ValueError("no samples to fit")
         d = len(FEATURES)
-        ata = [[ridge if i == j else 0.0 for j in range(d)] for i in range(d)]
-        atb = [0.0] * d
-        for x, t in rows:
-            wgt = 1.0 / max(t, 1e-6) ** 2
-            for i in range(d):
-                atb[i] += wgt * x[i] * t
-                for j in range(d):
-                    ata[i][j] += wgt * x[i] * x[j]
-        self.weights = _solve(ata, atb)
-        self._p = [[self.prior if i == j else 0.0 for j in range(d)] for i in range(d)]
-        self.num_updates = 0
+        active = list(range(d))
+        while True:
+            ata = [[ridge if i == j else 0.0 for j in active] for i in active]
+            atb = [0.0] * len(active)
+            for x, t in rows:
+                wgt = 1.0 / max(t, 1e-6) ** 2
+                for a, i in enumerate(active):
+                    atb[a] += wgt * x[i] * t
+                    for b, j in enumerate(active):
+                        ata[a][b] += wgt * x[i] * x[j]
+            sol = _solve(ata, atb)
+            worst = min(range(len(active)), key=lambda a: sol[a])
+            if sol[worst] >= 0.0 or len(active) == 1:
+                break
+            active.pop(worst)
+        self.weights = [0.0] * d
+        for a, i in enumerate(active):
+            self.weights[i] = max(sol[a], 0.0)
+        self.global_ratio, self.shape_ratio, self.num_updates = 1.0, {}, 0
         return self
 
     def update(self, shape: StepShape, measured_ms: float) -> None:
-        """One RLS step towards a measured step time (ms)."""
-        x = shape.features()
-        lam, p, d = self.forgetting, self._p, len(x)
-        px = [sum(p[i][j] * x[j] for j in range(d)) for i in range(d)]
-        denom = lam + sum(x[i] * px[i] for i in range(d))
-        gain = [v / denom for v in px]
-        err = measured_ms - sum(w * v for w, v in zip(self.weights, x))
-        self.weights = [w + g * err for w, g in zip(self.weights, gain)]
-        self._p = [[(p[i][j] - gain[i] * px[j]) / lam for j in range(d)] for i in range(d)]
+        """Learn from one measured step (ms): move the global ratio and the shape's ratio
+        towards measured / predicted (ratios kept within [1/4, 4])."""
         self.num_updates += 1
+        base = self.base(shape)
+        if base <= 0.0 or measured_ms <= 0.0:
+            return
+        key = self._key(shape)
+        local = self.shape_ratio.get(key, 1.0)
+        a = 1.0 - self.forgetting
+        self.global_ratio = min(4.0, max(0.25, self.global_ratio + a * (measured_ms / (base * local) - self.global_ratio)))
+        target = measured_ms / (base * self.global_ratio)
+        self.shape_ratio[key] = min(4.0, max(0.25, local + self.shape_rate * (target - local)))
 
     # ---- evaluation and persistence -----------------------------------------------------------
     def median_relative_error(self, samples: Iterable[tuple[StepShape, float]]) -> float:
@@ -142,7 +174,9 @@ class LatencyModel:
         return statistics.median(errs)
 
     def to_json(self) -> str:
-        return json.dumps({"features": list(FEATURES), "weights": self.weights, "forgetting": self.forgetting})
+        """The fitted weights and settings (the online ratios are not kept: a restart refits them)."""
+        return json.dumps({"features": list(FEATURES), "weights": self.weights, "forgetting": self.forgetting,
+                           "shape_rate": self.shape_rate})
 
     @classmethod
     def from_json(cls, text: str) -> "LatencyModel":
@@ -150,4 +184,4 @@ class LatencyModel:
         d = json.loads(text)
         if d.get("features") != list(FEATURES):
             raise ValueError(f"latency model of features {d.get('features')}, expected {list(FEATURES)}")
-        return cls(d["weights"], forgetting=d.get("forgetting", 0.98))
+        return cls(d["weights"], forgetting=d.get("forgetting", 0.98), shape_rate=d.get("shape_rate", 0.1))

@@ -1,0 +1,95 @@
+"""``python -m coserve_jax.bench --config configs/bench/NAME.yaml [--out DIR]``: the co-serving
+benchmark (issue 5). Sweeps the config's request rates and policies on one engine, and writes
+``requests.csv``, ``steps.csv``, ``summary.json``, ``run.json`` and the plots to ``DIR``
+(default ``bench/results/<name>``); prints the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+from coserve_jax.bench.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coserve_jax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="bench config YAML (configs/bench/*.yaml)")
+    parser.add_argument("--out", help="output folder (default bench/results/<config name>)")
+    parser.add_argument("--rates", type=float, nargs="+", help="override the config's request rates (requests/s)")
+    parser.add_argument("--policies", nargs="+", help="run only these of the config's policies")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    policies = cfg.policy_names
+    if args.policies:
+        unknown = sorted(set(args.policies) - set(policies))
+        if unknown:
+            parser.error(f"--policies {unknown} are not in the config (it has {policies})")
+        policies = [p for p in policies if p in args.policies]
+    rates = tuple(args.rates) if args.rates else cfg.rates
+
+    import jax
+    from tqdm import tqdm
+
+    from coserve_jax.bench import harness, metrics, report
+    from coserve_jax.bench.workload import build_workload
+
+    out = report.ensure_out(args.out or f"bench/results/{cfg.name}")
+    t_start = time.perf_counter()
+    engine = harness.build_engine(cfg)
+    layout = engine.finetune_layout
+    examples = None
+    if any(p != "inference_only" for p in policies):
+        if layout is None:
+            raise SystemExit("the co-serving policies need finetuning: set engine.max_finetune_jobs >= 1 and lora.max_loras >= 1")
+        examples = harness.training_examples(cfg, engine.tokenizer, engine.config.vocab_size, layout.max_seq_len)
+    print(
+        f"{cfg.name}: {engine.config.num_params():,} parameters on {jax.devices()[0].device_kind}; "
+        f"{len(engine.buckets)} step buckets; start-up {time.perf_counter() - t_start:.1f} s "
+        f"(latency model {'cached' if engine.latency_model_cached else 'profiled'}); "
+        f"SLOs TTFT {cfg.slo.ttft_ms:g} ms, TPOT {cfg.slo.tpot_ms:g} ms",
+        flush=True,
+    )
+    runs = [("finetune_only", 0.0)] if "finetune_only" in policies else []
+    runs += [(p, r) for r in rates for p in policies if p != "finetune_only"]
+    results, rows, ft_peak = [], [], None
+    bar = tqdm(total=len(runs), unit="run", disable=args.quiet, dynamic_ncols=True, mininterval=1.0)
+    steps = [0]
+
+    def tick():
+        steps[0] += 1
+        bar.set_postfix_str(f"{steps[0]} steps", refresh=False)
+        bar.update(0)  # redraws at most every mininterval
+
+    for policy, rate in runs:
+        bar.set_description(f"{policy} @ {rate:g}/s" if rate else policy)
+        steps[0] = 0
+        if policy == "finetune_only":
+            res = harness.finetune_only(engine, cfg, examples, on_step=tick)
+            ft_peak = res.finetune_tokens / max(res.duration_s, 1e-9)
+        else:
+            requests = build_workload(cfg.workload, rate, engine.config.vocab_size, engine.tokenizer)
+            res = harness.run_policy(engine, cfg, policy, rate, requests, examples, on_step=tick)
+        results.append(res)
+        rows.append(metrics.summarize(res, cfg.slo, ft_peak))
+        bar.update(1)
+    bar.close()
+    report.write_csvs(results, out)
+    meta = {
+        "command": " ".join(["python -m coserve_jax.bench"] + (sys.argv[1:] if argv is None else list(argv))),
+        "config": args.config, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+        "platform": platform.platform(), "python": platform.python_version(), "wall_s": time.perf_counter() - t_start,
+        "latency_model_cached": engine.latency_model_cached,
+    }
+    report.write_summary(rows, meta, out)
+    files = [] if args.no_plots else report.plot(rows, results, out, cfg.name)
+    print(report.format_table(rows))
+    print(f"wrote {out}/: requests.csv steps.csv summary.json run.json " + " ".join(files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Inference workloads for the co-serving benchmark (issue 5, part 3): arrivals and lengths.
+
+* **Trace replay.** The Azure LLM inference traces (Patel et al., *Splitwise*, ISCA 2024;
+  ``AzureLLMInferenceTrace_{conv,code}.csv``: ``TIMESTAMP,ContextTokens,GeneratedTokens``) and
+  the Mooncake traces (Qin et al., FAST 2025; jsonl with ``timestamp`` in ms, ``input_length``,
+  ``output_length``). A window of the trace keeps its burstiness; its inter-arrival times are
+  scaled so that its mean rate is the target rate.
+* **Synthetic arrivals.** Poisson (exponential gaps) and Gamma gaps with a coefficient of
+  variation ``cv`` (shape ``1/cv^2``; ``cv=1`` is Poisson, ``cv>1`` burstier), with the lengths of
+  the trace's requests in order, or uniform lengths when no trace is named.
+* **Prompts.** Synthetic token ids of the trace's prompt lengths (the default: exact lengths, no
+  tokenizer), or real ShareGPT prompts (``../shared/data/prompts/``) tokenized and cut or
+  repeated to the trace's length. Outputs run for the trace's length (``ignore_eos``).
+
+Lengths may be scaled (``length_scale``) and clipped to fit a small model's context: the CPU
+benchmark uses the shape of the traffic, not its absolute sizes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+
+import numpy as np
+
+TRACES = {
+    "azure_conv": "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
+    "azure_code": "traces/azure_llm_2023/AzureLLMInferenceTrace_code.csv",
+    "mooncake": "traces/mooncake_fast25/conversation_trace.jsonl",
+    "mooncake_synthetic": "traces/mooncake_fast25/synthetic_trace.jsonl",
+}
+"""Trace names, relative to the shared data folder."""
+
+DEFAULT_DATA_DIR = os.environ.get("COSERVE_JAX_DATA_DIR", "../shared/data")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRequest:
+    """One request of a trace.
+
+    Attributes:
+        arrival_s: arrival time in seconds after the trace's first request.
+        prompt_tokens: prompt (context) length in tokens.
+        output_tokens: generated length in tokens.
+    """
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    """A request as the benchmark sends it.
+
+    Attributes:
+        arrival_s: seconds after the run starts.
+        prompt_token_ids: the prompt.
+        max_tokens: tokens to generate (with ``ignore_eos``, exactly this many).
+    """
+
+    arrival_s: float
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+    """What requests a run sends (the ``workload:`` section of a bench config).
+
+    Attributes:
+        trace: a name of :data:`TRACES`, a path to a trace file (``.csv`` Azure format or
+            ``.jsonl`` Mooncake format), or ``None`` for uniform synthetic lengths.
+        arrival: ``"trace"`` (the trace's own arrival times, rescaled), ``"poisson"`` or ``"gamma"``.
+        cv: coefficient of variation of the Gamma gaps.
+        num_requests: requests per run.
+        start: index of the first trace request used (a window of the trace).
+        length_scale: factor on the trace's prompt and output lengths.
+        min_prompt_tokens, max_prompt_tokens, min_output_tokens, max_output_tokens: clip range
+            (also the uniform range without a trace).
+        prompts: ``"synthetic"`` (random token ids) or ``"sharegpt"`` (a path or the default
+            ShareGPT file, tokenized; needs a tokenizer).
+        sharegpt_path: the ShareGPT json file for ``prompts: sharegpt``.
+        seed: seeds the synthetic arrivals, lengths and token ids.
+    """
+
+    trace: str | None = "azure_conv"
+    arrival: str = "trace"
+    cv: float = 1.0
+    num_requests: int = 100
+    start: int = 0
+    length_scale: float = 1.0
+    min_prompt_tokens: int = 1
+    max_prompt_tokens: int = 4096
+    min_output_tokens: int = 1
+    max_output_tokens: int = 1024
+    prompts: str = "synthetic"
+    sharegpt_path: str = "prompts/sharegpt_prompts/ShareGPT_V3_filtered_500.json"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.arrival not in ("trace", "poisson", "gamma"):
+            raise ValueError(f"workload.arrival must be 'trace', 'poisson' or 'gamma', got {self.arrival!r}")
+        if self.arrival == "trace" and self.trace is None:
+            raise ValueError("workload.arrival 'trace' needs a workload.trace")
+        if self.prompts not in ("synthetic", "sharegpt"):
+            raise ValueError(f"workload.prompts must be 'synthetic' or 'sharegpt', got {self.prompts!r}")
+        if self.num_requests < 1 or self.cv <= 0 or self.length_scale <= 0:
+            raise ValueError("workload.num_requests, cv and length_scale must be > 0")
+        if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens or not 1 <= self.min_output_tokens <= self.max_output_tokens:
+            raise ValueError("workload length ranges must satisfy 1 <= min <= max")
+
+
+def resolve_data_path(path: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> pathlib.Path:
+    """``path`` itself if it exists, else ``path`` under the shared data folder.
+
+    Raises:
+        FileNotFoundError: neither exists (the message names both and the data folder's README).
+    """
+    p = pathlib.Path(path)
+    if p.exists():
+        return p
+    q = pathlib.Path(data_dir) / path
+    if q.exists():
+        return q
+    raise FileNotFoundError(
+        f"{os.fspath(path)!r} not found (also not under the data folder {os.fspath(data_dir)!r}; set "
+        f"COSERVE_JAX_DATA_DIR or run from the project root next to ../shared/data)"
+    )
+
+
+def load_azure_trace(path: str | os.PathLike) -> list[TraceRequest]:
+    """Read an Azure LLM inference trace csv (``TIMESTAMP,ContextTokens,GeneratedTokens``).
+
+    Raises:
+        ValueError: a missing column or an unparsable row (with its line number).
+    """
+    out, t0 = [], None
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{os.fspath(path)}: missing columns {sorted(missing)}")
+        for line, row in enumerate(reader, 2):
+            try:
+                ts = row["TIMESTAMP"]
+                # 7 fractional digits: more than datetime parses; keep microseconds
+                head, _, frac = ts.partition(".")
+                t = datetime.datetime.fromisoformat(head).timestamp() + float("0." + (frac or "0"))
+                t0 = t if t0 is None else t0
+                out.append(TraceRequest(t - t0, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{os.fspath(path)} line {line}: {e}") from None
+    return out
+
+
+def load_mooncake_trace(path: str | os.PathLike) -> list[TraceRequest]:
+    """Read a Mooncake trace jsonl (``timestamp`` ms, ``input_length``, ``output_length``).
+
+    Raises:
+        ValueError: a malformed line (with its number).
+    """
+    out = []
+    with open(path) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+                out.append(TraceRequest(float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{os.fspath(path)} line {line}: {e!r}") from None
+    t0 = min((r.arrival_s for r in out), default=0.0)
+    return sorted((dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
+
+
+def load_trace(name_or_path: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> list[TraceRequest]:
+    """A trace by :data:`TRACES` name or path (``.csv``: Azure format, ``.jsonl``: Mooncake)."""
+    path = resolve_data_path(TRACES.get(name_or_path, name_or_path), data_dir)
+    return load_azure_trace(path) if path.suffix == ".csv" else load_mooncake_trace(path)
+
+
+def rescale(arrivals: np.ndarray, rate: float) -> np.ndarray:
+    """Scale arrival times (s, ascending, first at 0) so that the mean rate is ``rate`` req/s:
+    ``n - 1`` gaps span ``(n - 1) / rate`` seconds, the burst structure kept."""
+    a = np.asarray(arrivals, np.float64) - arrivals[0]
+    if len(a) < 2 or a[-1] <= 0:
+        return np.arange(len(a)) / rate
+    return a * ((len(a) - 1) / rate / a[-1])
+
+
+def synthetic_arrivals(n: int, rate: float, kind: str, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` arrival times (s, the first at 0) with Poisson or Gamma(cv) gaps of mean ``1/rate``."""
+    if kind == "poisson":
+        gaps = rng.exponential(1.0 / rate, n - 1)
+    else:
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def _sharegpt_token_ids(path: pathlib.Path, tokenizer) -> list[list[int]]:
+    data = json.loads(path.read_text())
+    out = []
+    for rec in data:
+        if "conversations" in rec:  # ShareGPT: the first human turn
+            turns = [t["value"] for t in rec["conversations"] if t.get("from") == "human"]
+            text = turns[0] if turns else None
+        else:
+            text = rec.get("prompt")
+        if text:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if ids:
+                out.append(ids)
+    if not out:
+        raise ValueError(f"{path}: no prompts found")
+    return out
+
+
+def build_workload(
+    cfg: WorkloadConfig, rate: float, vocab_size: int, tokenizer=None, data_dir: str | os.PathLike = DEFAULT_DATA_DIR
+) -> list[BenchRequest]:
+    """The requests of one run at ``rate`` requests/s (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a missing trace or prompt file.
+        ValueError: a rate <= 0, a trace shorter than the window, ShareGPT prompts without a
+            tokenizer.
+    """
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.num_requests
+    if cfg.trace is not None:
+        trace = load_trace(cfg.trace, data_dir)[cfg.start:cfg.start + n]
+        if len(trace) < n:
+            raise ValueError(f"trace {cfg.trace!r} has {len(trace)} requests from index {cfg.start}; {n} asked")
+        prompt_len = np.array([r.prompt_tokens for r in trace], np.float64)
+        output_len = np.array([r.output_tokens for r in trace], np.float64)
+        trace_arrivals = np.array([r.arrival_s for r in trace])
+    else:
+        prompt_len = rng.integers(cfg.min_prompt_tokens, cfg.max_prompt_tokens + 1, n).astype(np.float64)
+        output_len = rng.integers(cfg.min_output_tokens, cfg.max_output_tokens + 1, n).astype(np.float64)
+        trace_arrivals = None
+    if cfg.arrival == "trace":
+        arrivals = rescale(trace_arrivals, rate)
+    else:
+        arrivals = synthetic_arrivals(n, rate, cfg.arrival, cfg.cv, np.random.default_rng(cfg.seed + 1))
+    scale = cfg.length_scale if cfg.trace is not None else 1.0
+    prompt_len = np.clip(np.round(prompt_len * scale), cfg.min_prompt_tokens, cfg.max_prompt_tokens).astype(int)
+    output_len = np.clip(np.round(output_len * scale), cfg.min_output_tokens, cfg.max_output_tokens).astype(int)
+    if cfg.prompts == "sharegpt":
+        if tokenizer is None:
+            raise ValueError("workload.prompts 'sharegpt' needs a tokenizer (model.tokenizer)")
+        pool = _sharegpt_token_ids(resolve_data_path(cfg.sharegpt_path, data_dir), tokenizer)
+        prompts = []
+        for i, m in enumerate(prompt_len):
+            ids = pool[i % len(pool)]
+            prompts.append(tuple((ids * (-(-m // len(ids))))[:m]))
+    else:
+        prompts = [tuple(int(t) for t in rng.integers(0, vocab_size, m)) for m in prompt_len]
+    return [BenchRequest(float(a), p, int(o)) for a, p, o in zip(arrivals, prompts, output_len)]
