@@ -2,6 +2,7 @@
 the same tokens as transformers, finetuning still progressing."""
 
 import numpy as np
+import pytest
 from conftest import random_sequences
 
 from coserve_jax import Engine, SamplingParams
@@ -33,5 +34,14 @@ def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
     assert sum(r.prefill_tokens for r in log) == sum(map(len, prompts))
     assert sum(r.decode_tokens for r in log) == 11 * len(prompts)
     assert sum(r.finetune_tokens for r in log) >= sum(len(e.token_ids) for e in exs)
+    # the baselines switch in between steps; bad names and options are refused
+    engine.set_scheduling_policy("temporal", interval_steps=8)
+    assert type(engine.scheduler.policy).__name__ == "TemporalPolicy" and engine.scheduler.policy.interval_steps == 8
+    engine.set_scheduling_policy("fixed")
+    assert engine.scheduler.policy is None
+    with pytest.raises(ValueError, match="unknown options"):
+        engine.set_scheduling_policy("temporal", every=3)
+    with pytest.raises(ValueError, match="must be one of"):
+        engine.set_scheduling_policy("round_robin")
     again = Engine(path, **kw)
     assert again.latency_model_cached  # the profile is not repeated

@@ -235,6 +235,8 @@ class Engine:
             raise ValueError(f"attention_impl must be 'auto' or one of {IMPLEMENTATIONS}, got {attention_impl!r}")
         self.attention_impl = impl
         self.buckets: list[Bucket] = make_buckets(max_num_batched_tokens, max_num_seqs, token_buckets, seq_buckets)
+        self._token_buckets = sorted({b.num_tokens for b in self.buckets})
+        self._seq_buckets = sorted({b.num_seqs for b in self.buckets})
         self._state = nnx.state(self.model)
         self._step = CompiledStep(
             self.model, self.buckets, self.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
@@ -316,8 +318,7 @@ class Engine:
         else:
             self._ensure_latency_model()
             policy = HybridPolicy(
-                self.latency_model, self.slo, sorted({b.num_tokens for b in self.buckets}),
-                sorted({b.num_seqs for b in self.buckets}), cfg.max_num_batched_tokens,
+                self.latency_model, self.slo, self._token_buckets, self._seq_buckets, cfg.max_num_batched_tokens,
                 self.finetune_layout.seq_buckets if self.finetune_layout else (),
             )
         self.scheduler.policy = policy
@@ -718,10 +719,7 @@ class Engine:
         end = time.perf_counter()
         self.last_step_ms = (end - t_dispatch) * 1000.0
         layout = self.finetune_layout
-        shape = step_shape(
-            plan, sorted({b.num_tokens for b in self.buckets}), sorted({b.num_seqs for b in self.buckets}),
-            layout.seq_buckets if layout else (),
-        )
+        shape = step_shape(plan, self._token_buckets, self._seq_buckets, layout.seq_buckets if layout else ())
         predicted = self.latency_model.predict(shape)
         self.latency_model.update(shape, self.last_step_ms)
         decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids))
