@@ -23,25 +23,10 @@ from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.lora import LoRAPoolConfig
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights
 from coserve_jax.models import ModelConfig, init_random
+from coserve_jax.models.tiny import tiny_config
 from coserve_jax.sched.sampling_params import SamplingParams
 
-TINY = ModelConfig.from_hf_dict(
-    dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=512,
-        max_position_embeddings=1024,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=128
-        ),
-        torch_dtype="float32",
-    )
-)
+TINY = tiny_config(vocab_size=512)
 
 
 def _random_adapter(config: ModelConfig, rank: int, modules: tuple[str, ...], seed: int) -> LoRAWeights:

@@ -26,9 +26,9 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-import yaml
-
 from coserve_jax.bench.workload import WorkloadConfig
+from coserve_jax.configfile import ConfigError, read_yaml
+from coserve_jax.configfile import strict as _strict
 from coserve_jax.sched.hybrid_policy import SLOConfig
 
 POLICIES = ("inference_only", "finetune_only", "temporal", "fixed_budget", "hybrid")
@@ -43,25 +43,6 @@ POLICY_OPTIONS = {
 }
 
 RESERVED_ENGINE_KEYS = ("scheduling_policy", "policy_options", "slo", "measure_steps", "tokenizer", "max_loras", "max_lora_rank")
-
-
-class ConfigError(ValueError):
-    """A bench config that cannot be run: names the file and the offending key."""
-
-
-def _strict(cls, data: Any, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown} (allowed: {sorted(names)})")
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +197,4 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
     Raises:
         FileNotFoundError: no such file. ConfigError: invalid YAML or contents.
     """
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{os.fspath(path)}: invalid YAML: {e}") from None
-    return parse_config(data, os.fspath(path))
+    return parse_config(read_yaml(path), os.fspath(path))

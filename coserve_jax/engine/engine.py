@@ -503,6 +503,11 @@ class Engine:
     def has_active_jobs(self) -> bool:
         return any(not j.done for j in self._jobs.values())
 
+    @property
+    def num_free_finetune_slots(self) -> int:
+        """Jobs that :meth:`create_finetuning_job` can start now (of ``max_finetune_jobs``)."""
+        return len(self._free_rows)
+
     def wait_for(self, *jobs: FinetuningJob, max_steps: int | None = None) -> None:
         """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
         Outputs of inference requests produced meanwhile are not returned (use :meth:`step`

@@ -1,0 +1,109 @@
+"""``python -m coserve_jax.serve``: the OpenAI-compatible server (inference and fine-tuning jobs).
+
+With no arguments it serves the built-in tiny model (random weights, byte-level tokenizer,
+nothing downloaded) on http://127.0.0.1:8000/v1. ``--config configs/serve/NAME.yaml`` reads a
+config; flags and ``--set KEY=VALUE`` override it (see :mod:`coserve_jax.serve.config`).
+SIGINT / SIGTERM shut down gracefully: open requests finish (up to
+``timeout_graceful_shutdown_s``), running fine-tuning jobs are checkpointed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+from coserve_jax.configfile import ConfigError
+from coserve_jax.serve.config import ServeConfig, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m coserve_jax.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (configs/serve/*.yaml)")
+    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the built-in tiny model)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's; sizes the tiny model's vocabulary)")
+    p.add_argument("--chat-template", help="Jinja chat template (file or string) replacing the tokenizer's")
+    p.add_argument("--served-model-name", help="the base model's name in the API")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $COSERVE_API_KEY, else none)")
+    p.add_argument("--output-dir", help="uploaded files, checkpoints and exported adapters (default coserve-output)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted, YAML value (e.g. --set engine.max_num_seqs=8); repeatable")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> ServeConfig:
+    """The :class:`ServeConfig` of a command line (file < flags < ``--set``).
+
+    Raises:
+        ConfigError, FileNotFoundError: as :func:`coserve_jax.serve.config.load_config`.
+    """
+    args = build_parser().parse_args(argv)
+    flags = {
+        "model.path": args.model, "model.tokenizer": args.tokenizer, "model.chat_template": args.chat_template,
+        "served_model_name": args.served_model_name, "host": args.host, "port": args.port, "api_key": args.api_key,
+        "output_dir": args.output_dir,
+    }
+    if args.api_key is None and os.environ.get("COSERVE_API_KEY"):
+        flags["api_key"] = os.environ["COSERVE_API_KEY"]
+    return load_config(args.config, args.set, {k: v for k, v in flags.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+    import uvicorn
+
+    from coserve_jax.serve.app import ServerState, create_app
+    from coserve_jax.serve.model import build_engine
+
+    print(f"coserve-jax: jax {jax.__version__} on {jax.devices()[0].platform}; building the engine ...", flush=True)
+    t0 = time.perf_counter()
+    engine, name = build_engine(cfg)
+    print(f"coserve-jax: model {name!r} ({engine.config.num_params():,} parameters, context {engine.max_model_len} tokens), "
+          f"{len(engine.buckets)} step shapes compiled, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    state = ServerState(cfg, engine, name)
+    app = create_app(state)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        return 1
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    url = f"http://{cfg.host}:{port}/v1"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                auth = " (API key required)" if cfg.api_key else ""
+                print(f"coserve-jax: serving {name!r} at {url}{auth}; ready. Ctrl-C stops "
+                      "(running fine-tuning jobs are checkpointed).", flush=True)
+
+    server = Server(uvicorn.Config(
+        app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.timeout_graceful_shutdown_s, access_log=False,
+    ))
+    # uvicorn handles SIGINT / SIGTERM during run() and re-raises the signal once shut down; a
+    # no-op handler then lets the process end normally (exit 0) after a graceful shutdown.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    print("coserve-jax: stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The server's YAML config (``configs/serve/*.yaml``) with command-line overrides.
+
+Layout (every key optional; see ``configs/serve/tiny.yaml``)::
+
+    host: 127.0.0.1
+    port: 8000
+    api_key: null               # Bearer key for every endpoint but /health (or $COSERVE_API_KEY)
+    served_model_name: null     # the base model's name in the API (default: the checkpoint dir's name)
+    output_dir: coserve-output  # uploaded files, job checkpoints and exported adapters
+    model:    {path, tokenizer, chat_template, dtype, max_model_len, seed}   # ModelSection
+    engine:   {...}             # Engine keyword arguments (max_num_seqs, scheduling_policy, ...)
+    limits:   {...}             # Limits
+    finetune: {...}             # FinetuneDefaults
+    log_level: info
+    timeout_graceful_shutdown_s: 10
+
+Precedence: defaults < the YAML file < command-line flags (``--port``, ``--model`` ...) <
+``--set KEY=VALUE`` overrides (:func:`coserve_jax.configfile.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from typing import Any, Mapping, Sequence
+
+from coserve_jax.configfile import ConfigError, apply_overrides, read_yaml, set_key, strict
+
+MiB = 1 << 20
+
+# Engine arguments the server sets itself (from the model section).
+RESERVED_ENGINE_KEYS = ("model", "tokenizer", "dtype", "max_model_len")
+
+TINY_ENGINE_DEFAULTS = dict(
+    max_num_seqs=16, max_num_batched_tokens=128, num_kv_pages=256, token_buckets=(32, 128), seq_buckets=(8, 16),
+    max_loras=4, max_lora_rank=16, finetune_max_seq_len=512, finetune_seq_buckets=(128, 512), max_finetune_tokens=64,
+)
+"""Engine settings of the built-in tiny model (small step shapes: quick to compile on a CPU)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """What the server serves.
+
+    Attributes:
+        path: a local Hugging Face checkpoint directory, or ``None`` for the built-in tiny model
+            (random weights; :mod:`coserve_jax.models.tiny`).
+        tokenizer: a tokenizer directory (default: the checkpoint's; for the tiny model, the
+            built-in byte-level tokenizer; a given tokenizer sizes the tiny model's vocabulary).
+        chat_template: a Jinja template or ``.jinja`` file replacing the tokenizer's.
+        dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        max_model_len: context length in tokens (default: the checkpoint's; 1024 for tiny).
+        seed: the tiny model's random weights.
+    """
+
+    path: str | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request limits; a request over one gets a 400 or 413 and nothing else is affected.
+
+    Attributes:
+        max_body_bytes: largest JSON request body (413 above).
+        max_upload_bytes: largest uploaded file (``POST /v1/files``; 413 above).
+        max_tokens: largest ``max_tokens`` a request may ask for (also the default of chat
+            requests that give none, capped by the context left).
+        max_prompt_tokens: longest prompt in tokens (default: the context length - 1).
+        max_n: most choices (``n``) per request, and most prompts per completion request.
+        max_stop: most stop strings per request.
+    """
+
+    max_body_bytes: int = 4 * MiB
+    max_upload_bytes: int = 256 * MiB
+    max_tokens: int = 4096
+    max_prompt_tokens: int | None = None
+    max_n: int = 16
+    max_stop: int = 8
+
+    def __post_init__(self):
+        for k in ("max_body_bytes", "max_upload_bytes", "max_tokens", "max_n", "max_stop"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"limits.{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"limits.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneDefaults:
+    """How OpenAI fine-tuning requests map onto :class:`~coserve_jax.finetune.config.FinetuneConfig`.
+
+    Attributes:
+        base_learning_rate: the learning rate that ``learning_rate_multiplier`` scales.
+        save_steps: checkpoint every this many optimizer steps (``None``: at the end, and at
+            shutdown).
+        export_adapter: write a finished job's adapter as a PEFT directory under
+            ``output_dir/jobs/<id>/adapter``.
+    """
+
+    base_learning_rate: float = 1e-4
+    save_steps: int | None = None
+    export_adapter: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The whole server config (see the module docstring)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    output_dir: str = "coserve-output"
+    model: ModelSection = ModelSection()
+    engine: dict = dataclasses.field(default_factory=dict)
+    limits: Limits = Limits()
+    finetune: FinetuneDefaults = FinetuneDefaults()
+    log_level: str = "info"
+    timeout_graceful_shutdown_s: float = 10.0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.path is None
+
+    def engine_kwargs(self) -> dict:
+        """Engine keyword arguments: the tiny model's defaults (for the tiny model) updated with
+        the ``engine`` section."""
+        return {**(TINY_ENGINE_DEFAULTS if self.is_tiny else {}), **self.engine}
+
+
+def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
+    """A :class:`ServeConfig` from a mapping.
+
+    Raises:
+        ConfigError: unknown keys (named), engine keys the server sets or the engine lacks, bad values.
+    """
+    from coserve_jax.engine import Engine
+
+    sections = {"model": ModelSection, "limits": Limits, "finetune": FinetuneDefaults}
+    top = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown} (allowed: {sorted(top)})")
+    engine = data.get("engine") or {}
+    if not isinstance(engine, Mapping):
+        raise ConfigError(f"{where}: engine: expected a mapping")
+    known = set(inspect.signature(Engine.__init__).parameters) - {"self"} - set(RESERVED_ENGINE_KEYS)
+    bad = sorted(set(engine) & set(RESERVED_ENGINE_KEYS))
+    if bad:
+        raise ConfigError(f"{where}: engine keys {bad} are set in the model section")
+    bad = sorted(set(engine) - known)
+    if bad:
+        raise ConfigError(f"{where}: unknown engine keys {bad} (Engine arguments: {sorted(known)})")
+    kw = {k: v for k, v in data.items() if k not in sections and k != "engine"}
+    for name, cls in sections.items():
+        kw[name] = strict(cls, data.get(name), f"{where}: {name}")
+    try:
+        cfg = ServeConfig(engine=dict(engine), **kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
+        raise ConfigError(f"{where}: port must be an integer in [0, 65536), got {cfg.port!r}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> ServeConfig:
+    """Read ``path`` (``None``: defaults only), set ``values`` (``{dotted key: value}``, e.g. from
+    command-line flags), apply ``KEY=VALUE`` overrides, validate.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: invalid YAML or contents.
+    """
+    data = read_yaml(path) if path is not None else {}
+    for key, value in (values or {}).items():
+        set_key(data, key, value)
+    where = os.fspath(path) if path is not None else "config"
+    return parse_config(apply_overrides(data, overrides), where)

@@ -1,0 +1,359 @@
+"""Fine-tuning jobs of the API (``/v1/fine_tuning/jobs``): OpenAI's job objects, events and
+checkpoints over the engine's :class:`~coserve_jax.finetune.job.FinetuningJob` s.
+
+A created job is validated whole before it is accepted (its file tokenized with the job's
+settings; bad records come back as a 400 with their line numbers), then queued; the engine loop
+starts queued jobs, oldest first, as the engine's job slots (``max_finetune_jobs``) free up.
+Its adapter is loaded under the job's ``fine_tuned_model`` name from the start, so it is
+servable while it trains (the latest optimizer step's weights) and after.
+
+OpenAI's hyperparameters map to :class:`~coserve_jax.finetune.config.FinetuneConfig`:
+
+| OpenAI | ours |
+|---|---|
+| ``n_epochs`` | ``num_train_epochs`` |
+| ``batch_size`` | ``gradient_accumulation_steps`` (a micro-batch is one sequence) |
+| ``learning_rate_multiplier`` | ``learning_rate = multiplier x base_learning_rate`` |
+| ``seed`` | ``seed`` |
+
+``"auto"`` keeps our default. Extensions: any other ``FinetuneConfig`` field in
+``hyperparameters`` (``learning_rate``, ``max_steps``, ``warmup_steps``, ``lr_scheduler_type``,
+``columns``, ``chat_template`` ...) and a top-level ``lora`` object (``r``, ``lora_alpha``,
+``target_modules``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``).
+
+Threads: records are created by HTTP handlers and advanced by the engine loop (:meth:`JobManager.sync`);
+a lock guards the record table, and handlers read records as plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.data import DataValidationError, TrainingExample, load_dataset
+from coserve_jax.finetune.job import FinetuningJob, JobStatus
+from coserve_jax.serve.config import FinetuneDefaults
+from coserve_jax.serve.errors import APIError
+from coserve_jax.serve.protocol import FineTuningJobCreate, new_id
+
+log = logging.getLogger("coserve_jax.serve")
+
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+EXTENSION_HYPERPARAMETERS = tuple(
+    f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in ("lora", "checkpoint_dir", "resume", "seed")
+)
+
+
+def finetune_config(body: FineTuningJobCreate, defaults: FinetuneDefaults, checkpoint_dir: str) -> tuple[FinetuneConfig, dict]:
+    """The job's :class:`FinetuneConfig` and the ``hyperparameters`` object it reports.
+
+    Raises:
+        APIError: 400 for an unknown or bad hyperparameter, an unsupported method.
+    """
+    hp = dict(body.hyperparameters or {})
+    method = body.method or {"type": "supervised"}
+    if method.get("type", "supervised") != "supervised":
+        raise APIError(400, f"method type {method.get('type')!r} is not supported (only 'supervised')", "method.type", "unsupported_parameter")
+    inner = (method.get("supervised") or {}).get("hyperparameters") or {}
+    if not isinstance(inner, dict):
+        raise APIError(400, "method.supervised.hyperparameters must be an object", "method", "invalid_value")
+    hp.update(inner)
+    unknown = sorted(set(hp) - set(OPENAI_HYPERPARAMETERS) - set(EXTENSION_HYPERPARAMETERS))
+    if unknown:
+        raise APIError(400, f"unknown hyperparameters {unknown}; known: {list(OPENAI_HYPERPARAMETERS)} and the extensions "
+                       f"{list(EXTENSION_HYPERPARAMETERS)}", "hyperparameters", "invalid_value")
+    settings: dict[str, Any] = {k: v for k, v in hp.items() if k in EXTENSION_HYPERPARAMETERS}
+
+    def given(name):
+        v = hp.get(name, "auto")
+        return None if v == "auto" or v is None else v
+
+    def number(name, kind):
+        v = given(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0):
+            raise APIError(400, f"hyperparameters.{name} must be 'auto' or a positive {kind.__name__}, got {v!r}", f"hyperparameters.{name}", "invalid_value")
+        return v
+
+    if (n := number("n_epochs", int)) is not None:
+        settings.setdefault("num_train_epochs", float(n))
+    if (b := number("batch_size", int)) is not None:
+        settings.setdefault("gradient_accumulation_steps", int(b))
+    if (m := number("learning_rate_multiplier", float)) is not None:
+        settings.setdefault("learning_rate", float(m) * defaults.base_learning_rate)
+    settings.setdefault("learning_rate", defaults.base_learning_rate)
+    if defaults.save_steps is not None:
+        settings.setdefault("save_steps", defaults.save_steps)
+    if body.seed is not None:
+        settings["seed"] = int(body.seed) % 2**32
+    lora = {k: v for k, v in (body.lora.model_dump() if body.lora else {}).items() if v is not None}
+    if isinstance(lora.get("target_modules"), list):
+        lora["target_modules"] = tuple(lora["target_modules"])
+    try:
+        cfg = FinetuneConfig.from_dict({**settings, "lora": lora, "checkpoint_dir": checkpoint_dir, "resume": True})
+    except (TypeError, ValueError) as e:
+        raise APIError(400, f"bad fine-tuning settings: {e}", "hyperparameters", "invalid_value") from None
+    reported = {
+        "n_epochs": _plain(cfg.num_train_epochs) if cfg.max_steps is None else "auto",
+        "batch_size": cfg.gradient_accumulation_steps,
+        "learning_rate_multiplier": cfg.learning_rate / defaults.base_learning_rate,
+        **{k: v for k, v in hp.items() if k in EXTENSION_HYPERPARAMETERS},
+    }
+    return cfg, reported
+
+
+def _plain(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """One API job: what OpenAI's job object reports, and the engine job once started."""
+
+    id: str
+    model: str
+    training_file: str
+    fine_tuned_model: str
+    config: FinetuneConfig
+    hyperparameters: dict
+    seed: int
+    suffix: str | None
+    metadata: dict | None
+    created_at: int
+    examples: list[TrainingExample] | None
+    status: str = "queued"
+    engine_job: FinetuningJob | None = None
+    error: dict | None = None
+    finished_at: int | None = None
+    adapter_path: str | None = None
+    events: list[dict] = dataclasses.field(default_factory=list)
+    _metrics_seen: int = 0
+
+    def event(self, message: str, level: str = "info", type_: str = "message", data: Any = None, t: float | None = None) -> None:
+        self.events.append({
+            "object": "fine_tuning.job.event", "id": f"ftevent-{self.id.removeprefix('ftjob-')}-{len(self.events)}",
+            "created_at": int(t or time.time()), "level": level, "message": message, "data": data, "type": type_,
+        })
+
+    def to_openai(self) -> dict:
+        job = self.engine_job
+        return {
+            "object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
+            "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
+            "organization_id": "org-coserve", "result_files": [], "status": self.status,
+            "validation_file": None, "training_file": self.training_file, "hyperparameters": self.hyperparameters,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": self.hyperparameters}},
+            "trained_tokens": job.trained_tokens if job is not None else 0, "error": self.error, "seed": self.seed,
+            "metadata": self.metadata, "integrations": [], "estimated_finish": None,
+            # extensions
+            "step": job.step if job is not None else 0,
+            "total_steps": job.total_steps if job is not None else None,
+            "tokens_per_second": job.tokens_per_s if job is not None else 0.0,
+            "adapter_path": self.adapter_path,
+            "lora": dataclasses.asdict(self.config.lora),
+        }
+
+
+class JobManager:
+    """The API's fine-tuning jobs, queued and started on one engine.
+
+    Args:
+        base_model: the served base model name (the only ``model`` a job may start from).
+        output_dir: jobs write ``output_dir/<job_id>/checkpoints`` and ``.../adapter``.
+        defaults: the server's :class:`FinetuneDefaults`.
+        tokenizer: a tokenizer for training files (not the engine thread's; tokenizing runs in
+            worker threads).
+        max_seq_len: the engine's ``finetune_max_seq_len`` (0: the engine cannot finetune).
+        lora_pool: the engine's :class:`~coserve_jax.lora.pool.LoRAPoolConfig` (a job's adapter
+            must fit it: rank, target modules).
+    """
+
+    def __init__(self, base_model: str, output_dir: str, defaults: FinetuneDefaults, tokenizer, max_seq_len: int, lora_pool=None):
+        self.base_model = base_model
+        self.lora_pool = lora_pool
+        self.output_dir = os.path.abspath(output_dir)
+        self.defaults = defaults
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._jobs: dict[str, JobRecord] = {}
+
+    # ---- handlers' side ----------------------------------------------------------------------------
+    def prepare(self, body: FineTuningJobCreate, data_path: str, filename: str) -> JobRecord:
+        """Validate and tokenize a job (blocking: run it in a worker thread); not yet queued.
+
+        Raises:
+            APIError: 400 for bad settings or training records (with line numbers).
+        """
+        if self.max_seq_len == 0:
+            raise APIError(400, "this server has no finetuning (max_finetune_jobs=0 or max_loras=0)", None, "finetuning_disabled")
+        job_id = new_id("ftjob")
+        cfg, reported = finetune_config(body, self.defaults, os.path.join(self.output_dir, job_id, "checkpoints"))
+        pool = self.lora_pool
+        if pool is not None and cfg.lora.r > pool.max_lora_rank:
+            raise APIError(400, f"LoRA rank r={cfg.lora.r} exceeds this server's max_lora_rank={pool.max_lora_rank}", "lora.r", "invalid_value")
+        missing = [m for m in cfg.lora.target_modules if pool is not None and m not in pool.target_modules]
+        if missing:
+            raise APIError(400, f"target_modules {missing} are not in this server's LoRA pool {list(pool.target_modules)}",
+                           "lora.target_modules", "invalid_value")
+        try:
+            with self._tokenizer_lock:
+                examples = load_dataset(
+                    data_path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                    max_seq_len=self.max_seq_len, chat_template=cfg.chat_template,
+                )
+        except DataValidationError as e:
+            shown = "; ".join(f"line {n}: {m}" for n, m in e.errors[:10])
+            more = f" (and {len(e.errors) - 10} more)" if len(e.errors) > 10 else ""
+            raise APIError(400, f"training file {filename}: {len(e.errors)} bad record(s): {shown}{more}", "training_file", "invalid_training_file") from None
+        suffix = body.suffix
+        name = f"ft:{self.base_model}:{suffix + ':' if suffix else ''}{job_id}"
+        return JobRecord(
+            id=job_id, model=body.model, training_file=body.training_file, fine_tuned_model=name, config=cfg,
+            hyperparameters=reported, seed=cfg.seed, suffix=suffix, metadata=body.metadata,
+            created_at=int(time.time()), examples=examples,
+        )
+
+    def add(self, rec: JobRecord) -> None:
+        with self._lock:
+            self._jobs[rec.id] = rec
+        rec.event(f"Created fine-tuning job: {rec.id} ({len(rec.examples or ())} examples)")
+
+    def get(self, job_id: str) -> JobRecord:
+        """Raises: APIError 404 for an unknown id."""
+        with self._lock:
+            rec = self._jobs.get(job_id)
+        if rec is None:
+            raise APIError(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
+        return rec
+
+    def list(self) -> list[JobRecord]:
+        """Every job, newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+
+    # ---- engine loop's side ------------------------------------------------------------------------
+    def start_queued(self, engine) -> bool:
+        """Start the oldest queued job if the engine has a free job slot. Returns whether it did."""
+        if engine.num_free_finetune_slots == 0:
+            return False
+        with self._lock:
+            queued = [r for r in self._jobs.values() if r.status == "queued"]
+        if not queued:
+            return False
+        rec = min(queued, key=lambda r: (r.created_at, r.id))
+        self._start(engine, rec)
+        return True
+
+    def _start(self, engine, rec: JobRecord) -> None:
+        try:
+            rec.engine_job = engine.create_finetuning_job(rec.examples, rec.config, adapter_name=rec.fine_tuned_model, job_id=rec.id)
+        except Exception as e:  # a job that cannot start fails alone
+            self._finish(rec, "failed", {"code": "start_failed", "message": f"{type(e).__name__}: {e}", "param": None})
+            return
+        rec.examples = None
+        rec.status = "running"
+        job = rec.engine_job
+        resumed = f", resumed from the checkpoint of step {job.resumed_from_step}" if job.resumed_from_step else ""
+        rec.event(f"Fine-tuning job started: {job.total_steps} optimizer steps, adapter {rec.fine_tuned_model}{resumed}")
+        if job.done:
+            self.sync_one(rec)
+
+    def cancel(self, engine, job_id: str) -> JobRecord:
+        """Cancel a queued or running job (engine thread). The adapter keeps the last optimizer
+        step's weights and stays servable.
+
+        Raises:
+            APIError: 404 unknown id; 400 a job that already ended.
+        """
+        rec = self.get(job_id)
+        if rec.status not in ("queued", "running"):
+            raise APIError(400, f"job {job_id} has already {rec.status}", "fine_tuning_job_id", "job_finished")
+        if rec.engine_job is not None:
+            rec.engine_job.cancel()
+            self.sync_one(rec)
+        else:
+            self._finish(rec, "cancelled", None)
+        return rec
+
+    def sync(self, engine) -> None:
+        """After a step: record new optimizer steps as metrics events and ended jobs' status."""
+        with self._lock:
+            running = [r for r in self._jobs.values() if r.status == "running"]
+        for rec in running:
+            self.sync_one(rec)
+
+    def sync_one(self, rec: JobRecord) -> None:
+        job = rec.engine_job
+        history = job.loss_history
+        for r in history[rec._metrics_seen:]:
+            rec.event(
+                f"Step {r.step}/{job.total_steps}: training loss={r.loss:.4f}", type_="metrics", t=r.time,
+                data={"step": r.step, "train_loss": r.loss, "total_steps": job.total_steps, "learning_rate": r.learning_rate,
+                      "grad_norm": r.grad_norm, "tokens": r.tokens},
+            )
+        rec._metrics_seen = len(history)
+        if not job.done:
+            return
+        if job.status is JobStatus.SUCCEEDED:
+            if self.defaults.export_adapter:
+                path = os.path.join(self.output_dir, rec.id, "adapter")
+                try:
+                    job.export(path)
+                    rec.adapter_path = path
+                except OSError as e:
+                    rec.event(f"Could not export the adapter to {path}: {e}", level="warn")
+            self._finish(rec, "succeeded", None)
+        elif job.status is JobStatus.CANCELLED:
+            self._finish(rec, "cancelled", None)
+        else:
+            self._finish(rec, "failed", {"code": "training_failed", "message": job.error or "failed", "param": None})
+
+    def _finish(self, rec: JobRecord, status: str, error: dict | None) -> None:
+        rec.status = status
+        rec.error = error
+        rec.finished_at = int(time.time())
+        message = {"succeeded": "The job has successfully completed", "cancelled": "The job was cancelled"}.get(
+            status, f"The job failed: {error['message'] if error else ''}"
+        )
+        rec.event(message, level="error" if status == "failed" else "info")
+
+    def checkpoint_running(self, engine) -> list[str]:
+        """Write a checkpoint of every running job (engine thread; at shutdown). Returns the
+        checkpoint directories written."""
+        written = []
+        with self._lock:
+            running = [r for r in self._jobs.values() if r.status == "running"]
+        for rec in running:
+            job = rec.engine_job
+            try:
+                job.save_checkpoint()
+                written.append(job.checkpointer.directory)
+                rec.event(f"Checkpoint of step {job.step} written at shutdown to {job.checkpointer.directory}")
+                log.info("job %s: checkpoint of step %d written to %s", rec.id, job.step, job.checkpointer.directory)
+            except Exception as e:
+                log.error("job %s: checkpoint at shutdown failed: %s", rec.id, e)
+        return written
+
+    def checkpoints(self, rec: JobRecord) -> list[dict]:
+        """OpenAI checkpoint objects of the job's saved checkpoints, newest first."""
+        job = rec.engine_job
+        if job is None or job.checkpointer is None:
+            return []
+        losses = {r.step: r for r in job.loss_history}
+        out = []
+        for step in reversed(job.checkpointer.all_steps()):
+            r = losses.get(step)
+            out.append({
+                "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{rec.id.removeprefix('ftjob-')}-{step}",
+                "created_at": int(r.time) if r else rec.created_at, "fine_tuning_job_id": rec.id, "step_number": step,
+                "fine_tuned_model_checkpoint": f"{rec.fine_tuned_model}:ckpt-step-{step}",
+                "metrics": {"step": step, "train_loss": r.loss if r else None},
+                "path": os.path.join(job.checkpointer.directory, str(step)),
+            })
+        return out

@@ -1,0 +1,363 @@
+"""The OpenAI-compatible server, end to end: the real server (``python -m coserve_jax.serve``) on a
+loopback port, driven with the official ``openai`` client and raw HTTP (issue 6).
+
+The server runs the built-in tiny model with Llama 3's tokenizer and its real Llama-3.1 chat
+template (../shared/data/tokenizers/llama3), an API key, and small limits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+
+import httpx
+import pytest
+
+from tests.conftest import shared_data
+from tests.serve_util import ServerProcess, wait_until
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+KEY = "test-key-123"
+BASE = "coserve-tiny"
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    return shared_data("tokenizers", "llama3")
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve-out")
+    srv = ServerProcess([
+        "--tokenizer", str(tokenizer_dir), "--api-key", KEY, "--output-dir", str(out),
+        "--set", f"limits.max_body_bytes={MAX_BODY}", "--set", "limits.max_tokens=256", "--set", "limits.max_n=4",
+    ], env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
+    srv.out_dir = out
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+def metric(http, name: str, **labels) -> float:
+    """A sample's value from /metrics (parsed by prometheus_client's parser); 0 if absent."""
+    text = http.get("/metrics").text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three prime numbers."}]
+
+
+# ---- inference ----------------------------------------------------------------------------------
+def test_models_lists_the_base_model(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == BASE
+
+
+def test_completion_counts_tokens_with_the_real_tokenizer(client, hf_tokenizer):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=BASE, prompt=prompt, max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.usage.prompt_tokens == len(hf_tokenizer(prompt)["input_ids"])  # BOS + the text's tokens
+    assert r.usage.completion_tokens == 9 and r.choices[0].finish_reason == "length"
+    again = client.completions.create(model=BASE, prompt=prompt, max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    # Token-id prompts and n choices with a seed: reproducible, and the n samples differ.
+    ids = hf_tokenizer(prompt)["input_ids"]
+    a = client.completions.create(model=BASE, prompt=ids, max_tokens=12, temperature=1.0, n=3, seed=7, extra_body={"ignore_eos": True})
+    b = client.completions.create(model=BASE, prompt=ids, max_tokens=12, temperature=1.0, n=3, seed=7, extra_body={"ignore_eos": True})
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1
+    assert a.usage.completion_tokens == 36 and a.usage.prompt_tokens == len(ids)
+
+
+def test_chat_renders_the_llama3_template(client, hf_tokenizer):
+    r = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=5, temperature=0)
+    expected = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert r.usage.prompt_tokens == len(expected)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 5
+
+
+def test_chat_logprobs_greedy_picks_the_top_token(client):
+    r = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        lps = [t.logprob for t in entry.top_logprobs]
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+        assert math.isclose(entry.logprob, lps[0], abs_tol=1e-5)  # greedy: the chosen token is the most likely
+        assert entry.token == entry.top_logprobs[0].token
+
+
+def test_streaming_matches_non_streaming(client):
+    kw = dict(model=BASE, messages=CHAT, max_tokens=20, temperature=0.9, top_p=0.95, seed=11, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    # Legacy completions stream too.
+    ckw = dict(model=BASE, prompt="Once upon a time", max_tokens=15, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**ckw).choices[0].text
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **ckw)) == whole
+
+
+def test_stop_string_cuts_the_text(client):
+    kw = dict(model=BASE, prompt="Count: one two", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    stop = next(text[i:i + 3] for i in range(4, len(text) - 3) if text[i:i + 3].strip() and "\ufffd" not in text[i:i + 3])
+    r = client.completions.create(stop=[stop], **kw)
+    assert r.choices[0].text == text[: text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_adapter_loads_serves_by_name_and_unloads(client, http, tmp_path):
+    from coserve_jax.__main__ import _random_adapter
+    from coserve_jax.lora.peft_io import write_peft
+    from coserve_jax.models.tiny import tiny_config
+
+    config = tiny_config(vocab_size=128256)
+    path = tmp_path / "my-adapter"
+    write_peft(_random_adapter(config, 8, ("q_proj", "v_proj", "down_proj"), seed=5), path, config.num_layers)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "my-adapter", "lora_path": str(path)})
+    assert r.status_code == 200, r.text
+    assert "my-adapter" in [m.id for m in client.models.list().data]
+    kw = dict(messages=CHAT, max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+    base = client.chat.completions.create(model=BASE, **kw).choices[0].logprobs.content[0]
+    tuned = client.chat.completions.create(model="my-adapter", **kw).choices[0].logprobs.content[0]
+    assert [t.logprob for t in base.top_logprobs] != pytest.approx([t.logprob for t in tuned.top_logprobs], abs=1e-4)
+    # Loading the same name twice, or a directory that is not an adapter, is a 400.
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "my-adapter", "lora_path": str(path)}).status_code == 400
+    bad = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "missing")})
+    assert bad.status_code == 400 and "missing" in bad.json()["error"]["message"]
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "my-adapter"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="my-adapter", **kw)
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "my-adapter"}).status_code == 404
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------
+def gsm8k_chat_file(path, n: int) -> str:
+    """The first ``n`` GSM8K training problems as OpenAI chat fine-tuning records."""
+    src = shared_data("finetune", "gsm8k", "train.jsonl")
+    with open(src) as f, open(path, "w") as out:
+        for line in list(f)[:n]:
+            rec = json.loads(line)
+            msgs = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["answer"]}]
+            out.write(json.dumps({"messages": msgs}) + "\n")
+    return str(path)
+
+
+def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, http, tmp_path):
+    with open(gsm8k_chat_file(tmp_path / "gsm8k.jsonl", 24), "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    assert uploaded.purpose == "fine-tune" and uploaded.bytes > 0
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=uploaded.id, suffix="gsm8k", seed=3,
+        hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 100},
+        extra_body={"lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj"]}},
+    )
+    assert job.status in ("queued", "running") and job.fine_tuned_model.startswith(f"ft:{BASE}:gsm8k:")
+    assert job.model_extra["total_steps"] == 24  # 2 epochs x 24 examples / batch 2
+
+    # Chat requests are served while the job trains, including on the job's own adapter.
+    results, errors = [], []
+
+    def chat(model):
+        try:
+            results.append(client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] >= 1, timeout=120)
+    threads = [threading.Thread(target=chat, args=(m,)) for m in (BASE, job.fine_tuned_model, BASE, job.fine_tuned_model)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    during = client.fine_tuning.jobs.retrieve(job.id)
+    assert during.status == "running" and during.model_extra["step"] < 24, "the job ended before the chats: make it longer"
+
+    done = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                      timeout=600, interval=0.5)
+    assert done.status == "succeeded", done.error
+    assert done.trained_tokens > 0 and done.finished_at is not None
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e for e in events if e.type == "metrics"]
+    assert [e.data["step"] for e in metrics] == list(range(24, 0, -1))  # newest first
+    assert all(e.data["total_steps"] == 24 and math.isfinite(e.data["train_loss"]) and e.data["train_loss"] > 0 for e in metrics)
+    assert "successfully completed" in events[0].message
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert ckpts and ckpts[0].step_number == 24
+    assert os.path.isfile(os.path.join(done.model_extra["adapter_path"], "adapter_config.json"))
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
+    assert job.fine_tuned_model in [m.id for m in client.models.list().data]
+
+    # The trained adapter answers, and answers differently from the base model.
+    kw = dict(messages=CHAT, max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+    base = client.chat.completions.create(model=BASE, **kw).choices[0].logprobs.content[0]
+    tuned = client.chat.completions.create(model=done.fine_tuned_model, **kw).choices[0].logprobs.content[0]
+    assert [t.logprob for t in base.top_logprobs] != pytest.approx([t.logprob for t in tuned.top_logprobs], abs=1e-4)
+    # A finished job cannot be cancelled.
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def _post(http, path, body, **kw):
+    return http.post(path, content=body if isinstance(body, (str, bytes)) else json.dumps(body),
+                     headers={"Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
+
+
+BAD_REQUESTS = {
+    "malformed JSON": ("/v1/chat/completions", '{"model": "coserve-tiny", "messages": [', 400, None),
+    "messages not a list": ("/v1/chat/completions", {"model": BASE, "messages": "hi"}, 400, "messages"),
+    "max_tokens a string": ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    "negative max_tokens": ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    "max_tokens over the limit": ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 257}, 400, "max_tokens"),
+    "temperature out of range": ("/v1/completions", {"model": BASE, "prompt": "hi", "temperature": 7}, 400, "temperature"),
+    "top_p zero": ("/v1/chat/completions", {"model": BASE, "messages": CHAT, "top_p": 0}, 400, "top_p"),
+    "n over the limit": ("/v1/completions", {"model": BASE, "prompt": "hi", "n": 5}, 400, "n"),
+    "unknown model": ("/v1/chat/completions", {"model": "gpt-17", "messages": CHAT}, 404, "model"),
+    "oversize prompt": ("/v1/completions", {"model": BASE, "prompt": [1000] * 1100, "max_tokens": 1}, 400, "prompt"),
+    "prompt + max_tokens over the context": ("/v1/completions", {"model": BASE, "prompt": [1000] * 900, "max_tokens": 200}, 400, "max_tokens"),
+    "token id outside the vocabulary": ("/v1/completions", {"model": BASE, "prompt": [10**7]}, 400, "prompt"),
+    "unsupported penalty": ("/v1/completions", {"model": BASE, "prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    "image content": ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages.0.content.0"),
+    "body over the size limit": ("/v1/completions", {"model": BASE, "prompt": "x" * (MAX_BODY + 10)}, 413, None),
+    "unknown fine-tuning job": ("/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404, None),
+    "fine-tuning from an unknown file": ("/v1/fine_tuning/jobs", {"model": BASE, "training_file": "file-nope"}, 400, "training_file"),
+    "fine-tuning an unknown model": ("/v1/fine_tuning/jobs", {"model": "gpt-17", "training_file": "file-nope"}, 404, "model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_and_server_carries_on(http, case):
+    path, body, status, param = BAD_REQUESTS[case]
+    r = _post(http, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param
+    ok = _post(http, "/v1/completions", {"model": BASE, "prompt": "still here?", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_api_key_is_required_everywhere_but_health(server, client):
+    with httpx.Client(base_url=server.url, timeout=30) as bare:
+        assert bare.get("/health").status_code == 200
+        for path in ("/v1/models", "/metrics"):
+            r = bare.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        r = bare.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert client.models.list().data
+
+
+def test_broken_training_files_are_rejected_with_line_numbers(client, http, tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"messages": []}\n{"messages": [oops\n\n[1, 2]\n')
+    with open(bad_json, "rb") as f, pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=f, purpose="fine-tune")
+    msg = e.value.body["message"] if isinstance(e.value.body, dict) else str(e.value)
+    assert "line 2" in msg and "line 4" in msg
+    # Valid JSON of no known format fails at job creation, naming the record's line.
+    bad_records = tmp_path / "records.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad_records.write_text("\n".join(json.dumps(r) for r in (good, good, {"question": "q", "answer": "a"}, good)) + "\n")
+    with open(bad_records, "rb") as f:
+        fid = client.files.create(file=f, purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=fid)
+    assert "line 3" in str(e.value)
+    # ... unless the fields are mapped (an extension hyperparameter); bad values are a 400 too.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=fid, hyperparameters={"n_epochs": -1})
+    assert "n_epochs" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=fid, extra_body={"lora": {"r": 64}})
+    assert "max_lora_rank" in str(e.value)
+    assert http.get("/health").status_code == 200
+
+
+# ---- metrics and disconnects ---------------------------------------------------------------------
+def test_metrics_parse_and_move_with_traffic(http, client):
+    gen0 = metric(http, "coserve_generation_tokens_total")
+    ttft0 = metric(http, "coserve_time_to_first_token_seconds_count")
+    e404 = metric(http, "coserve_http_errors_total", status="404")
+    client.completions.create(model=BASE, prompt="metrics", max_tokens=7, extra_body={"ignore_eos": True})
+    assert metric(http, "coserve_generation_tokens_total") == gen0 + 7
+    assert metric(http, "coserve_time_to_first_token_seconds_count") == ttft0 + 1
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert metric(http, "coserve_http_errors_total", status="404") == e404 + 1
+    names = {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
+    for n in ("coserve_time_per_output_token_seconds", "coserve_e2e_request_latency_seconds", "coserve_num_requests_running",
+              "coserve_num_requests_waiting", "coserve_kv_cache_pages_used", "coserve_step_time_seconds",
+              "coserve_finetune_tokens_per_second", "coserve_finetune_job_loss", "coserve_finetune_job_step"):
+        assert n in names, n
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, http):
+    aborted0 = metric(http, "coserve_request_success_total", finish_reason="abort")
+    body = {"model": BASE, "prompt": "a long story", "max_tokens": 256, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+        # leaving the block closes the connection mid-stream
+    wait_until(lambda: metric(http, "coserve_request_success_total", finish_reason="abort") == aborted0 + 1, timeout=30)
+    wait_until(lambda: metric(http, "coserve_num_requests_running") == 0 and metric(http, "coserve_kv_cache_pages_used") == 0, timeout=30)
+
+
+# ---- shutdown (last: stops the server) --------------------------------------------------------------
+def test_sigterm_checkpoints_running_jobs_and_exits_cleanly(server, client, tmp_path):
+    with open(gsm8k_chat_file(tmp_path / "long.jsonl", 8), "rb") as f:
+        fid = client.files.create(file=f, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=fid, hyperparameters={"max_steps": 100000})
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] >= 2, timeout=120)
+    assert server.stop() == 0, server.output
+    ckpt_dir = server.out_dir / "jobs" / job.id / "checkpoints"
+    assert f"checkpoint written to {ckpt_dir}" in server.output
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 2
