@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"coserve-jax: jax {jax.__version__} on {jax.devices()[0].platform}; building the engine ...", flush=True)
     t0 = time.perf_counter()
-    engine, name = build_engine(cfg)
+    try:
+        engine, name = build_engine(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad model dir, tokenizer or engine settings
+        print(f"error: cannot build the engine: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     print(f"coserve-jax: model {name!r} ({engine.config.num_params():,} parameters, context {engine.max_model_len} tokens), "
           f"{len(engine.buckets)} step shapes compiled, ready in {time.perf_counter() - t0:.1f} s", flush=True)
     state = ServerState(cfg, engine, name)
