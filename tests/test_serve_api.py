@@ -350,6 +350,16 @@ def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, http):
     wait_until(lambda: metric(http, "coserve_num_requests_running") == 0 and metric(http, "coserve_kv_cache_pages_used") == 0, timeout=30)
 
 
+def test_non_streaming_client_that_gives_up_is_aborted(server, http):
+    aborted0 = metric(http, "coserve_request_success_total", finish_reason="abort")
+    body = {"model": BASE, "prompt": "a long story", "max_tokens": 256, "n": 4, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3) as c:
+        with pytest.raises(httpx.TimeoutException):
+            c.post("/v1/completions", json=body)  # the client times out and closes its connection
+    wait_until(lambda: metric(http, "coserve_request_success_total", finish_reason="abort") == aborted0 + 4, timeout=30)
+    wait_until(lambda: metric(http, "coserve_num_requests_running") == 0 and metric(http, "coserve_kv_cache_pages_used") == 0, timeout=30)
+
+
 # ---- shutdown (last: stops the server) --------------------------------------------------------------
 def test_sigterm_checkpoints_running_jobs_and_exits_cleanly(server, client, tmp_path):
     with open(gsm8k_chat_file(tmp_path / "long.jsonl", 8), "rb") as f:

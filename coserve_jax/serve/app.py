@@ -55,6 +55,9 @@ log = logging.getLogger("coserve_jax.serve")
 DISCONNECT_POLL_S = 0.5
 """How often a waiting non-streaming request checks whether its client went away, seconds."""
 
+CLIENT_CLOSED = 499
+"""Status logged for a request whose client went away (nginx's convention; nobody receives it)."""
+
 
 class ServerState:
     """What the handlers share: config, engine loop, a tokenizer of their own, files, jobs, metrics.
@@ -296,17 +299,22 @@ async def _submit(state: ServerState, request_id: str, prompts: list[list[int]],
     return q, index
 
 
-async def _collect(request: Request, state: ServerState, q: asyncio.Queue, index: dict[str, int]) -> list[_Choice]:
-    """Wait for every choice to finish; abort them all if the client goes away."""
+async def _collect(request: Request, state: ServerState, q: asyncio.Queue, index: dict[str, int]) -> list[_Choice] | None:
+    """Wait for every choice to finish. If the client goes away, abort them all and return ``None``."""
     choices = {rid: _Choice(i) for rid, i in index.items()}
     pending = set(index)
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     try:
         while pending:
             try:
                 d = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                d = None
+            if time.monotonic() >= next_check:  # whether or not deltas keep coming
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError("client disconnected") from None
+                    return None  # the finally clause aborts what is pending
+                next_check = time.monotonic() + DISCONNECT_POLL_S
+            if d is None:
                 continue
             choices[d.request_id].add(d)
             if d.finished:
@@ -429,6 +437,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         if not body.stream:
             choices = await _collect(request, state, q, index)
+            if choices is None:
+                return Response(status_code=CLIENT_CLOSED)
             return {
                 "id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": c.index, "text": c.text, "logprobs": logprobs_of(c, 0, 0),
@@ -499,6 +509,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         if not body.stream:
             choices = await _collect(request, state, q, index)
+            if choices is None:
+                return Response(status_code=CLIENT_CLOSED)
             return {
                 "id": rid, "object": "chat.completion", "created": created, "model": body.model, "system_fingerprint": None,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
