@@ -235,10 +235,14 @@ def _finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
 
 
-async def _prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-                   logprobs: int | None, adapter: str | None) -> tuple[list[list], int]:
-    """Check lengths and build every choice's sampling params. Returns ``(params per prompt per
-    choice, max_tokens)``. Raises: APIError 400."""
+def _prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+             logprobs: int | None) -> list[list]:
+    """Check lengths and build every choice's sampling params (per prompt, per choice).
+
+    Raises:
+        APIError: 400 for a prompt over the limit, ``max_tokens`` over the limit or the context
+            left, too many logprobs, token ids outside the vocabulary, bad sampling values.
+    """
     lim = state.config.limits
     longest = max(len(p) for p in prompts)
     if longest > state.max_prompt_tokens:
@@ -263,7 +267,7 @@ async def _prepare(state: ServerState, body: P._SamplingRequest, prompts: list[l
         params = [[body.sampling_params(max_tokens, logprobs, j) for j in range(body.n)] for _ in prompts]
     except ValueError as e:
         raise APIError(400, str(e), None, "invalid_value") from None
-    return params, max_tokens
+    return params
 
 
 async def _submit(state: ServerState, request_id: str, prompts: list[list[int]], params: list[list], adapter: str | None,
@@ -423,7 +427,7 @@ def create_app(state: ServerState) -> FastAPI:
             tok = state.tokenizer
             encoded = iter(await state.encode(lambda: [list(tok(t)["input_ids"]) for t in texts]))
             prompts = [next(encoded) if isinstance(p, str) else p for p in prompts]
-        params, _ = await _prepare(state, body, prompts, body.max_tokens, body.logprobs, adapter)
+        params = _prepare(state, body, prompts, body.max_tokens, body.logprobs)
         rid = P.new_id("cmpl")
         q, index = await _submit(state, rid, prompts, params, adapter, arrival)
         n_prompt = sum(len(p) for p in prompts)
@@ -496,7 +500,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "the conversation renders to an empty prompt", "messages", "invalid_value")
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params, _ = await _prepare(state, body, [ids], max_tokens, logprobs, adapter)
+        params = _prepare(state, body, [ids], max_tokens, logprobs)
         rid = P.new_id("chatcmpl")
         q, index = await _submit(state, rid, [ids], params, adapter, arrival)
         created = P.now()
