@@ -181,13 +181,17 @@ class EngineLoop:
                 log.exception("on_finished hook failed")
 
     # ---- the thread ----------------------------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self, run: bool = True) -> None:
+        """Run the queued commands (``run=False``: fail them, the loop has stopped)."""
         while True:
             try:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
             if not fut.set_running_or_notify_cancel():
+                continue
+            if not run:
+                fut.set_exception(RuntimeError("the engine loop has stopped"))
                 continue
             try:
                 fut.set_result(fn(self.engine))
@@ -231,16 +235,7 @@ class EngineLoop:
             self._streams.clear()
         finally:
             self._stop.set()
-            self._drain_cancelled()
-
-    def _drain_cancelled(self) -> None:
-        while True:
-            try:
-                _, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError("the engine loop has stopped"))
+            self._drain(run=False)
 
     def _deliver(self, s: _Stream, o) -> None:
         n = len(o.token_ids)

@@ -91,7 +91,7 @@ class FileStore:
         try:
             records = read_records(path)
         except DataValidationError as e:
-            raise APIError(400, _lines(filename, e.errors), "file", "invalid_file") from None
+            raise APIError(400, str(DataValidationError(filename, e.errors)), "file", "invalid_file") from None
         errors = []
         for line, rec in records:
             if isinstance(rec, DataValidationError):
@@ -101,7 +101,7 @@ class FileStore:
         if not records:
             errors.append((1, "the file holds no records"))
         if errors:
-            raise APIError(400, _lines(filename, errors), "file", "invalid_file")
+            raise APIError(400, str(DataValidationError(filename, errors)), "file", "invalid_file")
 
     def get(self, file_id: str) -> dict:
         """Raises: APIError 404 for an unknown id."""
@@ -128,8 +128,3 @@ class FileStore:
                 pass
         return {"id": file_id, "object": "file", "deleted": True}
 
-
-def _lines(filename: str, errors) -> str:
-    shown = "; ".join(f"line {n}: {m}" for n, m in errors[:10])
-    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-    return f"{filename}: {len(errors)} bad line(s): {shown}{more}"

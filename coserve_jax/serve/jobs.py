@@ -207,10 +207,8 @@ class JobManager:
                     data_path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
                     max_seq_len=self.max_seq_len, chat_template=cfg.chat_template,
                 )
-        except DataValidationError as e:
-            shown = "; ".join(f"line {n}: {m}" for n, m in e.errors[:10])
-            more = f" (and {len(e.errors) - 10} more)" if len(e.errors) > 10 else ""
-            raise APIError(400, f"training file {filename}: {len(e.errors)} bad record(s): {shown}{more}", "training_file", "invalid_training_file") from None
+        except DataValidationError as e:  # the same message, naming the uploaded file rather than our copy
+            raise APIError(400, f"training file {DataValidationError(filename, e.errors)}", "training_file", "invalid_training_file") from None
         suffix = body.suffix
         name = f"ft:{self.base_model}:{suffix + ':' if suffix else ''}{job_id}"
         return JobRecord(
