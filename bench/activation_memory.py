@@ -93,7 +93,7 @@ def main(argv=None):
         naive_tmp = naive.memory_analysis().temp_size_in_bytes
         saved = config.num_layers * n * config.hidden_size * item + n * config.hidden_size * 4  # layer inputs + dh
         sl = jax.jit(
-            lambda lo, b, sc, li, pos, dh, first: slice_backward(config, b, lo, sc, li, pos, dh, first, 1)
+            lambda lo, b, sc, li, pos, dh, first: slice_backward(config, b.layers, lo, sc, li, pos, dh, first, 1)
         ).lower(
             lora, base, scaling, jax.ShapeDtypeStruct((config.num_layers, n, config.hidden_size), dtype),
             jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n, config.hidden_size), dtype),

@@ -26,6 +26,8 @@ from coserve_jax.finetune.data import DataValidationError, TrainingExample, read
 from coserve_jax.lora.pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.models.loader import init_random
+from coserve_jax.parallel.mesh import make_mesh
+from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.sampling_params import SamplingParams
 
 
@@ -140,7 +142,9 @@ def build_engine(cfg: BenchConfig) -> Engine:
         hf["vocab_size"] = len(tokenizer)
     config = ModelConfig.from_hf_dict(hf, max_model_len=m.max_model_len)
     pool = LoRAPoolConfig(cfg.lora.max_loras, cfg.lora.max_lora_rank, cfg.lora.target_modules)
-    model = init_random(config, m.seed, dtype=m.dtype, lora=pool)
+    # Generated in place, already split over the tensor-parallel devices (never whole on one).
+    rules = ShardingRules(config, make_mesh(cfg.engine.get("tensor_parallel_size", 1)))
+    model = init_random(config, m.seed, dtype=m.dtype, lora=pool, sharding=rules.sharding)
     return Engine(model, tokenizer=tokenizer, slo=cfg.slo, measure_steps=True, **cfg.engine)
 
 

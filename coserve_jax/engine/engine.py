@@ -50,6 +50,9 @@ from coserve_jax.lora.pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.models.loader import load_model
+from coserve_jax.parallel.distributed import DistributedConfig, initialize_distributed
+from coserve_jax.parallel.mesh import make_mesh
+from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
@@ -128,8 +131,17 @@ class Engine:
             ``"hybrid"``.
         measure_steps: time every step on the device (one sync per step) and log it with the
             latency model's prediction in :attr:`step_log` (always on under ``"hybrid"``).
+        tensor_parallel_size: devices the model is split over, Megatron-style, with LoRA
+            adapters and finetuning state split by the same rule (:mod:`coserve_jax.parallel.rules`;
+            ``docs/parallelism.md``). The first ``tensor_parallel_size`` of ``jax.devices()``
+            (all processes') are used.
+        distributed: multi-host: a :class:`~coserve_jax.parallel.distributed.DistributedConfig`
+            (or a dict of its fields: ``coordinator_address``, ``num_processes``,
+            ``process_id``) passed to ``jax.distributed.initialize`` before any device is used.
+            Every process then runs the same engine on the same requests.
     Raises:
-        ValueError: inconsistent limits (e.g. a cache too small for one ``max_model_len`` sequence).
+        ValueError: inconsistent limits (e.g. a cache too small for one ``max_model_len``
+            sequence), or a ``tensor_parallel_size`` the model's heads or MLP width do not divide.
         FileNotFoundError, UnsupportedConfigError, CheckpointError: from loading the model.
 
     Example::
@@ -170,15 +182,25 @@ class Engine:
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
         measure_steps: bool = False,
+        tensor_parallel_size: int = 1,
+        distributed: DistributedConfig | dict | None = None,
     ):
+        initialize_distributed(distributed)
         configure_compilation_cache(compilation_cache_dir)
         path = None
+        self.mesh = make_mesh(tensor_parallel_size)
+        self.tensor_parallel_size = tensor_parallel_size
         if isinstance(model, CausalLM):
             self.model = model
+            self.rules = ShardingRules(model.config, self.mesh)
+            state = nnx.state(model)
+            nnx.update(model, jax.device_put(state, self.rules.state_shardings(state)))
         else:
             path = model
             lora = LoRAPoolConfig(max_loras, max_lora_rank, tuple(lora_target_modules)) if max_loras > 0 else None
-            self.model = load_model(model, dtype=dtype, lora=lora, max_model_len=max_model_len)
+            self.rules = ShardingRules(ModelConfig.from_pretrained(model, max_model_len=max_model_len), self.mesh)
+            self.model = load_model(model, dtype=dtype, lora=lora, max_model_len=max_model_len, sharding=self.rules.sharding)
+        rules = self.rules
         config = self.model.config
         self.config = config
         self.max_model_len = min(max_model_len or config.max_model_len, config.max_model_len)
@@ -191,15 +213,18 @@ class Engine:
             raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
         self.max_logprobs = min(max_logprobs, config.vocab_size)
 
-        # KV cache: [L, P, page_size, Hkv, D] for K and for V.
+        # KV cache: [L, P, page_size, Hkv, D] for K and for V, split over the devices by KV heads
+        # (one replicated head per device when tensor_parallel_size exceeds the KV heads).
         self.page_size = page_size
         self.max_pages_per_seq = -(-self.max_model_len // page_size)
         dtype_ = self.model.dtype
-        page_bytes = 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype_).itemsize
+        local_heads = rules.kv_cache_heads // tensor_parallel_size
+        page_bytes = 2 * config.num_layers * page_size * local_heads * config.head_dim * jnp.dtype(dtype_).itemsize
         if num_kv_pages is None:
             num_kv_pages = self._default_num_pages(page_bytes, max_num_seqs, kv_cache_memory_fraction)
-        shape = (config.num_layers, num_kv_pages, page_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, num_kv_pages, page_size, rules.kv_cache_heads, config.head_dim)
         self.kv_cache_bytes = page_bytes * num_kv_pages
+        """Bytes of K and V cache on each device."""
         kv = KVCacheManager(num_kv_pages, page_size)
         if watermark_pages is None:
             watermark_pages = max(1, kv.capacity // 100)
@@ -224,11 +249,11 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, watermark_pages, ft_tokens), kv
         )
-        self.k_cache = jnp.zeros(shape, dtype_)
-        self.v_cache = jnp.zeros(shape, dtype_)
+        self.k_cache = rules.zeros(shape, dtype_, rules.kv_cache_spec())
+        self.v_cache = rules.zeros(shape, dtype_, rules.kv_cache_spec())
         self.ft_buffers = None
         if self.finetune_layout is not None:
-            self.ft_buffers = fused.init_buffers(config, self.model.lora.config, self.finetune_layout, dtype_)
+            self.ft_buffers = fused.init_buffers(config, self.model.lora.config, self.finetune_layout, dtype_, rules)
 
         impl = default_implementation() if attention_impl == "auto" else attention_impl
         if impl not in IMPLEMENTATIONS:
@@ -240,7 +265,7 @@ class Engine:
         self._state = nnx.state(self.model)
         self._step = CompiledStep(
             self.model, self.buckets, self.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
-            finetune_tokens=ft_tokens, impl=impl, max_logprobs=self.max_logprobs,
+            finetune_tokens=ft_tokens, impl=impl, max_logprobs=self.max_logprobs, parallel=rules,
         )
         self.compile_seconds = self._step.compile_all()
         self._backward: dict[int, object] = {}
@@ -249,8 +274,10 @@ class Engine:
             t0 = time.perf_counter()
             graphdef = self._step.graphdef
             for length in self.finetune_layout.seq_buckets:
-                fn = jax.jit(fused.make_backward_fn(graphdef, config, self.finetune_layout, length), donate_argnums=1)
-                self._backward[length] = fn.lower(self._state, self.ft_buffers, fused.abstract_backward_inputs()).compile()
+                fn = jax.jit(fused.make_backward_fn(graphdef, config, self.finetune_layout, length, rules), donate_argnums=1)
+                self._backward[length] = fn.lower(
+                    self._state, self.ft_buffers, fused.abstract_backward_inputs(rules.replicated)
+                ).compile()
             self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
             self.adapters.compile_writer()
             self.compile_seconds += time.perf_counter() - t0
@@ -339,7 +366,7 @@ class Engine:
 
     def _default_num_pages(self, page_bytes: int, max_num_seqs: int, fraction: float) -> int:
         per_seq = self.max_pages_per_seq
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = self.mesh.local_devices[0].memory_stats() or {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
             pages = int(free // page_bytes)
@@ -473,7 +500,7 @@ class Engine:
         job = FinetuningJob(
             job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
             num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
-            params=init_lora(self.config, lora, cfg.seed), tx=tx, update_fn=update, checkpointer=checkpointer,
+            params=self._place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
             base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job,
         )
         if cfg.resume:
@@ -489,6 +516,13 @@ class Engine:
         else:
             self._feed(job)
         return job
+
+    def _place_job_params(self, params: dict) -> dict:
+        """A job's master weights placed as its pool slot (dependent parallelization); its
+        optimizer state, made from them, follows."""
+        return jax.device_put(params, {
+            m: {w: self.rules.named(self.rules.job_lora_spec(m, w)) for w in ws} for m, ws in params.items()
+        })
 
     @property
     def finetuning_jobs(self) -> list[FinetuningJob]:

@@ -38,7 +38,7 @@ def profile_key(engine) -> str:
     layout = engine.finetune_layout
     desc = {
         "model": repr(engine.config), "dtype": str(engine.model.dtype), "device": f"{dev.platform}:{dev.device_kind}",
-        "num_devices": len(jax.devices()), "buckets": [(b.num_tokens, b.num_seqs) for b in engine.buckets],
+        "num_devices": len(jax.devices()), "tensor_parallel_size": engine.tensor_parallel_size, "buckets": [(b.num_tokens, b.num_seqs) for b in engine.buckets],
         "finetune": None if layout is None else [layout.max_jobs, layout.max_seq_len, layout.layers_per_slice, list(layout.seq_buckets)],
         "attention": engine.attention_impl, "page_size": engine.page_size, "jax": jax.__version__, "version": 2,
     }

@@ -33,6 +33,7 @@ from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
 from coserve_jax.lora.dropout import LoRADropout
 from coserve_jax.models.decoder import CausalLM
+from coserve_jax.parallel.rules import ShardingRules
 
 
 class StepInputs(NamedTuple):
@@ -132,7 +133,7 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
+def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, parallel: ShardingRules | None = None):
     """The step as a pure function
     ``(state, k_cache, v_cache, ft_buffers, inputs) -> (k_cache, v_cache, ft_buffers, SamplerOutput, ft_loss)``.
 
@@ -144,20 +145,24 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
         scale: attention score scale (``head_dim ** -0.5``).
         impl: attention implementation (:data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`).
         max_logprobs: top logprobs returned per sequence.
+        parallel: tensor-parallel placement (:class:`~coserve_jax.parallel.rules.ShardingRules`):
+            the decoder layers run as one ``shard_map``; the sampler's outputs and the loss come
+            back replicated, readable by every process.
     """
 
     def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, inputs: StepInputs):
         model: CausalLM = nnx.merge(graphdef, state)
 
-        def attend(q, k, v, cache, layer):
+        def attend(q, k, v, cache, layer, meta: AttentionMetadata):
             kc, vc = cache
-            out, kc, vc = paged_attention(q, k, v, kc, vc, layer, inputs.attn, scale=scale, impl=impl)
+            out, kc, vc = paged_attention(q, k, v, kc, vc, layer, meta, scale=scale, impl=impl)
             return out, (kc, vc)
 
         ft = inputs.finetune
         out = model.hidden_states(
             inputs.token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache),
-            save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout,
+            save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout, parallel=parallel,
+            attend_inputs=inputs.attn,
         )
         loss = jnp.float32(0.0)
         if ft is None:
@@ -166,17 +171,26 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int):
             h, (k_cache, v_cache), (saved, final) = out
             ft_buffers, loss = save_forward(model.config, base_weights(model), ft_buffers, ft, saved, final)
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
-        return k_cache, v_cache, ft_buffers, sample(logits, inputs.sampling, max_logprobs), loss
+        out = sample(logits, inputs.sampling, max_logprobs)
+        if parallel is not None:
+            out, loss = jax.lax.with_sharding_constraint((out, loss), parallel.replicated)
+        return k_cache, v_cache, ft_buffers, out, loss
 
     return step
 
 
-def abstract_inputs(bucket: Bucket, max_pages_per_seq: int, finetune_tokens: int = 0) -> StepInputs:
+def abstract_inputs(
+    bucket: Bucket, max_pages_per_seq: int, finetune_tokens: int = 0, sharding: jax.sharding.Sharding | None = None
+) -> StepInputs:
     """``ShapeDtypeStruct`` inputs of a bucket, for ahead-of-time lowering (``finetune_tokens``:
-    most finetuning slots of a step, 0 without finetuning)."""
+    most finetuning slots of a step, 0 without finetuning; ``sharding``: where the inputs are
+    placed, default unspecified)."""
     t, s = bucket.num_tokens, bucket.num_seqs
     i32, f32 = jnp.int32, jnp.float32
-    sds = jax.ShapeDtypeStruct
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
     dropout = finetune = None
     if finetune_tokens:
         c = min(t, finetune_tokens)
@@ -204,7 +218,7 @@ class CompiledStep:
         k_cache, v_cache: example caches (shapes, dtypes, shardings).
         ft_buffers: example finetuning buffers, or ``None`` without finetuning.
         finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
-        impl, max_logprobs: see :func:`make_step_fn`.
+        impl, max_logprobs, parallel: see :func:`make_step_fn`.
     """
 
     def __init__(
@@ -219,12 +233,16 @@ class CompiledStep:
         finetune_tokens: int = 0,
         impl: str,
         max_logprobs: int,
+        parallel: ShardingRules | None = None,
     ):
         self.graphdef, state = nnx.split(model)
+        self.parallel = parallel
         self.buckets = list(buckets)
         self.max_pages_per_seq = max_pages_per_seq
         self.finetune_tokens = finetune_tokens if ft_buffers is not None else 0
-        fn = make_step_fn(self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs)
+        fn = make_step_fn(
+            self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs, parallel=parallel
+        )
         self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
         self._compiled: dict[Bucket, Any] = {}
         self._example = (state, k_cache, v_cache, ft_buffers)
@@ -236,7 +254,8 @@ class CompiledStep:
         state, k, v, ft = self._example
         for b in self.buckets:
             if b not in self._compiled:
-                inputs = abstract_inputs(b, self.max_pages_per_seq, self.finetune_tokens)
+                rep = None if self.parallel is None else self.parallel.replicated
+                inputs = abstract_inputs(b, self.max_pages_per_seq, self.finetune_tokens, rep)
                 self._compiled[b] = self._jitted.lower(state, k, v, ft, inputs).compile()
         self._example = None
         self.compile_seconds += time.perf_counter() - t0

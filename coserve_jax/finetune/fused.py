@@ -30,9 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.finetune.token_level import BaseWeights, base_weights, head_backward, slice_backward
+from jax.sharding import PartitionSpec as P
+
+from coserve_jax.finetune.token_level import BaseWeights, head_backward, slice_backward
 from coserve_jax.lora.pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
+from coserve_jax.parallel.rules import ShardingRules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +74,12 @@ class FinetuneBuffers(NamedTuple):
         acts: ``[L, max_jobs * max_seq_len, H]`` (model dtype): the saved input of every layer
             for every token of each job's sequence in flight (row ``job * max_seq_len + pos``).
         dh: float32 ``[max_jobs * max_seq_len, H]``: the gradient at the current slice boundary.
-        grads: ``{m: {"A": [max_jobs, L, in, R], "B": [max_jobs, L, R, out]}}`` float32: the LoRA
-            gradients accumulated since the job's last optimizer step (R = the pool's rank).
+        grads: ``{m: {"A": [max_jobs, partials, L, in, R], "B": [max_jobs, partials, L, R, out]}}``
+            float32: the LoRA gradients accumulated since the job's last optimizer step (R = the
+            pool's rank). ``partials`` is 1, or under tensor parallelism the ``tp`` per-device
+            partial sums of a replicated LoRA weight
+            (:meth:`~coserve_jax.parallel.rules.ShardingRules.grad_partials`); the optimizer step
+            sums them.
     """
 
     acts: jax.Array
@@ -80,15 +87,36 @@ class FinetuneBuffers(NamedTuple):
     grads: dict
 
 
-def init_buffers(config: ModelConfig, pool: LoRAPoolConfig, layout: FinetuneLayout, dtype) -> FinetuneBuffers:
-    """Zeroed :class:`FinetuneBuffers` for ``layout``."""
+def init_buffers(
+    config: ModelConfig, pool: LoRAPoolConfig, layout: FinetuneLayout, dtype, rules: ShardingRules | None = None
+) -> FinetuneBuffers:
+    """Zeroed :class:`FinetuneBuffers` for ``layout``, placed by ``rules`` (default: one device,
+    no partial-sum axis beyond size 1)."""
     rows = layout.max_jobs * layout.max_seq_len
     L, H, J, R = config.num_layers, config.hidden_size, layout.max_jobs, pool.max_lora_rank
+    specs = buffer_specs(pool.target_modules, rules)
+
+    def zeros(shape, dt, spec):
+        return jnp.zeros(shape, dt) if rules is None else rules.zeros(shape, dt, spec)
+
     grads = {}
     for m in pool.target_modules:
         d_in, d_out = config.module_dims(m)
-        grads[m] = {"A": jnp.zeros((J, L, d_in, R), jnp.float32), "B": jnp.zeros((J, L, R, d_out), jnp.float32)}
-    return FinetuneBuffers(jnp.zeros((L, rows, H), dtype), jnp.zeros((rows, H), jnp.float32), grads)
+        n_a, n_b = (1, 1) if rules is None else (rules.grad_partials(m, "A"), rules.grad_partials(m, "B"))
+        grads[m] = {
+            "A": zeros((J, n_a, L, d_in, R), jnp.float32, specs.grads[m]["A"]),
+            "B": zeros((J, n_b, L, R, d_out), jnp.float32, specs.grads[m]["B"]),
+        }
+    return FinetuneBuffers(zeros((L, rows, H), dtype, specs.acts), zeros((rows, H), jnp.float32, specs.dh), grads)
+
+
+def buffer_specs(modules, rules: ShardingRules | None) -> FinetuneBuffers:
+    """:class:`PartitionSpec` s of the buffers: the saved activations and the boundary gradient
+    replicated (the residual stream is), the gradient accumulators as
+    :meth:`~coserve_jax.parallel.rules.ShardingRules.grad_acc_spec`."""
+    rep = P()
+    grads = {m: {w: rep if rules is None else rules.grad_acc_spec(m, w) for w in ("A", "B")} for m in modules}
+    return FinetuneBuffers(rep, rep, grads)
 
 
 def buffer_bytes(bufs: FinetuneBuffers) -> int:
@@ -147,38 +175,35 @@ class BackwardInputs(NamedTuple):
     dropout_seed: jax.Array
 
 
-def abstract_backward_inputs() -> BackwardInputs:
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
-    return BackwardInputs(i32, i32, i32, i32, jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.uint32))
+def abstract_backward_inputs(sharding: jax.sharding.Sharding | None = None) -> BackwardInputs:
+    """``ShapeDtypeStruct`` s of :class:`BackwardInputs` (placed with ``sharding``), for lowering."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)
+    return BackwardInputs(
+        i32, i32, i32, i32, jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
+        jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding),
+    )
 
 
-def job_lora(model, slot) -> tuple[dict, dict]:
-    """One pool slot as the ``(lora {m: {"A": [L,in,R], "B": [L,R,out]}}, scaling {m: [L]})`` pair
-    :func:`~coserve_jax.finetune.token_level.slice_backward` takes (``slot`` may be traced)."""
-    pool = model.lora
-    lora, scaling = {}, {}
-    for m in pool.config.target_modules:
-        lora[m] = {
-            "A": jax.lax.dynamic_index_in_dim(pool.A[m][...], slot, axis=1, keepdims=False),
-            "B": jax.lax.dynamic_index_in_dim(pool.B[m][...], slot, axis=1, keepdims=False),
-        }
-        scaling[m] = jax.lax.dynamic_index_in_dim(pool.scaling[m][...], slot, axis=1, keepdims=False)
-    return lora, scaling
-
-
-def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, length: int):
+def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, length: int, parallel: ShardingRules | None = None):
     """The backward slice for sequences of up to ``length`` tokens, as a pure function
     ``(state, bufs, inputs: BackwardInputs) -> bufs`` (jit it with ``bufs`` donated).
 
     Rows past ``seq_len`` are padding: their boundary gradient is zeroed, so (causal attention)
-    they contribute nothing to the real tokens' gradients.
+    they contribute nothing to the real tokens' gradients. With ``parallel`` the slice runs as one
+    ``jax.shard_map`` over the tensor-parallel mesh: each device adds its gradient shard, or its
+    partial sum of a replicated LoRA weight, into its block of the accumulator (no collective on
+    LoRA gradients here).
     """
     nl = layout.layers_per_slice
+    tp = None if parallel is None else parallel.tensor_parallel
 
-    def backward(state, bufs: FinetuneBuffers, inp: BackwardInputs) -> FinetuneBuffers:
-        model = nnx.merge(graphdef, state)
-        base = base_weights(model)
-        lora, scaling = job_lora(model, inp.adapter_index - 1)
+    def local(layers: dict, pool: dict, bufs: FinetuneBuffers, inp: BackwardInputs) -> FinetuneBuffers:
+        slot = inp.adapter_index - 1
+        lora = {
+            m: {k: jax.lax.dynamic_index_in_dim(w, slot, axis=1, keepdims=False) for k, w in (("A", a), ("B", b))}
+            for m, (a, b, _) in pool.items()
+        }
+        scaling = {m: jax.lax.dynamic_index_in_dim(s, slot, axis=1, keepdims=False) for m, (_, _, s) in pool.items()}
         start = inp.row * layout.max_seq_len
         li = jax.lax.dynamic_slice_in_dim(bufs.acts, start, length, axis=1)
         dh = jax.lax.dynamic_slice_in_dim(bufs.dh, start, length, axis=0)
@@ -186,17 +211,26 @@ def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, leng
         dh = jnp.where(valid[:, None], dh, 0.0)
         positions = jnp.arange(length, dtype=jnp.int32)
         dh, g = slice_backward(
-            config, base, lora, scaling, li, positions, dh, inp.first_layer, nl, inp.dropout_rate, inp.dropout_seed
+            config, layers, lora, scaling, li, positions, dh, inp.first_layer, nl, inp.dropout_rate, inp.dropout_seed, tp
         )
         dh_store = jax.lax.dynamic_update_slice_in_dim(bufs.dh, dh.astype(jnp.float32), start, axis=0)
         grads = {}
         for m, acc in bufs.grads.items():
             grads[m] = {}
             for k in ("A", "B"):
-                idx = (inp.row, inp.first_layer, 0, 0)
-                cur = jax.lax.dynamic_slice(acc[k], idx, (1,) + g[m][k].shape)
-                grads[m][k] = jax.lax.dynamic_update_slice(acc[k], cur + g[m][k][None], idx)
+                idx = (inp.row, 0, inp.first_layer, 0, 0)
+                cur = jax.lax.dynamic_slice(acc[k], idx, (1, 1) + g[m][k].shape)
+                grads[m][k] = jax.lax.dynamic_update_slice(acc[k], cur + g[m][k][None, None], idx)
         return FinetuneBuffers(bufs.acts, dh_store, grads)
+
+    def backward(state, bufs: FinetuneBuffers, inp: BackwardInputs) -> FinetuneBuffers:
+        model = nnx.merge(graphdef, state)
+        layers, pool = model.layers.arrays(), model.lora.layer_arrays()
+        if parallel is None:
+            return local(layers, pool, bufs, inp)
+        bspecs = buffer_specs(pool, parallel)
+        specs = (parallel.layer_specs(layers), parallel.pool_specs(pool), bspecs, P())
+        return jax.shard_map(local, mesh=parallel.mesh, in_specs=specs, out_specs=bspecs)(layers, pool, bufs, inp)
 
     return backward
 

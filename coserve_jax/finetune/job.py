@@ -24,13 +24,13 @@ import random
 import time
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, write_peft
+from coserve_jax.parallel.rules import fetch
 from coserve_jax.sched.finetune import TrainingSequence
 
 
@@ -163,7 +163,7 @@ class FinetuningJob:
     def lora_weights(self) -> LoRAWeights:
         """The adapter's current weights on the host (float32)."""
         lora = self.config.lora
-        host = jax.device_get(self.params)
+        host = fetch(self.params)  # also from devices of other hosts
         modules = {}
         for m, w in host.items():
             for layer in range(self.num_layers):

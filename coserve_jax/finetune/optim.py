@@ -79,8 +79,8 @@ def make_update_fn(
         rank: the job's rank r; pool_rank: the pool's padded rank R; pool_dtype: the pool's dtype;
         pool_shapes: ``{m: (A shape, B shape)}`` of one slot for every pool module (modules the
         job does not train get zeros).
-    The function takes ``grads_acc`` (``FinetuneBuffers.grads``: ``{m: {"A": [J, L, in, R], ...}}``,
-    donate it), uses row ``row`` of the job's modules, zeroes that row of every module, and returns
+    The function takes ``grads_acc`` (``FinetuneBuffers.grads``: ``{m: {"A": [J, partials, L, in, R], ...}}``,
+    donate it; the partials are summed), uses row ``row`` of the job's modules, zeroes that row of every module, and returns
     ``pool_weights = {m: (A [L, in, R], B [L, R, out])}`` in ``pool_dtype`` and the global norm of
     the gradient before clipping (float32).
     """
@@ -88,8 +88,10 @@ def make_update_fn(
     def update(params, opt_state, grads_acc, row, step):
         grads = {
             m: {
-                "A": jax.lax.dynamic_index_in_dim(grads_acc[m]["A"], row, 0, keepdims=False)[:, :, :rank],
-                "B": jax.lax.dynamic_index_in_dim(grads_acc[m]["B"], row, 0, keepdims=False)[:, :rank, :],
+                # Summing the per-device partials is the LoRA gradient's one all-reduce per
+                # optimizer step under tensor parallelism (coserve_jax.parallel.rules).
+                "A": jnp.sum(jax.lax.dynamic_index_in_dim(grads_acc[m]["A"], row, 0, keepdims=False), axis=0)[:, :, :rank],
+                "B": jnp.sum(jax.lax.dynamic_index_in_dim(grads_acc[m]["B"], row, 0, keepdims=False), axis=0)[:, :rank, :],
             }
             for m in params
         }

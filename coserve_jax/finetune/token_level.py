@@ -141,7 +141,7 @@ def head_backward(config, base, final_hidden, targets, weights):
 
 def slice_backward(
     config: ModelConfig,
-    base: BaseWeights,
+    layers: dict,
     lora: LoRAParams,
     scaling: dict,
     layer_inputs: jax.Array,
@@ -151,10 +151,12 @@ def slice_backward(
     num_layers: int,
     dropout_rate=0.0,
     dropout_seed=0,
+    tp=None,
 ):
     """VJP of layers ``first_layer .. first_layer + num_layers - 1`` on the whole sequence.
 
     Args:
+        layers: the frozen decoder layers, :meth:`DecoderLayers.arrays` (``BaseWeights.layers``).
         lora: the job's adapter ``{m: {"A": [L, in, R], "B": [L, R, out]}}``; scaling ``{m: [L]}``.
         layer_inputs: ``[L, N, H]`` saved by the chunked forward.
         positions: int32 ``[N]``.
@@ -162,6 +164,11 @@ def slice_backward(
         first_layer: int32 scalar (traced: one executable serves every slice of this size).
         num_layers: static slice size.
         dropout_rate, dropout_seed: the sequence's LoRA dropout (same masks as its forward).
+        tp: run as one device's shard inside ``jax.shard_map``
+            (:class:`~coserve_jax.parallel.rules.TensorParallel`; ``layers`` and ``lora`` are then
+            this device's shards). The input gradient is all-reduced per layer as Megatron's
+            backward does; the gradients of replicated LoRA weights are *not*: each device
+            returns its partial sum (summed once per optimizer step).
     Returns:
         ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` is
         ``{m: {"A": [num_layers, in, R], "B": [num_layers, R, out]}}``, float32, the gradients of
@@ -175,8 +182,13 @@ def slice_backward(
     drop = lora_dropout.LoRADropout(
         jnp.full((n,), dropout_rate, jnp.float32), jnp.full((n,), dropout_seed, jnp.uint32), positions
     )
+
+    def varying(x):  # every LoRA gradient is device-varying under tp (a shard or a partial sum)
+        return x if tp is None else jax.lax.pcast(x, tp.axis, to="varying")
+
     grads = {
-        m: {k: jnp.zeros((num_layers,) + w[k].shape[1:], jnp.float32) for k in ("A", "B")} for m, w in lora.items()
+        m: {k: varying(jnp.zeros((num_layers,) + w[k].shape[1:], jnp.float32)) for k in ("A", "B")}
+        for m, w in lora.items()
     }
 
     def body(i, carry):
@@ -185,12 +197,15 @@ def slice_backward(
         layer = first_layer + local
         h_in = jax.lax.dynamic_index_in_dim(layer_inputs, layer, keepdims=False)
         ab = {m: (w["A"][layer], w["B"][layer]) for m, w in lora.items()}
+        if tp is not None:
+            ab = {m: (tp.varying_lora(m, "A", a), tp.varying_lora(m, "B", b)) for m, (a, b) in ab.items()}
+        p = jax.tree.map(lambda x: x[layer], layers)
 
         def f(h, ab):
             lora_layer = {m: (a[None], b[None], jnp.reshape(scaling[m][layer], (1,))) for m, (a, b) in ab.items()}
             return decoder_layer(
-                config, _layer_params(base, layer), lora_layer, h, cos, sin, onehot,
-                lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(layer),
+                config, p, lora_layer, h, cos, sin, onehot,
+                lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(layer), tp,
             )
 
         _, vjp = jax.vjp(f, h_in, ab)
@@ -284,7 +299,7 @@ def sequence_gradient(
     parts = []
     for s in reversed(range(L // layers_per_slice)):  # one slice per serving step when fused
         dh, g = slice_backward(
-            config, base, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice,
+            config, base.layers, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice,
             dropout_rate, dropout_seed,
         )
         parts.append(g)

@@ -32,18 +32,21 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def uniform(seed: jax.Array, position: jax.Array, layer, module: int, features: int) -> jax.Array:
+def uniform(seed: jax.Array, position: jax.Array, layer, module: int, features: int, offset=0) -> jax.Array:
     """Uniforms in ``[0, 1)`` of shape ``[T, features]`` (float32) for the given counters.
 
     Args:
         seed: uint32 ``[T]`` per token (the training sequence's dropout seed).
         position: int32 ``[T]`` the token's position in its sequence.
         layer: int32 scalar; module: index in :data:`LINEAR_MODULES`; features: ``in`` size.
+        offset: global index of the first feature (a tensor-parallel shard of the input), so
+            that every device draws the mask of its own features of the one global mask.
     """
     u32 = jnp.uint32
     key = _mix(seed.astype(u32) ^ _mix(position.astype(u32) * u32(0x9E3779B9) + u32(module) * u32(0x85EBCA6B)))
     key = _mix(key ^ (jnp.asarray(layer).astype(u32) * u32(0xC2B2AE35) + u32(0x27D4EB2F)))
-    bits = _mix(key[:, None] + jnp.arange(features, dtype=u32)[None, :] * u32(0x165667B1))
+    feature = jnp.arange(features, dtype=u32) + jnp.asarray(offset).astype(u32)
+    bits = _mix(key[:, None] + feature[None, :] * u32(0x165667B1))
     return (bits >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
@@ -60,17 +63,18 @@ class LoRADropout(NamedTuple):
     seed: jax.Array
     position: jax.Array
 
-    def apply(self, x: jax.Array, layer, module: str) -> jax.Array:
-        """``dropout(x)`` of module ``module``'s input ``x [T, in]`` at decoder layer ``layer``."""
-        u = uniform(self.seed, self.position, layer, LINEAR_MODULES.index(module), x.shape[-1])
+    def apply(self, x: jax.Array, layer, module: str, offset=0) -> jax.Array:
+        """``dropout(x)`` of module ``module``'s input ``x [T, in]`` at decoder layer ``layer``
+        (``x`` holds features ``offset ..`` of the input under tensor parallelism)."""
+        u = uniform(self.seed, self.position, layer, LINEAR_MODULES.index(module), x.shape[-1], offset)
         rate = self.rate[:, None]
         keep = u >= rate
         scale = 1.0 / jnp.maximum(1.0 - rate, 1e-6)
         return jnp.where(keep, x * scale.astype(x.dtype), jnp.zeros_like(x))
 
     def at_layer(self, layer):
-        """The callable ``decoder_layer`` takes: ``(x, module) -> dropout(x)`` at ``layer``."""
-        return lambda x, module: self.apply(x, layer, module)
+        """The callable ``decoder_layer`` takes: ``(x, module, offset) -> dropout(x)`` at ``layer``."""
+        return lambda x, module, offset=0: self.apply(x, layer, module, offset)
 
 
 def constant(n: int, rate, seed) -> LoRADropout:

@@ -20,6 +20,7 @@ import numpy as np
 
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, module_path, read_peft, write_peft
 from coserve_jax.models.decoder import CausalLM
+from coserve_jax.parallel.rules import fetch
 
 
 class AdapterError(ValueError):
@@ -173,10 +174,8 @@ class AdapterManager:
         modules = {}
         for (layer, m), rank in info.ranks.items():
             if m not in cache:
-                cache[m] = (
-                    np.asarray(pool.A[m][...][:, slot], np.float32),
-                    np.asarray(pool.B[m][...][:, slot], np.float32),
-                )
+                a, b = fetch((pool.A[m][...][:, slot], pool.B[m][...][:, slot]))  # also from other hosts
+                cache[m] = (a.astype(np.float32), b.astype(np.float32))
             a, b = cache[m]
             modules[(layer, m)] = LoRAModule(a[layer, :, :rank].copy(), b[layer, :rank, :].copy(), info.alphas[(layer, m)])
         return LoRAWeights(modules, info.use_rslora, info.base_model_name_or_path)

@@ -18,7 +18,7 @@ Layout choices, made for what the serving step and token-level finetuning need:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +29,17 @@ from coserve_jax.models import rope
 from coserve_jax.models.attention import dense_attention, packed_causal_mask
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 
+if TYPE_CHECKING:
+    from coserve_jax.parallel.rules import ShardingRules, TensorParallel
+
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 """``(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) -> [T,Hq,D]``: the attention of one layer."""
 
-CachedAttend = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
-"""``(q, k, v, cache, layer) -> (out [T,Hq,D], cache)``: attention that also reads and writes a
-KV cache (any pytree, e.g. the all-layer paged K/V) for layer ``layer`` (int32 scalar)."""
+CachedAttend = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array, Any], tuple[jax.Array, Any]]
+"""``(q, k, v, cache, layer, attend_inputs) -> (out [T,Hq,D], cache)``: attention that also
+reads and writes a KV cache (any pytree, e.g. the all-layer paged K/V) for layer ``layer`` (int32
+scalar); ``attend_inputs`` is what the caller passed to :meth:`CausalLM.hidden_states` (e.g. the
+attention metadata), handed through explicitly so that it crosses a ``shard_map`` boundary."""
 
 BIASES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -110,41 +115,56 @@ def decoder_layer(
     sin: jax.Array,
     onehot: jax.Array | None,
     attend: Attend,
-    drop: Callable[[jax.Array, str], jax.Array] | None = None,
+    drop: Callable[..., jax.Array] | None = None,
+    tp: "TensorParallel | None" = None,
 ) -> jax.Array:
     """One decoder layer (``LlamaDecoderLayer.forward``) on a flat token batch.
 
     Args:
-        p: one layer's slice of :meth:`DecoderLayers.arrays`.
+        p: one layer's slice of :meth:`DecoderLayers.arrays` (this device's shard under ``tp``).
         lora: ``{module: (A [S,in,R], B [S,R,out], scaling [S])}`` for this layer (may be empty).
-        h: residual stream ``[T, H]``.
+        h: residual stream ``[T, H]`` (replicated under ``tp``).
         cos, sin: RoPE tables ``[T, head_dim]``.
         onehot: ``[T, S]`` adapter selector, or ``None`` when there is no pool.
-        attend: the attention implementation.
-        drop: optional LoRA dropout ``(x, module) -> dropout(x)`` applied to the LoRA branch's
-            input only (PEFT ``lora.Linear``); see :mod:`coserve_jax.lora.dropout`.
+        attend: the attention implementation (called with this device's heads under ``tp``).
+        drop: optional LoRA dropout ``(x, module, feature_offset) -> dropout(x)`` applied to the
+            LoRA branch's input only (PEFT ``lora.Linear``); see :mod:`coserve_jax.lora.dropout`.
+        tp: run as one device's shard inside ``jax.shard_map`` (Megatron column / row parallel
+            layers, :mod:`coserve_jax.parallel.rules`): two all-reduces per layer, after
+            ``o_proj`` and ``down_proj``, with each LoRA bypass added before them.
     Returns:
         The new residual stream ``[T, H]``.
     """
 
     def linear(x: jax.Array, m: str) -> jax.Array:
         y = x @ p["kernel"][m]
+        if m in lora and onehot is not None:
+            xd = x
+            if drop is not None:
+                xd = drop(x, m, 0 if tp is None else tp.feature_offset(m, x.shape[-1]))
+            y = y + lora_delta(xd, *lora[m], onehot)
+        if tp is not None and m in tp.row_modules:
+            y = tp.reduce(y)  # partial sums of base and bypass together: one all-reduce
         if m in p["bias"]:
             y = y + p["bias"][m]
-        if m in lora and onehot is not None:
-            y = y + lora_delta(x if drop is None else drop(x, m), *lora[m], onehot)
         return y
 
-    t = h.shape[0]
+    t, d = h.shape[0], config.head_dim
     x = rms_norm(h, p["input_norm"], config.rms_norm_eps)
-    q = linear(x, "q_proj").reshape(t, config.num_heads, config.head_dim)
-    k = linear(x, "k_proj").reshape(t, config.num_kv_heads, config.head_dim)
-    v = linear(x, "v_proj").reshape(t, config.num_kv_heads, config.head_dim)
+    if tp is not None:
+        x = tp.enter(x)
+    q = linear(x, "q_proj").reshape(t, -1, d)
+    k = linear(x, "k_proj").reshape(t, -1, d)
+    v = linear(x, "v_proj").reshape(t, -1, d)
+    if tp is not None:
+        k, v = tp.local_kv(k), tp.local_kv(v)
     q = rope.apply_rope(q, cos, sin)
     k = rope.apply_rope(k, cos, sin)
-    attn = attend(q, k, v).reshape(t, config.q_size)
+    attn = attend(q, k, v).reshape(t, -1)
     h = h + linear(attn, "o_proj")
     x = rms_norm(h, p["post_norm"], config.rms_norm_eps)
+    if tp is not None:
+        x = tp.enter(x)
     mlp = jax.nn.silu(linear(x, "gate_proj")) * linear(x, "up_proj")
     return h + linear(mlp, "down_proj")
 
@@ -187,6 +207,8 @@ class CausalLM(nnx.Module):
         *,
         save_indices: jax.Array | None = None,
         dropout: Any = None,
+        parallel: "ShardingRules | None" = None,
+        attend_inputs: Any = None,
     ):
         """Run embeddings, all decoder layers and the final norm.
 
@@ -200,6 +222,12 @@ class CausalLM(nnx.Module):
             save_indices: optional int32 ``[C]`` token slots whose activations token-level
                 finetuning keeps (:mod:`coserve_jax.finetune.token_level`).
             dropout: optional :class:`~coserve_jax.lora.dropout.LoRADropout` of the batch.
+            attend_inputs: a pytree handed to a :data:`CachedAttend` at every layer (replicated
+                under ``parallel``).
+            parallel: run the decoder layers tensor-parallel on ``parallel.mesh`` (one
+                ``jax.shard_map`` around the scan over layers; ``attend`` then sees each device's
+                heads and its shard of a cache laid out by
+                :meth:`~coserve_jax.parallel.rules.ShardingRules.kv_cache_spec`).
         Returns:
             ``[T, H]`` final-normed hidden states in the model dtype; with ``cache``, the pair
             ``(hidden, cache)``. With ``save_indices`` one more element is appended: the pair
@@ -209,37 +237,65 @@ class CausalLM(nnx.Module):
         config = self.config
         h = jnp.take(self.embed_tokens[...], tokens, axis=0)
         cos, sin = rope.cos_sin(config, positions, h.dtype)
-        onehot = None
-        lora_arrays: dict = {}
+        args = {"h": h, "cos": cos, "sin": sin, "layers": self.layers.arrays(), "lora": {}}
         if self.lora is not None:
-            onehot = adapter_onehot(adapter_ids, self.lora.config.max_loras, jnp.float32)
-            lora_arrays = self.lora.layer_arrays()
-        with_cache = cache is not None
+            args["onehot"] = adapter_onehot(adapter_ids, self.lora.config.max_loras, jnp.float32)
+            args["lora"] = self.lora.layer_arrays()
+        for key, value in (("cache", cache), ("save", save_indices), ("dropout", dropout), ("attend_inputs", attend_inputs)):
+            if value is not None:
+                args[key] = value
+        tp = None if parallel is None else parallel.tensor_parallel
 
-        def body(carry, xs):
-            h, cache = carry
-            p, lora, layer = xs
-            box = [cache]
+        def run_layers(a: dict) -> dict:
+            def body(carry, xs):
+                h, cache = carry
+                p, lora, layer = xs
+                box = [cache]
 
-            def attend_layer(q, k, v):
-                if not with_cache:
-                    return attend(q, k, v)
-                out, box[0] = attend(q, k, v, box[0], layer)
-                return out
+                def attend_layer(q, k, v):
+                    if "cache" not in a:
+                        return attend(q, k, v)
+                    out, box[0] = attend(q, k, v, box[0], layer, a.get("attend_inputs"))
+                    return out
 
-            saved = None if save_indices is None else jnp.take(h, save_indices, axis=0)
-            drop = None if dropout is None else dropout.at_layer(layer)
-            h = decoder_layer(config, p, lora, h, cos, sin, onehot, attend_layer, drop)
-            return (h, box[0]), saved
+                saved = jnp.take(h, a["save"], axis=0) if "save" in a else None
+                drop = a["dropout"].at_layer(layer) if "dropout" in a else None
+                h = decoder_layer(config, p, lora, h, a["cos"], a["sin"], a.get("onehot"), attend_layer, drop, tp)
+                return (h, box[0]), saved
 
-        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (h, cache), saved = jax.lax.scan(body, (h, cache), (self.layers.arrays(), lora_arrays, layer_ids))
-        final = None if save_indices is None else jnp.take(h, save_indices, axis=0)
+            layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+            (h, cache), saved = jax.lax.scan(body, (a["h"], a.get("cache")), (a["layers"], a["lora"], layer_ids))
+            out = {"h": h}
+            if "cache" in a:
+                out["cache"] = cache
+            if "save" in a:
+                out["saved"] = saved
+            return out
+
+        if parallel is None:
+            out = run_layers(args)
+        else:
+            rep = jax.sharding.PartitionSpec()
+            specs = {k: rep for k in args}
+            specs["layers"] = parallel.layer_specs(args["layers"])
+            specs["lora"] = parallel.pool_specs(args["lora"])
+            if "cache" in args:
+                specs["cache"] = jax.tree.map(lambda _: parallel.kv_cache_spec(), args["cache"])
+            out_specs = {"h": rep}
+            if "cache" in args:
+                out_specs["cache"] = specs["cache"]
+            if "save" in args:
+                out_specs["saved"] = rep
+            # check_vma=False: this forward is never differentiated (the finetuning backward
+            # recomputes layers itself), and Pallas kernels' out_shapes carry no varying-axes type.
+            out = jax.shard_map(run_layers, mesh=parallel.mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(args)
+        h = out["h"]
+        final = jnp.take(h, save_indices, axis=0) if save_indices is not None else None
         h = rms_norm(h, self.norm[...], config.rms_norm_eps)
-        out = (h, cache) if with_cache else (h,)
+        result = (h, out["cache"]) if cache is not None else (h,)
         if save_indices is not None:
-            out = out + ((saved, final),)
-        return out if len(out) > 1 else out[0]
+            result = result + ((out["saved"], final),)
+        return result if len(result) > 1 else result[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: ``[T, H]`` -> float32 ``[T, V]`` (computed in the model dtype, as HF does)."""

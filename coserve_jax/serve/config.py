@@ -26,6 +26,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from coserve_jax.configfile import ConfigError, apply_overrides, read_yaml, set_key, strict
+from coserve_jax.parallel.distributed import single_process_only
 
 MiB = 1 << 20
 
@@ -157,6 +158,10 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
     bad = sorted(set(engine) - known)
     if bad:
         raise ConfigError(f"{where}: unknown engine keys {bad} (Engine arguments: {sorted(known)})")
+    try:
+        single_process_only(engine.get("distributed"), f"{where}: engine.distributed")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     kw = {k: v for k, v in data.items() if k not in sections and k != "engine"}
     for name, cls in sections.items():
         kw[name] = strict(cls, data.get(name), f"{where}: {name}")

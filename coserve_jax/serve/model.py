@@ -32,6 +32,8 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     from coserve_jax.models import init_random
     from coserve_jax.models.config import LINEAR_MODULES
     from coserve_jax.models.tiny import byte_level_tokenizer, end_of_turn_ids, tiny_config
+    from coserve_jax.parallel.mesh import make_mesh
+    from coserve_jax.parallel.rules import ShardingRules
 
     tokenizer = _tokenizer(m) if m.tokenizer else byte_level_tokenizer()
     if m.chat_template and not m.tokenizer:
@@ -43,7 +45,8 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     modules = tuple(kw.pop("lora_target_modules", LINEAR_MODULES))
     if max_loras > 0:
         pool = LoRAPoolConfig(max_loras, rank, modules)
-    model = init_random(config, m.seed, dtype=m.dtype, lora=pool)
+    rules = ShardingRules(config, make_mesh(kw.get("tensor_parallel_size", 1)))
+    model = init_random(config, m.seed, dtype=m.dtype, lora=pool, sharding=rules.sharding)
     return Engine(model, tokenizer=tokenizer, **kw), cfg.served_model_name or "coserve-tiny"
 
 
