@@ -266,7 +266,7 @@ def test_server_and_benchmark_configs_take_tensor_parallel_size():
     data["model"].pop("tokenizer")
     data["model"]["vocab_from_tokenizer"] = False
     data["model"]["hf_config"]["vocab_size"] = 256
-    data["engine"] = dict(max_num_seqs=4, max_num_batched_tokens=32, token_buckets=[32], seq_buckets=[4], num_kv_pages=64,
+    data["engine"] = dict(max_num_seqs=4, max_num_batched_tokens=32, token_buckets=[32], seq_buckets=[4], num_kv_pages=100,
                           finetune_max_seq_len=64, finetune_seq_buckets=[64], compilation_cache_dir=None, tensor_parallel_size=2)
     cfg = parse_bench(data, "bench")
     engine = harness.build_engine(cfg)
