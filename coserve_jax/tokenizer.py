@@ -18,25 +18,40 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 
 def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a local checkpoint or tokenizer directory.
+    """Load the tokenizer of a local checkpoint or tokenizer directory, or of a GGUF file.
 
     Args:
-        path: a directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``).
+        path: a directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``), or
+            a llama.cpp ``.gguf`` file whose metadata holds the tokenizer and chat template
+            (converted by ``transformers``: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``).
         chat_template: optional override: a Jinja template string, or the path of a ``.jinja`` file
             (e.g. a template from the model card when the checkpoint has none).
     Returns:
         A ``transformers`` tokenizer (``PreTrainedTokenizerFast`` or the backend class of the
         installed ``transformers``).
     Raises:
-        FileNotFoundError: ``path`` is not a directory or holds no tokenizer files.
+        FileNotFoundError: ``path`` is not a directory or GGUF file, or holds no tokenizer.
+        ValueError: a GGUF tokenizer ``transformers`` cannot convert.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), local_files_only=True
+            )
+        except (KeyError, NotImplementedError) as e:  # transformers' converter names what it lacks
+            raise ValueError(f"cannot convert the tokenizer of {os.path.basename(path)}: {type(e).__name__}: {e}") from None
+        return _with_template(tokenizer, chat_template)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
     known = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
     if not any(os.path.isfile(os.path.join(path, f)) for f in known):
         raise FileNotFoundError(f"no tokenizer files ({', '.join(known)}) in {path!r}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _with_template(tokenizer, chat_template)
+
+
+def _with_template(tokenizer: PreTrainedTokenizerBase, chat_template) -> PreTrainedTokenizerBase:
     if chat_template is not None:
         text = os.fspath(chat_template)
         if os.path.isfile(text):

@@ -49,7 +49,7 @@ from coserve_jax.lora.peft_io import LoRAWeights
 from coserve_jax.lora.pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
-from coserve_jax.models.loader import load_model
+from coserve_jax.models.loader import is_gguf, load_config, load_model
 from coserve_jax.parallel.distributed import DistributedConfig, initialize_distributed
 from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.parallel.rules import ShardingRules
@@ -68,7 +68,7 @@ DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(pathlib
 def _eos_ids(path: str | os.PathLike | None, config: ModelConfig, tokenizer) -> frozenset[int]:
     ids = set(config.eos_token_ids)
     if path is not None:
-        gen = pathlib.Path(path) / "generation_config.json"
+        gen = pathlib.Path(path) / "generation_config.json"  # (none beside a .gguf file: its metadata has the EOS)
         if gen.is_file():
             eos = json.loads(gen.read_text()).get("eos_token_id")
             if eos is not None:
@@ -82,10 +82,13 @@ class Engine:
     """Continuous-batching LLM inference with paged attention and multi-LoRA.
 
     Args:
-        model: a local Hugging Face checkpoint directory (Llama / Qwen2 / Mistral), or a built
-            :class:`CausalLM` (then ``dtype``, ``max_loras`` ... of the model are used as built).
-        tokenizer: a tokenizer directory, a ``transformers`` tokenizer, or ``None``: the model
-            directory's tokenizer if it has one, else token ids only (``.text`` stays empty).
+        model: a local Hugging Face checkpoint directory (Llama / Qwen2 / Mistral), a llama.cpp
+            ``.gguf`` file (llama / qwen2; dequantized to ``dtype``, :mod:`coserve_jax.models.gguf`),
+            or a built :class:`CausalLM` (then ``dtype``, ``max_loras`` ... of the model are used
+            as built).
+        tokenizer: a tokenizer directory (or ``.gguf`` file), a ``transformers`` tokenizer, or
+            ``None``: the model's own tokenizer (directory files or GGUF metadata) if it has one,
+            else token ids only (``.text`` stays empty).
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         max_model_len: context length in tokens (default: the checkpoint's).
         max_num_seqs: most sequences running at once (and in one step).
@@ -198,7 +201,7 @@ class Engine:
         else:
             path = model
             lora = LoRAPoolConfig(max_loras, max_lora_rank, tuple(lora_target_modules)) if max_loras > 0 else None
-            self.rules = ShardingRules(ModelConfig.from_pretrained(model, max_model_len=max_model_len), self.mesh)
+            self.rules = ShardingRules(load_config(model, max_model_len=max_model_len), self.mesh)
             self.model = load_model(model, dtype=dtype, lora=lora, max_model_len=max_model_len, sharding=self.rules.sharding)
         rules = self.rules
         config = self.model.config
@@ -354,6 +357,10 @@ class Engine:
     # ---- construction helpers ------------------------------------------------------------
     @staticmethod
     def _tokenizer(tokenizer, path):
+        if tokenizer is None and path is not None and is_gguf(path):
+            from coserve_jax.models.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(path)
         if tokenizer is None and path is not None:
             p = pathlib.Path(path)
             if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):

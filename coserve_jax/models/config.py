@@ -26,12 +26,16 @@ class UnsupportedConfigError(ValueError):
     """A ``config.json`` field holds a value this implementation does not compute.
 
     Attributes:
-        field: the dotted name of the offending field, e.g. ``"rope_scaling.rope_type"``.
+        field: the dotted name of the offending field, e.g. ``"rope_scaling.rope_type"`` (or a
+            GGUF metadata key such as ``"general.architecture"``).
+        source: where the field is (``"config.json"``, or a GGUF file's name).
     """
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, source: str = "config.json"):
         self.field = field
-        super().__init__(f"config.json field '{field}': {message}")
+        self.source = source
+        self.reason = message
+        super().__init__(f"{source} field '{field}': {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +43,13 @@ class RopeScaling:
     """Rotary-embedding frequency scaling (``transformers.modeling_rope_utils``).
 
     Attributes:
-        rope_type: ``"linear"`` or ``"llama3"``.
-        factor: frequency divisor (both types).
+        rope_type: ``"linear"``, ``"llama3"`` or ``"freq_factors"``.
+        factor: frequency divisor (``linear`` and ``llama3``).
         low_freq_factor, high_freq_factor, original_max_position_embeddings: ``llama3`` only
             (Llama 3.1 report, section 3; ``_compute_llama3_parameters`` in transformers).
+        freq_factors: ``freq_factors`` only: one divisor per rotary frequency (``head_dim // 2``
+            floats), as llama.cpp applies a GGUF file's ``rope_freqs.weight`` tensor (its
+            converter stores Llama 3.1's scaling that way).
     """
 
     rope_type: str
@@ -50,6 +57,7 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    freq_factors: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

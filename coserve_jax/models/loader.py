@@ -133,10 +133,89 @@ def _set_layer(stack: jax.Array, layer: int, value: jax.Array) -> jax.Array:
 _SET_LAYER = jax.jit(lambda stack, i, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0), donate_argnums=0)
 
 
+class WeightPlacer:
+    """Puts host tensors onto the devices as a checkpoint streams them, as :func:`param_shapes`
+    names them, and checks that every expected tensor came (any checkpoint format).
+
+    Each :meth:`put` casts one tensor (already in our layout: linear weights ``[in, out]``) to
+    ``dtype`` and places it with ``sharding``; a decoder-layer tensor is written into its
+    preallocated layer-stacked device array in place, so host memory holds one tensor at a time.
+
+    Args:
+        config: decides which tensors are expected, and their shapes.
+        dtype: jnp dtype the parameters are cast to.
+        sharding: placement per parameter (default: whole on the first device).
+        source: the checkpoint's name in error messages.
+        describe: ``(name, layer) -> the tensor's name in the checkpoint`` for error messages.
+    """
+
+    def __init__(self, config: ModelConfig, dtype, sharding: Sharding | None, source: str,
+                 describe: Callable[[str, int | None], str]):
+        self.shapes = param_shapes(config)
+        self.dtype = dtype
+        self.sharding = sharding or default_sharding()
+        self.source = source
+        self.describe = describe
+        self.expected: set[tuple[str, int | None]] = set()
+        for name in self.shapes:
+            if name.startswith("layers."):
+                self.expected.update((name, i) for i in range(config.num_layers))
+            else:
+                self.expected.add((name, None))
+        self.out: dict[str, jax.Array] = {}
+        self.seen: set[tuple[str, int | None]] = set()
+
+    def expects(self, name: str, layer: int | None) -> bool:
+        """Whether ``(name, layer)`` is a parameter of this config."""
+        return (name, layer) in self.expected
+
+    def shape_of(self, name: str, layer: int | None) -> tuple[int, ...]:
+        """The shape :meth:`put` takes for ``(name, layer)`` (one layer's for stacked ones)."""
+        full = self.shapes[name]
+        return tuple(full[1:] if layer is not None else full)
+
+    def put(self, name: str, layer: int | None, host: np.ndarray) -> None:
+        """Place one tensor (our layout) on the devices.
+
+        Raises:
+            CheckpointError: a shape other than :meth:`shape_of` (both named).
+        """
+        want = self.shape_of(name, layer)
+        if tuple(host.shape) != want:
+            raise CheckpointError(
+                f"tensor {self.describe(name, layer)!r} in {self.source} has shape {list(host.shape)} (in our "
+                f"[in, out] layout), but the model config implies {list(want)}"
+            )
+        full = self.shapes[name]
+        host = np.ascontiguousarray(host.astype(self.dtype))
+        target = self.sharding(name, full)
+        if layer is None:
+            self.out[name] = jax.device_put(host, target)
+        else:
+            if name not in self.out:
+                self.out[name] = _zeros(full, self.dtype, target)
+            value = jax.device_put(host, _layer_slice_sharding(target))
+            self.out[name] = _set_layer(self.out[name], layer, value)
+        self.seen.add((name, layer))
+
+    def finish(self) -> dict[str, jax.Array]:
+        """``{name: array}``, layer-stacked for ``layers.*``.
+
+        Raises:
+            CheckpointError: tensors that never came (the first 8 named).
+        """
+        missing = sorted(self.expected - self.seen, key=lambda nl: (nl[0], -1 if nl[1] is None else nl[1]))
+        if missing:
+            shown = ", ".join(self.describe(n, l) for n, l in missing[:8])
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise CheckpointError(f"checkpoint {self.source} is missing {len(missing)} tensor(s): {shown}{more}")
+        return self.out
+
+
 def load_weights(
     path: str | os.PathLike, config: ModelConfig, dtype, sharding: Sharding | None = None
 ) -> dict[str, jax.Array]:
-    """Stream a checkpoint's tensors onto the devices, as :func:`param_shapes` names them.
+    """Stream a safetensors checkpoint's tensors onto the devices, as :func:`param_shapes` names them.
 
     Args:
         path: checkpoint directory.
@@ -150,22 +229,13 @@ def load_weights(
         CheckpointError: a missing tensor, a tensor of the wrong shape, or one of a non-float
             dtype (e.g. a quantized checkpoint), each named.
     """
-    sharding = sharding or default_sharding()
-    shapes = param_shapes(config)
-    expected: set[tuple[str, int | None]] = set()
-    for name, shape in shapes.items():
-        if name.startswith("layers."):
-            expected.update((name, i) for i in range(config.num_layers))
-        else:
-            expected.add((name, None))
-    out: dict[str, jax.Array] = {}
-    seen: set[tuple[str, int | None]] = set()
+    placer = WeightPlacer(config, dtype, sharding, repr(os.fspath(path)), _hf_name)
     cpu = jax.local_devices(backend="cpu")[0]
     for file in checkpoint_files(path):
         with jax.default_device(cpu), safe_open(file, framework="flax") as f:
             for key in f.keys():
                 mapped = _hf_key(key)
-                if mapped is None or mapped not in expected:
+                if mapped is None or not placer.expects(*mapped):
                     continue  # rotary inv_freq buffers, a tied lm_head copy, layers beyond num_layers
                 name, layer = mapped
                 info = f.get_slice(key)
@@ -175,8 +245,7 @@ def load_weights(
                         f"tensor {key!r} in {os.path.basename(file)} has dtype {src_dtype}; "
                         f"expected one of {sorted(_FLOAT_DTYPES)} (quantized checkpoints are not supported)"
                     )
-                full = shapes[name]
-                want = full[1:] if layer is not None else full
+                want = placer.shape_of(name, layer)
                 if name in _TRANSPOSED:
                     want = want[::-1]
                 if src_shape != tuple(want):
@@ -185,25 +254,9 @@ def load_weights(
                         f"but config.json implies {list(want)}"
                     )
                 host = np.asarray(f.get_tensor(key))
-                if name in _TRANSPOSED:
-                    host = host.T
-                host = np.ascontiguousarray(host.astype(dtype))
-                target = sharding(name, full)
-                if layer is None:
-                    out[name] = jax.device_put(host, target)
-                else:
-                    if name not in out:
-                        out[name] = _zeros(full, dtype, target)
-                    value = jax.device_put(host, _layer_slice_sharding(target))
-                    out[name] = _set_layer(out[name], layer, value)
+                placer.put(name, layer, host.T if name in _TRANSPOSED else host)
                 del host
-                seen.add(mapped)
-    missing = sorted(expected - seen, key=lambda nl: (nl[0], -1 if nl[1] is None else nl[1]))
-    if missing:
-        shown = ", ".join(_hf_name(n, l) for n, l in missing[:8])
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is missing {len(missing)} tensor(s): {shown}{more}")
-    return out
+    return placer.finish()
 
 
 def _hf_name(name: str, layer: int | None) -> str:
@@ -211,6 +264,32 @@ def _hf_name(name: str, layer: int | None) -> str:
         return {v: k for k, v in _TOP_KEYS.items()}[name]
     sub = {v: k for k, v in _LAYER_SUBKEYS.items()}[name]
     return f"model.layers.{layer}.{sub}"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix, or its ``GGUF`` magic bytes)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".gguf"):
+        return True
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_config(path: str | os.PathLike, max_model_len: int | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint directory (``config.json``) or a ``.gguf`` file
+    (its metadata, :func:`coserve_jax.models.gguf.gguf_config`).
+
+    Raises:
+        FileNotFoundError: no such checkpoint. UnsupportedConfigError, CheckpointError: see
+        :meth:`ModelConfig.from_hf_dict` and :func:`~coserve_jax.models.gguf.gguf_config`.
+    """
+    if is_gguf(path):
+        from coserve_jax.models.gguf import gguf_config
+
+        return gguf_config(path, max_model_len=max_model_len)
+    return ModelConfig.from_pretrained(path, max_model_len=max_model_len)
 
 
 def _build(config: ModelConfig, dtype, lora: LoRAPoolConfig | None, sharding: Sharding, base_init) -> CausalLM:
@@ -230,22 +309,30 @@ def load_model(
     sharding: Sharding | None = None,
     max_model_len: int | None = None,
 ) -> CausalLM:
-    """Load a Llama / Qwen2 / Mistral checkpoint directory into a :class:`CausalLM`.
+    """Load a Llama / Qwen2 / Mistral checkpoint into a :class:`CausalLM`.
 
     Args:
-        path: local directory with ``config.json`` and safetensors weights (single or sharded).
+        path: a local directory with ``config.json`` and safetensors weights (single or
+            sharded), or a llama.cpp ``.gguf`` file (:mod:`coserve_jax.models.gguf`; its
+            quantized tensors are dequantized to ``dtype``).
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a jnp dtype.
         lora: adapter pool shape, or ``None`` for no adapters. The pool starts empty (all zeros).
         sharding: per-parameter placement (names as :func:`param_shapes` and ``lora.{module}.A|B|scaling``).
         max_model_len: longest sequence to run, in tokens (default: the checkpoint's context).
     Raises:
         FileNotFoundError, UnsupportedConfigError, CheckpointError: see
-        :meth:`ModelConfig.from_pretrained` and :func:`load_weights`.
+        :meth:`ModelConfig.from_pretrained` and :func:`load_weights` (or
+        :func:`coserve_jax.models.gguf.load_gguf_weights`).
     """
-    config = ModelConfig.from_pretrained(path, max_model_len=max_model_len)
+    config = load_config(path, max_model_len=max_model_len)
     dtype = resolve_dtype(dtype, config)
     sharding = sharding or default_sharding()
-    weights = load_weights(path, config, dtype, sharding)
+    if is_gguf(path):
+        from coserve_jax.models.gguf import load_gguf_weights
+
+        weights = load_gguf_weights(path, config, dtype, sharding)
+    else:
+        weights = load_weights(path, config, dtype, sharding)
     return _build(config, dtype, lora, sharding, lambda name, shape, dt: weights.pop(name))
 
 

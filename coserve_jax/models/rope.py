@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoFormer, Su et al. 2021), as Hugging Face Llama computes them.
 
 Frequencies follow ``transformers.modeling_rope_utils`` (``_compute_default_rope_parameters``,
-``_compute_linear_scaling_rope_parameters``, ``_compute_llama3_parameters``); the rotation is the
+``_compute_linear_scaling_rope_parameters``, ``_compute_llama3_parameters``), or per-frequency
+divisors read from a GGUF file (llama.cpp's ``rope_freqs``); the rotation is the
 "rotate_half" (non-interleaved) form of ``transformers.models.llama.modeling_llama.apply_rotary_pos_emb``.
 """
 
@@ -29,6 +30,11 @@ def inv_frequencies(config: ModelConfig) -> np.ndarray:
         return inv_freq
     if scaling.rope_type == "linear":
         return (inv_freq / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "freq_factors":  # llama.cpp's rope_freqs: theta_i = pos * inv_freq_i / f_i
+        factors = np.asarray(scaling.freq_factors, np.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{factors.size} RoPE frequency factors for {inv_freq.size} frequencies")
+        return (inv_freq / factors).astype(np.float32)
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
     old_len = scaling.original_max_position_embeddings
     low_freq_wavelen = old_len / scaling.low_freq_factor
