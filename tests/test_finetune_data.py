@@ -78,7 +78,7 @@ def test_bad_records_reported_with_line_numbers(tok, tmp_path):
         {"text": "a very long record " * 50},
     ]
     with pytest.raises(DataValidationError) as e:
-        load_dataset(write_jsonl(tmp_path / "bad.jsonl", rows), tok, max_seq_len=100)
+        load_dataset(write_jsonl(tmp_path / "bad.jsonl", rows), tok, max_seq_len=100, truncation="error")
     lines = [n for n, _ in e.value.errors]
     assert lines == [2, 3, 4, 5, 7, 8, 9, 10]
     msg = str(e.value)

@@ -223,8 +223,8 @@ def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
         eng.create_finetuning_job(exs, lora={"r": 64})
     with pytest.raises(ValueError, match="unknown finetuning setting"):
         eng.create_finetuning_job(exs, learning_rte=1e-3)
-    with pytest.raises(ValueError, match="longer than finetune_max_seq_len"):
-        eng.create_finetuning_job([TrainingExample(tuple(range(300)), (False,) + (True,) * 299, 1)])
+    with pytest.raises(ValueError, match="300 tokens, above max_seq_len=256"):
+        eng.create_finetuning_job([TrainingExample(tuple(range(300)), (False,) + (True,) * 299, 1)], truncation="error")
     assert eng.list_adapters() == loaded and not eng.has_active_jobs
 
 
@@ -284,3 +284,51 @@ def test_kill_and_restart_resumes_to_the_same_adapter(engine, tmp_path):
     assert np.allclose([r.loss for r in resumed.loss_history], [r.loss for r in straight.loss_history], rtol=1e-6)
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())[-1] == 6
     eng.unload_adapter(resumed.adapter_name)
+
+
+def _reference_eval_loss(eng, params, lora: LoRAConfig, exs) -> float:
+    """Mean per-token cross-entropy over the examples' target tokens, by whole-sequence forwards."""
+    config = eng.config
+    base = base_weights(eng.model)
+    scaling = {m: jnp.full((config.num_layers,), lora.scaling, jnp.float32) for m in params}
+    total = float(sum(e.num_targets for e in exs))
+    return float(sum(
+        whole_sequence_loss(config, base, params, scaling, jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask), total)
+        for e in exs
+    ))
+
+
+def test_validation_loss_and_truncation(engine):
+    """A job with an evaluation set reports the validation loss every eval_steps optimizer steps
+    and at the end (forward-only sequences in the serving steps, beside requests), equal to a
+    whole-sequence reference with the adapter of that step; over-long records are truncated
+    (keep the start) and counted, in the training and the evaluation data."""
+    eng, hf, _ = engine
+    vocab = hf.config.vocab_size
+    train = examples(vocab) + [TrainingExample(tuple(random_sequences([300], vocab, 11)[0]), (False,) * 20 + (True,) * 280, 6)]
+    held = examples(vocab, lengths=(60, 300, 33), prompt=(10, 250, 5), seed=12)
+    lora = LoRAConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+    job = eng.create_finetuning_job(train, eval_dataset=held, lora=lora, learning_rate=5e-2, max_steps=4, eval_steps=2, shuffle=False)
+    assert job.truncated_examples == 1 and max(len(e.token_ids) for e in job.examples) == 256
+    assert [len(e.token_ids) for e in job.eval_examples] == [60, 256, 33]
+    snapshots = {}
+    outs = eng.generate(random_sequences([5, 40], vocab, seed=13), SamplingParams(max_tokens=8, temperature=0))
+    assert all(len(o.token_ids) == 8 for o in outs)
+    while not job.done:
+        if job.evaluating and job.step not in snapshots:
+            snapshots[job.step] = jax.tree.map(np.asarray, job.params)
+        eng.step()
+    assert job.status is JobStatus.SUCCEEDED
+    assert [r.step for r in job.eval_history] == [2, 4]
+    assert job.eval_history[0].tokens == sum(e.num_targets for e in job.eval_examples)
+    for rec in job.eval_history:
+        ref = _reference_eval_loss(eng, snapshots[rec.step], lora, job.eval_examples)
+        assert abs(rec.loss - ref) < 1e-4 * max(1.0, ref), (rec.step, rec.loss, ref)
+    assert job.eval_history[0].loss != job.eval_history[1].loss
+    # engine.evaluate: the same pass on demand, for the adapter and for the base model (B = 0 at init).
+    assert abs(eng.evaluate(held, adapter=job.adapter_name) - job.eval_history[-1].loss) < 1e-5
+    zero = jax.tree.map(lambda a: np.zeros_like(a), job.params)
+    base_ref = _reference_eval_loss(eng, zero, lora, job.eval_examples)
+    assert abs(eng.evaluate(held) - base_ref) < 1e-4 * max(1.0, base_ref)
+    assert eng.scheduler.kv_cache.num_used_pages == 0 and not eng.scheduler.training
+    eng.unload_adapter(job.adapter_name)

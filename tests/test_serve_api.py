@@ -238,6 +238,52 @@ def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, htt
         client.fine_tuning.jobs.cancel(job.id)
 
 
+def test_long_records_are_truncated_and_validation_loss_is_reported(client, http, tmp_path):
+    """A 64-record Alpaca-as-chat file with 2 records over finetune_max_seq_len (512) trains, the
+    2 truncated and counted (``truncation: error`` refuses it, naming their lines); a validation
+    file gives valid_loss events every eval_steps steps and at the end, checkpoint metrics and a
+    Prometheus gauge."""
+    rows = []
+    for i in range(64):
+        long = i in (10, 40)
+        out = " ".join(f"word{j}" for j in range(900)) if long else f"The answer is {i}."
+        rows.append({"messages": [{"role": "user", "content": f"Instruction {i}: repeat after me."},
+                                  {"role": "assistant", "content": out}]})
+    train = tmp_path / "alpaca_chat.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Instruction {i}: repeat after me."},
+                                                          {"role": "assistant", "content": f"The answer is {i}."}]})
+                                for i in range(100, 108)) + "\n")
+    with open(train, "rb") as f:
+        tid = client.files.create(file=f, purpose="fine-tune").id
+    with open(valid, "rb") as f:
+        vid = client.files.create(file=f, purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=tid, hyperparameters={"truncation": "error"})
+    assert "line 11" in str(e.value) and "line 41" in str(e.value) and "above max_seq_len=512" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file=tid, validation_file="file-nope")
+    assert "validation_file" in str(e.value)
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=tid, validation_file=vid,
+        hyperparameters={"max_steps": 4, "eval_steps": 2, "learning_rate_multiplier": 100},
+    )
+    assert job.validation_file == vid and job.model_extra["truncated_examples"] == 2
+    done = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                      timeout=600, interval=0.5)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert any("2 training example(s) were longer than 512 tokens and were truncated" in e.message for e in events)
+    valid_events = [e for e in events if e.type == "metrics" and "valid_loss" in (e.data or {})]
+    assert [e.data["step"] for e in valid_events] == [4, 2]  # newest first
+    assert all(math.isfinite(e.data["valid_loss"]) and e.data["valid_loss"] > 0 for e in valid_events)
+    assert done.model_extra["valid_loss"] == valid_events[0].data["valid_loss"]
+    ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert ckpt.step_number == 4 and ckpt.metrics.valid_loss == valid_events[0].data["valid_loss"]
+    assert metric(http, "coserve_finetune_job_valid_loss", job_id=job.id) == pytest.approx(valid_events[0].data["valid_loss"])
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 def _post(http, path, body, **kw):
     return http.post(path, content=body if isinstance(body, (str, bytes)) else json.dumps(body),

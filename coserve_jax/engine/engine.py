@@ -40,7 +40,8 @@ from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
-from coserve_jax.finetune.data import TrainingExample, load_dataset
+from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
+from coserve_jax.finetune.evaluation import Evaluation
 from coserve_jax.finetune.job import FinetuningError, FinetuningJob, JobStatus, plan_steps
 from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
 from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
@@ -285,6 +286,7 @@ class Engine:
             self.adapters.compile_writer()
             self.compile_seconds += time.perf_counter() - t0
         self._jobs: dict[str, FinetuningJob] = {}
+        self._evaluations: dict[str, Evaluation] = {}  # engine.evaluate's passes in flight
         self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
         self.slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {}))
         self._cache_dir = compilation_cache_dir
@@ -430,6 +432,7 @@ class Engine:
         *,
         adapter_name: str | None = None,
         job_id: str | None = None,
+        eval_dataset: str | os.PathLike | Sequence[TrainingExample] | None = None,
         **settings,
     ) -> FinetuningJob:
         """Start a LoRA finetuning job that trains inside the serving steps.
@@ -442,6 +445,10 @@ class Engine:
             adapter_name: the name inference requests use for the adapter being trained
                 (default: the job id). It serves the latest optimizer step's weights.
             job_id: an id of your own (default ``ftjob-<12 hex>``).
+            eval_dataset: held-out examples (a file or :class:`TrainingExample` s, read as the
+                training data): the job's validation loss (``job.eval_history``) every
+                ``eval_steps`` optimizer steps and at the end, from forward-only sequences in the
+                serving steps.
             **settings: overrides of ``config`` fields (``lora`` may be a dict).
         Returns:
             The job's handle; it trains as the engine steps (:meth:`step`, :meth:`generate`,
@@ -474,23 +481,8 @@ class Engine:
         if name in self.list_adapters():
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         layout = self.finetune_layout
-        if isinstance(training_data, (str, os.PathLike)):
-            if self.tokenizer is None:
-                raise FinetuningError("this engine has no tokenizer: pass TrainingExample lists")
-            examples = load_dataset(
-                training_data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
-                max_seq_len=layout.max_seq_len, chat_template=cfg.chat_template,
-            )
-        else:
-            examples = list(training_data)
-            if not examples:
-                raise ValueError("no training examples")
-            long = [i for i, e in enumerate(examples) if len(e.token_ids) > layout.max_seq_len]
-            if long:
-                raise ValueError(f"examples {long[:5]} are longer than finetune_max_seq_len={layout.max_seq_len}")
-            bad = [i for i, e in enumerate(examples) if any(not 0 <= t < self.config.vocab_size for t in e.token_ids)]
-            if bad:
-                raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
+        examples = self._examples(training_data, cfg)
+        eval_examples = self._examples(eval_dataset, cfg) if eval_dataset is not None else None
         if not self._free_rows:
             raise FinetuningError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
         _, total_steps = plan_steps(cfg, len(examples))
@@ -508,7 +500,8 @@ class Engine:
             job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
             num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
             params=self._place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
-            base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job,
+            base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job, eval_examples=eval_examples,
+            truncated_examples=examples.truncated_examples, skipped_examples=examples.skipped_examples,
         )
         if cfg.resume:
             job.restore_latest()
@@ -518,11 +511,63 @@ class Engine:
         self._free_rows.remove(row)
         self.ft_buffers = self.ft_buffers._replace(grads=self._zero_row(self.ft_buffers.grads, np.int32(row)))
         self._jobs[job_id] = job
-        if job.step >= job.total_steps:
+        if job.complete:
             self._end_job(job, JobStatus.SUCCEEDED)
         else:
             self._feed(job)
         return job
+
+    def _examples(self, data, cfg: FinetuneConfig) -> TrainingSet:
+        """A job's training or evaluation examples, fitted to ``finetune_max_seq_len``."""
+        max_len = self.finetune_layout.max_seq_len
+        if isinstance(data, (str, os.PathLike)):
+            if self.tokenizer is None:
+                raise FinetuningError("this engine has no tokenizer: pass TrainingExample lists")
+            return load_dataset(
+                data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                max_seq_len=max_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
+            )
+        examples = list(data)
+        if not examples:
+            raise ValueError("no training examples")
+        fitted = truncate_examples(examples, max_len, cfg.truncation)
+        bad = [i for i, e in enumerate(fitted) if any(not 0 <= t < self.config.vocab_size for t in e.token_ids)]
+        if bad:
+            raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
+        return fitted
+
+    def evaluate(
+        self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
+        config: FinetuneConfig | None = None,
+    ) -> float:
+        """Validation loss of the base model or an adapter on ``data``: the mean per-token
+        cross-entropy (nats) over the loss-masked target tokens, computed by forward-only
+        sequences in the serving steps (this call steps the engine until they are done; other
+        requests and jobs advance meanwhile, their outputs are not returned).
+
+        Args:
+            data: a file (read with ``config``'s data settings: ``columns``, ``chat_template``
+                ...) or :class:`TrainingExample` s; records longer than
+                ``finetune_max_seq_len`` are truncated as ``config.truncation`` says.
+            adapter: an adapter name (e.g. a job's), or ``None`` for the base model.
+        Raises:
+            FinetuningError: no finetuning in this engine. AdapterError: unknown adapter.
+            DataValidationError, ValueError: bad data.
+        """
+        if self.finetune_layout is None:
+            raise FinetuningError("this engine has no finetuning (max_finetune_jobs=0 or max_loras=0)")
+        index = self.adapters.adapter_index(adapter) if adapter else 0
+        examples = self._examples(data, config or FinetuneConfig())
+        ev = Evaluation(f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.config.num_layers, self.finetune_layout.layers_per_slice)
+        self._evaluations[ev.id] = ev
+        try:
+            self.scheduler.add_training_sequence(ev.next_sequence())
+            while not ev.done:
+                self.step()
+        finally:
+            self._evaluations.pop(ev.id, None)
+            self.scheduler.remove_training(ev.id)
+        return ev.record(time.time()).loss
 
     def _place_job_params(self, params: dict) -> dict:
         """A job's master weights placed as its pool slot (dependent parallelization); its
@@ -575,6 +620,11 @@ class Engine:
 
     def _advance_jobs(self) -> None:
         for seq in self.scheduler.pop_trained():
+            ev = self._evaluations.get(seq.job_id)
+            if ev is not None:
+                if not ev.sequence_done(seq):
+                    self.scheduler.add_training_sequence(ev.next_sequence())
+                continue
             job = self._jobs.get(seq.job_id)
             if job is None or job.done:
                 continue
@@ -584,7 +634,7 @@ class Engine:
                     self.ft_buffers = self.ft_buffers._replace(grads=grads)
                     self.adapters.write_weights(job.adapter_index, pool)
                     self._state = nnx.state(self.model)
-                if job.step >= job.total_steps:
+                if job.complete:
                     self._end_job(job, JobStatus.SUCCEEDED)
                 else:
                     self._feed(job)
@@ -710,9 +760,10 @@ class Engine:
                 bucket, self._state, self.k_cache, self.v_cache, self.ft_buffers, inputs
             )
             if plan.finetune is not None:
-                job = self._jobs.get(plan.finetune.sequence.job_id)
-                if job is not None:
-                    job.add_forward_loss(plan.finetune.sequence, ft_loss)
+                seq = plan.finetune.sequence
+                owner = self._jobs.get(seq.job_id) or self._evaluations.get(seq.job_id)
+                if owner is not None:
+                    owner.add_forward_loss(seq, ft_loss)
         if plan.backward is not None:
             self._run_backward(plan.backward)
         self.num_steps += 1

@@ -121,7 +121,8 @@ def build_step_inputs(
             rate[first:off] = seq.dropout_rate
             dseed[first:off] = seq.dropout_seed
             save_slots[:n] = np.arange(first, off)
-            dest[:n] = seq.store_row * store_rows_per_job + np.arange(ft.start, ft.start + n)
+            if not seq.forward_only:  # a validation chunk saves nothing (its rows stay dropped)
+                dest[:n] = seq.store_row * store_rows_per_job + np.arange(ft.start, ft.start + n)
             targets[:n] = seq.targets[ft.start : ft.start + n]
             weights[:n] = seq.weights[ft.start : ft.start + n]
         dropout = LoRADropout(rate, dseed, positions)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from coserve_jax.finetune.data import TRUNCATION_MODES
 from coserve_jax.models.config import LINEAR_MODULES
 
 INITS = ("kaiming", "gaussian")
@@ -98,6 +99,11 @@ class FinetuneConfig:
             "completion": "answer"}`` reads GSM8K).
         chat_template: render Alpaca / prompt-completion records as a one-turn conversation
             through the tokenizer's chat template (chat records always are).
+        truncation: a record longer than the engine's ``finetune_max_seq_len``:
+            ``"keep_start"`` (truncated, keeping the start, and counted; TRL's
+            ``truncation_mode``) or ``"error"`` (the data is refused).
+        eval_steps: with an evaluation set, compute the validation loss every this many
+            optimizer steps (``None``: only at the end); always at the end too.
         checkpoint_dir: where orbax checkpoints go (``None``: no checkpoints).
         save_steps: checkpoint every this many optimizer steps (and always at the end).
         save_total_limit: checkpoints kept.
@@ -125,6 +131,8 @@ class FinetuneConfig:
     train_on_prompt: bool = False
     columns: Mapping[str, str] | None = None
     chat_template: bool = False
+    truncation: str = "keep_start"
+    eval_steps: int | None = None
     checkpoint_dir: str | os.PathLike | None = None
     save_steps: int | None = None
     save_total_limit: int = 2
@@ -137,6 +145,8 @@ class FinetuneConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_scheduler_type not in SCHEDULES:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         checks = {
@@ -147,6 +157,7 @@ class FinetuneConfig:
             "num_train_epochs": self.num_train_epochs > 0,
             "max_steps": self.max_steps is None or self.max_steps >= 1,
             "save_steps": self.save_steps is None or self.save_steps >= 1,
+            "eval_steps": self.eval_steps is None or self.eval_steps >= 1,
             "save_total_limit": self.save_total_limit >= 1,
             "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm >= 0,
         }

@@ -18,6 +18,11 @@ tokenizer's EOS appended (so the model learns to stop), as TRL's SFT does.
 
 Every record is checked before any training starts; all problems are reported at once with the
 file's line numbers (:class:`DataValidationError`).
+
+**Long records** are truncated to ``max_seq_len`` tokens, keeping the start (``truncation=
+"keep_start"``, what OpenAI's fine-tuning and TRL's ``max_length`` do), and counted; a record left
+with no trainable token is skipped and counted. ``truncation="error"`` makes a long record an
+error instead. The counts ride on the returned :class:`TrainingSet`.
 """
 
 from __future__ import annotations
@@ -68,6 +73,68 @@ class TrainingExample:
     @property
     def num_targets(self) -> int:
         return sum(self.loss_mask)
+
+
+TRUNCATION_MODES = ("keep_start", "error")
+"""What a record longer than ``max_seq_len`` does: ``keep_start`` (truncated, as TRL's
+``truncation_mode``), or ``error`` (the file is rejected)."""
+
+
+class TrainingSet(list):
+    """The examples of a file (a ``list`` of :class:`TrainingExample`), with how it was read.
+
+    Attributes:
+        truncated_lines: lines of the records cut to ``max_seq_len`` tokens (kept).
+        skipped_lines: lines of the records left out because truncation removed every target token.
+    """
+
+    def __init__(self, examples=(), truncated_lines=(), skipped_lines=()):
+        super().__init__(examples)
+        self.truncated_lines = list(truncated_lines)
+        self.skipped_lines = list(skipped_lines)
+
+    @property
+    def truncated_examples(self) -> int:
+        """Records truncated (and kept)."""
+        return len(self.truncated_lines)
+
+    @property
+    def skipped_examples(self) -> int:
+        """Records skipped (no target token left after truncation)."""
+        return len(self.skipped_lines)
+
+
+def truncate_examples(
+    examples, max_seq_len: int, truncation: str = "keep_start", where: str = "examples"
+) -> TrainingSet:
+    """Fit examples to ``max_seq_len`` tokens (see the module docstring).
+
+    Raises:
+        ValueError: an unknown ``truncation``.
+        DataValidationError: ``truncation="error"`` and examples that are too long (their lines
+            named), or no example left.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    out, truncated, skipped, errors = [], [], [], []
+    for ex in examples:
+        if len(ex.token_ids) <= max_seq_len:
+            out.append(ex)
+            continue
+        if truncation == "error":
+            errors.append((ex.line, f"{len(ex.token_ids)} tokens, above max_seq_len={max_seq_len} (truncation='error')"))
+            continue
+        cut = TrainingExample(ex.token_ids[:max_seq_len], ex.loss_mask[:max_seq_len], ex.line)
+        if max_seq_len < 2 or not cut.num_targets:
+            skipped.append(ex.line)
+        else:
+            truncated.append(ex.line)
+            out.append(cut)
+    if errors:
+        raise DataValidationError(where, errors)
+    if not out:
+        raise DataValidationError(where, [(skipped[0] if skipped else 1, f"no record has a token to train on within max_seq_len={max_seq_len}")])
+    return TrainingSet(out, truncated, skipped)
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
@@ -244,7 +311,8 @@ def load_dataset(
     columns: Mapping[str, str] | None = None,
     max_seq_len: int | None = None,
     chat_template: bool = False,
-) -> list[TrainingExample]:
+    truncation: str = "keep_start",
+) -> TrainingSet:
     """Read, validate and tokenize a whole training file.
 
     Args:
@@ -253,16 +321,21 @@ def load_dataset(
         train_on_prompt: loss on prompt tokens too.
         columns: field names for prompt-completion records, e.g. ``{"prompt": "question",
             "completion": "answer"}``.
-        max_seq_len: longest sequence allowed, in tokens (longer records are errors, not
-            silently truncated).
+        max_seq_len: longest sequence, in tokens (longer records are truncated or refused, as
+            ``truncation`` says).
         chat_template: render Alpaca / prompt-completion records as a user / assistant
             conversation with the tokenizer's chat template.
+        truncation: ``"keep_start"`` or ``"error"`` (see the module docstring).
     Returns:
-        One :class:`TrainingExample` per record, in file order.
+        A :class:`TrainingSet`: one :class:`TrainingExample` per kept record, in file order,
+        with the lines of the truncated and skipped records.
     Raises:
         FileNotFoundError: no such file.
+        ValueError: an unknown ``truncation``.
         DataValidationError: every bad record with its line number; nothing is returned.
     """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     errors: list[tuple[int, str]] = []
     out: list[TrainingExample] = []
     records = read_records(path)
@@ -279,10 +352,12 @@ def load_dataset(
         except ValueError as e:
             errors.append((line, str(e)))
             continue
-        if max_seq_len is not None and len(ex.token_ids) > max_seq_len:
-            errors.append((line, f"{len(ex.token_ids)} tokens, above max_seq_len={max_seq_len}"))
+        if truncation == "error" and max_seq_len is not None and len(ex.token_ids) > max_seq_len:
+            errors.append((line, f"{len(ex.token_ids)} tokens, above max_seq_len={max_seq_len} (truncation='error')"))
             continue
         out.append(ex)
     if errors:
         raise DataValidationError(os.fspath(path), errors)
-    return out
+    if max_seq_len is None:
+        return TrainingSet(out)
+    return truncate_examples(out, max_seq_len, truncation, os.fspath(path))

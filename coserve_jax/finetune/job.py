@@ -12,6 +12,11 @@ Data order: sequence ``k`` (counting across epochs) is example ``perm_e[k mod N]
 sequences ``g * A .. (g + 1) * A - 1`` (``A = gradient_accumulation_steps``), and its loss is the
 mean token cross-entropy over all their target tokens. Everything is a function of the step
 count, so a job resumed from a checkpoint continues with the same sequences.
+
+Validation: with ``eval_examples``, after every ``eval_steps``-th optimizer step and after the
+last one the job hands out forward-only sequences of those examples
+(:class:`~coserve_jax.finetune.evaluation.Evaluation`) before its next training sequence, so
+the validation loss is that optimizer step's adapter's; the job ends after its final validation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.finetune.evaluation import EvalRecord, Evaluation
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, write_peft
 from coserve_jax.parallel.rules import fetch
 from coserve_jax.sched.finetune import TrainingSequence
@@ -77,7 +83,8 @@ class FinetuningJob:
     """Handle of a finetuning job running inside an :class:`~coserve_jax.engine.Engine`.
 
     Read ``status``, ``step`` / ``total_steps``, ``loss_history`` (:class:`LossRecord` per
-    optimizer step), ``tokens_per_s``, ``error``; call :meth:`cancel` and :meth:`export`. The
+    optimizer step), ``eval_history`` (validation passes), ``tokens_per_s``, ``error``,
+    ``truncated_examples``; call :meth:`cancel`, :meth:`export`, :meth:`request_evaluation`. The
     job's adapter is loaded in the engine under ``adapter_name`` from the start and stays
     loaded after the job ends (unload it with ``engine.unload_adapter``).
 
@@ -101,6 +108,9 @@ class FinetuningJob:
         checkpointer: JobCheckpointer | None,
         base_model_name_or_path: str | None,
         cancel_fn: Callable[["FinetuningJob"], None],
+        eval_examples: Sequence[TrainingExample] | None = None,
+        truncated_examples: int = 0,
+        skipped_examples: int = 0,
     ):
         self.id = job_id
         self.adapter_name = adapter_name
@@ -131,6 +141,14 @@ class FinetuningJob:
         self._group_tokens = 0
         self._seconds = 0.0  # wall time while running
         self._resumed_from: int | None = None
+        self.eval_examples = list(eval_examples) if eval_examples else []
+        self.eval_history: list[EvalRecord] = []
+        """One :class:`~coserve_jax.finetune.evaluation.EvalRecord` per validation pass."""
+        self._evaluation: Evaluation | None = None
+        self.truncated_examples = truncated_examples
+        """Training records cut to the engine's ``finetune_max_seq_len`` (and kept)."""
+        self.skipped_examples = skipped_examples
+        """Training records left out (no target token within ``finetune_max_seq_len``)."""
 
     # ---- user API -----------------------------------------------------------------------
     @property
@@ -198,10 +216,15 @@ class FinetuningJob:
         return (self.config.seed * 0x9E3779B1 + k * 0x85EBCA77 + 1) & 0xFFFFFFFF
 
     def next_sequence(self) -> TrainingSequence | None:
-        """The next sequence to train, or ``None`` when the last optimizer step's sequences have
-        all been handed out."""
+        """The next sequence to run: a validation sequence while a validation pass is on, else
+        the next training sequence; ``None`` when everything has been handed out."""
+        if self.done:
+            return None
+        if self._evaluation is not None:
+            self._evaluation.adapter_index = self.adapter_index  # (set by the engine after a resume)
+            return self._evaluation.next_sequence()
         k = self._next_seq
-        if self.done or k >= self.total_sequences:
+        if k >= self.total_sequences:
             return None
         acc = self.config.gradient_accumulation_steps
         norm = self.normalizer(k // acc)
@@ -221,10 +244,43 @@ class FinetuningJob:
     # ---- progress (called by the engine) --------------------------------------------------
     def add_forward_loss(self, seq: TrainingSequence, loss) -> None:
         """Record a forward chunk's weighted loss (a device scalar; not synchronised here)."""
+        if seq.forward_only:
+            if self._evaluation is not None:
+                self._evaluation.add_forward_loss(seq, loss)
+            return
         self._seq_loss.setdefault((seq.index, seq.num_restarts), []).append(loss)
 
+    @property
+    def evaluating(self) -> bool:
+        """A validation pass is on (its sequences come before the next training sequence)."""
+        return self._evaluation is not None
+
+    @property
+    def complete(self) -> bool:
+        """Every optimizer step and the final validation pass are done."""
+        return self.step >= self.total_steps and self._evaluation is None
+
+    def request_evaluation(self) -> bool:
+        """Start a validation pass of the current adapter after the sequence in flight. Returns
+        whether one started (``False``: no evaluation set, the job ended, or a pass is on)."""
+        if self.done or not self.eval_examples or self._evaluation is not None:
+            return False
+        self._evaluation = Evaluation(self.id, self.eval_examples, self.adapter_index, self.num_layers, self.layers_per_slice, self.step)
+        return True
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.config.eval_steps
+        return bool(self.eval_examples) and (step >= self.total_steps or bool(every and step % every == 0))
+
     def sequence_done(self, seq: TrainingSequence) -> bool:
-        """A sequence finished its backward. Returns whether its optimizer step's group is complete."""
+        """A sequence finished its backward (or, a validation sequence, its forward). Returns
+        whether its optimizer step's group is complete (always ``False`` for validation)."""
+        if seq.forward_only:
+            ev = self._evaluation
+            if ev is not None and ev.sequence_done(seq):
+                self.eval_history.append(ev.record(time.time()))
+                self._evaluation = None
+            return False
         losses = self._seq_loss.pop((seq.index, seq.num_restarts), [])
         self._seq_loss = {k: v for k, v in self._seq_loss.items() if k[0] != seq.index}
         self._group_loss.extend(losses)
@@ -246,6 +302,8 @@ class FinetuningJob:
         self.step += 1
         self.loss_history.append(LossRecord(self.step, loss, float(norm), float(lr), self._group_tokens, time.time()))
         self._group_loss, self._group_tokens = [], 0
+        if self._eval_due(self.step):
+            self.request_evaluation()
         if self.checkpointer is not None:
             every = self.config.save_steps
             if self.step == self.total_steps or (every and self.step % every == 0):
@@ -274,6 +332,7 @@ class FinetuningJob:
             "rank": self.config.lora.r,
             "target_modules": list(self.config.lora.target_modules),
             "loss_history": [dataclasses.asdict(r) for r in self.loss_history],
+            "eval_history": [dataclasses.asdict(r) for r in self.eval_history],
         }
 
     def save_checkpoint(self) -> None:
@@ -309,5 +368,8 @@ class FinetuningJob:
         self.step = int(meta["step"])
         self._next_seq = int(meta["next_sequence"])
         self.loss_history = [LossRecord(**r) for r in meta.get("loss_history", [])]
+        self.eval_history = [EvalRecord(**r) for r in meta.get("eval_history", [])]
         self._resumed_from = step
+        if self._eval_due(self.step) and not any(r.step == self.step for r in self.eval_history):
+            self.request_evaluation()  # the crash came before this step's validation finished
         return True

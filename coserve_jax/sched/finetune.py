@@ -13,6 +13,9 @@ spread over serving steps:
 After the last slice the sequence is ``DONE`` and the engine hands its job the next one (and
 runs the optimizer step when an accumulation group is complete).
 
+A **forward-only** sequence (validation: the loss of an adapter on held-out examples) has the
+forward phase alone: it is ``DONE`` after its last chunk, and its layer inputs are not saved.
+
 Pure Python over plain data; no JAX, no NumPy.
 """
 
@@ -48,6 +51,8 @@ class TrainingSequence:
         num_computed: forward tokens done.
         slices_done: backward slices done.
         num_restarts: times the forward was restarted because inference needed its pages.
+        forward_only: a validation sequence: its chunks compute the loss only (no saved layer
+            inputs, no backward).
     """
 
     job_id: Hashable
@@ -64,6 +69,7 @@ class TrainingSequence:
     num_computed: int = 0
     slices_done: int = 0
     num_restarts: int = 0
+    forward_only: bool = False
 
     def __post_init__(self):
         n = len(self.token_ids)
@@ -91,7 +97,7 @@ class TrainingSequence:
     def phase(self) -> TrainingPhase:
         if self.num_computed < self.num_tokens:
             return TrainingPhase.FORWARD
-        if self.slices_done < self.num_slices:
+        if not self.forward_only and self.slices_done < self.num_slices:
             return TrainingPhase.BACKWARD
         return TrainingPhase.DONE
 

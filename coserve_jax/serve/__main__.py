@@ -23,8 +23,8 @@ from coserve_jax.serve.config import ServeConfig, load_config
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coserve_jax.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (configs/serve/*.yaml)")
-    p.add_argument("--model", help="local Hugging Face checkpoint directory (default: the built-in tiny model)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's; sizes the tiny model's vocabulary)")
+    p.add_argument("--model", help="local Hugging Face checkpoint directory or llama.cpp .gguf file (default: the built-in tiny model)")
+    p.add_argument("--tokenizer", help="tokenizer directory or .gguf file (default: the checkpoint's; sizes the tiny model's vocabulary)")
     p.add_argument("--chat-template", help="Jinja chat template (file or string) replacing the tokenizer's")
     p.add_argument("--served-model-name", help="the base model's name in the API")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")

@@ -583,13 +583,19 @@ def create_app(state: ServerState) -> FastAPI:
             if body.model in names:
                 raise APIError(400, f"fine-tuning starts from the base model {state.model_name!r}, not an adapter", "model", "invalid_value")
             raise model_not_found(body.model)
-        if body.validation_file:
-            raise APIError(400, "validation_file is not supported", "validation_file", "unsupported_parameter")
         try:
             f = state.files.get(body.training_file)
         except APIError:
             raise APIError(400, f"invalid training_file: no file {body.training_file!r}", "training_file", "invalid_training_file") from None
-        rec = await asyncio.to_thread(state.jobs.prepare, body, state.files.path(f["id"]), f["filename"])
+        valid = None
+        if body.validation_file:
+            try:
+                v = state.files.get(body.validation_file)
+            except APIError:
+                raise APIError(400, f"invalid validation_file: no file {body.validation_file!r}", "validation_file",
+                               "invalid_validation_file") from None
+            valid = (state.files.path(v["id"]), v["filename"])
+        rec = await asyncio.to_thread(state.jobs.prepare, body, state.files.path(f["id"]), f["filename"], valid)
         if state.shutting_down:
             raise APIError(503, "the server is shutting down", None, "shutting_down")
         state.jobs.add(rec)

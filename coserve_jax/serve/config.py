@@ -45,9 +45,10 @@ class ModelSection:
     """What the server serves.
 
     Attributes:
-        path: a local Hugging Face checkpoint directory, or ``None`` for the built-in tiny model
-            (random weights; :mod:`coserve_jax.models.tiny`).
-        tokenizer: a tokenizer directory (default: the checkpoint's; for the tiny model, the
+        path: a local Hugging Face checkpoint directory, a llama.cpp ``.gguf`` file (its
+            tokenizer and chat template come from its metadata), or ``None`` for the built-in
+            tiny model (random weights; :mod:`coserve_jax.models.tiny`).
+        tokenizer: a tokenizer directory or ``.gguf`` file (default: the checkpoint's; for the tiny model, the
             built-in byte-level tokenizer; a given tokenizer sizes the tiny model's vocabulary).
         chat_template: a Jinja template or ``.jinja`` file replacing the tokenizer's.
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.

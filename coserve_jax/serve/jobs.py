@@ -18,8 +18,15 @@ OpenAI's hyperparameters map to :class:`~coserve_jax.finetune.config.FinetuneCon
 
 ``"auto"`` keeps our default. Extensions: any other ``FinetuneConfig`` field in
 ``hyperparameters`` (``learning_rate``, ``max_steps``, ``warmup_steps``, ``lr_scheduler_type``,
-``columns``, ``chat_template`` ...) and a top-level ``lora`` object (``r``, ``lora_alpha``,
-``target_modules``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``).
+``columns``, ``chat_template``, ``truncation``, ``eval_steps`` ...) and a top-level ``lora`` object
+(``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``).
+
+Records longer than the engine's ``finetune_max_seq_len`` are truncated (keeping the start) as
+OpenAI's fine-tuning does; the job object's ``truncated_examples`` counts them and an event says
+so (``hyperparameters.truncation = "error"`` rejects such a file instead). A ``validation_file``
+(read like the training file) gives the validation loss every ``eval_steps`` optimizer steps
+(default: at the end only) and at the end, as ``metrics`` events with ``valid_loss`` in their
+data, in the checkpoints' ``metrics`` and in Prometheus.
 
 Threads: records are created by HTTP handlers and advanced by the engine loop (:meth:`JobManager.sync`);
 a lock guards the record table, and handlers read records as plain data.
@@ -125,6 +132,10 @@ class JobRecord:
     metadata: dict | None
     created_at: int
     examples: list[TrainingExample] | None
+    validation_file: str | None = None
+    eval_examples: list[TrainingExample] | None = None
+    truncated_examples: int = 0
+    skipped_examples: int = 0
     status: str = "queued"
     engine_job: FinetuningJob | None = None
     error: dict | None = None
@@ -132,6 +143,7 @@ class JobRecord:
     adapter_path: str | None = None
     events: list[dict] = dataclasses.field(default_factory=list)
     _metrics_seen: int = 0
+    _evals_seen: int = 0
 
     def event(self, message: str, level: str = "info", type_: str = "message", data: Any = None, t: float | None = None) -> None:
         self.events.append({
@@ -145,7 +157,7 @@ class JobRecord:
             "object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
             "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
             "organization_id": "org-coserve", "result_files": [], "status": self.status,
-            "validation_file": None, "training_file": self.training_file, "hyperparameters": self.hyperparameters,
+            "validation_file": self.validation_file, "training_file": self.training_file, "hyperparameters": self.hyperparameters,
             "method": {"type": "supervised", "supervised": {"hyperparameters": self.hyperparameters}},
             "trained_tokens": job.trained_tokens if job is not None else 0, "error": self.error, "seed": self.seed,
             "metadata": self.metadata, "integrations": [], "estimated_finish": None,
@@ -155,6 +167,9 @@ class JobRecord:
             "tokens_per_second": job.tokens_per_s if job is not None else 0.0,
             "adapter_path": self.adapter_path,
             "lora": dataclasses.asdict(self.config.lora),
+            "truncated_examples": self.truncated_examples,
+            "skipped_examples": self.skipped_examples,
+            "valid_loss": job.eval_history[-1].loss if job is not None and job.eval_history else None,
         }
 
 
@@ -184,11 +199,15 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
 
     # ---- handlers' side ----------------------------------------------------------------------------
-    def prepare(self, body: FineTuningJobCreate, data_path: str, filename: str) -> JobRecord:
+    def prepare(self, body: FineTuningJobCreate, data_path: str, filename: str,
+                validation: tuple[str, str] | None = None) -> JobRecord:
         """Validate and tokenize a job (blocking: run it in a worker thread); not yet queued.
 
+        Args:
+            data_path, filename: the training file's local path and uploaded name.
+            validation: ``(local path, uploaded name)`` of the validation file, if any.
         Raises:
-            APIError: 400 for bad settings or training records (with line numbers).
+            APIError: 400 for bad settings or training / validation records (with line numbers).
         """
         if self.max_seq_len == 0:
             raise APIError(400, "this server has no finetuning (max_finetune_jobs=0 or max_loras=0)", None, "finetuning_disabled")
@@ -201,26 +220,43 @@ class JobManager:
         if missing:
             raise APIError(400, f"target_modules {missing} are not in this server's LoRA pool {list(pool.target_modules)}",
                            "lora.target_modules", "invalid_value")
-        try:
-            with self._tokenizer_lock:
-                examples = load_dataset(
-                    data_path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
-                    max_seq_len=self.max_seq_len, chat_template=cfg.chat_template,
-                )
-        except DataValidationError as e:  # the same message, naming the uploaded file rather than our copy
-            raise APIError(400, f"training file {DataValidationError(filename, e.errors)}", "training_file", "invalid_training_file") from None
+        def read(path, name, what):
+            try:
+                with self._tokenizer_lock:
+                    return load_dataset(
+                        path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                        max_seq_len=self.max_seq_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
+                    )
+            except DataValidationError as e:  # the same message, naming the uploaded file rather than our copy
+                raise APIError(400, f"{what} file {DataValidationError(name, e.errors)}", f"{what}_file", f"invalid_{what}_file") from None
+            except RecursionError:
+                raise APIError(400, f"{what} file {name}: a record is nested too deeply", f"{what}_file", f"invalid_{what}_file") from None
+
+        examples = read(data_path, filename, "training")
+        eval_examples = read(*validation, "validation") if validation is not None else None
         suffix = body.suffix
         name = f"ft:{self.base_model}:{suffix + ':' if suffix else ''}{job_id}"
         return JobRecord(
             id=job_id, model=body.model, training_file=body.training_file, fine_tuned_model=name, config=cfg,
             hyperparameters=reported, seed=cfg.seed, suffix=suffix, metadata=body.metadata,
-            created_at=int(time.time()), examples=examples,
+            created_at=int(time.time()), examples=examples, validation_file=body.validation_file,
+            eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
+            skipped_examples=examples.skipped_examples,
         )
 
     def add(self, rec: JobRecord) -> None:
         with self._lock:
             self._jobs[rec.id] = rec
-        rec.event(f"Created fine-tuning job: {rec.id} ({len(rec.examples or ())} examples)")
+        rec.event(f"Created fine-tuning job: {rec.id} ({len(rec.examples or ())} examples"
+                  + (f", {len(rec.eval_examples)} validation examples)" if rec.eval_examples else ")"))
+        if rec.truncated_examples or rec.skipped_examples:
+            limit = self.max_seq_len
+            rec.event(
+                f"{rec.truncated_examples} training example(s) were longer than {limit} tokens and were truncated"
+                + (f"; {rec.skipped_examples} had no trainable token left and were skipped" if rec.skipped_examples else ""),
+                level="warn", data={"truncated_examples": rec.truncated_examples, "skipped_examples": rec.skipped_examples,
+                                    "max_seq_len": limit},
+            )
 
     def get(self, job_id: str) -> JobRecord:
         """Raises: APIError 404 for an unknown id."""
@@ -250,11 +286,12 @@ class JobManager:
 
     def _start(self, engine, rec: JobRecord) -> None:
         try:
-            rec.engine_job = engine.create_finetuning_job(rec.examples, rec.config, adapter_name=rec.fine_tuned_model, job_id=rec.id)
+            rec.engine_job = engine.create_finetuning_job(rec.examples, rec.config, adapter_name=rec.fine_tuned_model, job_id=rec.id,
+                                                          eval_dataset=rec.eval_examples or None)
         except Exception as e:  # a job that cannot start fails alone
             self._finish(rec, "failed", {"code": "start_failed", "message": f"{type(e).__name__}: {e}", "param": None})
             return
-        rec.examples = None
+        rec.examples = rec.eval_examples = None
         rec.status = "running"
         job = rec.engine_job
         resumed = f", resumed from the checkpoint of step {job.resumed_from_step}" if job.resumed_from_step else ""
@@ -296,6 +333,12 @@ class JobManager:
                       "grad_norm": r.grad_norm, "tokens": r.tokens},
             )
         rec._metrics_seen = len(history)
+        for r in job.eval_history[rec._evals_seen:]:
+            rec.event(
+                f"Step {r.step}/{job.total_steps}: validation loss={r.loss:.4f}", type_="metrics", t=r.time,
+                data={"step": r.step, "valid_loss": r.loss, "total_steps": job.total_steps, "valid_tokens": r.tokens},
+            )
+        rec._evals_seen = len(job.eval_history)
         if not job.done:
             return
         if job.status is JobStatus.SUCCEEDED:
@@ -344,6 +387,7 @@ class JobManager:
         if job is None or job.checkpointer is None:
             return []
         losses = {r.step: r for r in job.loss_history}
+        valid = {r.step: r.loss for r in job.eval_history}
         out = []
         for step in reversed(job.checkpointer.all_steps()):
             r = losses.get(step)
@@ -351,7 +395,7 @@ class JobManager:
                 "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{rec.id.removeprefix('ftjob-')}-{step}",
                 "created_at": int(r.time) if r else rec.created_at, "fine_tuning_job_id": rec.id, "step_number": step,
                 "fine_tuned_model_checkpoint": f"{rec.fine_tuned_model}:ckpt-step-{step}",
-                "metrics": {"step": step, "train_loss": r.loss if r else None},
+                "metrics": {"step": step, "train_loss": r.loss if r else None, "valid_loss": valid.get(step)},
                 "path": os.path.join(job.checkpointer.directory, str(step)),
             })
         return out

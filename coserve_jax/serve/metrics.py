@@ -21,6 +21,7 @@ KV-cache gauges are read from the scheduler when scraped (always current).
 | ``coserve_finetune_tokens_per_second`` | gauge | tokens/s over the last ``window_s`` seconds |
 | ``coserve_finetune_job_step{job_id}``, ``coserve_finetune_job_total_steps{job_id}`` | gauge | optimizer steps |
 | ``coserve_finetune_job_loss{job_id}`` | gauge | mean token cross-entropy of the last optimizer step (nats) |
+| ``coserve_finetune_job_valid_loss{job_id}`` | gauge | mean token cross-entropy on the validation file, last pass (nats) |
 | ``coserve_http_errors_total{status}`` | counter | error responses sent |
 """
 
@@ -62,6 +63,7 @@ class ServerMetrics:
         self.job_step = Gauge("coserve_finetune_job_step", "Optimizer steps done.", ["job_id"], registry=r)
         self.job_total = Gauge("coserve_finetune_job_total_steps", "Optimizer steps of the job.", ["job_id"], registry=r)
         self.job_loss = Gauge("coserve_finetune_job_loss", "Training loss of the last optimizer step.", ["job_id"], registry=r)
+        self.job_valid_loss = Gauge("coserve_finetune_job_valid_loss", "Validation loss of the last validation pass.", ["job_id"], registry=r)
         self.http_errors = Counter("coserve_http_errors", "Error responses by HTTP status.", ["status"], registry=r)
         self._window_s = window_s
         self._trained: dict[str, int] = {}
@@ -101,6 +103,8 @@ class ServerMetrics:
         now = time.monotonic()
         for job in engine.finetuning_jobs:
             before = self._trained.get(job.id)
+            if job.eval_history:
+                self.job_valid_loss.labels(job.id).set(job.eval_history[-1].loss)
             if before == job.trained_tokens and job.done:
                 continue
             self._trained[job.id] = job.trained_tokens

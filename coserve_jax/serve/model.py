@@ -1,4 +1,5 @@
-"""The engine a server config describes: a local checkpoint, or the built-in tiny model."""
+"""The engine a server config describes: a local checkpoint (Hugging Face directory or GGUF
+file), or the built-in tiny model."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
                         max_model_len=m.max_model_len, **kw)
         if engine.tokenizer is None:
             raise ValueError(f"{m.path} has no tokenizer files: give model.tokenizer (--tokenizer)")
-        return engine, cfg.served_model_name or os.path.basename(os.path.normpath(m.path))
+        return engine, cfg.served_model_name or default_model_name(m.path)
 
     from coserve_jax.lora import LoRAPoolConfig
     from coserve_jax.models import init_random
@@ -48,6 +49,12 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     rules = ShardingRules(config, make_mesh(kw.get("tensor_parallel_size", 1)))
     model = init_random(config, m.seed, dtype=m.dtype, lora=pool, sharding=rules.sharding)
     return Engine(model, tokenizer=tokenizer, **kw), cfg.served_model_name or "coserve-tiny"
+
+
+def default_model_name(path: str) -> str:
+    """The served name of a checkpoint: its directory's name, or a GGUF file's name without ``.gguf``."""
+    name = os.path.basename(os.path.normpath(path))
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def _tokenizer(m):

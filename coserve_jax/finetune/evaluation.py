@@ -1,0 +1,102 @@
+"""Validation loss in the serving steps: an :class:`Evaluation` hands out forward-only training
+sequences (:class:`~coserve_jax.sched.finetune.TrainingSequence` with ``forward_only``) whose
+chunks ride in the steps' finetuning slots like training forwards, and sums their losses.
+
+The loss is the mean per-token cross-entropy (nats) over the loss-masked target tokens of all the
+examples (every target weighs ``1 / total targets``, so the sum of the chunks' weighted losses is
+the mean), the quantity OpenAI's fine-tuning reports as ``valid_loss`` and ``transformers.Trainer``
+as ``eval_loss`` (token-weighted). It is computed with the adapter's weights at the time its
+sequences run; a job runs its evaluations between optimizer steps, so one adapter version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Sequence
+
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.sched.finetune import TrainingSequence
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    """One validation pass: ``step`` (optimizer steps done when it ran), ``loss`` (mean
+    per-token cross-entropy, nats), ``tokens`` (target tokens), ``time`` (``time.time()`` at the end)."""
+
+    step: int
+    loss: float
+    tokens: int
+    time: float
+
+
+class Evaluation:
+    """One validation pass over ``examples`` with one adapter.
+
+    Args:
+        eval_id: the id its sequences carry (a job's id, or an id of its own).
+        examples: the held-out examples (each with at least one target token).
+        adapter_index: adapter index in the pool (0: the base model).
+        num_layers, layers_per_slice: the engine's (a sequence needs them; forward-only
+            sequences run no backward).
+        step: the optimizer step it evaluates (recorded).
+    Raises:
+        ValueError: no examples, or no target token in them.
+    """
+
+    def __init__(self, eval_id: Hashable, examples: Sequence[TrainingExample], adapter_index: int,
+                 num_layers: int, layers_per_slice: int, step: int = 0):
+        self.id = eval_id
+        self.examples = list(examples)
+        self.num_targets = sum(e.num_targets for e in self.examples)
+        if not self.examples or not self.num_targets:
+            raise ValueError("an evaluation needs examples with at least one target token")
+        self.adapter_index = adapter_index
+        self.num_layers = num_layers
+        self.layers_per_slice = layers_per_slice
+        self.step = step
+        self._next = 0
+        self._finished = 0
+        self._chunks: dict[tuple[int, int], list] = {}  # (sequence, restarts) -> device losses
+        self._losses: list = []
+
+    @property
+    def done(self) -> bool:
+        """Every sequence finished its forward."""
+        return self._finished == len(self.examples)
+
+    def next_sequence(self) -> TrainingSequence | None:
+        """The next example as a forward-only sequence, or ``None`` once all were handed out."""
+        k = self._next
+        if k >= len(self.examples):
+            return None
+        self._next += 1
+        ex = self.examples[k]
+        n = len(ex.token_ids)
+        w = 1.0 / self.num_targets
+        return TrainingSequence(
+            job_id=self.id, store_row=0, adapter_index=self.adapter_index, token_ids=list(ex.token_ids),
+            targets=list(ex.token_ids[1:]) + [0], weights=[w if ex.loss_mask[t + 1] else 0.0 for t in range(n - 1)] + [0.0],
+            dropout_rate=0.0, dropout_seed=0, num_layers=self.num_layers, layers_per_slice=self.layers_per_slice,
+            index=k, forward_only=True,
+        )
+
+    def add_forward_loss(self, seq: TrainingSequence, loss) -> None:
+        """A chunk's weighted loss (a device scalar; not synchronised here)."""
+        self._chunks.setdefault((seq.index, seq.num_restarts), []).append(loss)
+
+    def sequence_done(self, seq: TrainingSequence) -> bool:
+        """A sequence finished its forward (its last attempt's chunks count). Returns :attr:`done`."""
+        self._losses.extend(self._chunks.pop((seq.index, seq.num_restarts), []))
+        self._chunks = {k: v for k, v in self._chunks.items() if k[0] != seq.index}
+        self._finished += 1
+        return self.done
+
+    def record(self, now: float) -> EvalRecord:
+        """The finished pass's :class:`EvalRecord` (synchronises with the device once).
+
+        Raises:
+            RuntimeError: sequences are still running.
+        """
+        if not self.done:
+            raise RuntimeError(f"evaluation {self.id!r} has {len(self.examples) - self._finished} sequences left")
+        return EvalRecord(self.step, float(sum(float(x) for x in self._losses)), self.num_targets, now)
