@@ -6,8 +6,11 @@ Sequence ``s`` owns pages ``page_table[s, :]`` in token order; its KV length aft
 ``q[cu_q_lens[s]:cu_q_lens[s+1]]``, the last ``q_len`` tokens of the sequence (one decode token
 or a prefill chunk). Slots past ``cu_q_lens[num_seqs]`` are padding and return zeros.
 
-Runs everywhere (gathers every sequence's pages: memory ``O(T * max_kv_len)``), so it is for
-tests and small CPU runs, not for speed.
+Runs everywhere: it gathers every sequence's pages to the page table's width (memory
+``O(S * max_kv_len)``) and multiplies each sequence's query rows with its own keys
+(``jax.lax.ragged_dot``, a grouped matmul; for decode-like shapes, ``T <= 2 S``, each token's
+keys are indexed instead, ``O(T * max_kv_len)``, which is faster there), so it is for tests and CPU
+runs, not for speed.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def ragged_paged_attention_ref(
     """
     t, hq, d = q.shape
     page, hkv = k_pages.shape[-3], k_pages.shape[-2]
+    g = hq // hkv
     s_max, max_pages = page_table.shape
+    kv_width = max_pages * page
     tok = jnp.arange(t)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s_max - 1)
     valid = tok < cu_q_lens[num_seqs]
@@ -71,13 +76,45 @@ def ragged_paged_attention_ref(
         k_seq, v_seq = k_pages[page_table], v_pages[page_table]
     else:
         k_seq, v_seq = k_pages[layer, page_table], v_pages[layer, page_table]
-    k_seq = k_seq.reshape(s_max, max_pages * page, hkv, d)  # [S, KV, Hkv, D]
-    v_seq = v_seq.reshape(s_max, max_pages * page, hkv, d)
-    kv_pos = jnp.arange(max_pages * page)
+    k_seq = k_seq.reshape(s_max, kv_width, hkv, d)  # [S, KV, Hkv, D]
+    v_seq = v_seq.reshape(s_max, kv_width, hkv, d)
+    kv_pos = jnp.arange(kv_width)
     mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & valid[:, None]
-    qg = q.reshape(t, hkv, hq // hkv, d)
-    scores = jnp.einsum("thgd,tkhd->thgk", qg, k_seq[seq]).astype(jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0).astype(q.dtype)
-    out = jnp.einsum("thgk,tkhd->thgd", probs, v_seq[seq])
+    qg = q.reshape(t, hkv, g, d)
+    if t <= 2 * s_max:  # decode-like buckets: indexing the keys per token costs little, and is faster there
+        out = attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
+    else:
+        out = attend_grouped(qg, k_seq, v_seq, cu_q_lens, mask, scale)
     return out.reshape(t, hq, d)
+
+
+def _softmax(scores, mask, dtype):
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(dtype)
+
+
+def attend_per_token(qg, k_seq, v_seq, seq, mask, scale):
+    """Attention with each query token's keys indexed by its sequence (a ``[T, KV, Hkv, D]``
+    copy): ``qg [T, Hkv, G, D]``, ``k_seq, v_seq [S, KV, Hkv, D]``, ``seq [T]``, ``mask [T, KV]``
+    -> ``[T, Hkv, G, D]``."""
+    scores = jnp.einsum("thgd,tkhd->thgk", qg, k_seq[seq], preferred_element_type=jnp.float32) * scale
+    probs = _softmax(scores, mask[:, None, None, :], qg.dtype)
+    return jnp.einsum("thgk,tkhd->thgd", probs, v_seq[seq], preferred_element_type=jnp.float32).astype(qg.dtype)
+
+
+def attend_grouped(qg, k_seq, v_seq, cu_q_lens, mask, scale):
+    """The same as :func:`attend_per_token` as a grouped matmul (``jax.lax.ragged_dot``): the
+    query rows of sequence ``s`` (contiguous, ``cu_q_lens[s]..cu_q_lens[s+1]``) times sequence
+    ``s``'s K or V, so no per-token copy of the keys is made. Rows past the last group (padding
+    slots) come out zero."""
+    t, hkv, g, d = qg.shape
+    kv_width = k_seq.shape[1]
+    rows = jnp.clip(cu_q_lens[1:] - cu_q_lens[:-1], 0, t).astype(jnp.int32) * g  # [S] rows per group
+    outs = []
+    for h in range(hkv):
+        lhs = qg[:, h].reshape(t * g, d)
+        scores = jax.lax.ragged_dot(lhs, jnp.swapaxes(k_seq[:, :, h], 1, 2), rows, preferred_element_type=jnp.float32)
+        probs = _softmax(scores.reshape(t, g, kv_width) * scale, mask[:, None, :], qg.dtype)
+        out = jax.lax.ragged_dot(probs.reshape(t * g, kv_width), v_seq[:, :, h], rows, preferred_element_type=jnp.float32)
+        outs.append(out.reshape(t, g, d).astype(qg.dtype))
+    return jnp.stack(outs, axis=1)

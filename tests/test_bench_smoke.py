@@ -62,3 +62,35 @@ def test_bench_smoke(tmp_path, capsys):
     assert run["command"].startswith("python -m coserve_jax.bench --config")
     printed = capsys.readouterr().out
     assert "hybrid" in printed and "SLO att." in printed
+
+
+def test_bench_validation_keys_and_sample_answers(tmp_path):
+    """With ``finetune.eval_data``, every row has the base model's validation loss and each
+    co-serving run's adapter's; the adapter trained on the same records it is validated on (a
+    high learning rate), so its loss is lower; ``summary.md`` shows base vs adapter answers."""
+    from conftest import shared_data
+
+    tokenizer = shared_data("tokenizers", "llama2")
+    gsm = shared_data("finetune", "gsm8k", "train.jsonl")
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["model"]["tokenizer"] = str(tokenizer)
+    cfg["model"]["vocab_from_tokenizer"] = True
+    cfg["engine"].update(finetune_max_seq_len=256, finetune_seq_buckets=[256], num_kv_pages=120)
+    cfg["lora"]["max_loras"] = 2
+    cfg["policies"] = {"finetune_only": {}, "hybrid": {}}
+    cfg["run"]["finetune_only_s"] = 3
+    cfg["finetune"] = {"data": str(gsm), "max_examples": 4, "eval_data": str(gsm), "eval_examples": 4, "num_sample_answers": 2,
+                       "columns": {"prompt": "question", "completion": "answer"},
+                       "settings": {"learning_rate": 0.05, "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["--config", str(path), "--out", str(out), "--quiet", "--no-plots"]) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in rows] == ["finetune_only", "hybrid"]
+    before = rows[0]["eval_loss_before"]
+    assert before > 0 and all(r["eval_loss_before"] == before for r in rows)
+    for r in rows:
+        assert 0 < r["eval_loss_after"] < before, r
+    md = (out / "summary.md").read_text()
+    assert "eval loss after" in md and md.count("**Question.**") == 2 and "Adapter:" in md

@@ -47,8 +47,11 @@ def _ref_logits(model, seqs):
         return [model(torch.tensor([s])).logits[0].float().numpy() for s in seqs]
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+# Every type on llama; on qwen2 (no Q/K permutation, q/k/v biases, tied head) a float, a block and a K-quant type.
+CASES = [("llama", t) for t in TYPES] + [("qwen2", t) for t in (Q.F32, Q.BF16, Q.Q8_0, Q.Q4_1, Q.Q6_K)]
+
+
+@pytest.mark.parametrize("arch,qtype", CASES, ids=lambda c: c if isinstance(c, str) else c.name)
 def test_every_type_matches_transformers_and_gguf_dequantize(tmp_path, hf_models, arch, qtype):
     path = tmp_path / f"{arch}-{qtype.name}.gguf"
     stored = write_gguf(path, hf_models[arch], arch, qtype)

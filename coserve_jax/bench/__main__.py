@@ -1,6 +1,6 @@
 """``python -m coserve_jax.bench --config configs/bench/NAME.yaml [--out DIR]``: the co-serving
 benchmark (issue 5). Sweeps the config's request rates and policies on one engine, and writes
-``requests.csv``, ``steps.csv``, ``summary.json``, ``run.json`` and the plots to ``DIR``
+``requests.csv``, ``steps.csv``, ``summary.json``, ``summary.md``, ``run.json`` and the plots to ``DIR``
 (default ``bench/results/<name>``); prints the summary table."""
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         if layout is None:
             raise SystemExit("the co-serving policies need finetuning: set engine.max_finetune_jobs >= 1 and lora.max_loras >= 1")
         examples = harness.training_examples(cfg, engine.tokenizer, engine.config.vocab_size, layout.max_seq_len)
+    evals = harness.eval_examples(cfg, engine.tokenizer, layout.max_seq_len) if layout is not None else None
+    questions = harness.sample_questions(cfg, engine.tokenizer) if evals else []
+    loss_before = base_answers = None
+    if evals:
+        t_eval = time.perf_counter()
+        loss_before = engine.evaluate(evals)
+        base_answers = harness.answer(engine, questions, None)
+        print(f"base model: validation loss {loss_before:.4f} on {len(evals)} examples of {cfg.finetune.eval_data} "
+              f"({time.perf_counter() - t_eval:.1f} s with {len(questions)} sample answers)", flush=True)
+    hybrid_rates = [r for r in rates if "hybrid" in policies]
     print(
         f"{cfg.name}: {engine.config.num_params():,} parameters on {jax.devices()[0].device_kind}; "
         f"{len(engine.buckets)} step buckets; start-up {time.perf_counter() - t_start:.1f} s "
@@ -68,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_description(f"{policy} @ {rate:g}/s" if rate else policy)
         steps[0] = 0
         if policy == "finetune_only":
-            res = harness.finetune_only(engine, cfg, examples, on_step=tick)
+            res = harness.finetune_only(engine, cfg, examples, on_step=tick, evals=evals)
             ft_peak = res.finetune_tokens / max(res.duration_s, 1e-9)
         else:
             requests = build_workload(cfg.workload, rate, engine.config.vocab_size, engine.tokenizer)
-            res = harness.run_policy(engine, cfg, policy, rate, requests, examples, on_step=tick)
+            q = questions if policy == "hybrid" and rate == hybrid_rates[-1] else None  # the last hybrid run answers
+            res = harness.run_policy(engine, cfg, policy, rate, requests, examples, on_step=tick, evals=evals, questions=q)
         results.append(res)
-        rows.append(metrics.summarize(res, cfg.slo, ft_peak))
+        row = metrics.summarize(res, cfg.slo, ft_peak)
+        if evals:
+            row["eval_loss_before"] = loss_before
+            row["eval_loss_after"] = res.eval_loss_after
+        rows.append(row)
         bar.update(1)
     bar.close()
     report.write_csvs(results, out)
@@ -85,9 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         "latency_model_cached": engine.latency_model_cached,
     }
     report.write_summary(rows, meta, out)
+    tuned = next((r for r in results if r.sample_answers), None)
+    report.write_markdown(
+        rows, meta, out, cfg.name,
+        samples=(base_answers, tuned.sample_answers, f"{tuned.policy} @ {tuned.rate:g} req/s") if tuned and base_answers else None,
+        eval_note=f"{len(evals)} examples of {cfg.finetune.eval_data}" if evals else None,
+    )
     files = [] if args.no_plots else report.plot(rows, results, out, cfg.name)
     print(report.format_table(rows))
-    print(f"wrote {out}/: requests.csv steps.csv summary.json run.json " + " ".join(files))
+    print(f"wrote {out}/: requests.csv steps.csv summary.json summary.md run.json " + " ".join(files))
     return 0
 
 

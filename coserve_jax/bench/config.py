@@ -4,7 +4,7 @@ frozen dataclasses; unknown keys are errors, so a typo never silently runs a def
 Layout (every section optional but ``rates``; see ``configs/bench/cpu-smoke.yaml``)::
 
     name: cpu-smoke
-    model:      {config: DIR | hf_config: {...}, tokenizer: DIR, dtype, max_model_len, seed}
+    model:      {path: DIR|FILE.gguf | config: DIR | hf_config: {...}, tokenizer: DIR, dtype, max_model_len, seed}
     lora:       {max_loras, max_lora_rank, target_modules}     # the engine's adapter pool
     engine:     {...}                                          # Engine keyword arguments
     slo:        {ttft_ms, tpot_ms, margin, ...}                # SLOConfig fields
@@ -12,11 +12,11 @@ Layout (every section optional but ``rates``; see ``configs/bench/cpu-smoke.yaml
     rates:      [1.0, 2.0]                                     # requests/s
     policies:   {inference_only: {}, finetune_only: {}, temporal: {interval_steps: 32},
                  fixed_budget: {max_tokens: 256, max_finetune_tokens: 128}, hybrid: {}}
-    finetune:   {data, columns, max_examples, settings: {...}} # settings: FinetuneConfig fields
+    finetune:   {data, columns, max_examples, eval_data, eval_examples, settings: {...}}  # settings: FinetuneConfig fields
     run:        {drain_timeout_s, finetune_only_s}
 
-Relative paths (``model.config``, ``model.tokenizer``, ``finetune.data``, ``workload.trace``)
-are tried as given, then under the shared data folder (``$COSERVE_JAX_DATA_DIR`` or
+Relative paths (``model.path``, ``model.config``, ``model.tokenizer``, ``finetune.data``,
+``finetune.eval_data``, ``workload.trace``) are tried as given, then under the shared data folder (``$COSERVE_JAX_DATA_DIR`` or
 ``../shared/data``).
 """
 
@@ -48,12 +48,17 @@ RESERVED_ENGINE_KEYS = ("scheduling_policy", "policy_options", "slo", "measure_s
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which model runs (random weights of a real shape; nothing is downloaded).
+    """Which model runs: a real checkpoint, or random weights of a real shape (nothing is downloaded).
 
     Attributes:
-        config: a directory with a Hugging Face ``config.json`` (e.g. ``configs/models/llama-3.1-8b``).
+        path: a local checkpoint with its weights: a Hugging Face directory or a llama.cpp
+            ``.gguf`` file (e.g. ``models/smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf``
+            under the shared data folder); its tokenizer comes with it.
+        config: a directory with a Hugging Face ``config.json`` (e.g. ``configs/models/llama-3.1-8b``):
+            random weights of that shape.
         hf_config: an inline Hugging Face config dict (instead of ``config``).
-        tokenizer: a tokenizer directory (needed for finetuning on text and ShareGPT prompts).
+        tokenizer: a tokenizer directory (needed for finetuning on text and ShareGPT prompts;
+            default with ``path``: the checkpoint's).
         vocab_from_tokenizer: set ``vocab_size`` to the tokenizer's length (a tiny model that
             reads real text).
         dtype: ``float32``, ``bfloat16`` ...
@@ -61,6 +66,7 @@ class ModelSpec:
         seed: seeds the random weights.
     """
 
+    path: str | None = None
     config: str | None = None
     hf_config: dict | None = None
     tokenizer: str | None = None
@@ -70,8 +76,8 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if (self.config is None) == (self.hf_config is None):
-            raise ValueError("give exactly one of model.config and model.hf_config")
+        if sum(x is not None for x in (self.path, self.config, self.hf_config)) != 1:
+            raise ValueError("give exactly one of model.path, model.config and model.hf_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +104,24 @@ class FinetuneSpec:
         max_examples: records read (the first ones; records longer than the engine's
             ``finetune_max_seq_len`` are skipped).
         synthetic_tokens: length of each synthetic example.
-        settings: :class:`~coserve_jax.finetune.config.FinetuneConfig` fields (``lora`` a dict).
+        eval_data: a held-out file read like ``data`` (e.g. ``finetune/gsm8k/test.jsonl``), or
+            ``None``: then every summary row gets ``eval_loss_before`` (the base model's
+            validation loss on it) and ``eval_loss_after`` (the run's adapter at its end), and
+            ``summary.md`` shows sample answers.
+        eval_examples: records of ``eval_data`` used (the first ones).
+        num_sample_answers: questions of ``eval_data`` answered by the base model and by the
+            hybrid run's adapter in ``summary.md``.
+        settings: :class:`~coserve_jax.finetune.config.FinetuneConfig` fields (``lora`` a dict;
+            ``chat_template`` and ``train_on_prompt`` also shape how the records are tokenized).
     """
 
     data: str = "finetune/gsm8k/train.jsonl"
     columns: dict | None = dataclasses.field(default_factory=lambda: {"prompt": "question", "completion": "answer"})
     max_examples: int = 2000
     synthetic_tokens: int = 128
+    eval_data: str | None = None
+    eval_examples: int = 64
+    num_sample_answers: int = 3
     settings: dict = dataclasses.field(default_factory=dict)
 
 

@@ -80,6 +80,9 @@ class RunResult:
         finetune_tokens: training tokens whose forward and backward completed during the run.
         num_steps: engine steps taken.
         engine_policy: the engine's scheduling policy during the run.
+        eval_loss_after: validation loss of the run's adapter at its end (``None``: no job or
+            no ``finetune.eval_data``).
+        sample_answers: ``[(question, answer)]`` of the run's adapter (when asked for).
     """
 
     policy: str
@@ -90,6 +93,8 @@ class RunResult:
     finetune_tokens: int
     num_steps: int
     engine_policy: str = ""
+    eval_loss_after: float | None = None
+    sample_answers: list | None = None
 
 
 def training_examples(cfg: BenchConfig, tokenizer, vocab_size: int, max_seq_len: int) -> list[TrainingExample]:
@@ -107,29 +112,79 @@ def training_examples(cfg: BenchConfig, tokenizer, vocab_size: int, max_seq_len:
             TrainingExample(tuple(int(t) for t in rng.integers(0, vocab_size, n)), (False,) + (True,) * (n - 1), i + 1)
             for i in range(spec.max_examples)
         ]
+    return _read_examples(spec, spec.data, spec.max_examples, tokenizer, max_seq_len)
+
+
+def _read_examples(spec, data: str, limit: int, tokenizer, max_seq_len: int) -> list[TrainingExample]:
     if tokenizer is None:
-        raise ValueError("finetune.data needs model.tokenizer (or use data: synthetic)")
+        raise ValueError("finetune data needs a tokenizer (model.tokenizer or a checkpoint's; or use data: synthetic)")
     out = []
-    for line, rec in read_records(resolve_data_path(spec.data))[: spec.max_examples]:
+    st = spec.settings
+    for line, rec in read_records(resolve_data_path(data))[:limit]:
         if isinstance(rec, DataValidationError):
             continue
-        ex = tokenize_record(rec, tokenizer, columns=spec.columns, line=line)
+        ex = tokenize_record(rec, tokenizer, columns=spec.columns, line=line, chat_template=bool(st.get("chat_template")),
+                             train_on_prompt=bool(st.get("train_on_prompt")))
         if len(ex.token_ids) <= max_seq_len:
             out.append(ex)
     if not out:
-        raise ValueError(f"no record of {spec.data} fits finetune_max_seq_len={max_seq_len}")
+        raise ValueError(f"no record of {data} fits finetune_max_seq_len={max_seq_len}")
     return out
 
 
+def eval_examples(cfg: BenchConfig, tokenizer, max_seq_len: int) -> list[TrainingExample] | None:
+    """The first ``eval_examples`` records of ``finetune.eval_data`` (read as the training data), or ``None``."""
+    spec = cfg.finetune
+    if spec.eval_data is None:
+        return None
+    return _read_examples(spec, spec.eval_data, spec.eval_examples, tokenizer, max_seq_len)
+
+
+def sample_questions(cfg: BenchConfig, tokenizer) -> list[tuple[str, list[int]]]:
+    """``num_sample_answers`` questions of ``finetune.eval_data``: ``(question text, prompt ids)``,
+    the prompt rendered as the training data is (the chat template when ``settings.chat_template``)."""
+    spec = cfg.finetune
+    if spec.eval_data is None or not spec.num_sample_answers or tokenizer is None:
+        return []
+    from coserve_jax.finetune.data import ALPACA_PROMPT_NO_INPUT
+    from coserve_jax.tokenizer import encode_chat
+
+    key = (spec.columns or {}).get("prompt", "prompt")
+    out = []
+    for _, rec in read_records(resolve_data_path(spec.eval_data))[: spec.num_sample_answers]:
+        q = rec.get(key) if isinstance(rec, dict) else None
+        if not isinstance(q, str):
+            continue
+        if spec.settings.get("chat_template"):
+            ids = encode_chat(tokenizer, [{"role": "user", "content": q}])
+        else:
+            ids = list(tokenizer(q)["input_ids"])
+        out.append((q, ids))
+    return out
+
+
+def answer(engine: Engine, questions, adapter: str | None, max_tokens: int = 128) -> list[tuple[str, str]]:
+    """Greedy answers to ``questions`` (:func:`sample_questions`), by ``adapter`` or the base model."""
+    if not questions:
+        return []
+    outs = engine.generate([ids for _, ids in questions], SamplingParams(max_tokens=max_tokens, temperature=0.0), adapter=adapter)
+    return [(q, o.text) for (q, _), o in zip(questions, outs)]
+
+
 def build_engine(cfg: BenchConfig) -> Engine:
-    """The benchmark's engine: random weights of the configured shape, the adapter pool, step
-    measurement on (every step is timed and logged with the latency model's prediction)."""
+    """The benchmark's engine: the configured checkpoint or random weights of the configured
+    shape, the adapter pool, step measurement on (every step is timed and logged with the
+    latency model's prediction)."""
     m = cfg.model
     tokenizer = None
     if m.tokenizer is not None:
         from coserve_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(resolve_data_path(m.tokenizer))
+    if m.path is not None:  # a real checkpoint: its weights, and its tokenizer unless one is given
+        lora = dict(max_loras=cfg.lora.max_loras, max_lora_rank=cfg.lora.max_lora_rank, lora_target_modules=cfg.lora.target_modules)
+        return Engine(resolve_data_path(m.path), tokenizer=tokenizer, dtype=m.dtype, max_model_len=m.max_model_len,
+                      slo=cfg.slo, measure_steps=True, **lora, **cfg.engine)
     if m.config is not None:
         import json
 
@@ -153,10 +208,15 @@ def _job(engine: Engine, cfg: BenchConfig, examples, name: str):
     return engine.create_finetuning_job(examples, adapter_name=name, job_id=name, **settings)
 
 
-def _end_job(engine: Engine, job) -> None:
+def _end_job(engine: Engine, job, evals=None, questions=None) -> tuple[float | None, list | None]:
+    """Stop the job; its adapter's validation loss on ``evals`` and answers to ``questions``
+    (outside the measured run), then unload it."""
     if not job.done:
         job.cancel()
+    loss = engine.evaluate(evals, adapter=job.adapter_name) if evals else None
+    answers = answer(engine, questions, job.adapter_name) if questions else None
     engine.unload_adapter(job.adapter_name)
+    return loss, answers
 
 
 def replay(
@@ -168,10 +228,13 @@ def replay(
     examples: list[TrainingExample] | None,
     cfg: BenchConfig,
     on_step: Callable[[], None] | None = None,
+    evals: list[TrainingExample] | None = None,
+    questions: list | None = None,
 ) -> RunResult:
     """Replay ``requests`` against the wall clock under ``policy`` (the engine's policy must be
     set), with a finetuning job on ``examples`` if given. Requests still unfinished
-    ``drain_timeout_s`` after the last arrival are aborted."""
+    ``drain_timeout_s`` after the last arrival are aborted. After the run (not timed), the job's
+    adapter is evaluated on ``evals`` and answers ``questions``."""
     job = _job(engine, cfg, examples, f"bench-{policy}-{rate:g}") if examples is not None else None
     queue = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
     meta: dict[str, tuple[BenchRequest, float]] = {}
@@ -209,8 +272,7 @@ def replay(
             time.sleep(min(max(t0 + queue[0].arrival_s - now, 0.0), 0.05))
     end = time.monotonic()
     ft_tokens = (job.trained_tokens - ft0) if job else 0
-    if job is not None:
-        _end_job(engine, job)
+    loss_after, answers = _end_job(engine, job, evals, questions) if job is not None else (None, None)
     nan = float("nan")
     records = []
     for rid, (r, arrival) in meta.items():
@@ -221,18 +283,33 @@ def replay(
         done = o is not None and o.finish_reason != "abort"
         records.append(RequestRecord(rid, arrival - t0, first - t0, finish - t0, len(r.prompt_token_ids), n_out, r.max_tokens, done))
     steps = [dataclasses.replace(s, end_time=s.end_time - t0) for s in list(engine.step_log)[log0:]]
-    return RunResult(policy, rate, records, steps, end - t0, ft_tokens, engine.num_steps - steps0, engine.scheduling_policy)
+    return RunResult(policy, rate, records, steps, end - t0, ft_tokens, engine.num_steps - steps0, engine.scheduling_policy,
+                     loss_after, answers)
 
 
-def finetune_only(engine: Engine, cfg: BenchConfig, examples: list[TrainingExample], on_step=None) -> RunResult:
+def finetune_only(engine: Engine, cfg: BenchConfig, examples: list[TrainingExample], on_step=None, evals=None) -> RunResult:
     """Peak finetuning throughput: the job alone on the device for ``finetune_only_s`` seconds,
     once with every step's whole token budget its own (``"fixed"``) and once under the hybrid
-    policy (idle-sized steps, whose buckets waste less padding); the faster run is returned."""
-    runs = [_finetune_alone(engine, cfg, examples, p, on_step) for p in ("fixed", "hybrid")]
-    return max(runs, key=lambda r: r.finetune_tokens / max(r.duration_s, 1e-9))
+    policy (idle-sized steps, whose buckets waste less padding); the faster run is returned, with
+    its adapter's validation loss on ``evals`` (each run's adapter is kept on the host until the
+    faster one is known, so the pool needs one free slot only)."""
+    runs = []
+    for policy in ("fixed", "hybrid"):
+        res, job = _finetune_alone(engine, cfg, examples, policy, on_step)
+        runs.append((res, job.lora_weights() if evals else None))
+        engine.unload_adapter(job.adapter_name)
+    best, weights = max(runs, key=lambda r: r[0].finetune_tokens / max(r[0].duration_s, 1e-9))
+    if evals:
+        name = "bench-finetune-only-eval"
+        engine.load_adapter(name, weights)
+        try:
+            best.eval_loss_after = engine.evaluate(evals, adapter=name)
+        finally:
+            engine.unload_adapter(name)
+    return best
 
 
-def _finetune_alone(engine: Engine, cfg: BenchConfig, examples, policy: str, on_step) -> RunResult:
+def _finetune_alone(engine: Engine, cfg: BenchConfig, examples, policy: str, on_step):
     engine.set_scheduling_policy(policy)
     job = _job(engine, cfg, examples, f"bench-finetune-only-{policy}")
     log0, steps0 = len(engine.step_log), engine.num_steps
@@ -243,13 +320,15 @@ def _finetune_alone(engine: Engine, cfg: BenchConfig, examples, policy: str, on_
             on_step()
     end = time.monotonic()
     tokens = job.trained_tokens
-    _end_job(engine, job)
+    job.cancel()  # the adapter stays loaded (finetune_only evaluates the faster run's)
     steps = [dataclasses.replace(s, end_time=s.end_time - t0) for s in list(engine.step_log)[log0:]]
-    return RunResult("finetune_only", 0.0, [], steps, end - t0, tokens, engine.num_steps - steps0, policy)
+    return RunResult("finetune_only", 0.0, [], steps, end - t0, tokens, engine.num_steps - steps0, policy), job
 
 
-def run_policy(engine: Engine, cfg: BenchConfig, policy: str, rate: float, requests, examples, on_step=None) -> RunResult:
-    """Set ``policy`` (with its config options) on the engine and replay one rate."""
+def run_policy(engine: Engine, cfg: BenchConfig, policy: str, rate: float, requests, examples, on_step=None,
+               evals=None, questions=None) -> RunResult:
+    """Set ``policy`` (with its config options) on the engine and replay one rate (then evaluate
+    the run's adapter on ``evals`` and let it answer ``questions``)."""
     opts = dict(cfg.policies.get(policy) or {})
     if policy == "inference_only":
         engine.set_scheduling_policy(opts.pop("scheduling_policy", "fixed"))
@@ -258,4 +337,4 @@ def run_policy(engine: Engine, cfg: BenchConfig, policy: str, rate: float, reque
         engine.set_scheduling_policy("hybrid")
     else:
         engine.set_scheduling_policy(policy, **opts)
-    return replay(engine, requests, policy, rate, examples=examples, cfg=cfg, on_step=on_step)
+    return replay(engine, requests, policy, rate, examples=examples, cfg=cfg, on_step=on_step, evals=evals, questions=questions)

@@ -47,6 +47,37 @@ def write_summary(rows: list[dict], meta: dict, out: pathlib.Path) -> None:
     (out / "run.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
 
 
+def write_markdown(rows: list[dict], meta: dict, out: pathlib.Path, title: str, samples=None, eval_note: str | None = None) -> None:
+    """``summary.md``: the command, the summary table (with the validation losses when measured)
+    and, given ``samples = (base answers, adapter answers, which run)``, the sample answers."""
+    has_eval = any("eval_loss_before" in r for r in rows)
+    cols = [("policy", "policy", "{}"), ("rate", "rate (req/s)", "{:g}"), ("slo_attainment", "SLO attainment", "{:.1%}"),
+            ("goodput", "goodput (req/s)", "{:.2f}"), ("ttft_p50_ms", "TTFT p50 (ms)", "{:.0f}"),
+            ("ttft_p99_ms", "TTFT p99 (ms)", "{:.0f}"), ("tpot_p50_ms", "TPOT p50 (ms)", "{:.1f}"),
+            ("tpot_p99_ms", "TPOT p99 (ms)", "{:.1f}"), ("finetune_tokens_per_s", "ft tokens/s", "{:.0f}"),
+            ("finetune_progress", "ft progress", "{:.1%}")]
+    if has_eval:
+        cols += [("eval_loss_before", "eval loss before", "{:.4f}"), ("eval_loss_after", "eval loss after", "{:.4f}")]
+    lines = [f"# {title}", "", f"`{meta.get('command', '')}` on {meta.get('device', '?')} (jax {meta.get('jax', '?')}), "
+             f"{meta.get('wall_s', 0.0):.0f} s wall.", ""]
+    if eval_note:
+        lines += [f"Validation loss (mean per-token cross-entropy, nats, on {eval_note}): *before* is the base model, "
+                  "*after* the run's adapter when the run ended.", ""]
+    lines += ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    if samples:
+        base, tuned, which = samples
+        lines += ["", f"## Sample answers (greedy): base model vs the adapter of the {which} run", ""]
+        for (q, a), (_, b) in zip(base, tuned):
+            lines += [f"**Question.** {q}", "", "Base model:", "", "```", a.strip(), "```", "", "Adapter:", "", "```", b.strip(), "```", ""]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
 def format_table(rows: list[dict]) -> str:
     """The summary as a fixed-width text table."""
     cols = [("policy", "{}", 15), ("rate", "{:g}", 6), ("slo_attainment", "{:.1%}", 9), ("goodput", "{:.2f}", 8),

@@ -10,7 +10,10 @@
   the trace's requests in order, or uniform lengths when no trace is named.
 * **Prompts.** Synthetic token ids of the trace's prompt lengths (the default: exact lengths, no
   tokenizer), or real ShareGPT prompts (``../shared/data/prompts/``) tokenized and cut or
-  repeated to the trace's length. Outputs run for the trace's length (``ignore_eos``).
+  repeated to the trace's length, or (``chat_template: true``) rendered as a user message with
+  the tokenizer's chat template, the message cut so that the prompt fits the trace's length
+  (never repeated: a short ShareGPT prompt stays short). Outputs run for the trace's length
+  (``ignore_eos``).
 
 Lengths may be scaled (``length_scale``) and clipped to fit a small model's context: the CPU
 benchmark uses the shape of the traffic, not its absolute sizes.
@@ -85,6 +88,8 @@ class WorkloadConfig:
         prompts: ``"synthetic"`` (random token ids) or ``"sharegpt"`` (a path or the default
             ShareGPT file, tokenized; needs a tokenizer).
         sharegpt_path: the ShareGPT json file for ``prompts: sharegpt``.
+        chat_template: render ShareGPT prompts with the tokenizer's chat template (see the
+            module docstring).
         seed: seeds the synthetic arrivals, lengths and token ids.
     """
 
@@ -100,6 +105,7 @@ class WorkloadConfig:
     max_output_tokens: int = 1024
     prompts: str = "synthetic"
     sharegpt_path: str = "prompts/sharegpt_prompts/ShareGPT_V3_filtered_500.json"
+    chat_template: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -109,6 +115,8 @@ class WorkloadConfig:
             raise ValueError("workload.arrival 'trace' needs a workload.trace")
         if self.prompts not in ("synthetic", "sharegpt"):
             raise ValueError(f"workload.prompts must be 'synthetic' or 'sharegpt', got {self.prompts!r}")
+        if self.chat_template and self.prompts != "sharegpt":
+            raise ValueError("workload.chat_template renders ShareGPT prompts: set workload.prompts to 'sharegpt'")
         if self.num_requests < 1 or self.cv <= 0 or self.length_scale <= 0:
             raise ValueError("workload.num_requests, cv and length_scale must be > 0")
         if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens or not 1 <= self.min_output_tokens <= self.max_output_tokens:
@@ -203,7 +211,7 @@ def synthetic_arrivals(n: int, rate: float, kind: str, cv: float, rng: np.random
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def _sharegpt_token_ids(path: pathlib.Path, tokenizer) -> list[list[int]]:
+def _sharegpt_texts(path: pathlib.Path) -> list[str]:
     data = json.loads(path.read_text())
     out = []
     for rec in data:
@@ -212,13 +220,31 @@ def _sharegpt_token_ids(path: pathlib.Path, tokenizer) -> list[list[int]]:
             text = turns[0] if turns else None
         else:
             text = rec.get("prompt")
-        if text:
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if ids:
-                out.append(ids)
+        if text and text.strip():
+            out.append(text)
     if not out:
         raise ValueError(f"{path}: no prompts found")
     return out
+
+
+def _sharegpt_token_ids(path: pathlib.Path, tokenizer) -> list[list[int]]:
+    out = [ids for ids in (list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in _sharegpt_texts(path)) if ids]
+    if not out:
+        raise ValueError(f"{path}: no prompts found")
+    return out
+
+
+def _chat_prompt(tokenizer, text: str, max_tokens: int) -> tuple[int, ...]:
+    """``text`` as a user message rendered with the chat template, the message cut (at a token
+    boundary) so that the whole prompt has at most ``max_tokens`` tokens (at least one content token)."""
+    from coserve_jax.tokenizer import encode_chat
+
+    overhead = len(encode_chat(tokenizer, [{"role": "user", "content": ""}]))
+    content = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    keep = max(1, max_tokens - overhead)
+    if len(content) > keep:
+        text = tokenizer.decode(content[:keep])
+    return tuple(encode_chat(tokenizer, [{"role": "user", "content": text}]))
 
 
 def build_workload(
@@ -256,11 +282,16 @@ def build_workload(
     if cfg.prompts == "sharegpt":
         if tokenizer is None:
             raise ValueError("workload.prompts 'sharegpt' needs a tokenizer (model.tokenizer)")
-        pool = _sharegpt_token_ids(resolve_data_path(cfg.sharegpt_path, data_dir), tokenizer)
-        prompts = []
-        for i, m in enumerate(prompt_len):
-            ids = pool[i % len(pool)]
-            prompts.append(tuple((ids * (-(-m // len(ids))))[:m]))
+        sharegpt = resolve_data_path(cfg.sharegpt_path, data_dir)
+        if cfg.chat_template:
+            texts = _sharegpt_texts(sharegpt)
+            prompts = [_chat_prompt(tokenizer, texts[i % len(texts)], int(m)) for i, m in enumerate(prompt_len)]
+        else:
+            pool = _sharegpt_token_ids(sharegpt, tokenizer)
+            prompts = []
+            for i, m in enumerate(prompt_len):
+                ids = pool[i % len(pool)]
+                prompts.append(tuple((ids * (-(-m // len(ids))))[:m]))
     else:
         prompts = [tuple(int(t) for t in rng.integers(0, vocab_size, m)) for m in prompt_len]
     return [BenchRequest(float(a), p, int(o)) for a, p, o in zip(arrivals, prompts, output_len)]
