@@ -86,3 +86,30 @@ def test_bad_records_reported_with_line_numbers(tok, tmp_path):
     assert "no assistant message" in msg and "must be a JSON object" in msg and "above max_seq_len=100" in msg
     with pytest.raises(DataValidationError, match="no records"):
         load_dataset(write_jsonl(tmp_path / "empty.jsonl", [""]), tok)
+
+
+def test_long_records_are_truncated_or_skipped_and_counted(tok, tmp_path):
+    """keep_start (default): a long record keeps its first max_seq_len tokens and mask; one whose
+    targets all lie past the cut is skipped; both are counted. truncation='error' refuses them."""
+    long_answer = " ".join(f"w{i}" for i in range(200))
+    rows = [
+        {"prompt": "Short?", "completion": "Yes."},
+        {"text": long_answer},  # loss on every token: truncated, kept
+        {"prompt": long_answer, "completion": "the end"},  # targets only after the cut: skipped
+        {"prompt": "Q", "completion": long_answer},  # targets from the start: truncated, kept
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    full = load_dataset(path, tok)
+    data = load_dataset(path, tok, max_seq_len=64)
+    assert (data.truncated_lines, data.skipped_lines) == ([2, 4], [3])
+    assert (data.truncated_examples, data.skipped_examples) == (2, 1)
+    assert [e.line for e in data] == [1, 2, 4]
+    for cut in data[1:]:
+        whole = next(e for e in full if e.line == cut.line)
+        assert len(cut.token_ids) == 64 and cut.token_ids == whole.token_ids[:64] and cut.loss_mask == whole.loss_mask[:64]
+    assert data[0] == full[0]
+    with pytest.raises(DataValidationError) as e:
+        load_dataset(path, tok, max_seq_len=64, truncation="error")
+    assert [n for n, _ in e.value.errors] == [2, 3, 4]
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        load_dataset(path, tok, max_seq_len=64, truncation="keep_end")
