@@ -20,30 +20,13 @@ import numpy as np
 from coserve_jax.kernels import reference
 
 
-def _inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
-    """What both formulations take (as in ``ragged_paged_attention_ref``)."""
-    t, hq, d = q.shape
-    page, hkv = k_pages.shape[-3], k_pages.shape[-2]
-    s_max, max_pages = page_table.shape
-    tok = jnp.arange(t)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s_max - 1)
-    valid = tok < cu_q_lens[num_seqs]
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_pos = kv_lens[seq] - q_len + (tok - cu_q_lens[seq])
-    k_seq = k_pages[page_table].reshape(s_max, max_pages * page, hkv, d)
-    v_seq = v_pages[page_table].reshape(s_max, max_pages * page, hkv, d)
-    kv_pos = jnp.arange(max_pages * page)
-    mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & valid[:, None]
-    return q.reshape(t, hkv, hq // hkv, d), k_seq, v_seq, seq, mask
-
-
 def per_token_gather(*args, scale=0.125):
-    qg, k_seq, v_seq, seq, mask = _inputs(*args)
+    qg, k_seq, v_seq, seq, mask = reference.gather_inputs(*args)
     return reference.attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
 
 
 def grouped(*args, scale=0.125):
-    qg, k_seq, v_seq, seq, mask = _inputs(*args)
+    qg, k_seq, v_seq, seq, mask = reference.gather_inputs(*args)
     return reference.attend_grouped(qg, k_seq, v_seq, args[5], mask, scale)
 
 

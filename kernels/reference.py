@@ -63,8 +63,24 @@ def ragged_paged_attention_ref(
         ``[T, Hq, D]`` in ``q``'s dtype; softmax in float32; padding slots are zeros.
     """
     t, hq, d = q.shape
+    qg, k_seq, v_seq, seq, mask = gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer)
+    if t <= 2 * page_table.shape[0]:  # decode-like buckets: indexing the keys per token costs little, and is faster there
+        out = attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
+    else:
+        out = attend_grouped(qg, k_seq, v_seq, cu_q_lens, mask, scale)
+    return out.reshape(t, hq, d)
+
+
+def gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer=None):
+    """What both attention formulations take (arguments as :func:`ragged_paged_attention_ref`).
+
+    Returns:
+        ``qg [T, Hkv, G, D]``, ``k_seq, v_seq [S, KV, Hkv, D]`` (each sequence's pages, KV =
+        ``max_pages * page_size``), ``seq [T]`` (each query token's sequence) and the causal /
+        KV-length / padding ``mask [T, KV]``.
+    """
+    t, hq, d = q.shape
     page, hkv = k_pages.shape[-3], k_pages.shape[-2]
-    g = hq // hkv
     s_max, max_pages = page_table.shape
     kv_width = max_pages * page
     tok = jnp.arange(t)
@@ -76,16 +92,11 @@ def ragged_paged_attention_ref(
         k_seq, v_seq = k_pages[page_table], v_pages[page_table]
     else:
         k_seq, v_seq = k_pages[layer, page_table], v_pages[layer, page_table]
-    k_seq = k_seq.reshape(s_max, kv_width, hkv, d)  # [S, KV, Hkv, D]
+    k_seq = k_seq.reshape(s_max, kv_width, hkv, d)
     v_seq = v_seq.reshape(s_max, kv_width, hkv, d)
     kv_pos = jnp.arange(kv_width)
     mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None]) & valid[:, None]
-    qg = q.reshape(t, hkv, g, d)
-    if t <= 2 * s_max:  # decode-like buckets: indexing the keys per token costs little, and is faster there
-        out = attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
-    else:
-        out = attend_grouped(qg, k_seq, v_seq, cu_q_lens, mask, scale)
-    return out.reshape(t, hq, d)
+    return q.reshape(t, hkv, hq // hkv, d), k_seq, v_seq, seq, mask
 
 
 def _softmax(scores, mask, dtype):

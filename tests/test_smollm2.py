@@ -5,7 +5,6 @@ the tokenizer and chat template against the file's own metadata."""
 import os
 
 import jinja2
-import numpy as np
 import pytest
 import torch
 from conftest import our_logits, rel_err, shared_data

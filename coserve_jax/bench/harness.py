@@ -146,7 +146,6 @@ def sample_questions(cfg: BenchConfig, tokenizer) -> list[tuple[str, list[int]]]
     spec = cfg.finetune
     if spec.eval_data is None or not spec.num_sample_answers or tokenizer is None:
         return []
-    from coserve_jax.finetune.data import ALPACA_PROMPT_NO_INPUT
     from coserve_jax.tokenizer import encode_chat
 
     key = (spec.columns or {}).get("prompt", "prompt")

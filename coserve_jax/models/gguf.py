@@ -90,10 +90,7 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (scalar, string or list), or ``default`` when absent."""
         field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return default if field is None else field.contents()
 
     def require(self, key: str) -> Any:
         """A metadata value.
