@@ -1,6 +1,6 @@
 """The CPU reference attention: per-token key gather (the earlier formulation, kept for
 decode-like shapes ``T <= 2 S``) against the grouped matmul (``jax.lax.ragged_dot``) that
-``kernels/reference.py`` uses for the other shapes, at SmolLM2-135M's
+``coserve_jax/kernels/reference.py`` uses for the other shapes, at SmolLM2-135M's
 heads (9 query / 3 KV heads of 64), one layer, fp32, interleaved A, B, A, B on one machine.
 
     python bench/attention_reference.py --out bench/results/attention_reference_cpu.json

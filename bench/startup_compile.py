@@ -18,7 +18,7 @@ CHILD = r"""
 import json, sys, time
 import jax
 from coserve_jax.engine import Engine
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models import ModelConfig, init_random
 cfg = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=1, vocab_size=256, max_position_embeddings=512, torch_dtype="float32"))

@@ -4,7 +4,7 @@ far tp = 2, 4, 8 drift from the single-device run.
 * Collectives: counted in the compiled HLO text of the serving step (one bucket), with and without
   a LoRA pool and with finetuning; of the backward slice with LoRA on ``down_proj`` only and on all
   seven modules (with each all-reduce's operand shape); and of a job's optimizer step.
-* Drift: ``coserve_jax.parallel.check.run`` (greedy generation on the base model and an adapter,
+* Drift: ``coserve_jax.tools.parallel_check.run`` (greedy generation on the base model and an adapter,
   a finetuning job of two SGD steps with dropout) at each size, against tp = 1.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/tp_collectives.py \\
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from coserve_jax import Engine  # noqa: E402
 from coserve_jax.finetune.config import LoRAConfig  # noqa: E402
 from coserve_jax.finetune.data import TrainingExample  # noqa: E402
-from coserve_jax.lora.pool import LoRAPoolConfig  # noqa: E402
+from coserve_jax.models.lora_pool import LoRAPoolConfig  # noqa: E402
 from coserve_jax.models.config import LINEAR_MODULES  # noqa: E402
 from coserve_jax.models.loader import init_random  # noqa: E402
 from coserve_jax.parallel import check  # noqa: E402

@@ -6,7 +6,7 @@ lazily, so ``coserve_jax.sched`` (pure Python) can be used without importing JAX
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "FinetuneConfig", "FinetuningJob", "LoRAConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "FinetuneConfig", "FinetuneJob", "LoRAConfig", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name):
@@ -18,10 +18,10 @@ def __getattr__(name):
         from coserve_jax.finetune import config
 
         return getattr(config, name)
-    if name == "FinetuningJob":
-        from coserve_jax.finetune.job import FinetuningJob
+    if name == "FinetuneJob":
+        from coserve_jax.finetune.job import FinetuneJob
 
-        return FinetuningJob
+        return FinetuneJob
     if name == "SamplingParams":
         from coserve_jax.sched.sampling_params import SamplingParams
 

@@ -5,7 +5,7 @@ import pytest
 from test_hybrid_policy import make_policy, simulate, training_seq, workload
 
 from coserve_jax.sched.baseline_policies import FixedBudgetPolicy, TemporalPolicy
-from coserve_jax.sched.hybrid_policy import Load, SLOConfig
+from coserve_jax.sched.policy import Load, SLOConfig
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 

@@ -15,7 +15,7 @@ from coserve_jax.bench.metrics import SUMMARY_KEYS, attains, summarize
 from coserve_jax.bench.workload import (
     WorkloadConfig, build_workload, load_azure_trace, load_mooncake_trace, load_trace, rescale, synthetic_arrivals,
 )
-from coserve_jax.sched.hybrid_policy import SLOConfig
+from coserve_jax.sched.policy import SLOConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

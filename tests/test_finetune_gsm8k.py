@@ -11,7 +11,7 @@ from conftest import FAMILIES, TINY, shared_data
 from coserve_jax import Engine, SamplingParams
 from coserve_jax.finetune.data import DataValidationError
 from coserve_jax.finetune.job import JobStatus
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models import ModelConfig, init_random
 from coserve_jax.tokenizer import encode_chat, load_tokenizer
 

@@ -15,9 +15,9 @@ from coserve_jax import Engine, SamplingParams
 from coserve_jax.compile_counter import CompileCounter
 from coserve_jax.finetune.config import LoRAConfig
 from coserve_jax.finetune.data import TrainingExample
-from coserve_jax.finetune.job import FinetuningError, JobStatus
+from coserve_jax.finetune.job import FinetuneError, JobStatus
 from coserve_jax.finetune.optim import init_lora
-from coserve_jax.finetune.token_level import base_weights, whole_sequence_loss
+from coserve_jax.finetune.reference import whole_sequence_loss
 from coserve_jax.lora.manager import AdapterError
 
 ENGINE_KW = dict(
@@ -44,7 +44,6 @@ def plain_optax_loop(engine, exs, lora: LoRAConfig, tx, steps, acc, seed, dropou
     """The reference: whole-sequence jax.grad, gradients summed over each group of `acc`
     sequences (loss = mean over the group's target tokens), one optax update per group."""
     config = engine.config
-    base = base_weights(engine.model)
     params = init_lora(config, lora, seed)
     scaling = {m: jnp.full((config.num_layers,), lora.scaling, jnp.float32) for m in params}
     opt_state = tx.init(params)
@@ -59,7 +58,7 @@ def plain_optax_loop(engine, exs, lora: LoRAConfig, tx, steps, acc, seed, dropou
             seed_k = 0 if dropout_seed is None else dropout_seed(k)
             grads = jax.tree.map(
                 jnp.add, grads,
-                jax.grad(lambda p: whole_sequence_loss(config, base, p, scaling, tokens, mask, norm, lora.lora_dropout, seed_k))(params),
+                jax.grad(lambda p: whole_sequence_loss(engine.model, p, scaling, tokens, mask, norm, lora.lora_dropout, seed_k))(params),
             )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -217,7 +216,7 @@ def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
     eng.unload_adapter("second")
     loaded = eng.list_adapters()
     (tmp_path / "data.jsonl").write_text('{"text": "a b"}\n')
-    with pytest.raises(FinetuningError, match="tokenizer"):
+    with pytest.raises(FinetuneError, match="tokenizer"):
         eng.create_finetuning_job(tmp_path / "data.jsonl")
     with pytest.raises(AdapterError, match="max_lora_rank"):
         eng.create_finetuning_job(exs, lora={"r": 64})
@@ -289,11 +288,10 @@ def test_kill_and_restart_resumes_to_the_same_adapter(engine, tmp_path):
 def _reference_eval_loss(eng, params, lora: LoRAConfig, exs) -> float:
     """Mean per-token cross-entropy over the examples' target tokens, by whole-sequence forwards."""
     config = eng.config
-    base = base_weights(eng.model)
     scaling = {m: jnp.full((config.num_layers,), lora.scaling, jnp.float32) for m in params}
     total = float(sum(e.num_targets for e in exs))
     return float(sum(
-        whole_sequence_loss(config, base, params, scaling, jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask), total)
+        whole_sequence_loss(eng.model, params, scaling, jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask), total)
         for e in exs
     ))
 

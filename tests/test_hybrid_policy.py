@@ -4,7 +4,8 @@ SLOs held, finetuning gets the slack, nothing starves; a fixed budget (control) 
 import random
 
 from coserve_jax.sched.finetune import TrainingSequence
-from coserve_jax.sched.hybrid_policy import HybridPolicy, Load, SLOConfig, step_shape
+from coserve_jax.sched.hybrid_policy import HybridPolicy
+from coserve_jax.sched.policy import Load, SLOConfig, step_shape
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.latency_model import LatencyModel
 from coserve_jax.sched.request import Request

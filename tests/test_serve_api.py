@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, end to end: the real server (``python -m coserve_jax.serve``) on a
-loopback port, driven with the official ``openai`` client and raw HTTP (issue 6).
+loopback port, driven with the official ``openai`` client and raw HTTP.
 
 The server runs the built-in tiny model with Llama 3's tokenizer and its real Llama-3.1 chat
 template (../shared/data/tokenizers/llama3), an API key, and small limits.

@@ -14,7 +14,7 @@ from coserve_jax.serve.__main__ import config_from_args
 from coserve_jax.serve.config import FinetuneDefaults, load_config
 from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.jobs import finetune_config
-from coserve_jax.serve.protocol import FineTuningJobCreate
+from coserve_jax.serve.protocol import FinetuneJobCreate
 
 
 def test_byte_level_tokenizer_round_trips_text_and_renders_chat():
@@ -73,8 +73,8 @@ def test_overrides_parse_yaml_values_and_copy():
     assert out == {"a": {"b": "x", "c": [1, 2]}, "d": None} and base == {"a": {"b": 1}}
 
 
-def _job(**kw) -> FineTuningJobCreate:
-    return FineTuningJobCreate(model="m", training_file="file-x", **kw)
+def _job(**kw) -> FinetuneJobCreate:
+    return FinetuneJobCreate(model="m", training_file="file-x", **kw)
 
 
 def test_openai_hyperparameters_map_onto_finetune_config():

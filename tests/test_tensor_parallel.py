@@ -1,4 +1,4 @@
-"""Tensor parallelism (issue 7) on 8 CPU devices: greedy generation and token-level finetuning
+"""Tensor parallelism on 8 CPU devices: greedy generation and token-level finetuning
 gradients at tp = 2, 4, 8 equal the single-device run; LoRA adds no collective to the forward
 and reduces its gradients once per optimizer step; two processes on loopback equal one."""
 
@@ -20,7 +20,7 @@ from conftest import make_hf_model, make_peft_adapter, random_sequences, rel_err
 from coserve_jax import Engine, SamplingParams
 from coserve_jax.finetune.config import LoRAConfig
 from coserve_jax.finetune.data import TrainingExample
-from coserve_jax.finetune.token_level import base_weights, whole_sequence_loss
+from coserve_jax.finetune.reference import whole_sequence_loss
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.parallel.rules import ShardingRules
@@ -109,7 +109,7 @@ def test_generation_and_finetuning_gradients_equal_single_device(family, tp, che
 
     # The accumulated gradient equals the single-device one and jax.grad of the whole-sequence loss.
     eng = single[family]["engine"]
-    config, base = eng.config, base_weights(eng.model)
+    config = eng.config
     params = jax.tree.map(jnp.asarray, ours["params"])  # the weights after step 1
     assert rel_err(ours["params"]["q_proj"]["B"], ref["params"]["q_proj"]["B"]) <= 1e-5
     scaling = {m: jnp.full((config.num_layers,), LORA.scaling, jnp.float32) for m in params}
@@ -120,7 +120,7 @@ def test_generation_and_finetuning_gradients_equal_single_device(family, tp, che
     for k in range(3, 6):  # the second optimizer step's sequences (an epoch is 3)
         e = exs[k % 3]
         tokens, mask = jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask)
-        g = jax.grad(lambda p: whole_sequence_loss(config, base, p, scaling, tokens, mask, norm, 0.1, job.dropout_seed(k)))(params)
+        g = jax.grad(lambda p: whole_sequence_loss(eng.model, p, scaling, tokens, mask, norm, 0.1, job.dropout_seed(k)))(params)
         want = jax.tree.map(jnp.add, want, g)
     r = LORA.r
     for m in want:
@@ -177,12 +177,12 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
 
 
 def test_two_processes_on_loopback_equal_one_process(tmp_path):
-    """`python -m coserve_jax.parallel.check` at tp=8: one process of 8 CPU devices, then two
+    """`python -m coserve_jax.tools.parallel_check` at tp=8: one process of 8 CPU devices, then two
     processes of 4 joined by jax.distributed (Gloo collectives on loopback)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
     def launch(devices: int, out, extra=()):
-        cmd = [sys.executable, "-m", "coserve_jax.parallel.check", "--tensor-parallel-size", "8", "--out", str(out), *extra]
+        cmd = [sys.executable, "-m", "coserve_jax.tools.parallel_check", "--tensor-parallel-size", "8", "--out", str(out), *extra]
         e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import FAMILIES, TINY
 
-from coserve_jax.finetune.token_level import base_weights, sequence_gradient, whole_sequence_loss
+from coserve_jax.finetune.reference import sequence_gradient, whole_sequence_loss
+from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.models import ModelConfig, init_random
 
 MODULES = {"q_proj": 4, "v_proj": 4, "o_proj": 2, "gate_proj": 8, "down_proj": 4}
@@ -24,7 +25,7 @@ def setup(family="llama31", seed=0):
         lora[m] = {"A": jnp.asarray(rng.normal(0, 0.2, (L, d_in, r)), jnp.float32),
                    "B": jnp.asarray(rng.normal(0, 0.2, (L, r, d_out)), jnp.float32)}
         scaling[m] = jnp.full((L,), 2.0 / r, jnp.float32)
-    return config, base_weights(model), lora, scaling
+    return config, base_weights(model), lora, scaling, model
 
 
 def rel(a, b):
@@ -35,7 +36,7 @@ def rel(a, b):
 @pytest.mark.parametrize("family", ["llama31", "qwen2"])
 @pytest.mark.parametrize("chunk,layers_per_slice", [(1, 1), (7, 2), (64, 1)])
 def test_chunked_forward_sliced_backward_equals_jax_grad(family, chunk, layers_per_slice):
-    config, base, lora, scaling = setup(family)
+    config, base, lora, scaling, model = setup(family)
     n = 150  # many chunks of every size tried, not a multiple of 7 or 64
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, n), jnp.int32)
@@ -50,7 +51,7 @@ def test_chunked_forward_sliced_backward_equals_jax_grad(family, chunk, layers_p
         chunk=chunk, layers_per_slice=layers_per_slice,
     )
     ref_loss, ref_grads = jax.value_and_grad(
-        lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, loss_mask, normalizer)
+        lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer)
     )(lora)
     assert rel(loss, ref_loss) < 1e-6
     for m in MODULES:
@@ -61,10 +62,10 @@ def test_chunked_forward_sliced_backward_equals_jax_grad(family, chunk, layers_p
 
 def test_prompt_mask_matters():
     """Control: the reference sees the mask (a different mask gives a different gradient)."""
-    config, base, lora, scaling = setup()
+    config, base, lora, scaling, model = setup()
     tokens = jnp.arange(30, dtype=jnp.int32) % config.vocab_size
-    g1 = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, jnp.arange(30) >= 10, 20.0))(lora)
-    g2 = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, jnp.arange(30) >= 0, 20.0))(lora)
+    g1 = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, jnp.arange(30) >= 10, 20.0))(lora)
+    g2 = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, jnp.arange(30) >= 0, 20.0))(lora)
     assert rel(g1["q_proj"]["A"], g2["q_proj"]["A"]) > 1e-3
 
 
@@ -72,7 +73,7 @@ def test_prompt_mask_matters():
 def test_lora_dropout_masks_repeat_in_chunks_and_recompute(chunk):
     """With LoRA dropout the token-level gradient still equals jax.grad of the whole-sequence loss
     under the same masks, and the masks matter (a different seed changes the gradient)."""
-    config, base, lora, scaling = setup()
+    config, base, lora, scaling, model = setup()
     n = 90
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, n), jnp.int32)
@@ -84,8 +85,8 @@ def test_lora_dropout_masks_repeat_in_chunks_and_recompute(chunk):
         config, base, lora, scaling, tokens, loss_mask, normalizer, jnp.zeros(shape), jnp.zeros(shape), page_table,
         chunk=chunk, layers_per_slice=1, dropout_rate=0.3, dropout_seed=11,
     )
-    ref = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, loss_mask, normalizer, 0.3, 11))(lora)
-    other = jax.grad(lambda lo: whole_sequence_loss(config, base, lo, scaling, tokens, loss_mask, normalizer, 0.3, 12))(lora)
+    ref = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer, 0.3, 11))(lora)
+    other = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer, 0.3, 12))(lora)
     for m in MODULES:
         for w in ("A", "B"):
             assert rel(grads[m][w], ref[m][w]) <= 1e-5, (m, w)

@@ -1,5 +1,5 @@
 """``python -m coserve_jax.bench --config configs/bench/NAME.yaml [--out DIR]``: the co-serving
-benchmark (issue 5). Sweeps the config's request rates and policies on one engine, and writes
+benchmark. Sweeps the config's request rates and policies on one engine, and writes
 ``requests.csv``, ``steps.csv``, ``summary.json``, ``summary.md``, ``run.json`` and the plots to ``DIR``
 (default ``bench/results/<name>``); prints the summary table."""
 

@@ -30,7 +30,7 @@ from coserve_jax.bench.workload import WorkloadConfig
 from coserve_jax.configfile import ConfigError, read_yaml
 from coserve_jax.configfile import strict as _strict
 from coserve_jax.parallel.distributed import single_process_only
-from coserve_jax.sched.hybrid_policy import SLOConfig
+from coserve_jax.sched.policy import SLOConfig
 
 POLICIES = ("inference_only", "finetune_only", "temporal", "fixed_budget", "hybrid")
 """The benchmark's policies, in the order they run and print."""

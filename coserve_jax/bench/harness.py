@@ -1,4 +1,4 @@
-"""Runs one benchmark point on a real engine in real time (issue 5, part 4).
+"""Runs one benchmark point on a real engine in real time.
 
 One engine is built per benchmark (its executables compile once) and every policy runs on it:
 :meth:`Engine.set_scheduling_policy` switches between steps, so the policies share the same
@@ -23,7 +23,7 @@ from coserve_jax.bench.workload import BenchRequest, resolve_data_path
 from coserve_jax.engine.engine import Engine
 from coserve_jax.engine.outputs import StepRecord
 from coserve_jax.finetune.data import DataValidationError, TrainingExample, read_records, tokenize_record
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.models.loader import init_random
 from coserve_jax.parallel.mesh import make_mesh

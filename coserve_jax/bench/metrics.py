@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from coserve_jax.bench.harness import RunResult
-from coserve_jax.sched.hybrid_policy import SLOConfig
+from coserve_jax.sched.policy import SLOConfig
 
 SUMMARY_KEYS = (
     "policy", "rate", "slo_attainment", "goodput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",

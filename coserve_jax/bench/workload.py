@@ -1,4 +1,4 @@
-"""Inference workloads for the co-serving benchmark (issue 5, part 3): arrivals and lengths.
+"""Inference workloads for the co-serving benchmark: arrivals and lengths.
 
 * **Trace replay.** The Azure LLM inference traces (Patel et al., *Splitwise*, ISCA 2024;
   ``AzureLLMInferenceTrace_{conv,code}.csv``: ``TIMESTAMP,ContextTokens,GeneratedTokens``) and

@@ -42,12 +42,12 @@ from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
 from coserve_jax.finetune.evaluation import Evaluation
-from coserve_jax.finetune.job import FinetuningError, FinetuningJob, JobStatus, plan_steps
+from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
 from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
 from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
 from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.lora.peft_io import LoRAWeights
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.models.loader import is_gguf, load_config, load_model
@@ -57,8 +57,7 @@ from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
-from coserve_jax.sched.baseline_policies import FixedBudgetPolicy, TemporalPolicy
-from coserve_jax.sched.hybrid_policy import HybridPolicy, SLOConfig, step_shape
+from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, step_shape
 from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 
 Prompt = str | Sequence[int]
@@ -285,7 +284,7 @@ class Engine:
             self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
             self.adapters.compile_writer()
             self.compile_seconds += time.perf_counter() - t0
-        self._jobs: dict[str, FinetuningJob] = {}
+        self._jobs: dict[str, FinetuneJob] = {}
         self._evaluations: dict[str, Evaluation] = {}  # engine.evaluate's passes in flight
         self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
         self.slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {}))
@@ -329,30 +328,15 @@ class Engine:
             ValueError: an unknown policy or option, or a bad option value.
         """
         cfg = self.scheduler.config
-        allowed = {"fixed": (), "hybrid": (), "fixed_budget": ("max_tokens", "max_finetune_tokens"),
-                   "temporal": ("interval_steps", "sequences_per_iteration")}
-        if name not in allowed:
-            raise ValueError(f"scheduling_policy must be one of {sorted(allowed)}, got {name!r}")
-        unknown = sorted(set(options) - set(allowed[name]))
-        if unknown:
-            raise ValueError(f"unknown options {unknown} for scheduling policy {name!r} (takes {list(allowed[name])})")
-        if name == "fixed":
-            policy = None
-        elif name == "fixed_budget":
-            policy = FixedBudgetPolicy(
-                min(options.get("max_tokens", cfg.max_num_batched_tokens), cfg.max_num_batched_tokens),
-                options.get("max_finetune_tokens", cfg.max_finetune_tokens),
-            )
-        elif name == "temporal":
-            policy = TemporalPolicy(
-                options.get("interval_steps", 64), cfg.max_num_batched_tokens, options.get("sequences_per_iteration", 1)
-            )
-        else:
+        if name not in POLICY_OPTIONS:
+            raise ValueError(f"scheduling_policy must be one of {sorted(POLICY_OPTIONS)}, got {name!r}")
+        if name == "hybrid" and not options:
             self._ensure_latency_model()
-            policy = HybridPolicy(
-                self.latency_model, self.slo, self._token_buckets, self._seq_buckets, cfg.max_num_batched_tokens,
-                self.finetune_layout.seq_buckets if self.finetune_layout else (),
-            )
+        policy = make_policy(
+            name, options, max_num_batched_tokens=cfg.max_num_batched_tokens, max_finetune_tokens=cfg.max_finetune_tokens,
+            latency_model=self.latency_model, slo=self.slo, token_buckets=self._token_buckets, seq_buckets=self._seq_buckets,
+            backward_buckets=self.finetune_layout.seq_buckets if self.finetune_layout else (),
+        )
         self.scheduler.policy = policy
         self.scheduling_policy = name
 
@@ -434,7 +418,7 @@ class Engine:
         job_id: str | None = None,
         eval_dataset: str | os.PathLike | Sequence[TrainingExample] | None = None,
         **settings,
-    ) -> FinetuningJob:
+    ) -> FinetuneJob:
         """Start a LoRA finetuning job that trains inside the serving steps.
 
         Args:
@@ -454,14 +438,14 @@ class Engine:
             The job's handle; it trains as the engine steps (:meth:`step`, :meth:`generate`,
             :meth:`wait_for`).
         Raises:
-            FinetuningError: finetuning is off, all job slots are busy, a duplicate id, or a
+            FinetuneError: finetuning is off, all job slots are busy, a duplicate id, or a
                 checkpoint that cannot be resumed.
             DataValidationError: bad records, with their line numbers; nothing is started.
             AdapterError: the adapter does not fit the pool (rank, modules) or the name is taken.
             ValueError: bad settings.
         """
         if self.finetune_layout is None:
-            raise FinetuningError(
+            raise FinetuneError(
                 "this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)"
             )
         cfg = config or FinetuneConfig()
@@ -476,7 +460,7 @@ class Engine:
             raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
         job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
         if job_id in self._jobs:
-            raise FinetuningError(f"a finetuning job with id {job_id!r} exists")
+            raise FinetuneError(f"a finetuning job with id {job_id!r} exists")
         name = adapter_name or job_id
         if name in self.list_adapters():
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
@@ -484,7 +468,7 @@ class Engine:
         examples = self._examples(training_data, cfg)
         eval_examples = self._examples(eval_dataset, cfg) if eval_dataset is not None else None
         if not self._free_rows:
-            raise FinetuningError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
+            raise FinetuneError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
         _, total_steps = plan_steps(cfg, len(examples))
         tx = make_optimizer(cfg, total_steps)
         schedule = learning_rate_schedule(cfg, total_steps)
@@ -496,7 +480,7 @@ class Engine:
         update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, self.model.dtype, shapes), donate_argnums=(2,))
         checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
         row = self._free_rows[0]
-        job = FinetuningJob(
+        job = FinetuneJob(
             job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
             num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
             params=self._place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
@@ -522,7 +506,7 @@ class Engine:
         max_len = self.finetune_layout.max_seq_len
         if isinstance(data, (str, os.PathLike)):
             if self.tokenizer is None:
-                raise FinetuningError("this engine has no tokenizer: pass TrainingExample lists")
+                raise FinetuneError("this engine has no tokenizer: pass TrainingExample lists")
             return load_dataset(
                 data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
                 max_seq_len=max_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
@@ -551,11 +535,11 @@ class Engine:
                 ``finetune_max_seq_len`` are truncated as ``config.truncation`` says.
             adapter: an adapter name (e.g. a job's), or ``None`` for the base model.
         Raises:
-            FinetuningError: no finetuning in this engine. AdapterError: unknown adapter.
+            FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
             DataValidationError, ValueError: bad data.
         """
         if self.finetune_layout is None:
-            raise FinetuningError("this engine has no finetuning (max_finetune_jobs=0 or max_loras=0)")
+            raise FinetuneError("this engine has no finetuning (max_finetune_jobs=0 or max_loras=0)")
         index = self.adapters.adapter_index(adapter) if adapter else 0
         examples = self._examples(data, config or FinetuneConfig())
         ev = Evaluation(f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.config.num_layers, self.finetune_layout.layers_per_slice)
@@ -577,11 +561,11 @@ class Engine:
         })
 
     @property
-    def finetuning_jobs(self) -> list[FinetuningJob]:
+    def finetuning_jobs(self) -> list[FinetuneJob]:
         """Every job this engine ran or runs, oldest first."""
         return list(self._jobs.values())
 
-    def get_finetuning_job(self, job_id: str) -> FinetuningJob:
+    def get_finetuning_job(self, job_id: str) -> FinetuneJob:
         """Raises ``KeyError`` for an unknown id."""
         return self._jobs[job_id]
 
@@ -594,7 +578,7 @@ class Engine:
         """Jobs that :meth:`create_finetuning_job` can start now (of ``max_finetune_jobs``)."""
         return len(self._free_rows)
 
-    def wait_for(self, *jobs: FinetuningJob, max_steps: int | None = None) -> None:
+    def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None) -> None:
         """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
         Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
         yourself to serve and train together)."""
@@ -604,7 +588,7 @@ class Engine:
             self.step()
             n += 1
 
-    def _feed(self, job: FinetuningJob) -> None:
+    def _feed(self, job: FinetuneJob) -> None:
         seq = job.next_sequence()
         if seq is not None:
             self.scheduler.add_training_sequence(seq)
@@ -641,14 +625,14 @@ class Engine:
             except Exception as e:  # one job's failure (e.g. a full disk at checkpoint) ends it alone
                 self._end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
 
-    def _end_job(self, job: FinetuningJob, status: JobStatus, error: str | None = None) -> None:
+    def _end_job(self, job: FinetuneJob, status: JobStatus, error: str | None = None) -> None:
         self.scheduler.remove_training(job.id)
         job.finish(status, error)
         if job.store_row not in self._free_rows:
             self._free_rows.append(job.store_row)
             self._free_rows.sort()
 
-    def _cancel_job(self, job: FinetuningJob) -> None:
+    def _cancel_job(self, job: FinetuneJob) -> None:
         self._end_job(job, JobStatus.CANCELLED)
 
     # ---- requests ------------------------------------------------------------------------

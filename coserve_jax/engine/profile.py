@@ -1,4 +1,4 @@
-"""Start-up profile of the compiled executables, to fit the step latency model (issue 5).
+"""Start-up profile of the compiled executables, to fit the step latency model.
 
 Every step bucket runs a synthetic batch (its ``S`` sequences share its ``T`` tokens, once
 attending to almost nothing and once to a long KV) and every backward bucket runs a slice; the
@@ -25,7 +25,7 @@ import numpy as np
 from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.sched.finetune import BackwardSlice, TrainingSequence
-from coserve_jax.sched.hybrid_policy import step_shape
+from coserve_jax.sched.policy import step_shape
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams

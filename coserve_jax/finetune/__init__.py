@@ -1,1 +1,1 @@
-"""LoRA finetuning: training data, and (issue 4) token-level finetuning fused into the serving step."""
+"""LoRA finetuning: training data, and token-level finetuning fused into the serving step."""

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from coserve_jax.finetune.token_level import BaseWeights, head_backward, slice_backward
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.parallel.rules import ShardingRules
 

@@ -1,5 +1,5 @@
 """A finetuning job: its data order, optimizer state, progress and checkpoints (host side),
-and the handle users hold (:class:`FinetuningJob`).
+and the handle users hold (:class:`FinetuneJob`).
 
 The engine drives it (:meth:`coserve_jax.engine.Engine.create_finetuning_job`): it asks the job
 for its next :class:`~coserve_jax.sched.finetune.TrainingSequence`, tells it each forward chunk's
@@ -61,7 +61,7 @@ class JobStatus(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-class FinetuningError(RuntimeError):
+class FinetuneError(RuntimeError):
     """A finetuning job could not be created, resumed or continued."""
 
 
@@ -79,7 +79,7 @@ class LossRecord:
     time: float
 
 
-class FinetuningJob:
+class FinetuneJob:
     """Handle of a finetuning job running inside an :class:`~coserve_jax.engine.Engine`.
 
     Read ``status``, ``step`` / ``total_steps``, ``loss_history`` (:class:`LossRecord` per
@@ -107,7 +107,7 @@ class FinetuningJob:
         update_fn: Callable,
         checkpointer: JobCheckpointer | None,
         base_model_name_or_path: str | None,
-        cancel_fn: Callable[["FinetuningJob"], None],
+        cancel_fn: Callable[["FinetuneJob"], None],
         eval_examples: Sequence[TrainingExample] | None = None,
         truncated_examples: int = 0,
         skipped_examples: int = 0,
@@ -189,7 +189,7 @@ class FinetuningJob:
         return LoRAWeights(modules, lora.use_rslora, self.base_model_name_or_path)
 
     def __repr__(self) -> str:
-        return f"FinetuningJob(id={self.id!r}, adapter={self.adapter_name!r}, status={self.status.value}, step={self.step}/{self.total_steps})"
+        return f"FinetuneJob(id={self.id!r}, adapter={self.adapter_name!r}, status={self.status.value}, step={self.step}/{self.total_steps})"
 
     # ---- data ---------------------------------------------------------------------------
     def _example(self, k: int) -> TrainingExample:
@@ -338,14 +338,14 @@ class FinetuningJob:
     def save_checkpoint(self) -> None:
         """Write a checkpoint of the current optimizer step (blocking, crash-safe)."""
         if self.checkpointer is None:
-            raise FinetuningError(f"job {self.id!r} has no checkpoint_dir")
+            raise FinetuneError(f"job {self.id!r} has no checkpoint_dir")
         self.checkpointer.save(self.step, self.params, self.opt_state, self._meta())
 
     def restore_latest(self) -> bool:
         """Continue from the newest complete checkpoint, if there is one. Returns whether it did.
 
         Raises:
-            FinetuningError: the checkpoint belongs to a different adapter shape.
+            FinetuneError: the checkpoint belongs to a different adapter shape.
         """
         if self.checkpointer is None:
             return False
@@ -355,12 +355,12 @@ class FinetuningJob:
         try:
             params, opt_state, meta = self.checkpointer.restore(step, self.params, self.opt_state)
         except Exception as e:  # orbax raises several types for shape/structure mismatches
-            raise FinetuningError(
+            raise FinetuneError(
                 f"cannot resume from {self.checkpointer.directory} step {step}: {e}; use another checkpoint_dir "
                 "or resume=False"
             ) from e
         if meta.get("rank") != self.config.lora.r or meta.get("target_modules") != list(self.config.lora.target_modules):
-            raise FinetuningError(
+            raise FinetuneError(
                 f"checkpoint {self.checkpointer.directory} step {step} is of a rank-{meta.get('rank')} adapter on "
                 f"{meta.get('target_modules')}; this job trains rank {self.config.lora.r} on {list(self.config.lora.target_modules)}"
             )

@@ -1,7 +1,6 @@
 """Token-level LoRA finetuning: a training sequence's forward in chunks, its backward in layer slices.
 
-The mechanics that let finetuning ride inside serving steps (FlexLLM, NSDI 2026, section 4;
-../shared/docs/REFERENCE.md section 1), as pure functions that a step can call:
+The mechanics that let finetuning ride inside serving steps (FlexLLM, NSDI 2026, section 4), as pure functions that a step can call:
 
 * **Forward in chunks.** A training sequence is consumed ``chunk`` tokens at a time, like a
   prefill: each chunk attends to the K/V that earlier chunks left in the paged KV cache. What the
@@ -17,7 +16,8 @@ The mechanics that let finetuning ride inside serving steps (FlexLLM, NSDI 2026,
   ``[N, H]``, is all that carries over to the next slice.
 
 The result is the gradient of the whole-sequence loss, whatever the chunk size and slice size
-(tests compare against ``jax.grad`` of the whole-sequence forward).
+(:mod:`coserve_jax.finetune.reference` holds the oracles the tests compare with: the token-level
+way in one function, and ``jax.grad`` of the production whole-sequence forward).
 
 Loss: token cross-entropy summed over the target tokens (``loss_mask``), divided by
 ``normalizer`` (the number of target tokens in the optimizer step's accumulation group, so that
@@ -26,7 +26,6 @@ accumulating sequence gradients gives the mean over all target tokens of the gro
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -217,113 +216,3 @@ def slice_backward(
         return dh_in.astype(dh.dtype), grads
 
     return jax.lax.fori_loop(0, num_layers, body, (dh, grads))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "chunk", "layers_per_slice", "impl"))
-def sequence_gradient(
-    config: ModelConfig,
-    base: BaseWeights,
-    lora: LoRAParams,
-    scaling: dict,
-    tokens: jax.Array,
-    loss_mask: jax.Array,
-    normalizer: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    page_table: jax.Array,
-    *,
-    chunk: int,
-    layers_per_slice: int,
-    impl: str = "reference",
-    dropout_rate=0.0,
-    dropout_seed=0,
-):
-    """Loss and LoRA gradient of one sequence, computed the token-level way (for tests and the
-    finetuning-only baseline): forward in ``chunk``-token pieces over the paged cache, then the
-    backward in slices of ``layers_per_slice`` layers.
-
-    Args:
-        tokens: int32 ``[N]``; loss_mask: bool ``[N]`` (token ``t`` is a target predicted from
-            ``tokens[:t]``); normalizer: float32 scalar the summed loss is divided by.
-        k_cache, v_cache: ``[L, P, page_size, Hkv, D]`` scratch caches; page_table: int32
-            ``[1, max_pages]`` holding the sequence's pages.
-        chunk: tokens per forward piece (``N`` need not be a multiple: the last piece is padded).
-        layers_per_slice: layers per backward slice (must divide ``num_layers``).
-        dropout_rate, dropout_seed: LoRA dropout (:mod:`coserve_jax.lora.dropout`).
-    Returns:
-        ``(loss, grads)``: float32 scalar and a pytree like ``lora``.
-    Raises:
-        ValueError: ``layers_per_slice`` does not divide the number of layers.
-    """
-    L, n = config.num_layers, tokens.shape[0]
-    if L % layers_per_slice:
-        raise ValueError(f"layers_per_slice={layers_per_slice} must divide num_layers={L}")
-    page_size = k_cache.shape[2]
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    toks = jnp.pad(tokens, (0, pad))
-    pos_all = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
-    h_dim = config.hidden_size
-    dtype = base.embed.dtype
-    inputs = jnp.zeros((L, n_chunks * chunk, h_dim), dtype)
-    final = jnp.zeros((n_chunks * chunk, h_dim), dtype)
-
-    def fwd(i, carry):
-        inputs, final, kc, vc = carry
-        start = i * chunk
-        t = jax.lax.dynamic_slice_in_dim(toks, start, chunk)
-        pos = jax.lax.dynamic_slice_in_dim(pos_all, start, chunk)
-        q_len = jnp.minimum(chunk, n - start)
-        valid = jnp.arange(chunk) < q_len
-        slots = page_table[0, pos // page_size] * page_size + pos % page_size
-        meta = AttentionMetadata(
-            slot_mapping=jnp.where(valid, slots, 0).astype(jnp.int32),  # padding -> scratch page 0
-            kv_lens=jnp.reshape(start + q_len, (1,)).astype(jnp.int32),
-            page_table=page_table,
-            cu_q_lens=jnp.stack([0, q_len]).astype(jnp.int32),
-            num_seqs=jnp.int32(1),
-        )
-        li, h, kc, vc = forward_chunk(
-            config, base, lora, scaling, t, pos, kc, vc, meta, impl=impl, dropout_rate=dropout_rate, dropout_seed=dropout_seed
-        )
-        inputs = jax.lax.dynamic_update_slice_in_dim(inputs, li, start, axis=1)
-        final = jax.lax.dynamic_update_slice_in_dim(final, h, start, axis=0)
-        return inputs, final, kc, vc
-
-    inputs, final, _, _ = jax.lax.fori_loop(0, n_chunks, fwd, (inputs, final, k_cache, v_cache))
-    inputs, final = inputs[:, :n], final[:n]
-    targets = jnp.roll(tokens, -1)  # position t predicts token t + 1
-    weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
-    loss, dh = head_backward(config, base, final, targets, weights)
-    positions = jnp.arange(n, dtype=jnp.int32)
-    parts = []
-    for s in reversed(range(L // layers_per_slice)):  # one slice per serving step when fused
-        dh, g = slice_backward(
-            config, base.layers, lora, scaling, inputs, positions, dh, jnp.int32(s * layers_per_slice), layers_per_slice,
-            dropout_rate, dropout_seed,
-        )
-        parts.append(g)
-    grads = jax.tree.map(lambda *gs: jnp.concatenate(gs[::-1], axis=0), *parts)  # slices top-down -> layers
-    return loss, grads
-
-
-def whole_sequence_loss(
-    config: ModelConfig, base: BaseWeights, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer,
-    dropout_rate=0.0, dropout_seed=0,
-):
-    """The reference: the same loss as one dense whole-sequence forward (differentiate with ``jax.grad``)."""
-    n = tokens.shape[0]
-    positions = jnp.arange(n, dtype=jnp.int32)
-    mask = packed_causal_mask(jnp.zeros((n,), jnp.int32), positions)
-    scale = config.head_dim ** -0.5
-    h = jnp.take(base.embed, tokens, axis=0)
-    cos, sin = rope.cos_sin(config, positions, h.dtype)
-    onehot = jnp.ones((n, 1), jnp.float32)
-    drop = lora_dropout.constant(n, dropout_rate, dropout_seed)
-    for layer in range(config.num_layers):
-        h = decoder_layer(
-            config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot,
-            lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(jnp.int32(layer)),
-        )
-    weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
-    return jnp.sum(weights * token_losses(config, base, h, jnp.roll(tokens, -1)))

@@ -1,5 +1,6 @@
-"""Multi-LoRA: the fixed-shape adapter pool, PEFT adapter files, and slot management."""
+"""Multi-LoRA: PEFT adapter files and slot management over the model's fixed-shape adapter pool
+(:mod:`coserve_jax.models.lora_pool`, re-exported here)."""
 
-from coserve_jax.lora.pool import LoRAPool, LoRAPoolConfig, adapter_onehot, lora_delta
+from coserve_jax.models.lora_pool import LoRAPool, LoRAPoolConfig, adapter_onehot, lora_delta
 
 __all__ = ["LoRAPool", "LoRAPoolConfig", "adapter_onehot", "lora_delta"]

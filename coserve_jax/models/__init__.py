@@ -1,7 +1,8 @@
 """Model layer: Hugging Face Llama / Qwen2 / Mistral checkpoints as one Flax NNX decoder.
 
-Names are imported lazily (PEP 562) so that ``coserve_jax.lora`` and ``coserve_jax.models``
-can import each other's submodules without an import cycle.
+The decoder's multi-LoRA adapter pool (:mod:`coserve_jax.models.lora_pool`) lives here; adapter
+files and slot management, which build on it, are :mod:`coserve_jax.lora`. Names are imported
+lazily (PEP 562), so importing one submodule does not load the checkpoint readers.
 """
 
 import importlib
@@ -15,6 +16,8 @@ _EXPORTS = {
     "UnsupportedConfigError": "config",
     "CausalLM": "decoder",
     "param_shapes": "decoder",
+    "LoRAPool": "lora_pool",
+    "LoRAPoolConfig": "lora_pool",
     "CheckpointError": "loader",
     "init_abstract": "loader",
     "init_random": "loader",

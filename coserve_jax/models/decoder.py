@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.lora.pool import LoRAPool, LoRAPoolConfig, ParamInit, adapter_onehot, lora_delta
+from coserve_jax.models.lora_pool import LoRAPool, LoRAPoolConfig, ParamInit, adapter_onehot, lora_delta
 from coserve_jax.models import rope
 from coserve_jax.models.attention import dense_attention, packed_causal_mask
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from coserve_jax.lora.pool import LoRAPoolConfig
+from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM, param_shapes
 

@@ -78,7 +78,7 @@ def single_process_only(config: DistributedConfig | dict | None, where: str) -> 
     Multi-controller JAX needs every process to make the same host-side decisions: the same
     requests in the same order, the same scheduling. The engine does when it is driven the same
     way in every process (``Engine.generate`` on the same prompts, the same finetuning jobs:
-    ``python -m coserve_jax.parallel.check`` does this); the HTTP server (requests reach one
+    ``python -m coserve_jax.tools.parallel_check`` does this); the HTTP server (requests reach one
     process) and the benchmark (wall-clock arrivals, measured step times) do not yet.
 
     Raises:
@@ -89,5 +89,5 @@ def single_process_only(config: DistributedConfig | dict | None, where: str) -> 
         raise ValueError(
             f"{where}: multi-host (num_processes={n}) is not supported here yet: every process must run the same "
             "steps, which needs the step plan broadcast from process 0; drive the Engine identically in every "
-            "process instead (docs/parallelism.md, python -m coserve_jax.parallel.check)"
+            "process instead (docs/parallelism.md, python -m coserve_jax.tools.parallel_check)"
         )

@@ -14,7 +14,7 @@ Base layers are split Megatron-style (Shoeybi et al. 2019, "Megatron-LM", sectio
 * Norms and the embedding are replicated; the untied LM head is split on the vocabulary when it
   divides (the logits are gathered for sampling and the loss).
 
-**Dependent parallelization** (FlexLLM, NSDI 2026; ../shared/docs/REFERENCE.md section 1): a
+**Dependent parallelization** (FlexLLM, NSDI 2026): a
 LoRA bypass ``y += s * (x A) B`` is placed by :meth:`ShardingRules.lora_axes`, the one rule:
 *A takes its base kernel's input-axis sharding, B its base kernel's output-axis sharding*. So a
 column-parallel base has A replicated and B split on ``out`` (every device computes ``x A`` and

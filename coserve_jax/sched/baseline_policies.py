@@ -1,10 +1,10 @@
-"""The co-serving baselines the hybrid policy is measured against (issue 5, part 4).
+"""The co-serving baselines the hybrid policy is measured against.
 
-Both implement :class:`~coserve_jax.sched.hybrid_policy.StepPolicy`, so they run in the same
+Both implement :class:`~coserve_jax.sched.policy.StepPolicy`, so they run in the same
 scheduler and engine as :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy`:
 
-* :class:`FixedBudgetPolicy`: FlexLLM's public-code policy (../shared/docs/REFERENCE.md
-  section 1): every step has the same token budget, inference first, finetuning forward tokens
+* :class:`FixedBudgetPolicy`: FlexLLM's public-code policy (its released
+  scheduler): every step has the same token budget, inference first, finetuning forward tokens
   in what is left up to a fixed cap, and a backward slice every step. The budget is chosen offline
   and does not look at the SLOs.
 * :class:`TemporalPolicy`: temporal sharing, the way a cluster without co-serving shares a GPU:
@@ -18,7 +18,7 @@ Pure Python over plain data; no JAX, no NumPy.
 
 from __future__ import annotations
 
-from coserve_jax.sched.hybrid_policy import Load, StepBudget
+from coserve_jax.sched.policy import Load, StepBudget
 
 
 class FixedBudgetPolicy:

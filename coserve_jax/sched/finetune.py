@@ -1,7 +1,7 @@
 """Host-side state of the training sequences that finetuning jobs feed into serving steps.
 
 A finetuning job trains one sequence at a time (FlexLLM's token-level finetuning, NSDI 2026,
-section 4; ../shared/docs/REFERENCE.md section 1). Each sequence goes through two phases, both
+section 4). Each sequence goes through two phases, both
 spread over serving steps:
 
 1. **Forward** (``FORWARD``): the sequence is consumed in chunks, like a prefill, in the token

@@ -1,8 +1,8 @@
 """The hybrid token policy: how much work each step takes so inference meets its SLOs and
-finetuning gets the rest (issue 5, part 2).
+finetuning gets the rest.
 
-FlexLLM's public code fixes a token budget offline (../shared/docs/REFERENCE.md section 1). Here
-every step is sized from the latency model (:mod:`coserve_jax.sched.latency_model`):
+FlexLLM's public code fixes a token budget offline (FlexLLM, NSDI 2026; its released
+scheduler). Here every step is sized from the latency model (:mod:`coserve_jax.sched.latency_model`):
 
 1. **Target step time.** A running request that has produced ``k`` tokens since its first at
    ``t_0`` keeps its mean TPOT within its SLO after the next token if the step ends before
@@ -26,105 +26,10 @@ Pure Python over plain data; no JAX, no NumPy.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
-
-
-@dataclasses.dataclass(frozen=True)
-class SLOConfig:
-    """Default SLOs and the policy's knobs.
-
-    Attributes:
-        ttft_ms: default time-to-first-token SLO (ms); a request may carry its own.
-        tpot_ms: default time-per-output-token SLO (ms, the mean over a request's tokens after
-            the first); a request may carry its own.
-        margin: plan steps to this fraction of the allowance (room for model error).
-        idle_step_ms: target step time while nothing decodes (default ``tpot_ms``).
-        min_prefill_tokens: prefill tokens a step always makes room for when requests wait.
-        ttft_urgent_fraction: a queued request with less than this fraction of its TTFT SLO left
-            takes the whole step budget.
-    """
-
-    ttft_ms: float = 5000.0
-    tpot_ms: float = 45.0
-    margin: float = 0.9
-    idle_step_ms: float | None = None
-    min_prefill_tokens: int = 16
-    ttft_urgent_fraction: float = 0.25
-
-    def __post_init__(self):
-        if self.ttft_ms <= 0 or self.tpot_ms <= 0:
-            raise ValueError("SLOs must be > 0 ms")
-        if not 0 < self.margin <= 1:
-            raise ValueError(f"margin must be in (0, 1], got {self.margin}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepBudget:
-    """The policy's decision for one step.
-
-    Attributes:
-        max_tokens: token budget of the step (inference and finetuning forward).
-        max_finetune_tokens: most finetuning forward tokens.
-        allow_backward: whether a backward slice may run.
-        target_ms: the step time aimed at; predicted_ms: the prediction of the chosen plan.
-        inference: whether inference tokens may run (``False``: the step is finetuning's alone,
-            as in temporal sharing).
-    """
-
-    max_tokens: int
-    max_finetune_tokens: int
-    allow_backward: bool
-    target_ms: float = 0.0
-    predicted_ms: float = 0.0
-    inference: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Load:
-    """What the step could carry, as the scheduler sees it before planning.
-
-    Attributes:
-        now: the clock (seconds).
-        decoding: per running request with one token to compute: ``(kv_len, first_token_time or
-            None, tokens generated, tpot_slo_ms)``.
-        prefill_tokens: prompt tokens waiting to be computed (running and queued requests).
-        prefill_kv: KV length the next prefill chunk attends to (its start).
-        queued_deadlines: per request without a first token: seconds left to its TTFT deadline,
-            and its TTFT SLO in seconds.
-        num_seqs: sequences the inference part would take.
-        finetune_tokens: finetuning forward tokens available (0: none in forward).
-        finetune_kv: KV length the finetuning chunk starts at.
-        backward_tokens: the length bucket of the backward slice available (0: none).
-    """
-
-    now: float
-    decoding: Sequence[tuple[int, float | None, int, float]]
-    prefill_tokens: int = 0
-    prefill_kv: int = 0
-    queued_deadlines: Sequence[tuple[float, float]] = ()
-    num_seqs: int = 0
-    finetune_tokens: int = 0
-    finetune_kv: int = 0
-    backward_tokens: int = 0
-
-
-class StepPolicy(Protocol):
-    """What the scheduler asks each step (:meth:`Scheduler.schedule
-    <coserve_jax.sched.scheduler.Scheduler.schedule>` with the clock): the budget of the next
-    step, given its :class:`Load`. A policy may keep state across calls (one call per step)."""
-
-    def decide(self, load: Load) -> StepBudget: ...
-
-
-def bucket_for(buckets: Sequence[int], n: int) -> int:
-    """The smallest bucket holding ``n`` (the largest if none does)."""
-    for b in buckets:
-        if b >= n:
-            return b
-    return buckets[-1]
+from coserve_jax.sched.policy import Load, SLOConfig, StepBudget, bucket_for
 
 
 class HybridPolicy:
@@ -224,19 +129,3 @@ class HybridPolicy:
         return StepBudget(t, ft, backward, target, pred)
 
 
-def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], backward_buckets: Sequence[int] = ()) -> StepShape:
-    """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.scheduler.SchedulerOutput`)
-    runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
-    queries times the mean KV length they attend to) and its backward slice's length bucket."""
-    attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
-    if plan.finetune is not None:
-        f = plan.finetune
-        attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
-    n = plan.num_tokens
-    bwd = 0
-    if plan.backward is not None:
-        length = plan.backward.sequence.num_tokens
-        bwd = bucket_for(backward_buckets, length) if backward_buckets else length
-    return StepShape(
-        bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd
-    )

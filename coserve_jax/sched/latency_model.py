@@ -1,4 +1,4 @@
-"""Step latency model: predicts a step's device time from its composition (issue 5, part 1).
+"""Step latency model: predicts a step's device time from its composition.
 
 The hybrid scheduler sizes each step's prefill chunks and finetuning work so that the predicted
 step time keeps running requests inside their TPOT SLO. What a step costs depends on what the

@@ -41,7 +41,7 @@ import dataclasses
 from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import BackwardSlice, FinetuneChunk, TrainingPhase, TrainingSequence
-from coserve_jax.sched.hybrid_policy import Load, StepBudget, StepPolicy
+from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
 
@@ -129,7 +129,7 @@ class Scheduler:
     Args:
         config: step limits.
         kv_cache: the page allocator (its pages are the device cache's).
-        policy: optional :class:`~coserve_jax.sched.hybrid_policy.StepPolicy` that sizes each
+        policy: optional :class:`~coserve_jax.sched.policy.StepPolicy` that sizes each
             step (used when :meth:`schedule` gets the clock): the SLO-driven
             :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy` or a baseline of
             :mod:`coserve_jax.sched.baseline_policies`; without it the budgets are the config's

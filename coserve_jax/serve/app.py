@@ -577,7 +577,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ---- fine-tuning jobs ----------------------------------------------------------------------
     @app.post("/v1/fine_tuning/jobs")
-    async def create_job(body: P.FineTuningJobCreate):
+    async def create_job(body: P.FinetuneJobCreate):
         if body.model != state.model_name:
             names = await state.loop.call(lambda e: e.list_adapters())
             if body.model in names:

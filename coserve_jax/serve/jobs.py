@@ -1,5 +1,5 @@
 """Fine-tuning jobs of the API (``/v1/fine_tuning/jobs``): OpenAI's job objects, events and
-checkpoints over the engine's :class:`~coserve_jax.finetune.job.FinetuningJob` s.
+checkpoints over the engine's :class:`~coserve_jax.finetune.job.FinetuneJob` s.
 
 A created job is validated whole before it is accepted (its file tokenized with the job's
 settings; bad records come back as a 400 with their line numbers), then queued; the engine loop
@@ -43,10 +43,10 @@ from typing import Any
 
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import DataValidationError, TrainingExample, load_dataset
-from coserve_jax.finetune.job import FinetuningJob, JobStatus
+from coserve_jax.finetune.job import FinetuneJob, JobStatus
 from coserve_jax.serve.config import FinetuneDefaults
 from coserve_jax.serve.errors import APIError
-from coserve_jax.serve.protocol import FineTuningJobCreate, new_id
+from coserve_jax.serve.protocol import FinetuneJobCreate, new_id
 
 log = logging.getLogger("coserve_jax.serve")
 
@@ -56,7 +56,7 @@ EXTENSION_HYPERPARAMETERS = tuple(
 )
 
 
-def finetune_config(body: FineTuningJobCreate, defaults: FinetuneDefaults, checkpoint_dir: str) -> tuple[FinetuneConfig, dict]:
+def finetune_config(body: FinetuneJobCreate, defaults: FinetuneDefaults, checkpoint_dir: str) -> tuple[FinetuneConfig, dict]:
     """The job's :class:`FinetuneConfig` and the ``hyperparameters`` object it reports.
 
     Raises:
@@ -137,7 +137,7 @@ class JobRecord:
     truncated_examples: int = 0
     skipped_examples: int = 0
     status: str = "queued"
-    engine_job: FinetuningJob | None = None
+    engine_job: FinetuneJob | None = None
     error: dict | None = None
     finished_at: int | None = None
     adapter_path: str | None = None
@@ -183,7 +183,7 @@ class JobManager:
         tokenizer: a tokenizer for training files (not the engine thread's; tokenizing runs in
             worker threads).
         max_seq_len: the engine's ``finetune_max_seq_len`` (0: the engine cannot finetune).
-        lora_pool: the engine's :class:`~coserve_jax.lora.pool.LoRAPoolConfig` (a job's adapter
+        lora_pool: the engine's :class:`~coserve_jax.models.lora_pool.LoRAPoolConfig` (a job's adapter
             must fit it: rank, target modules).
     """
 
@@ -199,7 +199,7 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
 
     # ---- handlers' side ----------------------------------------------------------------------------
-    def prepare(self, body: FineTuningJobCreate, data_path: str, filename: str,
+    def prepare(self, body: FinetuneJobCreate, data_path: str, filename: str,
                 validation: tuple[str, str] | None = None) -> JobRecord:
         """Validate and tokenize a job (blocking: run it in a worker thread); not yet queued.
 

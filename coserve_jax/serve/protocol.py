@@ -184,7 +184,7 @@ class LoRAConfigBody(_Body):
     init_lora_weights: str | None = None
 
 
-class FineTuningJobCreate(_Body):
+class FinetuneJobCreate(_Body):
     """``POST /v1/fine_tuning/jobs``."""
 
     model: str

@@ -4,7 +4,7 @@ This folder sits at the repository's top level (the design's layout) but is pack
 ``coserve_jax`` (``[tool.setuptools] package-dir`` in ``pyproject.toml``), because a top-level
 ``kernels`` import name would clash with the Hugging Face ``kernels`` package on PyPI.
 
-The ragged paged attention kernel and its pure-JAX reference land here with the inference
-engine (issue 3); whole-sequence attention without a KV cache is
+The ragged paged attention kernel and its pure-JAX reference serve the inference
+engine; whole-sequence attention without a KV cache is
 ``coserve_jax.models.attention``.
 """

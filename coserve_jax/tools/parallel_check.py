@@ -1,4 +1,4 @@
-"""``python -m coserve_jax.parallel.check``: run one fixed co-serving workload and write what it
+"""``python -m coserve_jax.tools.parallel_check``: run one fixed co-serving workload and write what it
 produced, to compare tensor-parallel sizes and single- against multi-host set-ups.
 
 The workload is deterministic and small: a random model (8 attention heads, 2 KV heads, so
@@ -10,7 +10,7 @@ gradient norms, and its final adapter weights' checksums.
 
 Example, two hosts of 4 GPUs (run on each, with its own ``--process-id``)::
 
-    python -m coserve_jax.parallel.check --tensor-parallel-size 8 --out tp8.json \\
+    python -m coserve_jax.tools.parallel_check --tensor-parallel-size 8 --out tp8.json \\
         --coordinator-address host0:1234 --num-processes 2 --process-id 0
 """
 
@@ -45,7 +45,7 @@ def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None,
     from coserve_jax.finetune.config import LoRAConfig
     from coserve_jax.finetune.data import TrainingExample
     from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights
-    from coserve_jax.lora.pool import LoRAPoolConfig
+    from coserve_jax.models.lora_pool import LoRAPoolConfig
     from coserve_jax.models.config import LINEAR_MODULES
     from coserve_jax.models.loader import init_random
     from coserve_jax.parallel.mesh import make_mesh
@@ -94,7 +94,7 @@ def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coserve_jax.parallel.check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m coserve_jax.tools.parallel_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON file to write (each process writes its own: give each a path)")
     p.add_argument("--coordinator-address", help="host:port of process 0 (multi-host)")
