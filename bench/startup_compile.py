@@ -26,7 +26,7 @@ model = init_random(cfg, seed=0, dtype="float32", lora=LoRAPoolConfig(2, 8))
 jobs = int(sys.argv[1])
 t0 = time.perf_counter()
 e = Engine(model, max_num_seqs=8, max_num_batched_tokens=64, num_kv_pages=64, compilation_cache_dir=None, max_finetune_jobs=jobs)
-print(json.dumps({"max_finetune_jobs": jobs, "step_buckets": len(e.buckets), "backward_buckets": len(e._backward),
+print(json.dumps({"max_finetune_jobs": jobs, "step_buckets": len(e.buckets), "backward_buckets": len(e.runner.backward),
                   "startup_s": round(time.perf_counter() - t0, 2), "jax": jax.__version__, "backend": jax.default_backend()}))
 """
 

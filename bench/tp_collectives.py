@@ -64,12 +64,12 @@ def main() -> None:
     for tp in (2, 4, 8):
         for pool, jobs in ((False, 0), (True, 0), (True, 1)):
             e = engine(tp, pool, jobs)
-            step.append({"tp": tp, "lora_pool": pool, "finetuning": bool(jobs), **count(e._step._compiled[e.buckets[0]].as_text())})
+            step.append({"tp": tp, "lora_pool": pool, "finetuning": bool(jobs), **count(e.runner.step_fn._compiled[e.buckets[0]].as_text())})
             print(step[-1], flush=True)
     backward = []
     for modules in (("down_proj",), LINEAR_MODULES):
         e = engine(4, True, 1, modules)
-        hlo = e._backward[64].as_text()
+        hlo = e.runner.backward[64].as_text()
         job = e.create_finetuning_job(
             [TrainingExample(tuple(range(1, 40)), (False,) + (True,) * 38, 1)],
             lora=LoRAConfig(r=4, target_modules=list(modules)), max_steps=1,

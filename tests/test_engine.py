@@ -212,5 +212,5 @@ def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
     with CompileCounter() as compiles:
         engine = Engine(path, **kw)
     # every executable (step buckets, backward slices of finetuning) is a cache hit
-    assert compiles.count == 0 and compiles.cache_hits == compiles.requests >= len(engine.buckets) + len(engine._backward)
+    assert compiles.count == 0 and compiles.cache_hits == compiles.requests >= len(engine.buckets) + len(engine.runner.backward)
     assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids

@@ -156,8 +156,8 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
     plain = Engine(path, tensor_parallel_size=4, **dict(kw, max_loras=0, max_finetune_jobs=0))
     pooled = Engine(path, tensor_parallel_size=4, **dict(kw, max_finetune_jobs=0))
     bucket = plain.buckets[0]
-    without = count_collectives(plain._step._compiled[bucket].as_text())
-    with_lora = count_collectives(pooled._step._compiled[bucket].as_text())
+    without = count_collectives(plain.runner.step_fn._compiled[bucket].as_text())
+    with_lora = count_collectives(pooled.runner.step_fn._compiled[bucket].as_text())
     assert without == with_lora
     assert without["all-reduce"] >= 2  # the layer scan's o_proj and down_proj reductions
 
@@ -166,7 +166,7 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
     counts = {}
     for modules in (("down_proj",), LINEAR_MODULES):
         eng = Engine(path, tensor_parallel_size=4, **dict(kw, lora_target_modules=modules))
-        hlo = eng._backward[64].as_text()
+        hlo = eng.runner.backward[64].as_text()
         counts[modules] = count_collectives(hlo)
         shapes = set(re.findall(r"= f32\[([\d,]+)\][^=]*? all-reduce(?:-start)?\(", hlo))
         assert shapes == {f"64,{eng.config.hidden_size}"}, shapes

@@ -32,11 +32,10 @@ from flax import nnx
 
 from coserve_jax.engine.detokenizer import IncrementalDetokenizer
 from coserve_jax.engine.outputs import RequestOutput, StepRecord
-from coserve_jax.engine.step import (
-    Bucket, CompiledStep, configure_compilation_cache, make_buckets, pick_bucket, powers_of_two,
-)
+from coserve_jax.engine.config import EngineConfig
+from coserve_jax.engine.model_runner import ModelRunner
+from coserve_jax.engine.step import Bucket, configure_compilation_cache
 from coserve_jax.engine.profile import fitted_latency_model
-from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
@@ -44,7 +43,6 @@ from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset
 from coserve_jax.finetune.evaluation import Evaluation
 from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
 from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
-from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
 from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.lora.peft_io import LoRAWeights
 from coserve_jax.models.lora_pool import LoRAPoolConfig
@@ -58,7 +56,7 @@ from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
 from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, step_shape
-from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
+from coserve_jax.sched.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
 
@@ -192,7 +190,6 @@ class Engine:
         configure_compilation_cache(compilation_cache_dir)
         path = None
         self.mesh = make_mesh(tensor_parallel_size)
-        self.tensor_parallel_size = tensor_parallel_size
         if isinstance(model, CausalLM):
             self.model = model
             self.rules = ShardingRules(model.config, self.mesh)
@@ -203,92 +200,37 @@ class Engine:
             lora = LoRAPoolConfig(max_loras, max_lora_rank, tuple(lora_target_modules)) if max_loras > 0 else None
             self.rules = ShardingRules(load_config(model, max_model_len=max_model_len), self.mesh)
             self.model = load_model(model, dtype=dtype, lora=lora, max_model_len=max_model_len, sharding=self.rules.sharding)
-        rules = self.rules
         config = self.model.config
         self.config = config
-        self.max_model_len = min(max_model_len or config.max_model_len, config.max_model_len)
+        """The model's :class:`~coserve_jax.models.config.ModelConfig`."""
+        pool = self.model.lora.config if self.model.lora is not None else None
+        self.engine_config = EngineConfig.resolve(
+            config, has_lora_pool=pool is not None, kv_cache_heads=self.rules.kv_cache_heads,
+            dtype_itemsize=jnp.dtype(self.model.dtype).itemsize, device_memory=self.mesh.local_devices[0].memory_stats(),
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size, num_kv_pages=num_kv_pages, kv_cache_memory_fraction=kv_cache_memory_fraction,
+            max_loras=pool.max_loras if pool else 0, max_lora_rank=pool.max_lora_rank if pool else max_lora_rank,
+            lora_target_modules=pool.target_modules if pool else tuple(lora_target_modules), max_logprobs=max_logprobs,
+            token_buckets=token_buckets, seq_buckets=seq_buckets, attention_impl=attention_impl,
+            compilation_cache_dir=compilation_cache_dir, seed=seed, watermark_pages=watermark_pages,
+            max_finetune_jobs=max_finetune_jobs, finetune_max_seq_len=finetune_max_seq_len,
+            max_finetune_tokens=max_finetune_tokens, finetune_layers_per_slice=finetune_layers_per_slice,
+            finetune_seq_buckets=finetune_seq_buckets, scheduling_policy=scheduling_policy, policy_options=policy_options,
+            slo=slo, measure_steps=measure_steps, tensor_parallel_size=tensor_parallel_size,
+        )
+        """Every resolved limit, bucket grid and layout (:class:`~coserve_jax.engine.config.EngineConfig`)."""
+        ec = self.engine_config
         self.tokenizer = self._tokenizer(tokenizer, path)
         self.eos_token_ids = _eos_ids(path, config, self.tokenizer)
-        self.adapters = AdapterManager(self.model) if self.model.lora is not None else None
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if max_logprobs < 1:
-            raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
-        self.max_logprobs = min(max_logprobs, config.vocab_size)
-
-        # KV cache: [L, P, page_size, Hkv, D] for K and for V, split over the devices by KV heads
-        # (one replicated head per device when tensor_parallel_size exceeds the KV heads).
-        self.page_size = page_size
-        self.max_pages_per_seq = -(-self.max_model_len // page_size)
-        dtype_ = self.model.dtype
-        local_heads = rules.kv_cache_heads // tensor_parallel_size
-        page_bytes = 2 * config.num_layers * page_size * local_heads * config.head_dim * jnp.dtype(dtype_).itemsize
-        if num_kv_pages is None:
-            num_kv_pages = self._default_num_pages(page_bytes, max_num_seqs, kv_cache_memory_fraction)
-        shape = (config.num_layers, num_kv_pages, page_size, rules.kv_cache_heads, config.head_dim)
-        self.kv_cache_bytes = page_bytes * num_kv_pages
-        """Bytes of K and V cache on each device."""
-        kv = KVCacheManager(num_kv_pages, page_size)
-        if watermark_pages is None:
-            watermark_pages = max(1, kv.capacity // 100)
         self.model_path = None if path is None else os.fspath(path)
-        self.finetune_layout = None
-        if max_finetune_jobs < 0:
-            raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
-        if max_finetune_jobs and self.model.lora is not None:
-            n_max = min(finetune_max_seq_len or min(self.max_model_len, 2048), self.max_model_len)
-            if config.num_layers % finetune_layers_per_slice or finetune_layers_per_slice < 1:
-                raise ValueError(f"finetune_layers_per_slice={finetune_layers_per_slice} must divide num_layers={config.num_layers}")
-            seq_b = sorted(set(finetune_seq_buckets or powers_of_two(min(64, n_max), n_max)))
-            if seq_b[-1] != n_max:
-                raise ValueError(f"the largest finetune_seq_buckets entry must be finetune_max_seq_len={n_max}, got {seq_b}")
-            self.finetune_layout = fused.FinetuneLayout(max_finetune_jobs, n_max, finetune_layers_per_slice, tuple(seq_b))
-        ft_tokens = 0
-        if self.finetune_layout is not None:
-            ft_tokens = min(max_finetune_tokens or max_num_batched_tokens, max_num_batched_tokens)
-            if ft_tokens < 1:
-                raise ValueError(f"max_finetune_tokens must be >= 1, got {max_finetune_tokens}")
-        self.max_finetune_tokens = ft_tokens
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len, watermark_pages, ft_tokens), kv
-        )
-        self.k_cache = rules.zeros(shape, dtype_, rules.kv_cache_spec())
-        self.v_cache = rules.zeros(shape, dtype_, rules.kv_cache_spec())
-        self.ft_buffers = None
-        if self.finetune_layout is not None:
-            self.ft_buffers = fused.init_buffers(config, self.model.lora.config, self.finetune_layout, dtype_, rules)
-
-        impl = default_implementation() if attention_impl == "auto" else attention_impl
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl must be 'auto' or one of {IMPLEMENTATIONS}, got {attention_impl!r}")
-        self.attention_impl = impl
-        self.buckets: list[Bucket] = make_buckets(max_num_batched_tokens, max_num_seqs, token_buckets, seq_buckets)
-        self._token_buckets = sorted({b.num_tokens for b in self.buckets})
-        self._seq_buckets = sorted({b.num_seqs for b in self.buckets})
-        self._state = nnx.state(self.model)
-        self._step = CompiledStep(
-            self.model, self.buckets, self.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
-            finetune_tokens=ft_tokens, impl=impl, max_logprobs=self.max_logprobs, parallel=rules,
-        )
-        self.compile_seconds = self._step.compile_all()
-        self._backward: dict[int, object] = {}
-        self._zero_row = None
-        if self.finetune_layout is not None:
-            t0 = time.perf_counter()
-            graphdef = self._step.graphdef
-            for length in self.finetune_layout.seq_buckets:
-                fn = jax.jit(fused.make_backward_fn(graphdef, config, self.finetune_layout, length, rules), donate_argnums=1)
-                self._backward[length] = fn.lower(
-                    self._state, self.ft_buffers, fused.abstract_backward_inputs(rules.replicated)
-                ).compile()
-            self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
-            self.adapters.compile_writer()
-            self.compile_seconds += time.perf_counter() - t0
+        self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(ec.num_kv_pages, ec.page_size))
+        self.runner = ModelRunner(self.model, self.rules, ec)
+        """The device owner (:class:`~coserve_jax.engine.model_runner.ModelRunner`)."""
+        self.compile_seconds = self.runner.compile()
         self._jobs: dict[str, FinetuneJob] = {}
         self._evaluations: dict[str, Evaluation] = {}  # engine.evaluate's passes in flight
-        self._free_rows = list(range(max_finetune_jobs)) if self.finetune_layout is not None else []
-        self.slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {}))
-        self._cache_dir = compilation_cache_dir
+        self._free_rows = list(range(ec.finetune.max_jobs)) if ec.finetune is not None else []
+        self.slo = ec.slo
         self.latency_model = None
         self.latency_model_cached = False
         self.measure_steps = measure_steps
@@ -306,10 +248,65 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self.num_steps = 0
 
+    # ---- the resolved configuration, as attributes -----------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        """Context length in tokens."""
+        return self.engine_config.max_model_len
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per KV page."""
+        return self.engine_config.page_size
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        """Page-table width."""
+        return self.engine_config.max_pages_per_seq
+
+    @property
+    def max_logprobs(self) -> int:
+        """Most top logprobs a request may ask for."""
+        return self.engine_config.max_logprobs
+
+    @property
+    def max_finetune_tokens(self) -> int:
+        """Most finetuning forward tokens in one step (0 without finetuning)."""
+        return self.engine_config.max_finetune_tokens
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """The compiled step shapes."""
+        return list(self.engine_config.buckets)
+
+    @property
+    def attention_impl(self) -> str:
+        """The attention implementation in use."""
+        return self.engine_config.attention_impl
+
+    @property
+    def finetune_layout(self) -> fused.FinetuneLayout | None:
+        """The finetuning buffers' layout (``None``: no finetuning)."""
+        return self.engine_config.finetune
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine_config.tensor_parallel_size
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of K and V cache on each device."""
+        return self.engine_config.kv_cache_bytes
+
+    @property
+    def adapters(self) -> AdapterManager | None:
+        """The adapter pool's slot manager (``None``: no pool)."""
+        return self.runner.adapters
+
     # ---- scheduling policy -----------------------------------------------------------------
     def _ensure_latency_model(self) -> None:
         if self.latency_model is None:
-            self.latency_model, self.latency_model_cached = fitted_latency_model(self, self._cache_dir)
+            self.latency_model, self.latency_model_cached = fitted_latency_model(self.runner, self.engine_config.compilation_cache_dir)
 
     def set_scheduling_policy(self, name: str, **options) -> None:
         """Choose how each step is sized, between steps (the compiled shapes stay).
@@ -334,8 +331,8 @@ class Engine:
             self._ensure_latency_model()
         policy = make_policy(
             name, options, max_num_batched_tokens=cfg.max_num_batched_tokens, max_finetune_tokens=cfg.max_finetune_tokens,
-            latency_model=self.latency_model, slo=self.slo, token_buckets=self._token_buckets, seq_buckets=self._seq_buckets,
-            backward_buckets=self.finetune_layout.seq_buckets if self.finetune_layout else (),
+            latency_model=self.latency_model, slo=self.slo, token_buckets=self.engine_config.token_buckets,
+            seq_buckets=self.engine_config.seq_buckets, backward_buckets=self.engine_config.backward_buckets,
         )
         self.scheduler.policy = policy
         self.scheduling_policy = name
@@ -357,20 +354,6 @@ class Engine:
 
         return load_tokenizer(tokenizer)
 
-    def _default_num_pages(self, page_bytes: int, max_num_seqs: int, fraction: float) -> int:
-        per_seq = self.max_pages_per_seq
-        stats = self.mesh.local_devices[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
-            pages = int(free // page_bytes)
-            if pages <= per_seq:
-                raise ValueError(
-                    f"only {max(pages, 0)} KV pages fit in {fraction:.0%} of device memory; one "
-                    f"max_model_len={self.max_model_len} sequence needs {per_seq}: lower max_model_len"
-                )
-            return pages
-        return max(per_seq + 1, min(max_num_seqs * per_seq + 1, (1 << 30) // page_bytes))
-
     # ---- adapters ------------------------------------------------------------------------
     def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:
         """Load a PEFT LoRA adapter directory (or in-memory :class:`LoRAWeights`) under ``name``,
@@ -383,8 +366,7 @@ class Engine:
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-        self.adapters.load(name, peft_dir)
-        self._state = nnx.state(self.model)
+        self.runner.load_adapter(name, peft_dir)
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's slot.
@@ -401,8 +383,7 @@ class Engine:
         users = [r.request_id for r in self._requests.values() if r.adapter_index == index]
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
-        self.adapters.unload(name)
-        self._state = nnx.state(self.model)
+        self.runner.unload_adapter(name)
 
     def list_adapters(self) -> list[str]:
         """Names of the loaded adapters."""
@@ -483,17 +464,17 @@ class Engine:
         job = FinetuneJob(
             job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
             num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
-            params=self._place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
+            params=self.runner.place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
             base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job, eval_examples=eval_examples,
             truncated_examples=examples.truncated_examples, skipped_examples=examples.skipped_examples,
         )
         if cfg.resume:
             job.restore_latest()
-        job.compile_update(self.ft_buffers.grads)
+        job.compile_update(self.runner.ft_buffers.grads)
         self.load_adapter(name, job.lora_weights())
         job.adapter_index = self.adapters.adapter_index(name)
         self._free_rows.remove(row)
-        self.ft_buffers = self.ft_buffers._replace(grads=self._zero_row(self.ft_buffers.grads, np.int32(row)))
+        self.runner.zero_grad_row(row)
         self._jobs[job_id] = job
         if job.complete:
             self._end_job(job, JobStatus.SUCCEEDED)
@@ -553,13 +534,6 @@ class Engine:
             self.scheduler.remove_training(ev.id)
         return ev.record(time.time()).loss
 
-    def _place_job_params(self, params: dict) -> dict:
-        """A job's master weights placed as its pool slot (dependent parallelization); its
-        optimizer state, made from them, follows."""
-        return jax.device_put(params, {
-            m: {w: self.rules.named(self.rules.job_lora_spec(m, w)) for w in ws} for m, ws in params.items()
-        })
-
     @property
     def finetuning_jobs(self) -> list[FinetuneJob]:
         """Every job this engine ran or runs, oldest first."""
@@ -593,15 +567,6 @@ class Engine:
         if seq is not None:
             self.scheduler.add_training_sequence(seq)
 
-    def _run_backward(self, b) -> None:
-        seq = b.sequence
-        length = self.finetune_layout.bucket_for(seq.num_tokens)
-        inputs = fused.BackwardInputs(
-            np.int32(seq.store_row), np.int32(seq.adapter_index), np.int32(b.first_layer), np.int32(seq.num_tokens),
-            np.float32(seq.dropout_rate), np.uint32(seq.dropout_seed),
-        )
-        self.ft_buffers = self._backward[length](self._state, self.ft_buffers, inputs)
-
     def _advance_jobs(self) -> None:
         for seq in self.scheduler.pop_trained():
             ev = self._evaluations.get(seq.job_id)
@@ -614,10 +579,7 @@ class Engine:
                 continue
             try:
                 if job.sequence_done(seq):
-                    grads, pool = job.optimizer_step(self.ft_buffers.grads)
-                    self.ft_buffers = self.ft_buffers._replace(grads=grads)
-                    self.adapters.write_weights(job.adapter_index, pool)
-                    self._state = nnx.state(self.model)
+                    self.runner.optimizer_step(job)
                 if job.complete:
                     self._end_job(job, JobStatus.SUCCEEDED)
                 else:
@@ -734,22 +696,14 @@ class Engine:
         out = None
         t_dispatch = time.perf_counter()
         if plan.num_tokens:
-            bucket = pick_bucket(self.buckets, plan.num_tokens, plan.num_seqs)
-            layout = self.finetune_layout
-            inputs = build_step_inputs(
-                plan, bucket, self.page_size, self.max_pages_per_seq, self.max_finetune_tokens,
-                layout.max_seq_len if layout else 0, layout.max_jobs * layout.max_seq_len if layout else 0,
-            )
-            self.k_cache, self.v_cache, self.ft_buffers, out, ft_loss = self._step(
-                bucket, self._state, self.k_cache, self.v_cache, self.ft_buffers, inputs
-            )
+            out, ft_loss = self.runner.execute(plan)
             if plan.finetune is not None:
                 seq = plan.finetune.sequence
                 owner = self._jobs.get(seq.job_id) or self._evaluations.get(seq.job_id)
                 if owner is not None:
                     owner.add_forward_loss(seq, ft_loss)
         if plan.backward is not None:
-            self._run_backward(plan.backward)
+            self.runner.run_backward(plan.backward)
         self.num_steps += 1
         if self.measure_steps or self.scheduling_policy == "hybrid":
             self._measure(plan, out, t_dispatch)
@@ -757,7 +711,7 @@ class Engine:
             self.scheduler.update(plan, [], time.monotonic())
             self._advance_jobs()
             return []
-        tokens, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
+        tokens, chosen, top_ids, top_lp = self.runner.fetch(out)
         now = time.monotonic()
         sampled = [int(tokens[i]) if c.sample else None for i, c in enumerate(plan.chunks)]
         self.scheduler.update(plan, sampled, now)
@@ -796,11 +750,11 @@ class Engine:
 
     def _measure(self, plan, out, t_dispatch: float) -> None:
         """Time the step on the device, log it, and refine the latency model with it."""
-        jax.block_until_ready((out, self.ft_buffers))
+        self.runner.wait(out)
         end = time.perf_counter()
         self.last_step_ms = (end - t_dispatch) * 1000.0
-        layout = self.finetune_layout
-        shape = step_shape(plan, self._token_buckets, self._seq_buckets, layout.seq_buckets if layout else ())
+        ec = self.engine_config
+        shape = step_shape(plan, ec.token_buckets, ec.seq_buckets, ec.backward_buckets)
         predicted = self.latency_model.predict(shape)
         self.latency_model.update(shape, self.last_step_ms)
         decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids))

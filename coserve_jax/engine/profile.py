@@ -20,10 +20,7 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-from coserve_jax.engine.step_inputs import build_step_inputs
-from coserve_jax.finetune import fused
 from coserve_jax.sched.finetune import BackwardSlice, TrainingSequence
 from coserve_jax.sched.policy import step_shape
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
@@ -32,15 +29,17 @@ from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.sched.scheduler import ScheduledChunk, SchedulerOutput
 
 
-def profile_key(engine) -> str:
+def profile_key(runner) -> str:
     """A digest of what step times depend on: model, dtype, device, buckets, attention, jax."""
     dev = jax.devices()[0]
-    layout = engine.finetune_layout
+    cfg = runner.config
+    layout = cfg.finetune
     desc = {
-        "model": repr(engine.config), "dtype": str(engine.model.dtype), "device": f"{dev.platform}:{dev.device_kind}",
-        "num_devices": len(jax.devices()), "tensor_parallel_size": engine.tensor_parallel_size, "buckets": [(b.num_tokens, b.num_seqs) for b in engine.buckets],
+        "model": repr(runner.model.config), "dtype": str(runner.model.dtype), "device": f"{dev.platform}:{dev.device_kind}",
+        "num_devices": len(jax.devices()), "tensor_parallel_size": cfg.tensor_parallel_size,
+        "buckets": [(b.num_tokens, b.num_seqs) for b in cfg.buckets],
         "finetune": None if layout is None else [layout.max_jobs, layout.max_seq_len, layout.layers_per_slice, list(layout.seq_buckets)],
-        "attention": engine.attention_impl, "page_size": engine.page_size, "jax": jax.__version__, "version": 2,
+        "attention": cfg.attention_impl, "page_size": cfg.page_size, "jax": jax.__version__, "version": 2,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -55,67 +54,61 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def profile_samples(engine, repeats: int = 3) -> list[tuple[StepShape, float]]:
-    """Time every compiled step bucket (two KV lengths) and backward bucket. Returns
-    ``(shape, median ms)`` samples."""
+def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
+    """Time every compiled step bucket (two KV lengths) and backward bucket of a
+    :class:`~coserve_jax.engine.model_runner.ModelRunner`. Returns ``(shape, median ms)`` samples."""
     samples = []
-    token_b = sorted({b.num_tokens for b in engine.buckets})
-    seq_b = sorted({b.num_seqs for b in engine.buckets})
-    layout = engine.finetune_layout
-    rows = layout.max_seq_len if layout else 0
-    nrows = layout.max_jobs * layout.max_seq_len if layout else 0
+    cfg = runner.config
+    token_b, seq_b = cfg.token_buckets, cfg.seq_buckets
+    layout = cfg.finetune
     params = SamplingParams(max_tokens=1, temperature=0)
-    for bucket in engine.buckets:
+    for bucket in cfg.buckets:
         t, s = bucket.num_tokens, min(bucket.num_seqs, bucket.num_tokens)
         q = t // s
         last = t - q * (s - 1)
-        for kv in (0, max(0, min(engine.max_model_len - last - 1, 1024))):
+        for kv in (0, max(0, min(cfg.max_model_len - last - 1, 1024))):
             chunks = []
             for i in range(s):
                 n = q if i < s - 1 else last
-                pages = (0,) * (-(-(kv + n) // engine.page_size))
+                pages = (0,) * (-(-(kv + n) // cfg.page_size))
                 req = Request(i, [0] * (kv + n), params)
                 chunks.append(ScheduledChunk(req, kv, [0] * n, pages, True))
             plan = SchedulerOutput(chunks=chunks, preempted=[])
-            inputs = build_step_inputs(plan, bucket, engine.page_size, engine.max_pages_per_seq, engine.max_finetune_tokens, rows, nrows)
 
-            def run():
-                engine.k_cache, engine.v_cache, engine.ft_buffers, out, _ = engine._step(
-                    bucket, engine._state, engine.k_cache, engine.v_cache, engine.ft_buffers, inputs
-                )
+            def run(plan=plan):
+                out, _ = runner.execute(plan)
                 jax.block_until_ready(out)
 
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
     if layout is not None:
         for length in layout.seq_buckets:
             ids = [0] * length
-            seq = TrainingSequence("profile", 0, 1, ids, ids, [0.0] * length, 0.0, 0, engine.config.num_layers, layout.layers_per_slice)
-            plan = SchedulerOutput(chunks=[], preempted=[], backward=BackwardSlice(seq, 0))
-            inputs = fused.BackwardInputs(np.int32(0), np.int32(1), np.int32(0), np.int32(length), np.float32(0), np.uint32(0))
+            seq = TrainingSequence("profile", 0, 1, ids, ids, [0.0] * length, 0.0, 0, runner.model.config.num_layers, layout.layers_per_slice)
+            backward = BackwardSlice(seq, 0)
+            plan = SchedulerOutput(chunks=[], preempted=[], backward=backward)
 
-            def run_bwd():
-                engine.ft_buffers = engine._backward[length](engine._state, engine.ft_buffers, inputs)
-                jax.block_until_ready(engine.ft_buffers)
+            def run_bwd(backward=backward):
+                runner.run_backward(backward)
+                runner.wait()
 
             samples.append((step_shape(plan, token_b, seq_b, layout.seq_buckets), _time(run_bwd, repeats)))
-        # the profile's backward slices added into row 0's accumulator: clear it
-        engine.ft_buffers = engine.ft_buffers._replace(grads=engine._zero_row(engine.ft_buffers.grads, np.int32(0)))
+        runner.zero_grad_row(0)  # the profile's backward slices added into row 0's accumulator
     return samples
 
 
-def fitted_latency_model(engine, cache_dir: str | os.PathLike | None, repeats: int = 3) -> tuple[LatencyModel, bool]:
-    """The engine's latency model: loaded from ``cache_dir/latency/<key>.json`` if present, else
+def fitted_latency_model(runner, cache_dir: str | os.PathLike | None, repeats: int = 3) -> tuple[LatencyModel, bool]:
+    """The runner's step latency model: loaded from ``cache_dir/latency/<key>.json`` if present, else
     profiled, fitted and saved there. Returns ``(model, loaded_from_cache)``."""
     path = None
     if cache_dir is not None:
-        path = os.path.join(os.fspath(cache_dir), "latency", profile_key(engine) + ".json")
+        path = os.path.join(os.fspath(cache_dir), "latency", profile_key(runner) + ".json")
         if os.path.isfile(path):
             try:
                 with open(path) as f:
                     return LatencyModel.from_json(f.read()), True
             except (ValueError, KeyError, json.JSONDecodeError):
                 pass  # a stale or damaged file: profile again
-    model = LatencyModel().fit(profile_samples(engine, repeats))
+    model = LatencyModel().fit(profile_samples(runner, repeats))
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"

@@ -1,0 +1,218 @@
+"""The engine's resolved configuration, held once: every limit, the bucket grids and the layouts.
+
+:class:`EngineConfig` is built by :meth:`EngineConfig.resolve` from ``Engine(...)``'s keyword
+arguments and the loaded model (defaults filled in, limits checked), then frozen. The scheduler
+(:meth:`EngineConfig.scheduler_config`), the model runner, the policies and the start-up profile
+all read it; nothing else holds a copy of a limit. It is plain data (vLLM's ``VllmConfig`` plays
+the same part), so it pickles and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+from coserve_jax.engine.step import Bucket, make_buckets, powers_of_two
+from coserve_jax.finetune.fused import FinetuneLayout
+from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_implementation
+from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
+from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig
+from coserve_jax.sched.scheduler import SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Every limit and static shape of one engine (all resolved; see :class:`~coserve_jax.Engine`
+    for what each knob means).
+
+    Attributes:
+        max_model_len: context length (tokens), at most the model's.
+        max_num_seqs: most sequences running at once and in one step.
+        max_num_batched_tokens: token budget of one step.
+        page_size: tokens per KV page; num_kv_pages: pages in the cache (page 0 is scratch);
+            watermark_pages: free pages admission keeps for running requests to grow into.
+        kv_cache_bytes: bytes of K and V cache on each device.
+        max_loras, max_lora_rank, lora_target_modules: the adapter pool (``max_loras`` 0: none).
+        max_logprobs: most top logprobs a request may ask for (at most the vocabulary).
+        buckets: the compiled step shapes, ascending.
+        attention_impl: the attention implementation in use (never ``"auto"``).
+        finetune: the finetuning buffers' layout, or ``None`` without finetuning.
+        max_finetune_tokens: most finetuning forward tokens in one step (0 without finetuning).
+        scheduling_policy, policy_options: the step policy at start-up (:mod:`coserve_jax.sched.policy`).
+        slo: default SLOs and the hybrid policy's knobs.
+        measure_steps: time every step on the device.
+        tensor_parallel_size: devices the model is split over.
+        seed: seeds the per-request seeds of requests that give none.
+        compilation_cache_dir: the persistent XLA compilation cache (``None``: off).
+    """
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    page_size: int
+    num_kv_pages: int
+    watermark_pages: int
+    kv_cache_bytes: int
+    max_loras: int
+    max_lora_rank: int
+    lora_target_modules: tuple[str, ...]
+    max_logprobs: int
+    buckets: tuple[Bucket, ...]
+    attention_impl: str
+    finetune: FinetuneLayout | None
+    max_finetune_tokens: int
+    scheduling_policy: str = "fixed"
+    policy_options: tuple[tuple[str, object], ...] = ()
+    slo: SLOConfig = SLOConfig()
+    measure_steps: bool = False
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    compilation_cache_dir: str | None = None
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        """Page-table width: ``ceil(max_model_len / page_size)``."""
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        """The compiled token-slot counts, ascending."""
+        return tuple(sorted({b.num_tokens for b in self.buckets}))
+
+    @property
+    def seq_buckets(self) -> tuple[int, ...]:
+        """The compiled sequence-slot counts, ascending."""
+        return tuple(sorted({b.num_seqs for b in self.buckets}))
+
+    @property
+    def backward_buckets(self) -> tuple[int, ...]:
+        """The sequence lengths the backward slice is compiled for (empty without finetuning)."""
+        return self.finetune.seq_buckets if self.finetune is not None else ()
+
+    @property
+    def finetune_rows(self) -> int:
+        """Rows of the activation store: ``max_jobs * max_seq_len`` (0 without finetuning)."""
+        return self.finetune.max_jobs * self.finetune.max_seq_len if self.finetune is not None else 0
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduler's view of the limits."""
+        return SchedulerConfig(
+            self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.watermark_pages,
+            self.max_finetune_tokens,
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        model_config: ModelConfig,
+        *,
+        has_lora_pool: bool,
+        kv_cache_heads: int,
+        dtype_itemsize: int,
+        device_memory: Mapping[str, int] | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        page_size: int = 16,
+        num_kv_pages: int | None = None,
+        kv_cache_memory_fraction: float = 0.9,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
+        lora_target_modules: Sequence[str] = LINEAR_MODULES,
+        max_logprobs: int = 20,
+        token_buckets: Sequence[int] | None = None,
+        seq_buckets: Sequence[int] | None = None,
+        attention_impl: str = "auto",
+        compilation_cache_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        watermark_pages: int | None = None,
+        max_finetune_jobs: int = 1,
+        finetune_max_seq_len: int | None = None,
+        max_finetune_tokens: int | None = None,
+        finetune_layers_per_slice: int = 1,
+        finetune_seq_buckets: Sequence[int] | None = None,
+        scheduling_policy: str = "fixed",
+        policy_options: dict | None = None,
+        slo: SLOConfig | dict | None = None,
+        measure_steps: bool = False,
+        tensor_parallel_size: int = 1,
+    ) -> "EngineConfig":
+        """Fill in the defaults of ``Engine(...)``'s keyword arguments and check them.
+
+        Args:
+            model_config: the loaded model's configuration.
+            has_lora_pool: whether the model has an adapter pool (finetuning needs one).
+            kv_cache_heads: KV heads the cache holds over all devices (one replicated head per
+                device when ``tensor_parallel_size`` exceeds the model's KV heads).
+            dtype_itemsize: bytes per cache element (the model dtype's).
+            device_memory: the first device's ``memory_stats()`` (``bytes_limit``,
+                ``bytes_in_use``; ``None`` or without ``bytes_limit`` off GPUs): sizes the
+                default cache.
+            **rest: as :class:`~coserve_jax.Engine`.
+        Raises:
+            ValueError: inconsistent limits (a cache too small for one ``max_model_len``
+                sequence, a slice size that does not divide the layers, bad buckets, an unknown
+                attention implementation or policy).
+        """
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if max_logprobs < 1:
+            raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if max_finetune_jobs < 0:
+            raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
+        if scheduling_policy not in POLICY_OPTIONS:
+            raise ValueError(f"scheduling_policy must be one of {sorted(POLICY_OPTIONS)}, got {scheduling_policy!r}")
+        ctx = min(max_model_len or model_config.max_model_len, model_config.max_model_len)
+        per_seq = -(-ctx // page_size)
+        local_heads = kv_cache_heads // tensor_parallel_size
+        page_bytes = 2 * model_config.num_layers * page_size * local_heads * model_config.head_dim * dtype_itemsize
+        if num_kv_pages is None:
+            stats = device_memory or {}
+            if "bytes_limit" in stats:
+                free = stats["bytes_limit"] * kv_cache_memory_fraction - stats.get("bytes_in_use", 0)
+                num_kv_pages = int(free // page_bytes)
+                if num_kv_pages <= per_seq:
+                    raise ValueError(
+                        f"only {max(num_kv_pages, 0)} KV pages fit in {kv_cache_memory_fraction:.0%} of device memory; "
+                        f"one max_model_len={ctx} sequence needs {per_seq}: lower max_model_len"
+                    )
+            else:
+                num_kv_pages = max(per_seq + 1, min(max_num_seqs * per_seq + 1, (1 << 30) // page_bytes))
+        if watermark_pages is None:
+            watermark_pages = max(1, (num_kv_pages - 1) // 100)
+        layout = None
+        if max_finetune_jobs and has_lora_pool:
+            n_max = min(finetune_max_seq_len or min(ctx, 2048), ctx)
+            if finetune_layers_per_slice < 1 or model_config.num_layers % finetune_layers_per_slice:
+                raise ValueError(
+                    f"finetune_layers_per_slice={finetune_layers_per_slice} must divide num_layers={model_config.num_layers}"
+                )
+            seq_b = sorted(set(finetune_seq_buckets or powers_of_two(min(64, n_max), n_max)))
+            if seq_b[-1] != n_max:
+                raise ValueError(f"the largest finetune_seq_buckets entry must be finetune_max_seq_len={n_max}, got {seq_b}")
+            layout = FinetuneLayout(max_finetune_jobs, n_max, finetune_layers_per_slice, tuple(seq_b))
+        ft_tokens = 0
+        if layout is not None:
+            ft_tokens = min(max_finetune_tokens or max_num_batched_tokens, max_num_batched_tokens)
+            if ft_tokens < 1:
+                raise ValueError(f"max_finetune_tokens must be >= 1, got {max_finetune_tokens}")
+        impl = default_implementation() if attention_impl == "auto" else attention_impl
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be 'auto' or one of {IMPLEMENTATIONS}, got {attention_impl!r}")
+        return cls(
+            max_model_len=ctx, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size, num_kv_pages=num_kv_pages, watermark_pages=watermark_pages,
+            kv_cache_bytes=page_bytes * num_kv_pages,
+            max_loras=max_loras if has_lora_pool else 0, max_lora_rank=max_lora_rank,
+            lora_target_modules=tuple(lora_target_modules),
+            max_logprobs=min(max_logprobs, model_config.vocab_size),
+            buckets=tuple(make_buckets(max_num_batched_tokens, max_num_seqs, token_buckets, seq_buckets)),
+            attention_impl=impl, finetune=layout, max_finetune_tokens=ft_tokens,
+            scheduling_policy=scheduling_policy, policy_options=tuple(sorted((policy_options or {}).items())),
+            slo=slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {})), measure_steps=measure_steps,
+            tensor_parallel_size=tensor_parallel_size, seed=seed,
+            compilation_cache_dir=None if compilation_cache_dir is None else os.fspath(compilation_cache_dir),
+        )

@@ -1,0 +1,169 @@
+"""The one owner of device state: model weights, KV cache, finetuning buffers, every executable.
+
+Everything that runs on the device goes through a :class:`ModelRunner`: the fused step of each
+bucket, the finetuning backward slice of each length bucket, a job's optimizer step and the
+write of its new weights into the adapter pool, adapter loads and unloads, the accumulator-row
+reset, and the start-up latency profile. The model's ``nnx.state`` (what the compiled functions
+take) is refreshed in one place, :meth:`ModelRunner.refresh_state`, after every write of the pool.
+(sglang-jax's ``ModelRunner`` and vLLM's ``GPUModelRunner`` play the same part: one device owner
+beside a host-side scheduler.)
+
+What crosses into the runner is the scheduler's plain :class:`~coserve_jax.sched.scheduler.SchedulerOutput`;
+what comes back is device arrays, which :meth:`ModelRunner.fetch` turns into NumPy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coserve_jax.engine.config import EngineConfig
+from coserve_jax.engine.step import Bucket, CompiledStep, pick_bucket
+from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.finetune import fused
+from coserve_jax.lora.manager import AdapterManager
+from coserve_jax.models.decoder import CausalLM
+from coserve_jax.parallel.rules import ShardingRules
+from coserve_jax.sched.finetune import BackwardSlice
+from coserve_jax.sched.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    """Device state and executables of one engine.
+
+    Args:
+        model: the model, placed by ``rules`` (its LoRA pool, if any, is written in place).
+        rules: the sharding rules of the engine's mesh.
+        config: the engine's :class:`EngineConfig`.
+
+    Attributes:
+        k_cache, v_cache: ``[L, num_kv_pages, page_size, Hkv, D]`` of the model dtype, split over
+            the devices by KV heads.
+        ft_buffers: :class:`~coserve_jax.finetune.fused.FinetuneBuffers`, or ``None`` without
+            finetuning.
+        adapters: the :class:`~coserve_jax.lora.manager.AdapterManager` of the pool, or ``None``.
+        compile_seconds: seconds :meth:`compile` took (persistent-cache hits included).
+    """
+
+    def __init__(self, model: CausalLM, rules: ShardingRules, config: EngineConfig):
+        self.model = model
+        self.rules = rules
+        self.config = config
+        mc = model.config
+        dtype = model.dtype
+        shape = (mc.num_layers, config.num_kv_pages, config.page_size, rules.kv_cache_heads, mc.head_dim)
+        self.k_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
+        self.v_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
+        self.adapters = AdapterManager(model) if model.lora is not None else None
+        self.ft_buffers = None
+        if config.finetune is not None:
+            self.ft_buffers = fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules)
+        self.state = nnx.state(model)
+        self.step_fn = CompiledStep(
+            model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
+            finetune_tokens=config.max_finetune_tokens, impl=config.attention_impl, max_logprobs=config.max_logprobs,
+            parallel=rules,
+        )
+        self.backward: dict[int, object] = {}
+        self._zero_row = None
+        self.compile_seconds = 0.0
+
+    # ---- start-up ------------------------------------------------------------------------
+    def compile(self) -> float:
+        """Compile every executable ahead of time (loads from the persistent cache when it
+        holds them), so no serving step compiles. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.step_fn.compile_all()
+        layout = self.config.finetune
+        if layout is not None:
+            graphdef = self.step_fn.graphdef
+            for length in layout.seq_buckets:
+                fn = jax.jit(fused.make_backward_fn(graphdef, self.model.config, layout, length, self.rules), donate_argnums=1)
+                self.backward[length] = fn.lower(
+                    self.state, self.ft_buffers, fused.abstract_backward_inputs(self.rules.replicated)
+                ).compile()
+            self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self.adapters.compile_writer()
+        self.compile_seconds = time.perf_counter() - t0
+        return self.compile_seconds
+
+    def refresh_state(self) -> None:
+        """Re-read the model's state after its adapter pool was written (the one place)."""
+        self.state = nnx.state(self.model)
+
+    # ---- the step ------------------------------------------------------------------------
+    def bucket_for(self, plan: SchedulerOutput) -> Bucket:
+        """The compiled bucket a plan runs in."""
+        return pick_bucket(self.config.buckets, plan.num_tokens, plan.num_seqs)
+
+    def execute(self, plan: SchedulerOutput):
+        """Dispatch the fused step of a plan with tokens (asynchronously: nothing waits).
+
+        Returns:
+            ``(SamplerOutput, ft_loss)`` device arrays: per sequence slot the sampled token,
+            its logprob, the top-logprob ids and values; the finetuning chunk's summed loss.
+        """
+        cfg = self.config
+        layout = cfg.finetune
+        bucket = self.bucket_for(plan)
+        inputs = build_step_inputs(
+            plan, bucket, cfg.page_size, cfg.max_pages_per_seq, cfg.max_finetune_tokens,
+            layout.max_seq_len if layout else 0, cfg.finetune_rows,
+        )
+        self.k_cache, self.v_cache, self.ft_buffers, out, ft_loss = self.step_fn(
+            bucket, self.state, self.k_cache, self.v_cache, self.ft_buffers, inputs
+        )
+        return out, ft_loss
+
+    def run_backward(self, b: BackwardSlice) -> None:
+        """Dispatch one backward slice of a training sequence (accumulates into its job's row)."""
+        seq = b.sequence
+        length = self.config.finetune.bucket_for(seq.num_tokens)
+        inputs = fused.BackwardInputs(
+            np.int32(seq.store_row), np.int32(seq.adapter_index), np.int32(b.first_layer), np.int32(seq.num_tokens),
+            np.float32(seq.dropout_rate), np.uint32(seq.dropout_seed),
+        )
+        self.ft_buffers = self.backward[length](self.state, self.ft_buffers, inputs)
+
+    def wait(self, out=None) -> None:
+        """Block until the dispatched work (``out`` and the finetuning buffers) is done."""
+        jax.block_until_ready((out, self.ft_buffers))
+
+    @staticmethod
+    def fetch(out) -> tuple[np.ndarray, ...]:
+        """A step's sampler output as NumPy ``(tokens [S], chosen logprob [S], top ids [S, K],
+        top logprobs [S, K])`` (this waits for the step)."""
+        return tuple(np.asarray(a) for a in out)
+
+    # ---- finetuning and adapters -----------------------------------------------------------
+    def zero_grad_row(self, row: int) -> None:
+        """Zero a job's gradient-accumulator row (a new job taking it)."""
+        self.ft_buffers = self.ft_buffers._replace(grads=self._zero_row(self.ft_buffers.grads, np.int32(row)))
+
+    def optimizer_step(self, job) -> None:
+        """Run ``job``'s optimizer step on its accumulated gradient and write its new weights
+        into its adapter slot (:meth:`~coserve_jax.finetune.job.FinetuneJob.optimizer_step`)."""
+        grads, pool = job.optimizer_step(self.ft_buffers.grads)
+        self.ft_buffers = self.ft_buffers._replace(grads=grads)
+        self.adapters.write_weights(job.adapter_index, pool)
+        self.refresh_state()
+
+    def load_adapter(self, name: str, source) -> None:
+        """Load an adapter into a free slot (:meth:`AdapterManager.load`)."""
+        self.adapters.load(name, source)
+        self.refresh_state()
+
+    def unload_adapter(self, name: str) -> None:
+        """Empty an adapter's slot (:meth:`AdapterManager.unload`)."""
+        self.adapters.unload(name)
+        self.refresh_state()
+
+    def place_job_params(self, params: dict) -> dict:
+        """A job's master weights placed as its pool slot (dependent parallelization); its
+        optimizer state, made from them, follows."""
+        rules = self.rules
+        return jax.device_put(params, {m: {w: rules.named(rules.job_lora_spec(m, w)) for w in ws} for m, ws in params.items()})
