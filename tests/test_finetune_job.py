@@ -48,6 +48,10 @@ def plain_optax_loop(engine, exs, lora: LoRAConfig, tx, steps, acc, seed, dropou
     scaling = {m: jnp.full((config.num_layers,), lora.scaling, jnp.float32) for m in params}
     opt_state = tx.init(params)
     n = len(exs)
+    # jax.grad of the whole-sequence loss, jitted (once per sequence length) only for speed
+    grad_fn = jax.jit(jax.grad(
+        lambda p, tokens, mask, norm, seed: whole_sequence_loss(engine.model, p, scaling, tokens, mask, norm, lora.lora_dropout, seed)
+    ))
     for g in range(steps):
         ks = range(g * acc, (g + 1) * acc)
         norm = float(sum(exs[k % n].num_targets for k in ks))
@@ -56,10 +60,7 @@ def plain_optax_loop(engine, exs, lora: LoRAConfig, tx, steps, acc, seed, dropou
             e = exs[k % n]
             tokens, mask = jnp.asarray(e.token_ids, jnp.int32), jnp.asarray(e.loss_mask)
             seed_k = 0 if dropout_seed is None else dropout_seed(k)
-            grads = jax.tree.map(
-                jnp.add, grads,
-                jax.grad(lambda p: whole_sequence_loss(engine.model, p, scaling, tokens, mask, norm, lora.lora_dropout, seed_k))(params),
-            )
+            grads = jax.tree.map(jnp.add, grads, grad_fn(params, tokens, mask, jnp.float32(norm), jnp.uint32(seed_k)))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     return params

@@ -57,7 +57,7 @@ def simulate(policy, arrivals, slo, finetune=True, max_ft=512):
         finished = sched.update(plan, [1 if c.sample else None for c in plan.chunks], now)
         for c in plan.chunks:
             if c.sample:
-                token_times.setdefault(c.request.request_id, []).append(now)
+                token_times.setdefault(c.request_id, []).append(now)
         done.extend(finished)
         for s in sched.pop_trained():
             seqs_done += 1

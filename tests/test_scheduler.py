@@ -40,18 +40,18 @@ def test_chunked_prefill_then_decode_first():
     s = make(budget=16)
     s.add_request(req("a", 40))
     plan, _ = run_step(s)
-    assert [(c.request.request_id, c.start, c.num_tokens, c.sample) for c in plan.chunks] == [("a", 0, 16, False)]
+    assert [(c.request_id, c.start, c.num_tokens, c.sample) for c in plan.chunks] == [("a", 0, 16, False)]
     s.add_request(req("b", 5))
     plan, _ = run_step(s)
     # a continues its prefill (16), nothing left for b
-    assert [(c.request.request_id, c.num_tokens) for c in plan.chunks] == [("a", 16)]
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 16)]
     plan, _ = run_step(s)
     # a finishes its prompt (8 tokens, samples) and b is admitted with the rest of the budget
-    assert [(c.request.request_id, c.start, c.num_tokens, c.sample) for c in plan.chunks] == [("a", 32, 8, True), ("b", 0, 5, True)]
+    assert [(c.request_id, c.start, c.num_tokens, c.sample) for c in plan.chunks] == [("a", 32, 8, True), ("b", 0, 5, True)]
     s.add_request(req("c", 30))
     plan, _ = run_step(s)
     # decodes first (a and b, one token each), then c's first chunk with the remaining 14
-    assert [(c.request.request_id, c.num_tokens) for c in plan.chunks] == [("a", 1), ("b", 1), ("c", 14)]
+    assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 1), ("b", 1), ("c", 14)]
     assert plan.num_tokens == 16
 
 
@@ -60,7 +60,7 @@ def test_max_num_seqs_and_fcfs():
     for r in ("a", "b", "c"):
         s.add_request(req(r, 3))
     plan, _ = run_step(s)
-    assert [c.request.request_id for c in plan.chunks] == ["a", "b"]
+    assert [c.request_id for c in plan.chunks] == ["a", "b"]
     assert s.num_waiting == 1
     # A big request at the head blocks a small one behind it (no overtaking).
     s2 = make(num_pages=9, page_size=4, budget=100, max_model_len=32)  # 8 allocatable pages
@@ -69,7 +69,7 @@ def test_max_num_seqs_and_fcfs():
     s2.add_request(req("big", 20))  # needs 5, 3 free (after small0 grows: 2)
     s2.add_request(req("small1", 2))
     plan, _ = run_step(s2)
-    assert [c.request.request_id for c in plan.chunks] == ["small0"]
+    assert [c.request_id for c in plan.chunks] == ["small0"]
 
 
 def test_preemption_frees_pages_and_recomputes():
@@ -81,9 +81,9 @@ def test_preemption_frees_pages_and_recomputes():
     assert s.kv_cache.num_free_pages == 0
     # Both decode; a needs a 4th page for token 13 -> b (admitted last) is preempted.
     plan, _ = run_step(s)
-    assert [c.request.request_id for c in plan.chunks] == ["a"]
-    assert plan.preempted[0].request_id == "b"
-    b = plan.preempted[0]
+    assert [c.request_id for c in plan.chunks] == ["a"]
+    assert plan.preempted[0] == "b"
+    b = s.requests["b"]
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert b.output_token_ids == [7]  # keeps its generated token, which will be recomputed
     s.kv_cache.check_invariants()
@@ -91,7 +91,7 @@ def test_preemption_frees_pages_and_recomputes():
     plan, _ = run_step(s)
     # b re-enters with prompt + its generated token recomputed, and samples its second token.
     (c,) = plan.chunks
-    assert (c.request.request_id, c.start, c.token_ids, c.sample) == ("b", 0, list(range(1, 12)) + [7], True)
+    assert (c.request_id, c.start, c.token_ids, c.sample) == ("b", 0, list(range(1, 12)) + [7], True)
     assert s.num_preemptions == 1
 
 
@@ -103,7 +103,7 @@ def test_stop_conditions():
     s.add_request(req("stop_id", 3, stop_token_ids=(9,)))
     plan = s.schedule()
     tokens = {"eos": 0, "ignore": 0, "min": 0, "stop_id": 9}
-    finished = s.update(plan, [tokens[c.request.request_id] for c in plan.chunks])
+    finished = s.update(plan, [tokens[c.request_id] for c in plan.chunks])
     assert {r.request_id: r.finish_reason for r in finished} == {"eos": FinishReason.STOP, "stop_id": FinishReason.STOP}
     plan = s.schedule()
     finished = s.update(plan, [0 for _ in plan.chunks])
@@ -151,13 +151,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         plan = s.schedule()
         assert plan.num_tokens <= s.config.max_num_batched_tokens
         assert plan.num_seqs <= s.config.max_num_seqs
-        ids = [c.request.request_id for c in plan.chunks]
+        ids = [c.request_id for c in plan.chunks]
         assert len(ids) == len(set(ids))
         for c in plan.chunks:
-            assert s.kv_cache.num_tokens(c.request.request_id) >= c.start + c.num_tokens
-            assert c.token_ids == c.request.token_ids(c.start, c.start + c.num_tokens)
-        for r in plan.preempted:
-            assert r.request_id not in s.kv_cache
+            assert s.kv_cache.num_tokens(c.request_id) >= c.start + c.num_tokens
+            assert c.token_ids == s.requests[c.request_id].token_ids(c.start, c.start + c.num_tokens)
+        for rid in plan.preempted:
+            assert rid not in s.kv_cache
         fin = s.update(plan, [token if c.sample else None for c in plan.chunks])
         for r in fin:
             assert r.request_id not in s.kv_cache

@@ -97,9 +97,9 @@ def test_round_robin_between_jobs():
     s.add_training_sequence(a)
     s.add_training_sequence(b)
     plans = [run(s) for _ in range(7)]
-    assert [p.finetune.sequence.job_id for p in plans[:4]] == ["a", "b", "a", "b"]
+    assert [p.finetune.job_id for p in plans[:4]] == ["a", "b", "a", "b"]
     # a's forward ends in step 3, b's in step 4: their backward slices alternate from step 4
-    assert [p.backward and p.backward.sequence.job_id for p in plans] == [None, None, None, "a", "b", "a", "b"]
+    assert [p.backward and p.backward.job_id for p in plans] == [None, None, None, "a", "b", "a", "b"]
 
 
 def test_remove_training_frees_pages():
@@ -109,3 +109,39 @@ def test_remove_training_frees_pages():
     assert s.kv_cache.num_used_pages > 0
     s.remove_training("job")
     assert s.kv_cache.num_used_pages == 0 and not s.training
+
+
+def test_scheduler_output_is_plain_data_that_pickles():
+    """A plan holds ids, tokens, pages and sampling rows, never a live Request or TrainingSequence,
+    and survives pickling unchanged (what multi-host serving broadcasts)."""
+    import dataclasses
+    import pickle
+
+    from coserve_jax.sched.outputs import SchedulerOutput, StepResult
+
+    s = make(budget=16, ft=8)
+    s.add_training_sequence(seq("job", 10))
+    s.add_request(Request("r", list(range(1, 6)), SamplingParams(max_tokens=4, temperature=0.7, top_k=5, seed=3, logprobs=2), seed=3))
+    plans = []
+    for _ in range(8):
+        plan = s.schedule()
+        plans.append(plan)
+        s.update(plan, StepResult([7 if c.sample else None for c in plan.chunks]))
+    assert any(p.finetune for p in plans) and any(p.backward for p in plans) and any(p.chunks for p in plans)
+    first = next(p for p in plans if p.chunks).chunks[0]
+    assert (first.sampling.temperature, first.sampling.top_k, first.sampling.seed, first.sampling.num_logprobs) == (0.7, 5, 3, 2)
+
+    def leaves(x):
+        if dataclasses.is_dataclass(x):
+            for f in dataclasses.fields(x):
+                yield from leaves(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from leaves(y)
+        else:
+            yield x
+
+    for plan in plans:
+        assert all(isinstance(v, (int, float, str, bool, type(None))) for v in leaves(plan)), plan
+        again = pickle.loads(pickle.dumps(plan))
+        assert isinstance(again, SchedulerOutput) and again == plan

@@ -698,10 +698,10 @@ class Engine:
         if plan.num_tokens:
             out, ft_loss = self.runner.execute(plan)
             if plan.finetune is not None:
-                seq = plan.finetune.sequence
-                owner = self._jobs.get(seq.job_id) or self._evaluations.get(seq.job_id)
+                chunk = plan.finetune
+                owner = self._jobs.get(chunk.job_id) or self._evaluations.get(chunk.job_id)
                 if owner is not None:
-                    owner.add_forward_loss(seq, ft_loss)
+                    owner.add_forward_loss(chunk, ft_loss)
         if plan.backward is not None:
             self.runner.run_backward(plan.backward)
         self.num_steps += 1
@@ -720,9 +720,9 @@ class Engine:
         for i, c in enumerate(plan.chunks):
             if not c.sample:
                 continue
-            req = c.request
-            o = self._outputs.get(req.request_id)
-            if o is None:  # aborted meanwhile
+            req = self._requests.get(c.request_id)
+            o = self._outputs.get(c.request_id)
+            if o is None or req is None:  # aborted meanwhile
                 continue
             tok = sampled[i]
             o.token_ids.append(tok)
@@ -757,12 +757,12 @@ class Engine:
         shape = step_shape(plan, ec.token_buckets, ec.seq_buckets, ec.backward_buckets)
         predicted = self.latency_model.predict(shape)
         self.latency_model.update(shape, self.last_step_ms)
-        decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids))
+        decode = plan.num_decode_tokens
         self.step_log.append(StepRecord(
             end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
             prefill_tokens=sum(c.num_tokens for c in plan.chunks) - decode, decode_tokens=decode,
             finetune_tokens=plan.finetune.num_tokens if plan.finetune is not None else 0,
-            backward_tokens=plan.backward.sequence.num_tokens if plan.backward is not None else 0,
+            backward_tokens=plan.backward.num_tokens if plan.backward is not None else 0,
             attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
         ))
 

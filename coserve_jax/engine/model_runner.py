@@ -8,7 +8,7 @@ take) is refreshed in one place, :meth:`ModelRunner.refresh_state`, after every 
 (sglang-jax's ``ModelRunner`` and vLLM's ``GPUModelRunner`` play the same part: one device owner
 beside a host-side scheduler.)
 
-What crosses into the runner is the scheduler's plain :class:`~coserve_jax.sched.scheduler.SchedulerOutput`;
+What crosses into the runner is the scheduler's plain :class:`~coserve_jax.sched.outputs.SchedulerOutput`;
 what comes back is device arrays, which :meth:`ModelRunner.fetch` turns into NumPy.
 """
 
@@ -28,8 +28,7 @@ from coserve_jax.finetune import fused
 from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
-from coserve_jax.sched.finetune import BackwardSlice
-from coserve_jax.sched.scheduler import SchedulerOutput
+from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput
 
 
 class ModelRunner:
@@ -121,11 +120,10 @@ class ModelRunner:
 
     def run_backward(self, b: BackwardSlice) -> None:
         """Dispatch one backward slice of a training sequence (accumulates into its job's row)."""
-        seq = b.sequence
-        length = self.config.finetune.bucket_for(seq.num_tokens)
+        length = self.config.finetune.bucket_for(b.num_tokens)
         inputs = fused.BackwardInputs(
-            np.int32(seq.store_row), np.int32(seq.adapter_index), np.int32(b.first_layer), np.int32(seq.num_tokens),
-            np.float32(seq.dropout_rate), np.uint32(seq.dropout_seed),
+            np.int32(b.store_row), np.int32(b.adapter_index), np.int32(b.first_layer), np.int32(b.num_tokens),
+            np.float32(b.dropout_rate), np.uint32(b.dropout_seed),
         )
         self.ft_buffers = self.backward[length](self.state, self.ft_buffers, inputs)
 

@@ -21,12 +21,9 @@ import time
 
 import jax
 
-from coserve_jax.sched.finetune import BackwardSlice, TrainingSequence
+from coserve_jax.sched.outputs import BackwardSlice, ScheduledChunk, SchedulerOutput
 from coserve_jax.sched.policy import step_shape
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
-from coserve_jax.sched.request import Request
-from coserve_jax.sched.sampling_params import SamplingParams
-from coserve_jax.sched.scheduler import ScheduledChunk, SchedulerOutput
 
 
 def profile_key(runner) -> str:
@@ -61,7 +58,6 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
     cfg = runner.config
     token_b, seq_b = cfg.token_buckets, cfg.seq_buckets
     layout = cfg.finetune
-    params = SamplingParams(max_tokens=1, temperature=0)
     for bucket in cfg.buckets:
         t, s = bucket.num_tokens, min(bucket.num_seqs, bucket.num_tokens)
         q = t // s
@@ -71,9 +67,8 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
             for i in range(s):
                 n = q if i < s - 1 else last
                 pages = (0,) * (-(-(kv + n) // cfg.page_size))
-                req = Request(i, [0] * (kv + n), params)
-                chunks.append(ScheduledChunk(req, kv, [0] * n, pages, True))
-            plan = SchedulerOutput(chunks=chunks, preempted=[])
+                chunks.append(ScheduledChunk(i, kv, [0] * n, pages, True))
+            plan = SchedulerOutput(chunks=chunks)
 
             def run(plan=plan):
                 out, _ = runner.execute(plan)
@@ -82,10 +77,8 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
     if layout is not None:
         for length in layout.seq_buckets:
-            ids = [0] * length
-            seq = TrainingSequence("profile", 0, 1, ids, ids, [0.0] * length, 0.0, 0, runner.model.config.num_layers, layout.layers_per_slice)
-            backward = BackwardSlice(seq, 0)
-            plan = SchedulerOutput(chunks=[], preempted=[], backward=backward)
+            backward = BackwardSlice("profile", 0, length, 0, 1)
+            plan = SchedulerOutput(chunks=[], backward=backward)
 
             def run_bwd(backward=backward):
                 runner.run_backward(backward)

@@ -16,7 +16,7 @@ from coserve_jax.engine.step import Bucket, StepInputs
 from coserve_jax.finetune.fused import FinetuneForward
 from coserve_jax.kernels.paged_attention import AttentionMetadata
 from coserve_jax.lora.dropout import LoRADropout
-from coserve_jax.sched.scheduler import ScheduledChunk, SchedulerOutput
+from coserve_jax.sched.outputs import ScheduledChunk, SchedulerOutput
 
 
 def build_step_inputs(
@@ -64,14 +64,13 @@ def build_step_inputs(
     ft = plan.finetune
     chunks = plan.chunks  # not copied on the common path: most steps carry no finetuning chunk
     if ft is not None:
-        chunks = [*chunks, ScheduledChunk(_TrainingAsRequest(ft.sequence), ft.start, ft.token_ids, ft.page_table, False)]
+        chunks = [*chunks, ScheduledChunk(ft.job_id, ft.start, ft.token_ids, ft.page_table, False, ft.adapter_index)]
         n_seq += 1
     for i, c in enumerate(chunks):
-        req = c.request
         n = len(c.token_ids)
         table = c.page_table
         tok.extend(c.token_ids)
-        ada.extend([req.adapter_index] * n)
+        ada.extend([c.adapter_index] * n)
         if n == 1:
             pos.append(c.start)
             slots.append(table[c.start // page_size] * page_size + c.start % page_size)
@@ -82,12 +81,12 @@ def build_step_inputs(
         page_table[i, : len(table)] = table
         seq_kv.append(c.start + n)
         seq_cu.append(len(tok))
-        p = req.params
+        p = c.sampling
         seq_temp.append(p.temperature)
         seq_k.append(p.top_k)
         seq_p.append(p.top_p)
-        seq_seed.append(req.seed)
-        seq_idx.append(len(req.output_token_ids))
+        seq_seed.append(p.seed)
+        seq_idx.append(p.output_index)
     off = len(tok)
     token_ids = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
@@ -116,15 +115,15 @@ def build_step_inputs(
         targets = np.zeros(c, np.int32)
         weights = np.zeros(c, np.float32)
         if ft is not None:
-            seq, n = ft.sequence, ft.num_tokens
+            n = ft.num_tokens
             first = off - n
-            rate[first:off] = seq.dropout_rate
-            dseed[first:off] = seq.dropout_seed
+            rate[first:off] = ft.dropout_rate
+            dseed[first:off] = ft.dropout_seed
             save_slots[:n] = np.arange(first, off)
-            if not seq.forward_only:  # a validation chunk saves nothing (its rows stay dropped)
-                dest[:n] = seq.store_row * store_rows_per_job + np.arange(ft.start, ft.start + n)
-            targets[:n] = seq.targets[ft.start : ft.start + n]
-            weights[:n] = seq.weights[ft.start : ft.start + n]
+            if not ft.forward_only:  # a validation chunk saves nothing (its rows stay dropped)
+                dest[:n] = ft.store_row * store_rows_per_job + np.arange(ft.start, ft.start + n)
+            targets[:n] = ft.targets
+            weights[:n] = ft.weights
         dropout = LoRADropout(rate, dseed, positions)
         finetune = FinetuneForward(save_slots, dest, targets, weights)
     return StepInputs(
@@ -137,17 +136,3 @@ def build_step_inputs(
         dropout=dropout,
         finetune=finetune,
     )
-
-
-class _TrainingAsRequest:
-    """A training sequence seen as a request by the loop above (base sampling, never read)."""
-
-    class _Params:
-        temperature, top_k, top_p = 0.0, 0, 1.0
-
-    params = _Params()
-    seed = 0
-    output_token_ids: tuple = ()
-
-    def __init__(self, seq):
-        self.adapter_index = seq.adapter_index

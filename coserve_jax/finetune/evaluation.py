@@ -16,6 +16,7 @@ from typing import Hashable, Sequence
 
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.sched.finetune import TrainingSequence
+from coserve_jax.sched.outputs import FinetuneChunk
 
 
 @dataclasses.dataclass
@@ -80,7 +81,7 @@ class Evaluation:
             index=k, forward_only=True,
         )
 
-    def add_forward_loss(self, seq: TrainingSequence, loss) -> None:
+    def add_forward_loss(self, seq: TrainingSequence | FinetuneChunk, loss) -> None:
         """A chunk's weighted loss (a device scalar; not synchronised here)."""
         self._chunks.setdefault((seq.index, seq.num_restarts), []).append(loss)
 

@@ -38,6 +38,7 @@ from coserve_jax.finetune.evaluation import EvalRecord, Evaluation
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, write_peft
 from coserve_jax.parallel.rules import fetch
 from coserve_jax.sched.finetune import TrainingSequence
+from coserve_jax.sched.outputs import FinetuneChunk
 
 
 def plan_steps(config: FinetuneConfig, num_examples: int) -> tuple[int, int]:
@@ -242,8 +243,9 @@ class FinetuneJob:
         )
 
     # ---- progress (called by the engine) --------------------------------------------------
-    def add_forward_loss(self, seq: TrainingSequence, loss) -> None:
-        """Record a forward chunk's weighted loss (a device scalar; not synchronised here)."""
+    def add_forward_loss(self, seq: TrainingSequence | FinetuneChunk, loss) -> None:
+        """Record a forward chunk's weighted loss (a device scalar; not synchronised here);
+        ``seq`` is the chunk (or its sequence): its ``index``, ``num_restarts``, ``forward_only``."""
         if seq.forward_only:
             if self._evaluation is not None:
                 self._evaluation.add_forward_loss(seq, loss)

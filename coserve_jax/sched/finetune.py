@@ -105,33 +105,3 @@ class TrainingSequence:
     def next_first_layer(self) -> int:
         """First layer of the next backward slice (slices go top down)."""
         return (self.num_slices - 1 - self.slices_done) * self.layers_per_slice
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneChunk:
-    """Forward tokens of a training sequence in a step (they follow the inference tokens).
-
-    Attributes:
-        sequence: the training sequence.
-        start: position of the first token.
-        token_ids: the tokens, positions ``start .. start + len - 1``.
-        page_table: the sequence's pages after this step's allocation.
-    """
-
-    sequence: TrainingSequence
-    start: int
-    token_ids: list[int]
-    page_table: tuple[int, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class BackwardSlice:
-    """One backward slice of a training sequence in a step: layers ``first_layer ..
-    first_layer + sequence.layers_per_slice - 1``."""
-
-    sequence: TrainingSequence
-    first_layer: int

@@ -123,7 +123,7 @@ def bucket_for(buckets: Sequence[int], n: int) -> int:
 
 
 def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], backward_buckets: Sequence[int] = ()) -> StepShape:
-    """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.scheduler.SchedulerOutput`)
+    """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.outputs.SchedulerOutput`)
     runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
     queries times the mean KV length they attend to) and its backward slice's length bucket."""
     attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
@@ -133,7 +133,7 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
     n = plan.num_tokens
     bwd = 0
     if plan.backward is not None:
-        length = plan.backward.sequence.num_tokens
+        length = plan.backward.num_tokens
         bwd = bucket_for(backward_buckets, length) if backward_buckets else length
     return StepShape(
         bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd

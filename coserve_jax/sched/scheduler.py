@@ -40,7 +40,10 @@ import collections
 import dataclasses
 from typing import Hashable, Iterable
 
-from coserve_jax.sched.finetune import BackwardSlice, FinetuneChunk, TrainingPhase, TrainingSequence
+from coserve_jax.sched.finetune import TrainingPhase, TrainingSequence
+from coserve_jax.sched.outputs import (
+    BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
+)
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
@@ -69,58 +72,6 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduledChunk:
-    """The tokens of one request in a step.
-
-    Attributes:
-        request: the request.
-        start: position of the first token (= tokens already in the KV cache).
-        token_ids: the tokens to compute, positions ``start .. start + len - 1``.
-        page_table: the request's pages after this step's allocation, in token order.
-        sample: whether this chunk reaches the last known token, so a new token is sampled.
-    """
-
-    request: Request
-    start: int
-    token_ids: list[int]
-    page_table: tuple[int, ...]
-    sample: bool
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclasses.dataclass
-class SchedulerOutput:
-    """One step's plan: decode chunks first, then prefill chunks, in batch order; then at most one
-    finetuning forward chunk (after the inference tokens) and one backward slice."""
-
-    chunks: list[ScheduledChunk]
-    preempted: list[Request]
-    finetune: FinetuneChunk | None = None
-    backward: BackwardSlice | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Token slots the step needs: inference and finetuning forward tokens."""
-        return sum(c.num_tokens for c in self.chunks) + (self.finetune.num_tokens if self.finetune else 0)
-
-    @property
-    def num_seqs(self) -> int:
-        """Sequence slots the step needs (a finetuning chunk takes one)."""
-        return len(self.chunks) + (1 if self.finetune else 0)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks and self.finetune is None and self.backward is None
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(1 for c in self.chunks if c.sample and c.num_tokens == 1 and c.start > 0)
 
 
 class Scheduler:
@@ -274,12 +225,21 @@ class Scheduler:
                 else:
                     self.kv_cache.admit(seq.kv_id, end)
                 start = seq.num_computed
-                fwd = FinetuneChunk(seq, start, seq.token_ids[start:end], self.kv_cache.page_table(seq.kv_id))
+                fwd = FinetuneChunk(
+                    job_id=seq.job_id, index=seq.index, num_restarts=seq.num_restarts, start=start,
+                    token_ids=seq.token_ids[start:end], page_table=self.kv_cache.page_table(seq.kv_id),
+                    adapter_index=seq.adapter_index, store_row=seq.store_row, targets=seq.targets[start:end],
+                    weights=seq.weights[start:end], dropout_rate=seq.dropout_rate, dropout_seed=seq.dropout_seed,
+                    forward_only=seq.forward_only,
+                )
                 self._rr_forward += 1
                 break
         bwd = None
         for seq in self._round_robin(TrainingPhase.BACKWARD, self._rr_backward) if allow_backward else ():
-            bwd = BackwardSlice(seq, seq.next_first_layer)
+            bwd = BackwardSlice(
+                seq.job_id, seq.next_first_layer, seq.num_tokens, seq.store_row, seq.adapter_index,
+                seq.dropout_rate, seq.dropout_seed,
+            )
             self._rr_backward += 1
             break
         return fwd, bwd
@@ -338,7 +298,7 @@ class Scheduler:
             inference = self.last_budget.inference
         chunks: list[ScheduledChunk] = []
         planned: set[int] = set()
-        preempted: list[Request] = []
+        preempted: list[Hashable] = []
         # Decodes (one token left to compute) before prefill chunks; admission order within each.
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1) if inference else []
         for req in order:
@@ -353,7 +313,7 @@ class Scheduler:
                     continue
                 victim = self._pick_victim(planned, req)
                 self._preempt(victim)
-                preempted.append(victim)
+                preempted.append(victim.request_id)
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
@@ -387,9 +347,12 @@ class Scheduler:
     @staticmethod
     def _chunk(req: Request, n: int, table: tuple[int, ...]) -> ScheduledChunk:
         start = req.num_computed_tokens
+        p = req.params
         return ScheduledChunk(
-            request=req, start=start, token_ids=req.token_ids(start, start + n), page_table=table,
-            sample=start + n == req.num_tokens,
+            request_id=req.request_id, start=start, token_ids=req.token_ids(start, start + n), page_table=table,
+            sample=start + n == req.num_tokens, adapter_index=req.adapter_index,
+            sampling=SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, len(req.output_token_ids), p.logprobs),
+            is_decode=n == 1 and start >= len(req.prompt_token_ids),
         )
 
     def _pick_victim(self, planned: set[int], current: Request) -> Request:
@@ -409,23 +372,27 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- results -------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled: Iterable[int | None], now: float | None = None) -> list[Request]:
+    def update(self, output: SchedulerOutput, result: StepResult | Iterable[int | None], now: float | None = None) -> list[Request]:
         """Record a finished step.
 
         Args:
             output: the plan the step ran.
-            sampled: one entry per inference chunk, in order: the sampled token id, or ``None``
-                for a chunk that did not sample.
+            result: its :class:`~coserve_jax.sched.outputs.StepResult` (or just its ``sampled``
+                list): per inference chunk, in order, the sampled token id, or ``None`` for a
+                chunk that did not sample.
             now: the clock when the step ended (seconds); records first-token times.
         Returns:
             The requests that finished in this step (their pages are already freed).
             Training sequences that completed their backward are in :meth:`pop_trained`.
+        Raises:
+            ValueError: a sampling chunk without a token, or a result of another length.
         """
+        sampled = result.sampled if isinstance(result, StepResult) else list(result)
         self._update_finetune(output)
         finished = []
         for chunk, token in zip(output.chunks, sampled, strict=True):
-            req = chunk.request
-            if req.status is not RequestStatus.RUNNING:  # aborted while the step ran
+            req = self.requests.get(chunk.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             req.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.sample:
@@ -441,16 +408,24 @@ class Scheduler:
                 finished.append(req)
         return finished
 
+    def training_sequence(self, job_id: Hashable) -> TrainingSequence | None:
+        """A job's sequence in flight, if any."""
+        for seq in self.training:
+            if seq.job_id == job_id:
+                return seq
+        return None
+
     def _update_finetune(self, output: SchedulerOutput) -> None:
         c = output.finetune
-        if c is not None and c.sequence in self.training and c.sequence.num_computed == c.start:
-            seq = c.sequence
+        seq = self.training_sequence(c.job_id) if c is not None else None
+        if seq is not None and seq.index == c.index and seq.num_restarts == c.num_restarts and seq.num_computed == c.start:
             seq.num_computed = c.start + c.num_tokens
             if seq.phase is not TrainingPhase.FORWARD:  # forward done: the backward needs no K/V
                 self.kv_cache.free(seq.kv_id)
         b = output.backward
-        if b is not None and b.sequence in self.training and b.first_layer == b.sequence.next_first_layer:
-            b.sequence.slices_done += 1
+        seq = self.training_sequence(b.job_id) if b is not None else None
+        if seq is not None and seq.phase is TrainingPhase.BACKWARD and b.first_layer == seq.next_first_layer:
+            seq.slices_done += 1
 
     def pop_trained(self) -> list[TrainingSequence]:
         """Remove and return the training sequences whose backward is complete."""

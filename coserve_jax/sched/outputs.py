@@ -1,0 +1,181 @@
+"""What crosses the host/device line, both ways, as plain data (vLLM v1's ``SchedulerOutput`` /
+``ModelRunnerOutput`` are the model).
+
+* :class:`SchedulerOutput` (scheduler -> model runner): one step's plan. Ids, token ids,
+  positions, page tables, adapter indices and per-sequence sampling rows; training work as
+  chunks of the same kind (:class:`FinetuneChunk`, :class:`BackwardSlice`). No live
+  :class:`~coserve_jax.sched.request.Request`, no callbacks: it pickles, so a plan made on one
+  process can be run on every process of a multi-host engine.
+* :class:`StepResult` (model runner -> scheduler): what the step produced, as Python numbers.
+
+Pure Python; no JAX, no NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """One sequence's sampling settings in a step.
+
+    Attributes:
+        temperature: 0 is greedy. top_k: 0 is off. top_p: 1 is off.
+        seed: the request's seed; output_index: tokens it generated before this one (the
+            per-token random stream is ``(seed, output_index)``).
+        num_logprobs: top logprobs to return (``None``: no logprobs; 0: the chosen token's only).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    output_index: int = 0
+    num_logprobs: int | None = None
+
+
+GREEDY = SamplingRow()
+"""The row of a sequence whose sampled token nobody reads (a training chunk's)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one request in a step.
+
+    Attributes:
+        request_id: the request's id.
+        start: position of the first token (= tokens already in the KV cache).
+        token_ids: the tokens to compute, positions ``start .. start + len - 1``.
+        page_table: the request's pages after this step's allocation, in token order.
+        sample: whether this chunk reaches the last known token, so a new token is sampled.
+        adapter_index: LoRA adapter of its tokens (0: the base model).
+        sampling: its :class:`SamplingRow`.
+        is_decode: one token of a request that already generated (a decode, not prefill).
+    """
+
+    request_id: Hashable
+    start: int
+    token_ids: list[int]
+    page_table: tuple[int, ...]
+    sample: bool
+    adapter_index: int = 0
+    sampling: SamplingRow = GREEDY
+    is_decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneChunk:
+    """Forward tokens of a training sequence in a step (they follow the inference tokens).
+
+    Attributes:
+        job_id: the job (or validation pass) the sequence belongs to.
+        index, num_restarts: the sequence's counter in its job and its attempt (a restarted
+            forward's earlier chunks do not count).
+        start: position of the first token.
+        token_ids: the tokens, positions ``start .. start + len - 1``.
+        page_table: the sequence's pages after this step's allocation.
+        adapter_index: the job's adapter; store_row: its activation-store row.
+        targets, weights: per token of the chunk, the token it predicts and the loss weight.
+        dropout_rate, dropout_seed: the sequence's LoRA dropout.
+        forward_only: a validation chunk (loss only, nothing saved for a backward).
+    """
+
+    job_id: Hashable
+    index: int
+    num_restarts: int
+    start: int
+    token_ids: list[int]
+    page_table: tuple[int, ...]
+    adapter_index: int
+    store_row: int
+    targets: list[int]
+    weights: list[float]
+    dropout_rate: float = 0.0
+    dropout_seed: int = 0
+    forward_only: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardSlice:
+    """One backward slice of a training sequence in a step: layers ``first_layer ..
+    first_layer + layers_per_slice - 1``.
+
+    Attributes:
+        job_id: the sequence's job; first_layer: the slice's lowest layer.
+        num_tokens: the sequence's length; store_row, adapter_index: its job's row and adapter.
+        dropout_rate, dropout_seed: the sequence's LoRA dropout.
+    """
+
+    job_id: Hashable
+    first_layer: int
+    num_tokens: int
+    store_row: int
+    adapter_index: int
+    dropout_rate: float = 0.0
+    dropout_seed: int = 0
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """One step's plan: decode chunks first, then prefill chunks, in batch order; then at most one
+    finetuning forward chunk (after the inference tokens) and one backward slice.
+
+    Attributes:
+        chunks: the inference chunks. preempted: ids of the requests preempted while planning.
+        finetune: the training forward chunk, if any. backward: the backward slice, if any.
+    """
+
+    chunks: list[ScheduledChunk]
+    preempted: list[Hashable] = dataclasses.field(default_factory=list)
+    finetune: FinetuneChunk | None = None
+    backward: BackwardSlice | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Token slots the step needs: inference and finetuning forward tokens."""
+        return sum(c.num_tokens for c in self.chunks) + (self.finetune.num_tokens if self.finetune else 0)
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequence slots the step needs (a finetuning chunk takes one)."""
+        return len(self.chunks) + (1 if self.finetune else 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and self.finetune is None and self.backward is None
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for c in self.chunks if c.is_decode)
+
+    @property
+    def max_num_logprobs(self) -> int | None:
+        """The most top logprobs any chunk asks for (``None``: no chunk asks for logprobs)."""
+        asks = [c.sampling.num_logprobs for c in self.chunks if c.sample and c.sampling.num_logprobs is not None]
+        return max(asks) if asks else None
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a step produced, per inference chunk of its plan, in order.
+
+    Attributes:
+        sampled: the sampled token id, or ``None`` for a chunk that did not sample.
+        logprobs: the sampled token's logprob per chunk (``None`` where not asked).
+        top_logprobs: ``{token id: logprob}`` of the top ``num_logprobs`` per chunk (``None``
+            where not asked).
+    """
+
+    sampled: list[int | None]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[int, float] | None] | None = None
