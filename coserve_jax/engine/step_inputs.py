@@ -86,7 +86,7 @@ def build_step_inputs(
         seq_k.append(p.top_k)
         seq_p.append(p.top_p)
         seq_seed.append(p.seed)
-        seq_idx.append(p.output_index)
+        seq_idx.append(c.output_index)
     off = len(tok)
     token_ids = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)

@@ -23,8 +23,8 @@ class SamplingRow:
 
     Attributes:
         temperature: 0 is greedy. top_k: 0 is off. top_p: 1 is off.
-        seed: the request's seed; output_index: tokens it generated before this one (the
-            per-token random stream is ``(seed, output_index)``).
+        seed: the request's seed (the per-token random stream is ``(seed, output_index)``,
+            the chunk's ``output_index``).
         num_logprobs: top logprobs to return (``None``: no logprobs; 0: the chosen token's only).
     """
 
@@ -32,7 +32,6 @@ class SamplingRow:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    output_index: int = 0
     num_logprobs: int | None = None
 
 
@@ -51,7 +50,8 @@ class ScheduledChunk:
         page_table: the request's pages after this step's allocation, in token order.
         sample: whether this chunk reaches the last known token, so a new token is sampled.
         adapter_index: LoRA adapter of its tokens (0: the base model).
-        sampling: its :class:`SamplingRow`.
+        sampling: its :class:`SamplingRow` (one object per request, shared by its chunks).
+        output_index: tokens the request generated before this step's.
         is_decode: one token of a request that already generated (a decode, not prefill).
     """
 
@@ -62,6 +62,7 @@ class ScheduledChunk:
     sample: bool
     adapter_index: int = 0
     sampling: SamplingRow = GREEDY
+    output_index: int = 0
     is_decode: bool = False
 
     @property

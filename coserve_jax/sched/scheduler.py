@@ -102,6 +102,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[Hashable, Request] = {}
+        self._rows: dict[Hashable, SamplingRow] = {}  # per request, built once at admission
         self.num_preemptions = 0
         self.training: list[TrainingSequence] = []  # at most one per job
         self._rr_forward = 0
@@ -131,6 +132,8 @@ class Scheduler:
             raise ValueError(f"the prompt needs {self.kv_cache.pages_for(n + 1)} KV pages; the cache has {self.kv_cache.capacity}")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        p = request.params
+        self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs)
         self.waiting.append(request)
 
     def abort(self, request_id: Hashable) -> Request | None:
@@ -157,6 +160,7 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
+        self._rows.pop(req.request_id, None)
 
     @property
     def has_unfinished(self) -> bool:
@@ -344,15 +348,12 @@ class Scheduler:
             self.kv_cache.grow(req.request_id, end)
         return self.kv_cache.page_table(req.request_id)
 
-    @staticmethod
-    def _chunk(req: Request, n: int, table: tuple[int, ...]) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, table: tuple[int, ...]) -> ScheduledChunk:
         start = req.num_computed_tokens
-        p = req.params
         return ScheduledChunk(
             request_id=req.request_id, start=start, token_ids=req.token_ids(start, start + n), page_table=table,
-            sample=start + n == req.num_tokens, adapter_index=req.adapter_index,
-            sampling=SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, len(req.output_token_ids), p.logprobs),
-            is_decode=n == 1 and start >= len(req.prompt_token_ids),
+            sample=start + n == req.num_tokens, adapter_index=req.adapter_index, sampling=self._rows[req.request_id],
+            output_index=len(req.output_token_ids), is_decode=n == 1 and start >= len(req.prompt_token_ids),
         )
 
     def _pick_victim(self, planned: set[int], current: Request) -> Request:
