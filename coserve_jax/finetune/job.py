@@ -29,6 +29,7 @@ import random
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from coserve_jax.finetune.checkpoint import JobCheckpointer
@@ -312,11 +313,40 @@ class FinetuneJob:
                 self.save_checkpoint()
         return grads_acc, pool
 
-    def compile_update(self, grads_like: dict) -> None:
-        """Compile the optimizer step ahead of time (so no step of the engine compiles)."""
-        self._update = self._update.lower(
-            self.params, self.opt_state, grads_like, np.int32(0), np.int32(0)
-        ).compile()
+    def compile_update(self, grads_like: dict, pool_shardings: dict | None = None) -> None:
+        """Compile the optimizer step ahead of time (so no step of the engine compiles).
+
+        Args:
+            grads_like: the gradient accumulators (shapes and shardings).
+            pool_shardings: ``{module: (A, B)}`` shardings the adapter pool's writer takes for
+                one slot (:meth:`~coserve_jax.lora.manager.AdapterManager.slot_shardings`).
+
+        The new weights, optimizer state and accumulators must come back placed as they went in
+        (the next step's compiled inputs), and the slot weights as the pool's writer takes them;
+        where XLA's propagation chose otherwise (under tensor parallelism it may replicate an
+        output), the step is compiled again with those outputs pinned.
+        """
+        args = (self.params, self.opt_state, grads_like, np.int32(0), np.int32(0))
+        compiled = self._update.lower(*args).compile()
+        outs = tuple(compiled.output_shardings)
+        want = [jax.tree.map(lambda a: a.sharding, x) for x in args[:3]]
+        want += [pool_shardings if pool_shardings is not None else outs[3], *outs[4:]]
+        mesh_sharding = next(iter(jax.tree.leaves(want[0])))
+        if not isinstance(mesh_sharding, jax.sharding.NamedSharding):
+            self._update = compiled  # one device: nothing to pin
+            return
+        rep = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
+        devices = mesh_sharding.device_set
+        want = jax.tree.map(lambda o: o if o.device_set == devices else rep, tuple(want))
+        out_struct = jax.eval_shape(self._update.__wrapped__, *args)
+        same = all(
+            o.is_equivalent_to(w, x.ndim)
+            for o, w, x in zip(jax.tree.leaves(outs), jax.tree.leaves(want), jax.tree.leaves(out_struct))
+        )
+        if not same:
+            fn = jax.jit(self._update.__wrapped__, donate_argnums=(2,), out_shardings=want)
+            compiled = fn.lower(*args).compile()
+        self._update = compiled
 
     def finish(self, status: JobStatus, error: str | None = None) -> None:
         self.status = status

@@ -153,6 +153,15 @@ class AdapterManager:
             pool.A[m].set_value(a)
             pool.B[m].set_value(b)
 
+    def slot_shardings(self) -> dict[str, tuple[jax.sharding.Sharding, jax.sharding.Sharding]]:
+        """``{module: (A, B)}``: where one slot's weights (``[L, in, R]``, ``[L, R, out]``)
+        must be for :meth:`write_weights` (the pool's placement without the slot axis)."""
+        pool = self.model.lora
+        return {
+            m: tuple(_without_axis1(x.sharding, x.ndim - 1) for x in (pool.A[m][...], pool.B[m][...]))
+            for m in self.pool_config.target_modules
+        }
+
     def compile_writer(self) -> None:
         """Compile :meth:`write_weights` ahead of time (the engine does at start-up, so that no
         serving step compiles it)."""
