@@ -1,0 +1,58 @@
+"""The ASGI guard in front of every route: API key and body-size limits."""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coserve_jax.serve.errors import APIError
+from coserve_jax.serve.state import ServerState
+
+
+class GuardMiddleware:
+    """API key (``Authorization: Bearer``) on every path but ``/health``, and the body-size
+    limits (413 above ``limits.max_body_bytes``, ``limits.max_upload_bytes`` for uploads)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+        self.api_key = state.config.api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and path != "/health":
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return await self._reject(scope, receive, send, APIError(
+                    401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.", None, "missing_api_key"))
+            if not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return await self._reject(scope, receive, send, APIError(401, "Incorrect API key provided.", None, "invalid_api_key"))
+        limit = self.state.config.limits.max_upload_bytes if path == "/v1/files" else self.state.config.limits.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._reject(scope, receive, send, _too_large(limit))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, _too_large(limit).message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, scope, receive, send, err: APIError):
+        self.state.metrics.http_errors.labels(str(err.status)).inc()
+        await err.response()(scope, receive, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.", None, "request_too_large")

@@ -1,0 +1,85 @@
+"""``POST|GET /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``, ``.../events``,
+``.../checkpoints``, ``POST .../cancel`` (OpenAI's fine-tuning API)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from coserve_jax.serve import protocol as P
+from coserve_jax.serve.errors import APIError, model_not_found
+from coserve_jax.serve.state import ServerState, server_state
+
+router = APIRouter()
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(body: P.FinetuneJobCreate, state: ServerState = Depends(server_state)):
+    if body.model != state.model_name:
+        names = await state.loop.call(lambda e: e.list_adapters())
+        if body.model in names:
+            raise APIError(400, f"fine-tuning starts from the base model {state.model_name!r}, not an adapter", "model", "invalid_value")
+        raise model_not_found(body.model)
+    try:
+        f = state.files.get(body.training_file)
+    except APIError:
+        raise APIError(400, f"invalid training_file: no file {body.training_file!r}", "training_file", "invalid_training_file") from None
+    valid = None
+    if body.validation_file:
+        try:
+            v = state.files.get(body.validation_file)
+        except APIError:
+            raise APIError(400, f"invalid validation_file: no file {body.validation_file!r}", "validation_file",
+                           "invalid_validation_file") from None
+        valid = (state.files.path(v["id"]), v["filename"])
+    rec = await asyncio.to_thread(state.jobs.prepare, body, state.files.path(f["id"]), f["filename"], valid)
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", None, "shutting_down")
+    state.jobs.add(rec)
+    await state.loop.call(state.jobs.start_queued)
+    return rec.to_openai()
+
+
+def page(items: list[dict], after: str | None, limit: int) -> dict:
+    """OpenAI's cursor page: the items after ``after`` (an id), at most ``limit`` (1..100).
+
+    Raises:
+        APIError: 400 for an unknown ``after`` or a ``limit`` out of range.
+    """
+    if after is not None:
+        ids = [x["id"] for x in items]
+        if after not in ids:
+            raise APIError(400, f"after={after!r} is not in the list", "after", "invalid_value")
+        items = items[ids.index(after) + 1:]
+    if not 1 <= limit <= 100:
+        raise APIError(400, "limit must be in [1, 100]", "limit", "invalid_value")
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(after: str | None = None, limit: int = 20, state: ServerState = Depends(server_state)):
+    return page([r.to_openai() for r in state.jobs.list()], after, limit)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def retrieve_job(job_id: str, state: ServerState = Depends(server_state)):
+    return state.jobs.get(job_id).to_openai()
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def job_events(job_id: str, after: str | None = None, limit: int = 20, state: ServerState = Depends(server_state)):
+    rec = state.jobs.get(job_id)
+    return page(list(reversed(list(rec.events))), after, limit)  # newest first, as OpenAI
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10, state: ServerState = Depends(server_state)):
+    rec = state.jobs.get(job_id)
+    return page(await asyncio.to_thread(state.jobs.checkpoints, rec), after, limit)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, state: ServerState = Depends(server_state)):
+    rec = await state.loop.call(lambda e: state.jobs.cancel(e, job_id))
+    return rec.to_openai()

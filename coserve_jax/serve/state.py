@@ -1,0 +1,108 @@
+"""What the HTTP handlers share: :class:`ServerState` (config, engine loop, tokenizer, files,
+jobs, metrics), reached from a handler through :func:`server_state`."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+from typing import Any
+
+import jax
+from fastapi import Request
+
+from coserve_jax.engine import Engine
+from coserve_jax.serve.config import ServeConfig
+from coserve_jax.serve.engine_loop import EngineLoop
+from coserve_jax.serve.errors import APIError, model_not_found
+from coserve_jax.serve.files import FileStore
+from coserve_jax.serve.jobs import JobManager
+from coserve_jax.serve.metrics import ServerMetrics
+
+
+class ServerState:
+    """What the handlers share: config, engine loop, a tokenizer of their own, files, jobs, metrics.
+
+    Args:
+        config: the server config.
+        engine: a built engine; from :meth:`start` on only the engine loop's thread uses it.
+        served_model_name: the base model's name in the API.
+    """
+
+    def __init__(self, config: ServeConfig, engine: Engine, served_model_name: str):
+        self.config = config
+        self.engine = engine
+        self.model_name = served_model_name
+        self.max_model_len = engine.max_model_len
+        self.max_prompt_tokens = min(config.limits.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
+        self.vocab_size = engine.config.vocab_size
+        self.max_logprobs = engine.max_logprobs
+        # The engine thread detokenizes with engine.tokenizer; handlers' worker threads encode
+        # with this copy (one Rust tokenizer must not be used from two threads at once).
+        self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
+        self._tok_lock = asyncio.Lock()
+        self.metrics = ServerMetrics()
+        self.metrics.watch(engine)
+        out = os.path.abspath(config.output_dir)
+        self.files = FileStore(os.path.join(out, "files"))
+        layout = engine.finetune_layout
+        self.jobs = JobManager(
+            served_model_name, os.path.join(out, "jobs"), config.finetune,
+            copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None,
+            layout.max_seq_len if layout is not None and engine.tokenizer is not None else 0,
+            engine.model.lora.config if engine.model.lora is not None else None,
+        )
+        self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
+        self.shutting_down = False
+
+    def _on_step(self, engine: Engine, outputs, seconds: float) -> None:
+        self.metrics.observe_step(engine, seconds)
+        self.jobs.sync(engine)
+        self.jobs.start_queued(engine)
+
+    def _on_finished(self, o) -> None:
+        self.metrics.observe_finished(
+            len(o.prompt_token_ids), len(o.token_ids), o.finish_reason, o.arrival_time, o.first_token_time,
+            o.finish_time or o.arrival_time,
+        )
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> list[str]:
+        """Checkpoint running jobs, abort open requests, stop the engine loop. Returns the
+        checkpoint directories written."""
+        self.shutting_down = True
+        written: list[str] = []
+
+        def before_exit(engine):
+            try:
+                written.extend(self.jobs.checkpoint_running(engine))
+            finally:
+                if jax.process_count() > 1:
+                    engine.stop_followers()
+
+        self.loop.stop(before_exit)
+        return written
+
+    # ---- shared request helpers ------------------------------------------------------------------
+    async def encode(self, fn, *args) -> Any:
+        """Run a tokenizer function in a worker thread (one at a time on this tokenizer)."""
+        if self.tokenizer is None:
+            raise APIError(400, "this server has no tokenizer: send prompts as token ids", "prompt", "no_tokenizer")
+        async with self._tok_lock:
+            return await asyncio.to_thread(fn, *args)
+
+    async def resolve_adapter(self, model: str) -> str | None:
+        """``None`` for the base model, else the adapter name. Raises: APIError 404."""
+        if model == self.model_name:
+            return None
+        names = await self.loop.call(lambda e: e.list_adapters())
+        if model in names:
+            return model
+        raise model_not_found(model)
+
+
+def server_state(request: Request) -> ServerState:
+    """The app's :class:`ServerState` (a FastAPI dependency: ``state = Depends(server_state)``)."""
+    return request.app.state.server
