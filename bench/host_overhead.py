@@ -1,7 +1,7 @@
 """Host time per step spent outside the device: scheduling, building the step's arrays, updating.
 
-Drives the real scheduler (``coserve_jax.sched``) and the real input builder
-(``coserve_jax.engine.step_inputs``) with a stand-in for the device that returns a token per
+Drives the real scheduler (``coserve_jax.sched``), the runner's persistent page tables
+(``coserve_jax.engine.input_batch``) and the real input builder (``coserve_jax.engine.step_inputs``) with a stand-in for the device that returns a token per
 sequence, so only host work is timed. ``N`` requests are first prefilled, then every step is a
 decode step of all ``N`` (the steady state of a busy server); a second series adds a 512-token
 prefill chunk of a newly arriving request to each step.
@@ -18,8 +18,9 @@ import statistics
 import sys
 import time
 
+from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.step import make_buckets, pick_bucket
-from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.engine.step_inputs import StepDims, build_step_inputs
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams
@@ -34,11 +35,13 @@ def run(n: int, steps: int, with_prefill: bool) -> dict:
     sched = Scheduler(SchedulerConfig(max_seqs, BUDGET, MAX_LEN), kv)
     buckets = make_buckets(BUDGET, max_seqs)
     max_pages = MAX_LEN // PAGE
+    tables = InputBatch(max_pages, 2 * max_seqs)
     params = SamplingParams(max_tokens=10_000, temperature=0.8, top_p=0.9, ignore_eos=True)
     for i in range(n):
         sched.add_request(Request(i, list(range(1000, 1000 + 1024)), params, seed=i))
     while any(r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids for r in sched.running) or sched.waiting:
         plan = sched.schedule()
+        tables.apply(plan)
         sched.update(plan, [1 if c.sample else None for c in plan.chunks])
     times = {"schedule": [], "build_inputs": [], "update": [], "total": []}
     next_id = n
@@ -50,7 +53,8 @@ def run(n: int, steps: int, with_prefill: bool) -> dict:
         plan = sched.schedule()
         t1 = time.perf_counter()
         bucket = pick_bucket(buckets, plan.num_tokens, plan.num_seqs)
-        build_step_inputs(plan, bucket, PAGE, max_pages)
+        rows = tables.apply(plan)
+        build_step_inputs(plan, StepDims(bucket, max_pages, max_seqs), PAGE, tables, rows)
         t2 = time.perf_counter()
         sched.update(plan, [7 if c.sample else None for c in plan.chunks])
         t3 = time.perf_counter()

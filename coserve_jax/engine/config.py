@@ -42,6 +42,7 @@ class EngineConfig:
         scheduling_policy, policy_options: the step policy at start-up (:mod:`coserve_jax.sched.policy`).
         slo: default SLOs and the hybrid policy's knobs.
         measure_steps: time every step on the device.
+        async_scheduling: overlap steps: plan step N+1 while the device runs step N.
         tensor_parallel_size: devices the model is split over.
         seed: seeds the per-request seeds of requests that give none.
         compilation_cache_dir: the persistent XLA compilation cache (``None``: off).
@@ -66,6 +67,7 @@ class EngineConfig:
     policy_options: tuple[tuple[str, object], ...] = ()
     slo: SLOConfig = SLOConfig()
     measure_steps: bool = False
+    async_scheduling: bool = False
     tensor_parallel_size: int = 1
     seed: int = 0
     compilation_cache_dir: str | None = None
@@ -136,6 +138,7 @@ class EngineConfig:
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
         measure_steps: bool = False,
+        async_scheduling: bool = False,
         tensor_parallel_size: int = 1,
     ) -> "EngineConfig":
         """Fill in the defaults of ``Engine(...)``'s keyword arguments and check them.
@@ -213,6 +216,6 @@ class EngineConfig:
             attention_impl=impl, finetune=layout, max_finetune_tokens=ft_tokens,
             scheduling_policy=scheduling_policy, policy_options=tuple(sorted((policy_options or {}).items())),
             slo=slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {})), measure_steps=measure_steps,
-            tensor_parallel_size=tensor_parallel_size, seed=seed,
+            async_scheduling=bool(async_scheduling), tensor_parallel_size=tensor_parallel_size, seed=seed,
             compilation_cache_dir=None if compilation_cache_dir is None else os.fspath(compilation_cache_dir),
         )

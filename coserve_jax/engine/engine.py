@@ -1,14 +1,23 @@
-"""The notebook-facing inference engine (vLLM's ``LLM`` / ``LLMEngine`` in one class).
+"""The notebook-facing inference engine (vLLM's ``LLM`` / ``LLMEngine`` in one class): a facade.
 
-``Engine`` owns the model, the paged KV cache on the device, the compiled step of every bucket,
-the host-side scheduler and the adapters. One :meth:`Engine.step` = schedule (host) -> build the
-padded inputs (host) -> run the compiled step (device) -> append sampled tokens, detokenize,
-check stop conditions (host). :meth:`Engine.generate` and :meth:`Engine.stream` loop over steps.
+``Engine`` builds the parts and drives them; each is its own module:
 
-Finetuning jobs (:meth:`Engine.create_finetuning_job`) ride in the same steps: a forward chunk of
-a training sequence in the token slots inference leaves free, and a backward slice dispatched
-right after (:mod:`coserve_jax.finetune.fused`); the optimizer step runs when a job's
-accumulation group is complete and writes the job's adapter slot.
+* :class:`~coserve_jax.engine.config.EngineConfig`: every resolved limit, bucket grid and layout;
+* :class:`~coserve_jax.sched.scheduler.Scheduler` (host, pure Python): what each step computes,
+  as a plain :class:`~coserve_jax.sched.outputs.SchedulerOutput`;
+* :class:`~coserve_jax.engine.model_runner.ModelRunner`: the one owner of device state and
+  executables (step, backward, optimizer step, adapter slots, profile);
+* :class:`~coserve_jax.engine.finetune_service.FinetuneService`: finetuning jobs' lifecycle;
+* :class:`~coserve_jax.engine.output_processor.OutputProcessor`: tokens into
+  :class:`RequestOutput` s (detokenizing, stop strings, logprobs, finishing).
+
+One :meth:`Engine.step` is five numbered stages: schedule, execute, train, update, process
+outputs; with ``async_scheduling`` stages 4-5 read the previous step, so the host plans step
+N+1 while the device runs step N. :meth:`Engine.generate` and :meth:`Engine.stream` loop over
+steps. Finetuning jobs (:meth:`Engine.create_finetuning_job`) ride in the same steps.
+
+Multi-host: :meth:`Engine.lead` (process 0) publishes every plan and device-changing call;
+:meth:`Engine.follow` (the other processes) runs them.
 
 Not thread-safe: one thread drives an engine (the server runs it in its own loop thread).
 """
@@ -21,6 +30,7 @@ import itertools
 import json
 import os
 import pathlib
+import logging
 import time
 import uuid
 from typing import Iterator, Sequence
@@ -30,35 +40,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coserve_jax.engine.detokenizer import IncrementalDetokenizer
-from coserve_jax.engine.outputs import RequestOutput, StepRecord
 from coserve_jax.engine.config import EngineConfig
+from coserve_jax.engine.finetune_service import FinetuneService
 from coserve_jax.engine.model_runner import ModelRunner
-from coserve_jax.engine.step import Bucket, configure_compilation_cache
+from coserve_jax.engine.output_processor import OutputProcessor
+from coserve_jax.engine.outputs import RequestOutput, StepRecord
 from coserve_jax.engine.profile import fitted_latency_model
+from coserve_jax.engine.step import Bucket, configure_compilation_cache
 from coserve_jax.finetune import fused
-from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig
-from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
-from coserve_jax.finetune.evaluation import Evaluation
-from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
-from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.finetune.job import FinetuneJob
 from coserve_jax.lora.manager import AdapterError, AdapterManager
-from coserve_jax.lora.peft_io import LoRAWeights
+from coserve_jax.lora.peft_io import LoRAWeights, read_peft
 from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.models.loader import is_gguf, load_config, load_model
+from coserve_jax.parallel.channel import HostChannel
 from coserve_jax.parallel.distributed import DistributedConfig, initialize_distributed
 from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
 from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, step_shape
 from coserve_jax.sched.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
+log = logging.getLogger("coserve_jax.engine")
 
 DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(pathlib.Path.home(), ".cache", "coserve_jax", "xla"))
 
@@ -132,6 +143,11 @@ class Engine:
             ``"hybrid"``.
         measure_steps: time every step on the device (one sync per step) and log it with the
             latency model's prediction in :attr:`step_log` (always on under ``"hybrid"``).
+        async_scheduling: overlap steps (vLLM's name): plan and build step N+1 while the device
+            runs step N; :meth:`step` then returns step N's outputs one call late. Tokens are the
+            same either way; a request's end (EOS, a stop string) is seen one step late, so its
+            last step may compute one token that is thrown away. Measuring steps
+            (``measure_steps``, ``"hybrid"``) waits for each step, which undoes the overlap.
         tensor_parallel_size: devices the model is split over, Megatron-style, with LoRA
             adapters and finetuning state split by the same rule (:mod:`coserve_jax.parallel.rules`;
             ``docs/parallelism.md``). The first ``tensor_parallel_size`` of ``jax.devices()``
@@ -183,6 +199,7 @@ class Engine:
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
         measure_steps: bool = False,
+        async_scheduling: bool = False,
         tensor_parallel_size: int = 1,
         distributed: DistributedConfig | dict | None = None,
     ):
@@ -216,7 +233,8 @@ class Engine:
             max_finetune_jobs=max_finetune_jobs, finetune_max_seq_len=finetune_max_seq_len,
             max_finetune_tokens=max_finetune_tokens, finetune_layers_per_slice=finetune_layers_per_slice,
             finetune_seq_buckets=finetune_seq_buckets, scheduling_policy=scheduling_policy, policy_options=policy_options,
-            slo=slo, measure_steps=measure_steps, tensor_parallel_size=tensor_parallel_size,
+            slo=slo, measure_steps=measure_steps, async_scheduling=async_scheduling,
+            tensor_parallel_size=tensor_parallel_size,
         )
         """Every resolved limit, bucket grid and layout (:class:`~coserve_jax.engine.config.EngineConfig`)."""
         ec = self.engine_config
@@ -227,9 +245,12 @@ class Engine:
         self.runner = ModelRunner(self.model, self.rules, ec)
         """The device owner (:class:`~coserve_jax.engine.model_runner.ModelRunner`)."""
         self.compile_seconds = self.runner.compile()
-        self._jobs: dict[str, FinetuneJob] = {}
-        self._evaluations: dict[str, Evaluation] = {}  # engine.evaluate's passes in flight
-        self._free_rows = list(range(ec.finetune.max_jobs)) if ec.finetune is not None else []
+        self.finetuning = FinetuneService(ec, config, self.runner, self.scheduler, self.tokenizer, self.model_path)
+        """The finetuning jobs' lifecycle (:class:`~coserve_jax.engine.finetune_service.FinetuneService`)."""
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        """The unfinished requests' outputs (:class:`~coserve_jax.engine.output_processor.OutputProcessor`)."""
+        self._in_flight = None  # (plan, StepOutput) of an overlapped step whose tokens are not read yet
+        self._channel: HostChannel | None = None  # multi-host, process 0 after lead(); others in follow()
         self.slo = ec.slo
         self.latency_model = None
         self.latency_model_cached = False
@@ -243,9 +264,6 @@ class Engine:
             self._ensure_latency_model()
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
-        self._outputs: dict[str, RequestOutput] = {}
-        self._detok: dict[str, IncrementalDetokenizer | None] = {}
-        self._requests: dict[str, Request] = {}
         self.num_steps = 0
 
     # ---- the resolved configuration, as attributes -----------------------------------------
@@ -306,6 +324,7 @@ class Engine:
     # ---- scheduling policy -----------------------------------------------------------------
     def _ensure_latency_model(self) -> None:
         if self.latency_model is None:
+            self._publish("ensure_latency_model")
             self.latency_model, self.latency_model_cached = fitted_latency_model(self.runner, self.engine_config.compilation_cache_dir)
 
     def set_scheduling_policy(self, name: str, **options) -> None:
@@ -366,6 +385,9 @@ class Engine:
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
+        if self._channel is not None and not isinstance(peft_dir, LoRAWeights):
+            peft_dir = read_peft(peft_dir)  # the other processes get the weights, not a path
+        self._publish("load_adapter", name, peft_dir)
         self.runner.load_adapter(name, peft_dir)
 
     def unload_adapter(self, name: str) -> None:
@@ -377,12 +399,13 @@ class Engine:
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
         index = self.adapters.adapter_index(name)
-        for job in self._jobs.values():
-            if job.adapter_index == index and not job.done:
-                raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
-        users = [r.request_id for r in self._requests.values() if r.adapter_index == index]
+        job = self.finetuning.training_adapter(index)
+        if job is not None:
+            raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
+        users = [r.request_id for r in self.outputs.requests if r.adapter_index == index]
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
+        self._publish("unload_adapter", name)
         self.runner.unload_adapter(name)
 
     def list_adapters(self) -> list[str]:
@@ -425,81 +448,35 @@ class Engine:
             AdapterError: the adapter does not fit the pool (rank, modules) or the name is taken.
             ValueError: bad settings.
         """
-        if self.finetune_layout is None:
-            raise FinetuneError(
-                "this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)"
-            )
-        cfg = config or FinetuneConfig()
-        if settings:
-            cfg = FinetuneConfig.from_dict({**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **settings})
-        lora = cfg.lora
-        pool = self.model.lora.config
-        if lora.r > pool.max_lora_rank:
-            raise AdapterError(f"LoRA rank r={lora.r} exceeds the engine's max_lora_rank={pool.max_lora_rank}")
-        missing = [m for m in lora.target_modules if m not in pool.target_modules]
-        if missing:
-            raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
-        job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
-        if job_id in self._jobs:
-            raise FinetuneError(f"a finetuning job with id {job_id!r} exists")
-        name = adapter_name or job_id
-        if name in self.list_adapters():
-            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
-        layout = self.finetune_layout
-        examples = self._examples(training_data, cfg)
-        eval_examples = self._examples(eval_dataset, cfg) if eval_dataset is not None else None
-        if not self._free_rows:
-            raise FinetuneError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
-        _, total_steps = plan_steps(cfg, len(examples))
-        tx = make_optimizer(cfg, total_steps)
-        schedule = learning_rate_schedule(cfg, total_steps)
-        L = self.config.num_layers
-        shapes = {}
-        for m in pool.target_modules:
-            d_in, d_out = self.config.module_dims(m)
-            shapes[m] = ((L, d_in, pool.max_lora_rank), (L, pool.max_lora_rank, d_out))
-        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, self.model.dtype, shapes), donate_argnums=(2,))
-        checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
-        row = self._free_rows[0]
-        job = FinetuneJob(
-            job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
-            num_layers=self.config.num_layers, layers_per_slice=layout.layers_per_slice,
-            params=self.runner.place_job_params(init_lora(self.config, lora, cfg.seed)), tx=tx, update_fn=update, checkpointer=checkpointer,
-            base_model_name_or_path=self.model_path, cancel_fn=self._cancel_job, eval_examples=eval_examples,
-            truncated_examples=examples.truncated_examples, skipped_examples=examples.skipped_examples,
+        if self._channel is not None:  # the other processes get the same examples and id
+            config = self.finetuning.resolve_config(config, settings)
+            settings = {}
+            training_data = self.finetuning.examples(training_data, config)
+            if eval_dataset is not None:
+                eval_dataset = self.finetuning.examples(eval_dataset, config)
+            job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
+            self._publish("create_job", training_data, config, adapter_name, job_id, eval_dataset)
+        return self.finetuning.create_job(
+            training_data, config, adapter_name=adapter_name, job_id=job_id, eval_dataset=eval_dataset, **settings
         )
-        if cfg.resume:
-            job.restore_latest()
-        job.compile_update(self.runner.ft_buffers.grads)
-        self.load_adapter(name, job.lora_weights())
-        job.adapter_index = self.adapters.adapter_index(name)
-        self._free_rows.remove(row)
-        self.runner.zero_grad_row(row)
-        self._jobs[job_id] = job
-        if job.complete:
-            self._end_job(job, JobStatus.SUCCEEDED)
-        else:
-            self._feed(job)
-        return job
 
-    def _examples(self, data, cfg: FinetuneConfig) -> TrainingSet:
-        """A job's training or evaluation examples, fitted to ``finetune_max_seq_len``."""
-        max_len = self.finetune_layout.max_seq_len
-        if isinstance(data, (str, os.PathLike)):
-            if self.tokenizer is None:
-                raise FinetuneError("this engine has no tokenizer: pass TrainingExample lists")
-            return load_dataset(
-                data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
-                max_seq_len=max_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
-            )
-        examples = list(data)
-        if not examples:
-            raise ValueError("no training examples")
-        fitted = truncate_examples(examples, max_len, cfg.truncation)
-        bad = [i for i, e in enumerate(fitted) if any(not 0 <= t < self.config.vocab_size for t in e.token_ids)]
-        if bad:
-            raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
-        return fitted
+    def adapter_weights(self, job: FinetuneJob) -> LoRAWeights:
+        """A job's current adapter weights on the host (:meth:`FinetuneJob.lora_weights`; on a
+        multi-host engine every process joins the gather)."""
+        self._publish("fetch_adapter", job.id)
+        return job.lora_weights()
+
+    def export_adapter(self, job: FinetuneJob, path: str | os.PathLike) -> None:
+        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`; on a
+        multi-host engine every process joins the gather of its weights, process 0 writes)."""
+        self._publish("fetch_adapter", job.id)
+        job.export(path)
+
+    def save_job_checkpoint(self, job: FinetuneJob) -> None:
+        """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`; every process of a
+        multi-host engine writes its part)."""
+        self._publish("save_job_checkpoint", job.id)
+        job.save_checkpoint()
 
     def evaluate(
         self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
@@ -519,83 +496,47 @@ class Engine:
             FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
             DataValidationError, ValueError: bad data.
         """
-        if self.finetune_layout is None:
-            raise FinetuneError("this engine has no finetuning (max_finetune_jobs=0 or max_loras=0)")
-        index = self.adapters.adapter_index(adapter) if adapter else 0
-        examples = self._examples(data, config or FinetuneConfig())
-        ev = Evaluation(f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.config.num_layers, self.finetune_layout.layers_per_slice)
-        self._evaluations[ev.id] = ev
+        eval_id = None
+        if self._channel is not None:
+            data = self.finetuning.examples(data, config or FinetuneConfig())
+            eval_id = f"eval-{uuid.uuid4().hex[:12]}"
+            self._publish("start_evaluation", data, adapter, config, eval_id)
+        ev = self.finetuning.start_evaluation(data, adapter, config, eval_id)
         try:
-            self.scheduler.add_training_sequence(ev.next_sequence())
             while not ev.done:
                 self.step()
         finally:
-            self._evaluations.pop(ev.id, None)
-            self.scheduler.remove_training(ev.id)
+            self._publish("end_evaluation", ev.id)
+            self.finetuning.end_evaluation(ev)
         return ev.record(time.time()).loss
 
     @property
     def finetuning_jobs(self) -> list[FinetuneJob]:
         """Every job this engine ran or runs, oldest first."""
-        return list(self._jobs.values())
+        return list(self.finetuning.jobs.values())
 
     def get_finetuning_job(self, job_id: str) -> FinetuneJob:
         """Raises ``KeyError`` for an unknown id."""
-        return self._jobs[job_id]
+        return self.finetuning.jobs[job_id]
 
     @property
     def has_active_jobs(self) -> bool:
-        return any(not j.done for j in self._jobs.values())
+        return self.finetuning.has_active_jobs
 
     @property
     def num_free_finetune_slots(self) -> int:
         """Jobs that :meth:`create_finetuning_job` can start now (of ``max_finetune_jobs``)."""
-        return len(self._free_rows)
+        return self.finetuning.num_free_slots
 
     def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None) -> None:
         """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
         Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
         yourself to serve and train together)."""
-        jobs = jobs or tuple(j for j in self._jobs.values() if not j.done)
+        jobs = jobs or tuple(j for j in self.finetuning.jobs.values() if not j.done)
         n = 0
         while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
             self.step()
             n += 1
-
-    def _feed(self, job: FinetuneJob) -> None:
-        seq = job.next_sequence()
-        if seq is not None:
-            self.scheduler.add_training_sequence(seq)
-
-    def _advance_jobs(self) -> None:
-        for seq in self.scheduler.pop_trained():
-            ev = self._evaluations.get(seq.job_id)
-            if ev is not None:
-                if not ev.sequence_done(seq):
-                    self.scheduler.add_training_sequence(ev.next_sequence())
-                continue
-            job = self._jobs.get(seq.job_id)
-            if job is None or job.done:
-                continue
-            try:
-                if job.sequence_done(seq):
-                    self.runner.optimizer_step(job)
-                if job.complete:
-                    self._end_job(job, JobStatus.SUCCEEDED)
-                else:
-                    self._feed(job)
-            except Exception as e:  # one job's failure (e.g. a full disk at checkpoint) ends it alone
-                self._end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
-
-    def _end_job(self, job: FinetuneJob, status: JobStatus, error: str | None = None) -> None:
-        self.scheduler.remove_training(job.id)
-        job.finish(status, error)
-        if job.store_row not in self._free_rows:
-            self._free_rows.append(job.store_row)
-            self._free_rows.sort()
-
-    def _cancel_job(self, job: FinetuneJob) -> None:
-        self._end_job(job, JobStatus.CANCELLED)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -654,17 +595,7 @@ class Engine:
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
         )
         self.scheduler.add_request(req)  # validates length and id
-        self._requests[rid] = req
-        self._outputs[rid] = RequestOutput(
-            request_id=rid, index=index, prompt=text, prompt_token_ids=ids, adapter=adapter or None,
-            arrival_time=req.arrival_time,
-            logprobs=[] if params.logprobs is not None else None,
-            top_logprobs=[] if params.logprobs else None,
-        )
-        self._detok[rid] = (
-            None if self.tokenizer is None
-            else IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
-        )
+        self.outputs.add(req, text, index, adapter)
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -672,7 +603,7 @@ class Engine:
         req = self.scheduler.abort(request_id)
         if req is None:
             return None
-        return self._finalize(req, time.monotonic())
+        return self.outputs.finalize(req, time.monotonic())
 
     @property
     def has_unfinished(self) -> bool:
@@ -683,73 +614,67 @@ class Engine:
         return self.scheduler.num_preemptions
 
     # ---- the loop ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, plan: SchedulerOutput | None = None) -> list[RequestOutput]:
         """Run one step. Returns an output for every request that got a token or finished
         (with this step's ``delta_token_ids`` / ``delta_text``). The outputs of unfinished
         requests are live objects that later steps update; copy what you keep.
 
         Finetuning work planned into the step (a forward chunk, a backward slice) runs too, and
-        jobs whose accumulation group completed take their optimizer step."""
-        plan = self.scheduler.schedule(time.monotonic())
-        if plan.is_empty:
-            return []
-        out = None
+        jobs whose accumulation group completed take their optimizer step.
+
+        With ``async_scheduling`` the step is dispatched before the previous one's tokens are
+        read, and the outputs returned are the previous step's: the host plans and builds step
+        N+1 while the device runs step N (a request's last token may cost one decode that is
+        thrown away; the tokens are the same).
+
+        Args:
+            plan: a plan made by process 0's engine (multi-host followers, :meth:`follow`);
+                default: this engine's scheduler plans the step.
+        """
+        # 1. Schedule: the plan, as plain data (a token the device has not returned yet is
+        #    pending). Multi-host: process 0 plans and publishes; the others run its plan.
+        if plan is None:
+            plan = self.scheduler.schedule(time.monotonic())
+            if self._channel is not None and not (plan.is_empty and not plan.finished and not plan.preempted):
+                self._publish("step", plan)
+        else:
+            self.scheduler.follow(plan)
+        # 2. Execute: dispatch the fused step and the backward slice; nothing waits.
         t_dispatch = time.perf_counter()
-        if plan.num_tokens:
-            out, ft_loss = self.runner.execute(plan)
-            if plan.finetune is not None:
-                chunk = plan.finetune
-                owner = self._jobs.get(chunk.job_id) or self._evaluations.get(chunk.job_id)
-                if owner is not None:
-                    owner.add_forward_loss(chunk, ft_loss)
-        if plan.backward is not None:
-            self.runner.run_backward(plan.backward)
-        self.num_steps += 1
-        if self.measure_steps or self.scheduling_policy == "hybrid":
-            self._measure(plan, out, t_dispatch)
-        if not plan.chunks:
-            self.scheduler.update(plan, [], time.monotonic())
-            self._advance_jobs()
+        out = self.runner.execute(plan)  # None for a plan without tokens
+        if not plan.is_empty:
+            if out is not None:
+                self.finetuning.record_forward(plan, out.ft_loss)
+            if plan.backward is not None:
+                self.runner.run_backward(plan.backward)
+            self.num_steps += 1
+            if self.measure_steps or self.scheduling_policy == "hybrid":
+                self._measure(plan, out, t_dispatch)
+        # 3. Train: training progress needs no device result; optimizer steps are dispatched
+        #    after this step and before the next.
+        self.scheduler.update_training(plan)
+        self.finetuning.advance()
+        # 4. Update: the tokens of this step, or (overlapped) of the previous one.
+        ready = (plan, out) if plan.chunks else None
+        if self.engine_config.async_scheduling:
+            ready, self._in_flight = self._in_flight, ready
+        if ready is None:
             return []
-        tokens, chosen, top_ids, top_lp = self.runner.fetch(out)
+        plan, out = ready
+        result = self.runner.fetch(plan, out)
         now = time.monotonic()
-        sampled = [int(tokens[i]) if c.sample else None for i, c in enumerate(plan.chunks)]
-        self.scheduler.update(plan, sampled, now)
-        self._advance_jobs()
-        results = []
-        for i, c in enumerate(plan.chunks):
-            if not c.sample:
-                continue
-            req = self._requests.get(c.request_id)
-            o = self._outputs.get(c.request_id)
-            if o is None or req is None:  # aborted meanwhile
-                continue
-            tok = sampled[i]
-            o.token_ids.append(tok)
-            o.delta_token_ids = [tok]
-            if o.first_token_time is None:
-                o.first_token_time = now
-            if o.logprobs is not None:
-                o.logprobs.append(float(chosen[i]))
-            if o.top_logprobs is not None:
-                k = req.params.logprobs
-                o.top_logprobs.append({int(t): float(v) for t, v in zip(top_ids[i, :k], top_lp[i, :k])})
-            o.num_preemptions = req.num_preemptions
-            det = self._detok[req.request_id]
-            if det is not None:
-                det.add(tok)
-                if det.stopped and not req.is_finished:
-                    self.scheduler.finish(req.request_id)
-            if req.is_finished:
-                results.append(self._finalize(req, now))
-            else:
-                o.delta_text = det.take_delta() if det is not None else ""
-                o.text += o.delta_text
-                results.append(o)
-        return results
+        self.scheduler.update(plan, result, now)
+        # 5. Process outputs: detokenize, stop strings, logprobs, finished requests.
+        return self.outputs.process(plan, result, now)
+
+    @property
+    def has_step_in_flight(self) -> bool:
+        """An overlapped step's results are not read yet (the next :meth:`step` reads them)."""
+        return self._in_flight is not None
 
     def _measure(self, plan, out, t_dispatch: float) -> None:
-        """Time the step on the device, log it, and refine the latency model with it."""
+        """Time the step on the device, log it, and refine the latency model with it (this
+        waits for the step, so it also waits out any overlap)."""
         self.runner.wait(out)
         end = time.perf_counter()
         self.last_step_ms = (end - t_dispatch) * 1000.0
@@ -766,20 +691,68 @@ class Engine:
             attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
         ))
 
-    def _finalize(self, req: Request, now: float) -> RequestOutput:
-        o = self._outputs.pop(req.request_id)
-        det = self._detok.pop(req.request_id)
-        self._requests.pop(req.request_id, None)
-        if det is not None:
-            o.delta_text = det.take_delta(final=True)
-            o.text = det.text
-        else:
-            o.delta_text = ""
-        o.finished = True
-        o.finish_reason = req.finish_reason.value if req.finish_reason else None
-        o.finish_time = now
-        o.num_preemptions = req.num_preemptions
-        return o
+    # ---- multi-host ------------------------------------------------------------------------
+    def lead(self) -> None:
+        """Process 0 of a multi-host engine: from now on publish every plan and every call that
+        changes device state (adapters, jobs) to the other processes, which run them in
+        :meth:`follow`. Requests go to process 0 only.
+
+        Raises:
+            RuntimeError: not process 0 of a multi-process job.
+        """
+        if jax.process_count() < 2 or jax.process_index() != 0:
+            raise RuntimeError("lead() is for process 0 of a multi-process engine")
+        self._channel = HostChannel()
+        self.finetuning.publish = self._publish
+
+    def stop_followers(self) -> None:
+        """Tell the following processes to return from :meth:`follow` (process 0, at shutdown)."""
+        self._publish("stop")
+
+    def _publish(self, kind: str, *args) -> None:
+        if self._channel is not None:
+            self._channel.publish((kind, args))
+
+    def follow(self, timeout_s: float | None = None) -> int:
+        """Processes other than 0 of a multi-host engine: run what process 0's engine publishes
+        (after its :meth:`lead`) until it stops. This engine, built with the same arguments,
+        takes no requests of its own; its device work is process 0's, step for step, so the
+        steps' collectives join the processes. Returns the number of steps run.
+
+        Args:
+            timeout_s: give up when nothing arrives for this long (``None``: wait for ever).
+        Raises:
+            RuntimeError: called on process 0, or on a single-process engine.
+            TimeoutError: ``timeout_s`` passed with nothing published.
+        """
+        if jax.process_count() < 2 or jax.process_index() == 0:
+            raise RuntimeError("follow() is for processes other than 0 of a multi-process engine")
+        channel = HostChannel()
+        service = self.finetuning
+        evaluations: dict[str, object] = {}
+        handlers = {
+            "step": self.step,
+            "ensure_latency_model": self._ensure_latency_model,
+            "load_adapter": self.runner.load_adapter,
+            "unload_adapter": self.runner.unload_adapter,
+            "create_job": lambda data, cfg, name, job_id, ev: service.create_job(data, cfg, adapter_name=name, job_id=job_id, eval_dataset=ev),
+            "cancel_job": lambda job_id: service.cancel_job(service.jobs[job_id]),
+            "fetch_adapter": lambda job_id: service.jobs[job_id].lora_weights(),  # joins the gather; process 0 writes
+            "save_job_checkpoint": lambda job_id: service.jobs[job_id].save_checkpoint(),
+            "start_evaluation": lambda data, adapter, cfg, eval_id: evaluations.__setitem__(
+                eval_id, service.start_evaluation(data, adapter, cfg, eval_id)),
+            "end_evaluation": lambda eval_id: service.end_evaluation(evaluations.pop(eval_id)),
+        }
+        steps = 0
+        while True:
+            kind, args = channel.receive(timeout_s)
+            if kind == "stop":
+                return steps
+            try:
+                handlers[kind](*args)
+            except Exception as e:  # process 0 met the same error (it ran the same call)
+                log.warning("follower: %s failed as on process 0: %s: %s", kind, type(e).__name__, e)
+            steps += kind == "step"
 
     # ---- batch and streaming APIs --------------------------------------------------------
     def _add_all(self, prompts, params, adapter) -> list[str]:

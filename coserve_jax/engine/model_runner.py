@@ -9,7 +9,8 @@ take) is refreshed in one place, :meth:`ModelRunner.refresh_state`, after every 
 beside a host-side scheduler.)
 
 What crosses into the runner is the scheduler's plain :class:`~coserve_jax.sched.outputs.SchedulerOutput`;
-what comes back is device arrays, which :meth:`ModelRunner.fetch` turns into NumPy.
+what comes back is a :class:`~coserve_jax.engine.step.StepOutput` of device arrays, which
+:meth:`ModelRunner.fetch` turns into the plain :class:`~coserve_jax.sched.outputs.StepResult`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import numpy as np
 from flax import nnx
 
 from coserve_jax.engine.config import EngineConfig
-from coserve_jax.engine.step import Bucket, CompiledStep, pick_bucket
+from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, pick_bucket
+from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
-from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput
+from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput, StepResult
 
 
 class ModelRunner:
@@ -64,9 +66,13 @@ class ModelRunner:
         self.state = nnx.state(model)
         self.step_fn = CompiledStep(
             model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
-            finetune_tokens=config.max_finetune_tokens, impl=config.attention_impl, max_logprobs=config.max_logprobs,
-            parallel=rules,
+            finetune_tokens=config.max_finetune_tokens, num_store_rows=config.finetune_rows,
+            impl=config.attention_impl, max_logprobs=config.max_logprobs, parallel=rules,
         )
+        self.input_batch = InputBatch(config.max_pages_per_seq, 2 * config.max_num_seqs)
+        """The running requests' page tables and settings, kept between steps (plans carry increments)."""
+        self._last_tokens = self.step_fn.no_prev_tokens  # the last step's sampled tokens [M]
+        self._last_plan: SchedulerOutput | None = None
         self.backward: dict[int, object] = {}
         self._zero_row = None
         self.compile_seconds = 0.0
@@ -99,24 +105,39 @@ class ModelRunner:
         """The compiled bucket a plan runs in."""
         return pick_bucket(self.config.buckets, plan.num_tokens, plan.num_seqs)
 
-    def execute(self, plan: SchedulerOutput):
-        """Dispatch the fused step of a plan with tokens (asynchronously: nothing waits).
+    def execute(self, plan: SchedulerOutput) -> StepOutput | None:
+        """Apply a plan's page-table increments and dispatch its fused step (asynchronously:
+        nothing waits). Every plan goes through here, in order, those without tokens included.
+
+        A :data:`~coserve_jax.sched.outputs.PENDING_TOKEN` in the plan is read on the device
+        from the previous executed step's sampled tokens.
 
         Returns:
-            ``(SamplerOutput, ft_loss)`` device arrays: per sequence slot the sampled token,
-            its logprob, the top-logprob ids and values; the finetuning chunk's summed loss.
+            the step's :class:`~coserve_jax.engine.step.StepOutput` (device arrays), or
+            ``None`` for a plan without tokens.
+        Raises:
+            KeyError: a pending token of a request that did not sample in the previous step.
         """
+        if not plan.num_tokens:
+            self.input_batch.release(plan.finished)
+            self.input_batch.release(plan.preempted)
+            return None
         cfg = self.config
         layout = cfg.finetune
-        bucket = self.bucket_for(plan)
+        prev_slots = None
+        if plan.has_pending_tokens:
+            last = self._last_plan.chunks if self._last_plan is not None else []
+            prev_slots = {c.request_id: i for i, c in enumerate(last) if c.sample}
+        rows = self.input_batch.apply(plan)
         inputs = build_step_inputs(
-            plan, bucket, cfg.page_size, cfg.max_pages_per_seq, cfg.max_finetune_tokens,
-            layout.max_seq_len if layout else 0, cfg.finetune_rows,
+            plan, self.step_fn.dims(self.bucket_for(plan)), cfg.page_size, self.input_batch, rows,
+            layout.max_seq_len if layout else 0, prev_slots,
         )
-        self.k_cache, self.v_cache, self.ft_buffers, out, ft_loss = self.step_fn(
-            bucket, self.state, self.k_cache, self.v_cache, self.ft_buffers, inputs
+        self.k_cache, self.v_cache, self.ft_buffers, out = self.step_fn(
+            self.state, self.k_cache, self.v_cache, self.ft_buffers, self._last_tokens, inputs
         )
-        return out, ft_loss
+        self._last_tokens, self._last_plan = out.last_tokens, plan
+        return out
 
     def run_backward(self, b: BackwardSlice) -> None:
         """Dispatch one backward slice of a training sequence (accumulates into its job's row)."""
@@ -132,10 +153,29 @@ class ModelRunner:
         jax.block_until_ready((out, self.ft_buffers))
 
     @staticmethod
-    def fetch(out) -> tuple[np.ndarray, ...]:
-        """A step's sampler output as NumPy ``(tokens [S], chosen logprob [S], top ids [S, K],
-        top logprobs [S, K])`` (this waits for the step)."""
-        return tuple(np.asarray(a) for a in out)
+    def fetch(plan: SchedulerOutput, out: StepOutput) -> StepResult:
+        """A step's results as plain data (this waits for the step). Logprob arrays are copied
+        from the device only when a chunk of the plan asks for them.
+
+        Returns:
+            :class:`~coserve_jax.sched.outputs.StepResult`, one entry per inference chunk.
+        """
+        tokens = np.asarray(out.sampler.token_ids).tolist()
+        sampled = [tokens[i] if c.sample else None for i, c in enumerate(plan.chunks)]
+        logprobs = top = None
+        k_max = plan.max_num_logprobs
+        if k_max is not None:
+            chosen = np.asarray(out.sampler.logprobs).tolist()
+            logprobs = [chosen[i] if c.sample and c.sampling.num_logprobs is not None else None for i, c in enumerate(plan.chunks)]
+            if k_max > 0:
+                ids = np.asarray(out.sampler.top_ids)[:, :k_max].tolist()
+                lps = np.asarray(out.sampler.top_logprobs)[:, :k_max].tolist()
+                top = [
+                    dict(zip(ids[i][:k], lps[i][:k])) if c.sample and (k := c.sampling.num_logprobs) else None
+                    for i, c in enumerate(plan.chunks)
+                ]
+        loss = float(out.ft_loss) if plan.finetune is not None else None
+        return StepResult(sampled, logprobs, top, loss)
 
     # ---- finetuning and adapters -----------------------------------------------------------
     def zero_grad_row(self, row: int) -> None:

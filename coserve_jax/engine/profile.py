@@ -71,8 +71,8 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
             plan = SchedulerOutput(chunks=chunks)
 
             def run(plan=plan):
-                out, _ = runner.execute(plan)
-                jax.block_until_ready(out)
+                jax.block_until_ready(runner.execute(plan))
+                runner.input_batch.release(c.request_id for c in plan.chunks)
 
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
     if layout is not None:

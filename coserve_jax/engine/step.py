@@ -18,7 +18,6 @@ its loss head (:mod:`coserve_jax.finetune.fused`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any, NamedTuple, Sequence
@@ -27,40 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.engine.sampler import SamplingInputs, sample
-from coserve_jax.finetune.fused import FinetuneBuffers, FinetuneForward, save_forward
+from coserve_jax.engine.sampler import SamplerOutput, sample
+from coserve_jax.engine.step_inputs import Bucket, StepDims, StepInputs, abstract_inputs
+from coserve_jax.finetune.fused import FinetuneBuffers, save_forward
 from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
-from coserve_jax.lora.dropout import LoRADropout
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
-
-
-class StepInputs(NamedTuple):
-    """One step's flat batch (int32 unless said).
-
-    token_ids, positions, adapter_ids: ``[T]``; attn: :class:`AttentionMetadata`;
-    logits_indices ``[S]``: the slot of each sequence's last token; sampling: :class:`SamplingInputs`;
-    with finetuning: dropout (:class:`LoRADropout`, ``[T]``) and finetune
-    (:class:`FinetuneForward`, ``[C]``), else ``None``.
-    """
-
-    token_ids: jax.Array
-    positions: jax.Array
-    adapter_ids: jax.Array
-    attn: AttentionMetadata
-    logits_indices: jax.Array
-    sampling: SamplingInputs
-    dropout: LoRADropout | None = None
-    finetune: FinetuneForward | None = None
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Bucket:
-    """A compiled step shape: ``num_tokens`` token slots, ``num_seqs`` sequence slots."""
-
-    num_tokens: int
-    num_seqs: int
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -133,12 +105,30 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class StepOutput(NamedTuple):
+    """What a step leaves on the device (replicated under tensor parallelism).
+
+    Attributes:
+        sampler: :class:`~coserve_jax.engine.sampler.SamplerOutput`, ``[S]`` rows.
+        ft_loss: float32 scalar: the finetuning chunk's summed weighted loss (0 without one).
+        last_tokens: int32 ``[M]``: the sampled tokens padded to ``max_num_seqs``, the next
+            step's ``prev_tokens``.
+    """
+
+    sampler: SamplerOutput
+    ft_loss: jax.Array
+    last_tokens: jax.Array
+
+
 def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, parallel: ShardingRules | None = None):
     """The step as a pure function
-    ``(state, k_cache, v_cache, ft_buffers, inputs) -> (k_cache, v_cache, ft_buffers, SamplerOutput, ft_loss)``.
+    ``(state, k_cache, v_cache, ft_buffers, prev_tokens, inputs) -> (k_cache, v_cache, ft_buffers, StepOutput)``.
 
-    ``ft_buffers`` (:class:`FinetuneBuffers`) and ``inputs.finetune`` are ``None`` on an engine
-    without finetuning; ``ft_loss`` is then 0.
+    ``prev_tokens`` int32 ``[M]`` are the previous step's sampled tokens (its
+    :attr:`StepOutput.last_tokens`): a token slot with ``inputs.prev_index >= 0`` reads its token
+    there, on the device, so a step can be dispatched before the host has seen the previous one's
+    tokens. ``ft_buffers`` (:class:`FinetuneBuffers`) and ``inputs.finetune`` are ``None`` on an
+    engine without finetuning; ``ft_loss`` is then 0.
 
     Args:
         graphdef: from ``nnx.split(model)``.
@@ -150,8 +140,10 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             back replicated, readable by every process.
     """
 
-    def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, inputs: StepInputs):
+    def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, prev_tokens: jax.Array, inputs: StepInputs):
         model: CausalLM = nnx.merge(graphdef, state)
+        prev = inputs.prev_index
+        token_ids = jnp.where(prev >= 0, jnp.take(prev_tokens, jnp.maximum(prev, 0)), inputs.token_ids)
 
         def attend(q, k, v, cache, layer, meta: AttentionMetadata):
             kc, vc = cache
@@ -160,7 +152,7 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
 
         ft = inputs.finetune
         out = model.hidden_states(
-            inputs.token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache),
+            token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache),
             save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout, parallel=parallel,
             attend_inputs=inputs.attn,
         )
@@ -172,40 +164,13 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             ft_buffers, loss = save_forward(model.config, base_weights(model), ft_buffers, ft, saved, final)
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
         out = sample(logits, inputs.sampling, max_logprobs)
+        last = jnp.zeros(prev_tokens.shape, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
+        result = StepOutput(out, loss, last)
         if parallel is not None:
-            out, loss = jax.lax.with_sharding_constraint((out, loss), parallel.replicated)
-        return k_cache, v_cache, ft_buffers, out, loss
+            result = jax.lax.with_sharding_constraint(result, parallel.replicated)
+        return k_cache, v_cache, ft_buffers, result
 
     return step
-
-
-def abstract_inputs(
-    bucket: Bucket, max_pages_per_seq: int, finetune_tokens: int = 0, sharding: jax.sharding.Sharding | None = None
-) -> StepInputs:
-    """``ShapeDtypeStruct`` inputs of a bucket, for ahead-of-time lowering (``finetune_tokens``:
-    most finetuning slots of a step, 0 without finetuning; ``sharding``: where the inputs are
-    placed, default unspecified)."""
-    t, s = bucket.num_tokens, bucket.num_seqs
-    i32, f32 = jnp.int32, jnp.float32
-
-    def sds(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    dropout = finetune = None
-    if finetune_tokens:
-        c = min(t, finetune_tokens)
-        dropout = LoRADropout(sds((t,), f32), sds((t,), jnp.uint32), sds((t,), i32))
-        finetune = FinetuneForward(sds((c,), i32), sds((c,), i32), sds((c,), i32), sds((c,), f32))
-    return StepInputs(
-        token_ids=sds((t,), i32),
-        positions=sds((t,), i32),
-        adapter_ids=sds((t,), i32),
-        attn=AttentionMetadata(sds((t,), i32), sds((s,), i32), sds((s, max_pages_per_seq), i32), sds((s + 1,), i32), sds((), i32)),
-        logits_indices=sds((s,), i32),
-        sampling=SamplingInputs(sds((s,), f32), sds((s,), i32), sds((s,), f32), sds((s,), jnp.uint32), sds((s,), i32)),
-        dropout=dropout,
-        finetune=finetune,
-    )
 
 
 class CompiledStep:
@@ -218,6 +183,7 @@ class CompiledStep:
         k_cache, v_cache: example caches (shapes, dtypes, shardings).
         ft_buffers: example finetuning buffers, or ``None`` without finetuning.
         finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
+        num_store_rows: rows of the activation store (the padding destination of its scatter).
         impl, max_logprobs, parallel: see :func:`make_step_fn`.
     """
 
@@ -231,6 +197,7 @@ class CompiledStep:
         ft_buffers: FinetuneBuffers | None = None,
         *,
         finetune_tokens: int = 0,
+        num_store_rows: int = 0,
         impl: str,
         max_logprobs: int,
         parallel: ShardingRules | None = None,
@@ -240,13 +207,23 @@ class CompiledStep:
         self.buckets = list(buckets)
         self.max_pages_per_seq = max_pages_per_seq
         self.finetune_tokens = finetune_tokens if ft_buffers is not None else 0
+        self.num_store_rows = num_store_rows
+        self.max_num_seqs = max(b.num_seqs for b in self.buckets)
         fn = make_step_fn(
             self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs, parallel=parallel
         )
         self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
+        self.no_prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
+        """``prev_tokens`` of a step that reads none (every ``prev_index`` is -1)."""
+        if parallel is not None:
+            self.no_prev_tokens = jax.device_put(self.no_prev_tokens, parallel.replicated)
         self._compiled: dict[Bucket, Any] = {}
         self._example = (state, k_cache, v_cache, ft_buffers)
         self.compile_seconds = 0.0
+
+    def dims(self, bucket: Bucket) -> StepDims:
+        """The sizes of :data:`~coserve_jax.engine.step_inputs.STEP_INPUT_TABLE`'s dimensions in ``bucket``."""
+        return StepDims(bucket, self.max_pages_per_seq, self.max_num_seqs, self.finetune_tokens, self.num_store_rows)
 
     def compile_all(self) -> float:
         """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
@@ -255,13 +232,14 @@ class CompiledStep:
         for b in self.buckets:
             if b not in self._compiled:
                 rep = None if self.parallel is None else self.parallel.replicated
-                inputs = abstract_inputs(b, self.max_pages_per_seq, self.finetune_tokens, rep)
-                self._compiled[b] = self._jitted.lower(state, k, v, ft, inputs).compile()
+                inputs = abstract_inputs(self.dims(b), rep)
+                prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
+                self._compiled[b] = self._jitted.lower(state, k, v, ft, prev, inputs).compile()
         self._example = None
         self.compile_seconds += time.perf_counter() - t0
         return self.compile_seconds
 
-    def __call__(self, bucket: Bucket, state, k_cache, v_cache, ft_buffers, inputs: StepInputs):
-        """Run the compiled step of ``bucket`` (never compiles: raises ``KeyError`` for a bucket
-        not compiled). Returns ``(k_cache, v_cache, ft_buffers, SamplerOutput, ft_loss)``."""
-        return self._compiled[bucket](state, k_cache, v_cache, ft_buffers, inputs)
+    def __call__(self, state, k_cache, v_cache, ft_buffers, prev_tokens, inputs: StepInputs):
+        """Run the compiled step of ``inputs.bucket`` (never compiles: raises ``KeyError`` for a
+        bucket not compiled). Returns ``(k_cache, v_cache, ft_buffers, StepOutput)``."""
+        return self._compiled[inputs.bucket](state, k_cache, v_cache, ft_buffers, prev_tokens, inputs)

@@ -11,7 +11,7 @@ One entry point, :func:`paged_attention`, over the all-layer paged cache
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 
@@ -21,19 +21,20 @@ from coserve_jax.kernels.reference import ragged_paged_attention_ref
 IMPLEMENTATIONS = ("reference", "pallas", "pallas_interpret")
 
 
-class AttentionMetadata(NamedTuple):
-    """Per-step attention inputs (int32).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs, all int32 and all data (traced) fields; a pytree
+    (tpu-inference's ``AttentionMetadata`` is the model).
 
-    slot_mapping ``[T]`` (``page * page_size + offset`` of each query token; padding slots point
-    into the scratch page 0), kv_lens ``[S]``, page_table ``[S, max_pages]``, cu_q_lens ``[S + 1]``,
-    num_seqs (scalar).
+    The shapes of a step's copy are in :data:`coserve_jax.engine.step_inputs.STEP_INPUT_TABLE`.
     """
 
-    slot_mapping: jax.Array
-    kv_lens: jax.Array
-    page_table: jax.Array
-    cu_q_lens: jax.Array
-    num_seqs: jax.Array
+    slot_mapping: jax.Array  # [T]: page * page_size + offset of each query token; padding -> scratch page 0
+    kv_lens: jax.Array  # [S]: tokens in the cache after this step, per sequence (0: an empty slot)
+    page_table: jax.Array  # [S, max_pages_per_seq]: each sequence's pages in token order (0-padded)
+    cu_q_lens: jax.Array  # [S + 1]: cumulative query tokens; sequence i has slots cu[i] .. cu[i+1]-1
+    num_seqs: jax.Array  # []: sequences in use
 
 
 def default_implementation(platform: str | None = None) -> str:

@@ -122,6 +122,9 @@ class KVCacheManager:
         table = self._tables[seq_id]
         if num_tokens < self._tokens[seq_id]:
             raise ValueError(f"sequence {seq_id!r} holds {self._tokens[seq_id]} tokens; cannot grow to {num_tokens}")
+        if num_tokens <= len(table) * self.page_size:  # the common case: the last page has room
+            self._tokens[seq_id] = num_tokens
+            return ()
         need = self.pages_for(num_tokens) - len(table)
         if need > len(self._free):
             raise OutOfPagesError(f"sequence {seq_id!r} needs {need} more pages, {len(self._free)} are free")

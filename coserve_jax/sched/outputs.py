@@ -35,19 +35,28 @@ class SamplingRow:
     num_logprobs: int | None = None
 
 
+PENDING_TOKEN = -1
+"""A token id in a chunk whose value the host does not know yet: the token its request sampled in
+the previous step, still on the device (overlapped steps). Only a decode chunk holds one."""
+
 GREEDY = SamplingRow()
 """The row of a sequence whose sampled token nobody reads (a training chunk's)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class ScheduledChunk:
     """The tokens of one request in a step.
+
+    Page tables travel as increments (vLLM v1's ``new_block_ids``): a chunk carries only the
+    pages this plan added to its request; a chunk with ``start == 0`` (a new request, or one
+    readmitted after preemption) carries its whole table. Whoever keeps the device's page tables
+    (:class:`~coserve_jax.engine.input_batch.InputBatch`) applies every plan in order.
 
     Attributes:
         request_id: the request's id.
         start: position of the first token (= tokens already in the KV cache).
         token_ids: the tokens to compute, positions ``start .. start + len - 1``.
-        page_table: the request's pages after this step's allocation, in token order.
+        new_pages: the pages this step's allocation added to the request's table, in token order.
         sample: whether this chunk reaches the last known token, so a new token is sampled.
         adapter_index: LoRA adapter of its tokens (0: the base model).
         sampling: its :class:`SamplingRow` (one object per request, shared by its chunks).
@@ -58,7 +67,7 @@ class ScheduledChunk:
     request_id: Hashable
     start: int
     token_ids: list[int]
-    page_table: tuple[int, ...]
+    new_pages: tuple[int, ...]
     sample: bool
     adapter_index: int = 0
     sampling: SamplingRow = GREEDY
@@ -133,13 +142,21 @@ class SchedulerOutput:
 
     Attributes:
         chunks: the inference chunks. preempted: ids of the requests preempted while planning.
+        finished: ids of the requests that ended (finished, aborted) since the previous plan:
+            their page tables can be dropped.
         finetune: the training forward chunk, if any. backward: the backward slice, if any.
+        has_pending_tokens: some decode chunk holds a :data:`PENDING_TOKEN`.
+        training_recorded: the scheduler has recorded the training progress of this plan
+            (:meth:`~coserve_jax.sched.scheduler.Scheduler.update_training`).
     """
 
     chunks: list[ScheduledChunk]
     preempted: list[Hashable] = dataclasses.field(default_factory=list)
+    finished: list[Hashable] = dataclasses.field(default_factory=list)
     finetune: FinetuneChunk | None = None
     backward: BackwardSlice | None = None
+    has_pending_tokens: bool = False
+    training_recorded: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -153,6 +170,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
+        """Nothing to run (``finished`` ids still have to reach the page-table keeper)."""
         return not self.chunks and self.finetune is None and self.backward is None
 
     @property
@@ -175,8 +193,11 @@ class StepResult:
         logprobs: the sampled token's logprob per chunk (``None`` where not asked).
         top_logprobs: ``{token id: logprob}`` of the top ``num_logprobs`` per chunk (``None``
             where not asked).
+        finetune_loss: the finetuning chunk's summed weighted cross-entropy (nats), if the
+            step had one.
     """
 
     sampled: list[int | None]
     logprobs: list[float | None] | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
+    finetune_loss: float | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from coserve_jax.sched.outputs import PENDING_TOKEN
 from coserve_jax.sched.sampling_params import SamplingParams
 
 
@@ -35,7 +36,11 @@ class Request:
         eos_token_ids: ids that end generation unless ``params.ignore_eos``.
         arrival_time: seconds (the engine's clock), for FCFS order and metrics.
         output_token_ids: generated tokens so far.
-        num_computed_tokens: tokens whose K/V are in the cache (reset to 0 by preemption).
+        num_computed_tokens: tokens whose K/V are in the cache, or are computed by a step already
+            planned (the scheduler advances it when it plans a chunk; reset to 0 by preemption).
+        num_pending: tokens sampled by planned steps whose values the host has not seen yet
+            (one between planning a sampling chunk and its update; with overlapped steps up to two,
+            and a plan then sees one).
         num_preemptions: times it lost its pages and had to be recomputed.
         ttft_slo_ms, tpot_slo_ms: the request's latency SLOs (``None``: the scheduler's
             defaults), for the hybrid policy (:mod:`coserve_jax.sched.hybrid_policy`).
@@ -51,6 +56,7 @@ class Request:
     arrival_time: float = 0.0
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -60,8 +66,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt plus generated tokens, the pending ones included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens, the pending ones included."""
+        return len(self.output_token_ids) + self.num_pending
 
     def token_id(self, i: int) -> int:
         """Token ``i`` of prompt + output."""
@@ -69,8 +80,12 @@ class Request:
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def token_ids(self, start: int, stop: int) -> list[int]:
-        """Tokens ``start:stop`` of prompt + output."""
+        """Tokens ``start:stop`` of prompt + output; a pending token is
+        :data:`~coserve_jax.sched.outputs.PENDING_TOKEN`."""
         n = len(self.prompt_token_ids)
+        known = n + len(self.output_token_ids)
+        if stop > known:
+            return self.token_ids(start, known) + [PENDING_TOKEN] * (stop - max(start, known))
         if stop <= n:
             return self.prompt_token_ids[start:stop]
         if start >= n:

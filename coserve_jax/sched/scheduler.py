@@ -42,7 +42,7 @@ from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import TrainingPhase, TrainingSequence
 from coserve_jax.sched.outputs import (
-    BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
+    PENDING_TOKEN, BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
 )
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
@@ -103,6 +103,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[Hashable, Request] = {}
         self._rows: dict[Hashable, SamplingRow] = {}  # per request, built once at admission
+        self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
         self.num_preemptions = 0
         self.training: list[TrainingSequence] = []  # at most one per job
         self._rr_forward = 0
@@ -161,6 +162,7 @@ class Scheduler:
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         self._rows.pop(req.request_id, None)
+        self._ended.append(req.request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -263,7 +265,7 @@ class Scheduler:
         decoding, deadlines, prefill, prefill_kv = [], [], 0, None
         for r in self.running:
             left = r.num_tokens - r.num_computed_tokens
-            if left == 1 and r.output_token_ids:
+            if left == 1 and r.num_output_tokens:
                 tpot = r.tpot_slo_ms or (defaults.tpot_ms if defaults else 0.0)
                 decoding.append((r.num_tokens, r.first_token_time, len(r.output_token_ids), tpot))
             else:
@@ -304,15 +306,21 @@ class Scheduler:
         planned: set[int] = set()
         preempted: list[Hashable] = []
         # Decodes (one token left to compute) before prefill chunks; admission order within each.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1) if inference else []
-        for req in order:
+        decodes, prefills = [], []
+        if inference:
+            for r in self.running:
+                (prefills if r.num_tokens - r.num_computed_tokens > 1 else decodes).append(r)
+        kv = self.kv_cache
+        for req in decodes + prefills:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if req.num_pending and self._ends_by_length(req):
+                continue  # its pending token is its last: nothing more to compute
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             end = req.num_computed_tokens + n
-            while not self.kv_cache.can_grow(req.request_id, end):
+            while not kv.can_grow(req.request_id, end):
                 if self._preempt_training():
                     continue
                 victim = self._pick_victim(planned, req)
@@ -322,13 +330,15 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            table = self._grow(req, end)
-            chunks.append(self._chunk(req, n, table))
+            new = self.kv_cache.grow(req.request_id, end) if end > self.kv_cache.num_tokens(req.request_id) else ()
+            chunks.append(self._chunk(req, n, new))
             planned.add(id(req))
             budget -= n
         if not preempted and inference:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
+                if req.num_pending:
+                    break  # preempted with a token still on the device: readmitted once it is known
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if not self.kv_cache.can_admit(n, reserve_pages=self.config.watermark_pages):
                     break  # FCFS: whoever is first waits for pages; nobody overtakes
@@ -336,24 +346,36 @@ class Scheduler:
                 table = self.kv_cache.admit(req.request_id, n)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                chunks.append(self._chunk(req, n, table))
+                chunks.append(self._chunk(req, n, table))  # start 0: the whole table
                 budget -= n
         fwd, bwd = (None, None)
         if self.training:
             fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(chunks), ft_cap, allow_backward)
-        return SchedulerOutput(chunks=chunks, preempted=preempted, finetune=fwd, backward=bwd)
+        pending = any(c.token_ids[-1] == PENDING_TOKEN for c in chunks if c.is_decode)
+        finished, self._ended = self._ended, []
+        return SchedulerOutput(
+            chunks=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd, has_pending_tokens=pending
+        )
 
-    def _grow(self, req: Request, end: int) -> tuple[int, ...]:
-        if end > self.kv_cache.num_tokens(req.request_id):
-            self.kv_cache.grow(req.request_id, end)
-        return self.kv_cache.page_table(req.request_id)
+    def _ends_by_length(self, req: Request) -> bool:
+        """Whether the request's tokens (pending ones counted) already reach ``max_tokens`` or
+        the context length."""
+        return req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len
 
-    def _chunk(self, req: Request, n: int, table: tuple[int, ...]) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, new_pages: tuple[int, ...]) -> ScheduledChunk:
+        """The chunk of ``n`` tokens; its tokens now count as computed and, if it reaches the
+        last token, the token it samples is pending until :meth:`update`. (A planned request is
+        never preempted later in the same plan: victims are chosen among the unplanned.)"""
         start = req.num_computed_tokens
+        end = start + n
+        sample = end == req.num_tokens
+        req.num_computed_tokens = end
+        out = req.num_output_tokens
+        if sample:
+            req.num_pending += 1
         return ScheduledChunk(
-            request_id=req.request_id, start=start, token_ids=req.token_ids(start, start + n), page_table=table,
-            sample=start + n == req.num_tokens, adapter_index=req.adapter_index, sampling=self._rows[req.request_id],
-            output_index=len(req.output_token_ids), is_decode=n == 1 and start >= len(req.prompt_token_ids),
+            req.request_id, start, req.token_ids(start, end), new_pages, sample, req.adapter_index,
+            self._rows[req.request_id], out, n == 1 and start >= len(req.prompt_token_ids),
         )
 
     def _pick_victim(self, planned: set[int], current: Request) -> Request:
@@ -389,17 +411,18 @@ class Scheduler:
             ValueError: a sampling chunk without a token, or a result of another length.
         """
         sampled = result.sampled if isinstance(result, StepResult) else list(result)
-        self._update_finetune(output)
+        if not output.training_recorded:
+            self.update_training(output)
         finished = []
         for chunk, token in zip(output.chunks, sampled, strict=True):
-            req = self.requests.get(chunk.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:  # aborted while the step ran
-                continue
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.sample:
+                continue
+            req = self.requests.get(chunk.request_id)
+            if req is None:  # aborted or finished while the step ran
                 continue
             if token is None:
                 raise ValueError(f"chunk of request {req.request_id!r} samples but got no token")
+            req.num_pending -= 1
             req.output_token_ids.append(int(token))
             if req.first_token_time is None and now is not None:
                 req.first_token_time = now
@@ -416,17 +439,35 @@ class Scheduler:
                 return seq
         return None
 
-    def _update_finetune(self, output: SchedulerOutput) -> None:
+    def update_training(self, output: SchedulerOutput) -> None:
+        """Record the training progress of a dispatched plan (forward chunk computed, backward
+        slice done). It needs no result from the device, so an engine that overlaps steps records
+        it before planning the next step; :meth:`update` does it otherwise. Idempotent per plan."""
+        if output.training_recorded:
+            return
+        output.training_recorded = True
         c = output.finetune
         seq = self.training_sequence(c.job_id) if c is not None else None
         if seq is not None and seq.index == c.index and seq.num_restarts == c.num_restarts and seq.num_computed == c.start:
             seq.num_computed = c.start + c.num_tokens
-            if seq.phase is not TrainingPhase.FORWARD:  # forward done: the backward needs no K/V
+            if seq.phase is not TrainingPhase.FORWARD and seq.kv_id in self.kv_cache:  # the backward needs no K/V
                 self.kv_cache.free(seq.kv_id)
         b = output.backward
         seq = self.training_sequence(b.job_id) if b is not None else None
         if seq is not None and seq.phase is TrainingPhase.BACKWARD and b.first_layer == seq.next_first_layer:
             seq.slices_done += 1
+
+    def follow(self, output: SchedulerOutput) -> None:
+        """Take a plan another process's scheduler made (multi-host: process 0 plans, the others
+        run its plans). This scheduler then holds no inference requests, only the training
+        sequences of the same jobs (fed by the same job logic); where the planner restarted a
+        sequence's forward (its pages were taken for inference), the plan's chunk says so, and
+        this copy follows before :meth:`update_training` records the chunk."""
+        c = output.finetune
+        seq = self.training_sequence(c.job_id) if c is not None else None
+        if seq is not None and seq.index == c.index:
+            seq.num_restarts = c.num_restarts
+            seq.num_computed = c.start
 
     def pop_trained(self) -> list[TrainingSequence]:
         """Remove and return the training sequences whose backward is complete."""
@@ -443,6 +484,6 @@ class Scheduler:
         if n_out >= p.min_tokens:
             if (not p.ignore_eos and last in req.eos_token_ids) or last in p.stop_token_ids:
                 return FinishReason.STOP
-        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None

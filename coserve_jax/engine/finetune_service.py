@@ -1,0 +1,262 @@
+"""The finetuning jobs of one engine: create, feed, advance, end.
+
+A job (:class:`~coserve_jax.finetune.job.FinetuneJob`) trains inside the serving steps: the
+service hands the scheduler the job's next training sequence, records the loss of each forward
+chunk the step ran, and, when the scheduler reports a sequence's backward complete, runs the
+job's optimizer step (on the :class:`~coserve_jax.engine.model_runner.ModelRunner`) once its
+accumulation group is complete, then feeds the next sequence or ends the job. Validation passes
+(:meth:`FinetuneService.start_evaluation`) are forward-only sequences of the same kind.
+
+Each job takes one of ``max_finetune_jobs`` activation-store rows and one adapter slot; ending a
+job (success, failure, cancel) frees the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from typing import Sequence
+
+import jax
+
+from coserve_jax.engine.config import EngineConfig
+from coserve_jax.engine.model_runner import ModelRunner
+from coserve_jax.finetune.checkpoint import JobCheckpointer
+from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
+from coserve_jax.finetune.evaluation import Evaluation
+from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
+from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
+from coserve_jax.lora.manager import AdapterError
+from coserve_jax.models.config import ModelConfig
+from coserve_jax.sched.outputs import SchedulerOutput
+from coserve_jax.sched.scheduler import Scheduler
+
+
+class FinetuneService:
+    """Lifecycle of the finetuning jobs and validation passes of an engine.
+
+    Args:
+        config: the engine's :class:`EngineConfig` (``config.finetune`` is ``None``: no finetuning).
+        model_config: the model's :class:`ModelConfig`.
+        runner: the device owner (optimizer steps, adapter slots, accumulator rows).
+        scheduler: where training sequences are planned.
+        tokenizer: tokenizes training files (``None``: examples must be token ids).
+        model_path: the base model's path, recorded in exported adapters.
+    """
+
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, runner: ModelRunner, scheduler: Scheduler,
+        tokenizer=None, model_path: str | None = None,
+    ):
+        self.config = config
+        self.model_config = model_config
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.jobs: dict[str, FinetuneJob] = {}
+        """Every job, oldest first."""
+        self.evaluations: dict[str, Evaluation] = {}  # passes of Engine.evaluate in flight
+        self.publish = None
+        """Multi-host: a callable ``publish(kind, *args)`` that tells the other processes of a
+        lifecycle change made here (a cancel); ``None`` on one process."""
+        self._free_rows = list(range(config.finetune.max_jobs)) if config.finetune is not None else []
+
+    @property
+    def num_free_slots(self) -> int:
+        """Jobs that can start now (of ``max_finetune_jobs``)."""
+        return len(self._free_rows)
+
+    @property
+    def has_active_jobs(self) -> bool:
+        return any(not j.done for j in self.jobs.values())
+
+    def _require_finetuning(self) -> None:
+        if self.config.finetune is None:
+            raise FinetuneError("this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)")
+
+    # ---- creation ------------------------------------------------------------------------
+    def create_job(
+        self,
+        training_data: str | os.PathLike | Sequence[TrainingExample],
+        config: FinetuneConfig | None = None,
+        *,
+        adapter_name: str | None = None,
+        job_id: str | None = None,
+        eval_dataset: str | os.PathLike | Sequence[TrainingExample] | None = None,
+        **settings,
+    ) -> FinetuneJob:
+        """Start a job (:meth:`coserve_jax.engine.engine.Engine.create_finetuning_job` documents
+        the arguments and errors)."""
+        self._require_finetuning()
+        cfg = self.resolve_config(config, settings)
+        lora = cfg.lora
+        pool = self.runner.model.lora.config
+        if lora.r > pool.max_lora_rank:
+            raise AdapterError(f"LoRA rank r={lora.r} exceeds the engine's max_lora_rank={pool.max_lora_rank}")
+        missing = [m for m in lora.target_modules if m not in pool.target_modules]
+        if missing:
+            raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
+        job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
+        if job_id in self.jobs:
+            raise FinetuneError(f"a finetuning job with id {job_id!r} exists")
+        name = adapter_name or job_id
+        adapters = self.runner.adapters
+        if name in adapters.names:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+        layout = self.config.finetune
+        examples = self.examples(training_data, cfg)
+        eval_examples = self.examples(eval_dataset, cfg) if eval_dataset is not None else None
+        if not self._free_rows:
+            raise FinetuneError(f"all {layout.max_jobs} finetuning job slots are busy (max_finetune_jobs)")
+        _, total_steps = plan_steps(cfg, len(examples))
+        tx = make_optimizer(cfg, total_steps)
+        schedule = learning_rate_schedule(cfg, total_steps)
+        mc = self.model_config
+        shapes = {}
+        for m in pool.target_modules:
+            d_in, d_out = mc.module_dims(m)
+            shapes[m] = ((mc.num_layers, d_in, pool.max_lora_rank), (mc.num_layers, pool.max_lora_rank, d_out))
+        dtype = self.runner.model.dtype
+        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, dtype, shapes), donate_argnums=(2,))
+        checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
+        row = self._free_rows[0]
+        job = FinetuneJob(
+            job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
+            num_layers=mc.num_layers, layers_per_slice=layout.layers_per_slice,
+            params=self.runner.place_job_params(init_lora(mc, lora, cfg.seed)), tx=tx, update_fn=update,
+            checkpointer=checkpointer, base_model_name_or_path=self.model_path, cancel_fn=self.cancel_job,
+            eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
+            skipped_examples=examples.skipped_examples,
+        )
+        if cfg.resume:
+            job.restore_latest()
+        job.compile_update(self.runner.ft_buffers.grads, adapters.slot_shardings())
+        self.runner.load_adapter(name, job.lora_weights())
+        job.adapter_index = adapters.adapter_index(name)
+        self._free_rows.remove(row)
+        self.runner.zero_grad_row(row)
+        self.jobs[job_id] = job
+        if job.complete:
+            self.end_job(job, JobStatus.SUCCEEDED)
+        else:
+            self._feed(job)
+        return job
+
+    @staticmethod
+    def resolve_config(config: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
+        """``config`` (default: the defaults) with ``settings`` overriding its fields.
+
+        Raises:
+            ValueError: bad settings.
+        """
+        cfg = config or FinetuneConfig()
+        if settings:
+            cfg = FinetuneConfig.from_dict({**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **settings})
+        return cfg
+
+    def examples(self, data, cfg: FinetuneConfig) -> TrainingSet:
+        """A job's training or evaluation examples, fitted to ``finetune_max_seq_len``.
+
+        Raises:
+            FinetuneError: a file but no tokenizer. DataValidationError, ValueError: bad data.
+        """
+        max_len = self.config.finetune.max_seq_len
+        vocab = self.model_config.vocab_size
+        if isinstance(data, TrainingSet) and data and all(
+            len(e.token_ids) <= max_len and all(0 <= t < vocab for t in e.token_ids) for e in data
+        ):
+            return data  # already read and fitted (by this method: it keeps its truncation counts)
+        if isinstance(data, (str, os.PathLike)):
+            if self.tokenizer is None:
+                raise FinetuneError("this engine has no tokenizer: pass TrainingExample lists")
+            return load_dataset(
+                data, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                max_seq_len=max_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
+            )
+        examples = list(data)
+        if not examples:
+            raise ValueError("no training examples")
+        fitted = truncate_examples(examples, max_len, cfg.truncation)
+        bad = [i for i, e in enumerate(fitted) if any(not 0 <= t < vocab for t in e.token_ids)]
+        if bad:
+            raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
+        return fitted
+
+    def start_evaluation(self, data, adapter: str | None, config: FinetuneConfig | None, eval_id: str | None = None) -> Evaluation:
+        """Queue a validation pass of ``adapter`` (``None``: the base model) on ``data``; it runs
+        as the engine steps (see :meth:`Engine.evaluate`)."""
+        self._require_finetuning()
+        index = self.runner.adapters.adapter_index(adapter) if adapter else 0
+        examples = self.examples(data, config or FinetuneConfig())
+        ev = Evaluation(eval_id or f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.model_config.num_layers,
+                        self.config.finetune.layers_per_slice)
+        self.evaluations[ev.id] = ev
+        self.scheduler.add_training_sequence(ev.next_sequence())
+        return ev
+
+    def end_evaluation(self, ev: Evaluation) -> None:
+        """Drop a pass (done or abandoned) and its sequence in flight."""
+        self.evaluations.pop(ev.id, None)
+        self.scheduler.remove_training(ev.id)
+
+    # ---- the step --------------------------------------------------------------------------
+    def record_forward(self, plan: SchedulerOutput, ft_loss) -> None:
+        """Give the owner of the plan's training chunk the chunk's loss (a device scalar; not
+        synchronised here)."""
+        chunk = plan.finetune
+        if chunk is not None:
+            owner = self.jobs.get(chunk.job_id) or self.evaluations.get(chunk.job_id)
+            if owner is not None:
+                owner.add_forward_loss(chunk, ft_loss)
+
+    def advance(self) -> None:
+        """Act on the training sequences the scheduler finished: optimizer steps, next
+        sequences, finished jobs. One job's failure (e.g. a full disk at a checkpoint) ends it alone."""
+        for seq in self.scheduler.pop_trained():
+            ev = self.evaluations.get(seq.job_id)
+            if ev is not None:
+                if not ev.sequence_done(seq):
+                    self.scheduler.add_training_sequence(ev.next_sequence())
+                continue
+            job = self.jobs.get(seq.job_id)
+            if job is None or job.done:
+                continue
+            try:
+                if job.sequence_done(seq):
+                    self.runner.optimizer_step(job)
+                if job.complete:
+                    self.end_job(job, JobStatus.SUCCEEDED)
+                else:
+                    self._feed(job)
+            except Exception as e:
+                self.end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
+
+    def _feed(self, job: FinetuneJob) -> None:
+        seq = job.next_sequence()
+        if seq is not None:
+            self.scheduler.add_training_sequence(seq)
+
+    # ---- ending ----------------------------------------------------------------------------
+    def end_job(self, job: FinetuneJob, status: JobStatus, error: str | None = None) -> None:
+        """Stop a job's training, record its final status and free its activation-store row."""
+        self.scheduler.remove_training(job.id)
+        job.finish(status, error)
+        if job.store_row not in self._free_rows:
+            self._free_rows.append(job.store_row)
+            self._free_rows.sort()
+
+    def cancel_job(self, job: FinetuneJob) -> None:
+        """End a job as cancelled (what :meth:`FinetuneJob.cancel` calls)."""
+        if self.publish is not None:
+            self.publish("cancel_job", job.id)
+        self.end_job(job, JobStatus.CANCELLED)
+
+    def training_adapter(self, index: int) -> FinetuneJob | None:
+        """The unfinished job that trains adapter slot ``index``, if any."""
+        for job in self.jobs.values():
+            if job.adapter_index == index and not job.done:
+                return job
+        return None

@@ -1,0 +1,96 @@
+"""The running requests' per-request step inputs, kept on the host between steps (vLLM v1's
+``InputBatch`` / ``BlockTable``).
+
+A plan carries page tables as increments (a chunk's ``new_pages``) and every request's sampling
+settings once per chunk: re-copying each request's whole page table and settings from Python
+into NumPy every step is the largest host cost of a busy decode step. :class:`InputBatch`
+keeps one NumPy row per request (its pages, adapter and sampling settings), written when the
+request is admitted and when it gains pages, drops the rows of requests that ended or were
+preempted, and gathers a step's rows with one indexing operation per field.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Iterable
+
+import numpy as np
+
+from coserve_jax.sched.outputs import SchedulerOutput
+
+
+class InputBatch:
+    """Per-request rows of the step's page tables and sampling settings.
+
+    Args:
+        max_pages_per_seq: the page-table width (``P``).
+        initial_rows: rows allocated at first (grown by doubling when needed).
+    Attributes:
+        page_table: ``[rows, P]`` int32: row ``r`` holds its request's pages in token order.
+        num_pages: ``[rows]`` int32: pages in each row.
+        adapter: ``[rows]`` int32; temperature, top_p: ``[rows]`` float32; top_k: ``[rows]``
+            int32; seed: ``[rows]`` uint32: each request's adapter and sampling settings.
+    """
+
+    FIELDS = (("page_table", np.int32), ("num_pages", np.int32), ("adapter", np.int32), ("temperature", np.float32),
+              ("top_k", np.int32), ("top_p", np.float32), ("seed", np.uint32))
+
+    def __init__(self, max_pages_per_seq: int, initial_rows: int = 64):
+        n = max(1, initial_rows)
+        self.max_pages_per_seq = max_pages_per_seq
+        for name, dtype in self.FIELDS:
+            setattr(self, name, np.zeros((n, max_pages_per_seq) if name == "page_table" else n, dtype))
+        self._rows: dict[Hashable, int] = {}
+        self._free = list(range(n - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def release(self, request_ids: Iterable[Hashable]) -> None:
+        """Drop the rows of these requests (unknown ids are ignored)."""
+        for rid in request_ids:
+            row = self._rows.pop(rid, None)
+            if row is not None:
+                self._free.append(row)
+
+    def apply(self, plan: SchedulerOutput) -> list[int]:
+        """Apply a plan: drop the rows of ended and preempted requests, write the rows of new
+        (or readmitted) ones, append new pages. Returns the row of each inference chunk, in order.
+
+        Raises:
+            ValueError: a request's pages would exceed the row width.
+        """
+        self.release(plan.finished)
+        self.release(plan.preempted)
+        rows = []
+        rows_of = self._rows
+        for c in plan.chunks:
+            row = rows_of.get(c.request_id)
+            if row is None or c.start == 0:  # a new request, or one readmitted: a fresh row
+                if row is None:
+                    row = rows_of[c.request_id] = self._take()
+                self.page_table[row] = 0
+                self.num_pages[row] = 0
+                s = c.sampling
+                self.adapter[row] = c.adapter_index
+                self.temperature[row] = s.temperature
+                self.top_k[row] = s.top_k
+                self.top_p[row] = s.top_p
+                self.seed[row] = s.seed
+            new = c.new_pages
+            if new:
+                k = int(self.num_pages[row])
+                if k + len(new) > self.max_pages_per_seq:
+                    raise ValueError(f"request {c.request_id!r} would hold {k + len(new)} pages; rows hold {self.max_pages_per_seq}")
+                self.page_table[row, k : k + len(new)] = new
+                self.num_pages[row] = k + len(new)
+            rows.append(row)
+        return rows
+
+    def _take(self) -> int:
+        if not self._free:
+            n = len(self.num_pages)
+            for name, _ in self.FIELDS:
+                a = getattr(self, name)
+                setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        return self._free.pop()

@@ -1,0 +1,113 @@
+"""Output processing: a step's plain results into the caller's :class:`RequestOutput` objects.
+
+Per request that sampled a token: append it (and its logprobs), detokenize incrementally, match
+stop strings (ending the request in the scheduler), and finish the output when the request ended
+(vLLM v1's ``OutputProcessor`` plays the same part). Host-side Python over plain data: it reads
+the scheduler's :class:`~coserve_jax.sched.outputs.SchedulerOutput` and the runner's
+:class:`~coserve_jax.sched.outputs.StepResult`, never device arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+from coserve_jax.engine.detokenizer import IncrementalDetokenizer
+from coserve_jax.engine.outputs import RequestOutput
+from coserve_jax.sched.outputs import SchedulerOutput, StepResult
+from coserve_jax.sched.request import Request
+from coserve_jax.sched.scheduler import Scheduler
+
+
+class OutputProcessor:
+    """The live outputs of an engine's unfinished requests.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer, or ``None`` (token ids only: ``text`` stays empty).
+        scheduler: the scheduler whose requests these are (stop strings end requests there).
+    """
+
+    def __init__(self, tokenizer, scheduler: Scheduler):
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self._outputs: dict[Hashable, RequestOutput] = {}
+        self._detok: dict[Hashable, IncrementalDetokenizer | None] = {}
+        self._requests: dict[Hashable, Request] = {}
+
+    def add(self, req: Request, prompt_text: str | None, index: int, adapter: str | None) -> RequestOutput:
+        """Start the output of a newly queued request."""
+        params = req.params
+        rid = req.request_id
+        self._requests[rid] = req
+        self._outputs[rid] = out = RequestOutput(
+            request_id=rid, index=index, prompt=prompt_text, prompt_token_ids=req.prompt_token_ids, adapter=adapter or None,
+            arrival_time=req.arrival_time,
+            logprobs=[] if params.logprobs is not None else None,
+            top_logprobs=[] if params.logprobs else None,
+        )
+        self._detok[rid] = (
+            None if self.tokenizer is None
+            else IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            )
+        )
+        return out
+
+    @property
+    def requests(self) -> list[Request]:
+        """The unfinished requests, in arrival order."""
+        return list(self._requests.values())
+
+    def process(self, plan: SchedulerOutput, result: StepResult, now: float) -> list[RequestOutput]:
+        """Apply a step's results (after :meth:`Scheduler.update` took them).
+
+        Returns:
+            an output for every request that got a token or finished, with this step's
+            ``delta_token_ids`` / ``delta_text``.
+        """
+        outputs = []
+        logprobs, top = result.logprobs, result.top_logprobs
+        for i, c in enumerate(plan.chunks):
+            tok = result.sampled[i]
+            if tok is None:
+                continue
+            req = self._requests.get(c.request_id)
+            o = self._outputs.get(c.request_id)
+            if o is None or req is None:  # aborted, or ended by a stop string, meanwhile
+                continue
+            o.token_ids.append(tok)
+            o.delta_token_ids = [tok]
+            if o.first_token_time is None:
+                o.first_token_time = now
+            if o.logprobs is not None:
+                o.logprobs.append(logprobs[i])
+            if o.top_logprobs is not None:
+                o.top_logprobs.append(top[i])
+            o.num_preemptions = req.num_preemptions
+            det = self._detok[req.request_id]
+            if det is not None:
+                det.add(tok)
+                if det.stopped and not req.is_finished:
+                    self.scheduler.finish(req.request_id)
+            if req.is_finished:
+                outputs.append(self.finalize(req, now))
+            else:
+                o.delta_text = det.take_delta() if det is not None else ""
+                o.text += o.delta_text
+                outputs.append(o)
+        return outputs
+
+    def finalize(self, req: Request, now: float) -> RequestOutput:
+        """The finished output of an ended request (finish reason, the rest of its text)."""
+        o = self._outputs.pop(req.request_id)
+        det = self._detok.pop(req.request_id)
+        self._requests.pop(req.request_id, None)
+        if det is not None:
+            o.delta_text = det.take_delta(final=True)
+            o.text = det.text
+        else:
+            o.delta_text = ""
+        o.finished = True
+        o.finish_reason = req.finish_reason.value if req.finish_reason else None
+        o.finish_time = now
+        o.num_preemptions = req.num_preemptions
+        return o

@@ -1,0 +1,107 @@
+"""The step's inputs: built from the plan's increments and the persistent InputBatch rows, they
+equal inputs built naively from every request's whole page table and settings; the abstract
+(compile-time) inputs and the real ones come from one shape table."""
+
+import jax
+import numpy as np
+
+from coserve_jax.engine.input_batch import InputBatch
+from coserve_jax.engine.step import make_buckets, pick_bucket
+from coserve_jax.engine.step_inputs import STEP_INPUT_TABLE, StepDims, StepInputs, abstract_inputs, build_step_inputs
+from coserve_jax.sched.finetune import TrainingSequence
+from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.request import Request
+from coserve_jax.sched.sampling_params import SamplingParams
+from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
+
+PAGE, MAX_PAGES, SEQS, BUDGET = 4, 16, 6, 24
+
+
+def naive(plan, sched, dims, ft_pages):
+    """Per-token and per-sequence values computed directly from the allocator's whole tables."""
+    t, s = dims.bucket.num_tokens, dims.bucket.num_seqs
+    token_ids, positions, adapters, slots = (np.zeros(t, np.int32) for _ in range(4))
+    table = np.zeros((s, MAX_PAGES), np.int32)
+    kv_lens = np.zeros(s, np.int32)
+    temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+    seeds, top_k, index = np.zeros(s, np.uint32), np.zeros(s, np.int32), np.zeros(s, np.int32)
+    k = 0
+    seqs = [(c.request_id, c.start, c.token_ids, sched.kv_cache.page_table(c.request_id), c.adapter_index, c.sampling, c.output_index)
+            for c in plan.chunks]
+    if plan.finetune is not None:
+        f = plan.finetune
+        seqs.append((f.job_id, f.start, f.token_ids, ft_pages, f.adapter_index, None, 0))
+    for i, (rid, start, ids, pages, adapter, row, out) in enumerate(seqs):
+        table[i, : len(pages)] = pages
+        for j, tok in enumerate(ids):
+            p = start + j
+            token_ids[k], positions[k], adapters[k] = max(tok, 0), p, adapter
+            slots[k] = pages[p // PAGE] * PAGE + p % PAGE
+            k += 1
+        kv_lens[i] = start + len(ids)
+        if row is not None:
+            temperature[i], top_k[i], top_p[i], seeds[i], index[i] = row.temperature, row.top_k, row.top_p, row.seed, out
+    return dict(token_ids=token_ids, positions=positions, adapter_ids=adapters, slot_mapping=slots, page_table=table,
+                kv_lens=kv_lens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds, sample_index=index)
+
+
+def test_incremental_inputs_equal_naive_inputs():
+    rng = np.random.default_rng(0)
+    sched = Scheduler(SchedulerConfig(SEQS, BUDGET, MAX_PAGES * PAGE, 1, max_finetune_tokens=8), KVCacheManager(30, PAGE))
+    batch = InputBatch(MAX_PAGES, initial_rows=2)  # grows while the test runs
+    buckets = make_buckets(BUDGET, SEQS)
+    n_req, checked, preempted, with_ft = 0, 0, 0, 0
+    for step in range(300):
+        if rng.random() < 0.4:
+            params = SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
+                                    top_k=int(rng.integers(0, 5)), top_p=float(rng.choice([1.0, 0.9])))
+            sched.add_request(Request(n_req, rng.integers(1, 50, int(rng.integers(1, 30))).tolist(), params,
+                                      adapter_index=int(rng.integers(0, 3)), seed=int(rng.integers(0, 1000))))
+            n_req += 1
+        if step % 40 == 0 and not sched.training:
+            n = int(rng.integers(5, 20))
+            ids = rng.integers(1, 50, n).tolist()
+            sched.add_training_sequence(TrainingSequence(f"job{step}", 0, 1, ids, ids[1:] + [0], [1.0] * n, 0.1, 7, 2, 1))
+        if rng.random() < 0.05 and sched.requests:
+            sched.abort(next(iter(sched.requests)))
+        plan = sched.schedule()
+        preempted += len(plan.preempted)
+        rows = batch.apply(plan)
+        if plan.num_tokens:
+            ft_pages = sched.kv_cache.page_table(sched.training[0].kv_id) if plan.finetune is not None else ()
+            dims = StepDims(pick_bucket(buckets, plan.num_tokens, plan.num_seqs), MAX_PAGES, SEQS, 8, 2 * 64)
+            x = build_step_inputs(plan, dims, PAGE, batch, rows, 64)
+            ref = naive(plan, sched, dims, ft_pages)
+            got = dict(token_ids=x.token_ids, positions=x.positions, adapter_ids=x.adapter_ids,
+                       slot_mapping=x.attn.slot_mapping, page_table=x.attn.page_table, kv_lens=x.attn.kv_lens,
+                       temperature=x.sampling.temperature, top_k=x.sampling.top_k, top_p=x.sampling.top_p,
+                       seed=x.sampling.seed, sample_index=x.sampling.sample_index)
+            for name, want in ref.items():
+                np.testing.assert_array_equal(got[name], want, err_msg=f"step {step}: {name}")
+            assert int(x.attn.num_seqs) == plan.num_seqs
+            np.testing.assert_array_equal(x.attn.cu_q_lens[1 : plan.num_seqs + 1], np.cumsum([len(c.token_ids) for c in plan.chunks]
+                                          + ([plan.finetune.num_tokens] if plan.finetune else [])))
+            checked += 1
+            with_ft += plan.finetune is not None
+        sched.update(plan, [int(rng.integers(1, 50)) if c.sample else None for c in plan.chunks])
+        sched.pop_trained()
+        assert len(batch) <= len(sched.running) + len(sched.waiting) + 8  # ended requests' rows are dropped
+    assert checked > 200 and preempted > 0 and with_ft > 5, (checked, preempted, with_ft)
+
+
+def test_one_shape_table():
+    """Every field of the abstract inputs has the shape and dtype of the real inputs, and both
+    follow STEP_INPUT_TABLE; StepInputs is a pytree whose one static field is the bucket."""
+    buckets = make_buckets(BUDGET, SEQS)
+    batch = InputBatch(MAX_PAGES)
+    for ft in (0, 8):
+        dims = StepDims(buckets[3], MAX_PAGES, SEQS, ft, 128)
+        abstract = abstract_inputs(dims)
+        real = build_step_inputs(Scheduler(SchedulerConfig(SEQS, BUDGET, 64), KVCacheManager(30, PAGE)).schedule(), dims, PAGE, batch, [])
+        a_leaves, a_tree = jax.tree.flatten(abstract)
+        r_leaves, r_tree = jax.tree.flatten(real)
+        assert a_tree == r_tree and len(a_leaves) == sum(1 for k in STEP_INPUT_TABLE if ft or not k.startswith(("dropout.", "finetune.")))
+        for a, r in zip(a_leaves, r_leaves):
+            assert a.shape == r.shape and a.dtype == r.dtype
+        assert real.bucket == dims.bucket and isinstance(real, StepInputs)
+        assert jax.tree.flatten(abstract_inputs(StepDims(buckets[0], MAX_PAGES, SEQS, ft, 128)))[1] != a_tree  # bucket is static
