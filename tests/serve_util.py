@@ -20,7 +20,7 @@ class ServerProcess:
         RuntimeError: the server exited or was not ready in time (with its output).
     """
 
-    def __init__(self, args: list[str], timeout: float = 300.0, env: dict | None = None):
+    def __init__(self, args: list[str], timeout: float = 300.0, env: dict | None = None, wait_ready: bool = True):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coserve_jax.serve", "--port", "0", *args],
@@ -31,7 +31,7 @@ class ServerProcess:
         self.url = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self.url is None:
+        if wait_ready and (not self._ready.wait(timeout) or self.url is None):
             self.proc.kill()
             raise RuntimeError("the server did not start:\n" + self.output)
 
@@ -43,6 +43,21 @@ class ServerProcess:
                 self.url = m.group(1)
                 self._ready.set()
         self._ready.set()
+
+    @classmethod
+    def spawn(cls, args: list[str], env: dict | None = None) -> "ServerProcess":
+        """Start the server without waiting for a ready line (a multi-host follower prints none)."""
+        return cls(args, env=env, wait_ready=False)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; returns its exit code (kills it after ``timeout``)."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+        return self.proc.returncode
 
     @property
     def output(self) -> str:

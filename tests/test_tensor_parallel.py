@@ -239,7 +239,7 @@ def test_rules_table_and_bad_sizes():
 
 def test_server_and_benchmark_configs_take_tensor_parallel_size():
     """`engine.tensor_parallel_size` builds a split engine from a server config and from a bench
-    config; more than one process is refused with the reason."""
+    config; both take a multi-host `engine.distributed` and refuse a malformed one with the reason."""
     import yaml
 
     from coserve_jax.bench import harness
@@ -259,8 +259,9 @@ def test_server_and_benchmark_configs_take_tensor_parallel_size():
         outs.append(engine.generate("Hello there", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids)
     assert outs[0] == outs[1]
     dist = "engine.distributed={coordinator_address: 'host0:1234', num_processes: 2, process_id: 0}"
-    with pytest.raises(ConfigError, match="multi-host"):
-        load_config(None, [dist])
+    assert load_config(None, [dist]).engine["distributed"]["num_processes"] == 2  # multi-host serving is accepted
+    with pytest.raises(ConfigError, match="process_id"):
+        load_config(None, ["engine.distributed={coordinator_address: 'host0:1234', num_processes: 2, process_id: 5}"])
 
     data = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "bench", "cpu-smoke.yaml")))
     data["model"].pop("tokenizer")
@@ -274,5 +275,7 @@ def test_server_and_benchmark_configs_take_tensor_parallel_size():
     assert engine.model.lora.B["v_proj"][...].sharding.is_fully_replicated
     assert not engine.model.lora.B["q_proj"][...].sharding.is_fully_replicated
     data["engine"]["distributed"] = dict(coordinator_address="host0:1234", num_processes=2, process_id=0)
-    with pytest.raises(ConfigError, match="multi-host"):
+    assert parse_bench(data, "bench").engine["distributed"]["process_id"] == 0  # and by the benchmark
+    data["engine"]["distributed"] = dict(coordinator_address="host0", num_processes=2, process_id=0)
+    with pytest.raises(ConfigError, match="host:port"):
         parse_bench(data, "bench")

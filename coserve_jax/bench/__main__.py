@@ -32,14 +32,33 @@ def main(argv: list[str] | None = None) -> int:
     rates = tuple(args.rates) if args.rates else cfg.rates
 
     import jax
+
+    from coserve_jax.bench import harness, report
+
+    out = report.ensure_out(args.out or f"bench/results/{cfg.name}")
+    t_start = time.perf_counter()
+    engine = harness.build_engine(cfg)
+    if jax.process_count() > 1:  # multi-host: process 0 runs the benchmark; the others run its steps
+        if jax.process_index() != 0:
+            print(f"process {jax.process_index()}: following process 0", flush=True)
+            engine.follow()
+            return 0
+        engine.lead()
+    try:
+        return _run(args, argv, cfg, engine, policies, rates, out, t_start)
+    finally:
+        if jax.process_count() > 1:
+            engine.stop_followers()
+
+
+def _run(args, argv, cfg, engine, policies, rates, out, t_start) -> int:
+    """The sweep on a built engine (process 0 of a multi-host one)."""
+    import jax
     from tqdm import tqdm
 
     from coserve_jax.bench import harness, metrics, report
     from coserve_jax.bench.workload import build_workload
 
-    out = report.ensure_out(args.out or f"bench/results/{cfg.name}")
-    t_start = time.perf_counter()
-    engine = harness.build_engine(cfg)
     layout = engine.finetune_layout
     examples = None
     if any(p != "inference_only" for p in policies):

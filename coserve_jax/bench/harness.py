@@ -26,6 +26,7 @@ from coserve_jax.finetune.data import DataValidationError, TrainingExample, read
 from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.models.loader import init_random
+from coserve_jax.parallel.distributed import initialize_distributed
 from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.sampling_params import SamplingParams
@@ -174,6 +175,7 @@ def build_engine(cfg: BenchConfig) -> Engine:
     """The benchmark's engine: the configured checkpoint or random weights of the configured
     shape, the adapter pool, step measurement on (every step is timed and logged with the
     latency model's prediction)."""
+    initialize_distributed(cfg.engine.get("distributed"))  # before any device is touched
     m = cfg.model
     tokenizer = None
     if m.tokenizer is not None:
@@ -295,7 +297,7 @@ def finetune_only(engine: Engine, cfg: BenchConfig, examples: list[TrainingExamp
     runs = []
     for policy in ("fixed", "hybrid"):
         res, job = _finetune_alone(engine, cfg, examples, policy, on_step)
-        runs.append((res, job.lora_weights() if evals else None))
+        runs.append((res, engine.adapter_weights(job) if evals else None))
         engine.unload_adapter(job.adapter_name)
     best, weights = max(runs, key=lambda r: r[0].finetune_tokens / max(r[0].duration_s, 1e-9))
     if evals:

@@ -46,15 +46,21 @@ CHAT_TEMPLATE = (
 """Llama 3's chat format without its system-prompt preamble (Jinja, as in ``tokenizer_config.json``)."""
 
 
-def tiny_config(vocab_size: int = 512, eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None) -> ModelConfig:
+def tiny_config(
+    vocab_size: int = 512, eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None, hf_overrides: dict | None = None
+) -> ModelConfig:
     """The tiny model's :class:`ModelConfig`, with the vocabulary sized to a tokenizer.
 
     Args:
         vocab_size: embedding rows (``len(tokenizer)``; e.g. 128,256 with Llama 3's tokenizer).
         eos_token_ids: ids that end generation.
         max_model_len: context length in tokens (default 1024).
+        hf_overrides: ``config.json`` fields replacing :data:`TINY_HF_CONFIG`'s (vLLM's
+            ``--hf-overrides``), e.g. ``{"num_attention_heads": 8, "num_key_value_heads": 2}``.
+    Raises:
+        UnsupportedConfigError, ValueError: overrides that make an invalid config.
     """
-    hf = dict(TINY_HF_CONFIG, vocab_size=vocab_size, eos_token_id=list(eos_token_ids) or None)
+    hf = dict(TINY_HF_CONFIG, vocab_size=vocab_size, eos_token_id=list(eos_token_ids) or None, **(hf_overrides or {}))
     return ModelConfig.from_hf_dict(hf, max_model_len=max_model_len)
 
 

@@ -1,8 +1,12 @@
 """Multi-host start-up: one engine whose mesh spans the devices of several processes.
 
-JAX runs multi-host programs SPMD, one controller per host: every process runs the same Python
-(the same engine, the same scheduler decisions on the same requests) and calls the same compiled
-steps; XLA's collectives (NCCL on GPUs, Gloo on CPUs) join the processes inside each step.
+JAX runs multi-host programs SPMD, one controller per host: every process calls the same
+compiled steps in the same order, and XLA's collectives (NCCL on GPUs, Gloo on CPUs) join the
+processes inside each step. The engine gets there in one of two ways: every process drives it
+identically (the same calls on the same requests), or process 0 alone takes requests, plans each
+step and publishes it, and the others run what it publishes
+(:meth:`coserve_jax.engine.engine.Engine.lead` / :meth:`~coserve_jax.engine.engine.Engine.follow`,
+over :class:`coserve_jax.parallel.channel.HostChannel`): the server and the benchmark do that.
 :func:`initialize_distributed` must run before anything touches a device.
 """
 
@@ -70,24 +74,3 @@ def initialize_distributed(config: DistributedConfig | dict | None) -> bool:
         kwargs["local_device_ids"] = list(config.local_device_ids)
     jax.distributed.initialize(**kwargs)
     return True
-
-
-def single_process_only(config: DistributedConfig | dict | None, where: str) -> None:
-    """Refuse a multi-process ``config`` where processes would not run the same steps.
-
-    Multi-controller JAX needs every process to make the same host-side decisions: the same
-    requests in the same order, the same scheduling. The engine does when it is driven the same
-    way in every process (``Engine.generate`` on the same prompts, the same finetuning jobs:
-    ``python -m coserve_jax.tools.parallel_check`` does this); the HTTP server (requests reach one
-    process) and the benchmark (wall-clock arrivals, measured step times) do not yet.
-
-    Raises:
-        ValueError: ``num_processes > 1``.
-    """
-    n = (config.get("num_processes", 1) if isinstance(config, dict) else getattr(config, "num_processes", 1)) if config else 1
-    if n > 1:
-        raise ValueError(
-            f"{where}: multi-host (num_processes={n}) is not supported here yet: every process must run the same "
-            "steps, which needs the step plan broadcast from process 0; drive the Engine identically in every "
-            "process instead (docs/parallelism.md, python -m coserve_jax.tools.parallel_check)"
-        )

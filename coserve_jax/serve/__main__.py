@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     from coserve_jax.serve.app import ServerState, create_app
     from coserve_jax.serve.model import build_engine
 
+    from coserve_jax.parallel.distributed import initialize_distributed
+
+    try:
+        initialize_distributed(cfg.engine_kwargs().get("distributed"))  # before any device is touched
+    except RuntimeError as e:  # the coordinator was not reachable in time
+        print(f"error: cannot join the multi-host job: {e}", file=sys.stderr)
+        return 1
     print(f"coserve-jax: jax {jax.__version__} on {jax.devices()[0].platform}; building the engine ...", flush=True)
     t0 = time.perf_counter()
     try:
@@ -75,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"coserve-jax: model {name!r} ({engine.config.num_params():,} parameters, context {engine.max_model_len} tokens), "
           f"{len(engine.buckets)} step shapes compiled, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    if jax.process_count() > 1:  # multi-host: HTTP goes to process 0; the others run the steps it publishes
+        if jax.process_index() != 0:
+            print(f"coserve-jax: process {jax.process_index()} of {jax.process_count()}: following process 0", flush=True)
+            steps = engine.follow()
+            print(f"coserve-jax: process {jax.process_index()}: process 0 stopped after {steps} steps; stopped.", flush=True)
+            return 0
+        engine.lead()
     state = ServerState(cfg, engine, name)
     app = create_app(state)
 

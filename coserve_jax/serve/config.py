@@ -26,7 +26,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from coserve_jax.configfile import ConfigError, apply_overrides, read_yaml, set_key, strict
-from coserve_jax.parallel.distributed import single_process_only
+from coserve_jax.parallel.distributed import DistributedConfig
 
 MiB = 1 << 20
 
@@ -54,6 +54,9 @@ class ModelSection:
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         max_model_len: context length in tokens (default: the checkpoint's; 1024 for tiny).
         seed: the tiny model's random weights.
+        hf_overrides: ``config.json`` fields replacing the tiny model's (vLLM's
+            ``--hf-overrides``; e.g. ``{num_attention_heads: 8, num_key_value_heads: 2}`` for
+            ``tensor_parallel_size`` 8). The tiny model only.
     """
 
     path: str | None = None
@@ -62,6 +65,7 @@ class ModelSection:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    hf_overrides: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +164,13 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
     if bad:
         raise ConfigError(f"{where}: unknown engine keys {bad} (Engine arguments: {sorted(known)})")
     try:
-        single_process_only(engine.get("distributed"), f"{where}: engine.distributed")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        dist = engine.get("distributed")
+        if dist is not None:
+            if not isinstance(dist, Mapping):
+                raise ValueError("expected a mapping of coordinator_address, num_processes, process_id")
+            DistributedConfig(**dist)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: engine.distributed: {e}") from None
     kw = {k: v for k, v in data.items() if k not in sections and k != "engine"}
     for name, cls in sections.items():
         kw[name] = strict(cls, data.get(name), f"{where}: {name}")
@@ -170,6 +178,8 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
         cfg = ServeConfig(engine=dict(engine), **kw)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if cfg.model.hf_overrides is not None and (cfg.model.path is not None or not isinstance(cfg.model.hf_overrides, Mapping)):
+        raise ConfigError(f"{where}: model.hf_overrides is a mapping of config.json fields, for the built-in tiny model only")
     if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
         raise ConfigError(f"{where}: port must be an integer in [0, 65536), got {cfg.port!r}")
     return cfg

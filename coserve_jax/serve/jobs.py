@@ -297,7 +297,7 @@ class JobManager:
         resumed = f", resumed from the checkpoint of step {job.resumed_from_step}" if job.resumed_from_step else ""
         rec.event(f"Fine-tuning job started: {job.total_steps} optimizer steps, adapter {rec.fine_tuned_model}{resumed}")
         if job.done:
-            self.sync_one(rec)
+            self.sync_one(engine, rec)
 
     def cancel(self, engine, job_id: str) -> JobRecord:
         """Cancel a queued or running job (engine thread). The adapter keeps the last optimizer
@@ -311,7 +311,7 @@ class JobManager:
             raise APIError(400, f"job {job_id} has already {rec.status}", "fine_tuning_job_id", "job_finished")
         if rec.engine_job is not None:
             rec.engine_job.cancel()
-            self.sync_one(rec)
+            self.sync_one(engine, rec)
         else:
             self._finish(rec, "cancelled", None)
         return rec
@@ -321,9 +321,10 @@ class JobManager:
         with self._lock:
             running = [r for r in self._jobs.values() if r.status == "running"]
         for rec in running:
-            self.sync_one(rec)
+            self.sync_one(engine, rec)
 
-    def sync_one(self, rec: JobRecord) -> None:
+    def sync_one(self, engine, rec: JobRecord) -> None:
+        """Record one job's new optimizer steps and validation losses; export it when it succeeded."""
         job = rec.engine_job
         history = job.loss_history
         for r in history[rec._metrics_seen:]:
@@ -345,7 +346,7 @@ class JobManager:
             if self.defaults.export_adapter:
                 path = os.path.join(self.output_dir, rec.id, "adapter")
                 try:
-                    job.export(path)
+                    engine.export_adapter(job, path)
                     rec.adapter_path = path
                 except OSError as e:
                     rec.event(f"Could not export the adapter to {path}: {e}", level="warn")
@@ -373,7 +374,7 @@ class JobManager:
         for rec in running:
             job = rec.engine_job
             try:
-                job.save_checkpoint()
+                engine.save_job_checkpoint(job)
                 written.append(job.checkpointer.directory)
                 rec.event(f"Checkpoint of step {job.step} written at shutdown to {job.checkpointer.directory}")
                 log.info("job %s: checkpoint of step %d written to %s", rec.id, job.step, job.checkpointer.directory)

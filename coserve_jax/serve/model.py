@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from coserve_jax.engine import Engine
+from coserve_jax.parallel.distributed import initialize_distributed
 from coserve_jax.serve.config import ServeConfig
 
 
@@ -22,6 +23,7 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     """
     m = cfg.model
     kw = cfg.engine_kwargs()
+    initialize_distributed(kw.get("distributed"))  # before any device is touched
     if not cfg.is_tiny:
         engine = Engine(m.path, tokenizer=_tokenizer(m) if m.tokenizer or m.chat_template else None, dtype=m.dtype,
                         max_model_len=m.max_model_len, **kw)
@@ -39,7 +41,7 @@ def build_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     tokenizer = _tokenizer(m) if m.tokenizer else byte_level_tokenizer()
     if m.chat_template and not m.tokenizer:
         tokenizer.chat_template = _template_text(m.chat_template)
-    config = tiny_config(len(tokenizer), end_of_turn_ids(tokenizer), max_model_len=m.max_model_len)
+    config = tiny_config(len(tokenizer), end_of_turn_ids(tokenizer), max_model_len=m.max_model_len, hf_overrides=m.hf_overrides)
     pool = None
     max_loras = kw.pop("max_loras", 4)
     rank = kw.pop("max_lora_rank", 16)

@@ -31,8 +31,12 @@ def check_config():
     return ModelConfig.from_hf_dict(dict(TINY_HF_CONFIG, num_attention_heads=8, num_key_value_heads=2, vocab_size=256))
 
 
-def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None, seed: int = 0) -> dict:
+def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None, seed: int = 0, lead: bool = False) -> dict:
     """Build the engine and run the workload (see the module docstring). Returns the outputs.
+
+    With ``lead`` (multi-host), only process 0 runs the workload, publishing its plans; the
+    other processes follow (:meth:`~coserve_jax.engine.engine.Engine.follow`) and return the
+    number of steps they ran.
 
     Raises:
         ValueError: a tensor-parallel size the devices or the model's heads do not allow.
@@ -59,6 +63,12 @@ def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None,
         seq_buckets=(4,), compilation_cache_dir=None, max_finetune_jobs=1, finetune_max_seq_len=64,
         finetune_seq_buckets=(64,), max_finetune_tokens=16, tensor_parallel_size=tensor_parallel_size,
     )
+    if lead and jax.process_index() != 0:
+        steps = engine.follow(timeout_s=600)
+        return {"tensor_parallel_size": tensor_parallel_size, "process_index": jax.process_index(),
+                "process_count": jax.process_count(), "followed_steps": steps}
+    if lead:
+        engine.lead()
     rng = np.random.default_rng(seed)
     modules = {}
     for layer in range(config.num_layers):
@@ -79,7 +89,9 @@ def run(tensor_parallel_size: int, distributed: DistributedConfig | None = None,
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 30, 9)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=1), [None, "random", None, "random"])
     engine.wait_for(job)
-    weights = job.lora_weights()
+    weights = engine.adapter_weights(job)
+    if lead:
+        engine.stop_followers()
     return {
         "tensor_parallel_size": tensor_parallel_size,
         "process_index": jax.process_index(),
@@ -101,15 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lead", action="store_true",
+                   help="multi-host: process 0 runs the workload and publishes its plans; the others follow")
     args = p.parse_args(argv)
     dist = None
     if args.coordinator_address:
         dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id)
-    result = run(args.tensor_parallel_size, dist, args.seed)
+    result = run(args.tensor_parallel_size, dist, args.seed, args.lead)
     with open(args.out, "w") as f:
         json.dump(result, f)
-    print(f"process {result['process_index']}/{result['process_count']}: tp={args.tensor_parallel_size}, "
-          f"job {result['job_status']}, losses {result['losses']}; wrote {args.out}", flush=True)
+    what = f"followed {result['followed_steps']} steps" if "followed_steps" in result else f"job {result['job_status']}, losses {result['losses']}"
+    print(f"process {result['process_index']}/{result['process_count']}: tp={args.tensor_parallel_size}, {what}; wrote {args.out}", flush=True)
     return 0
 
 
