@@ -67,7 +67,7 @@ class EngineConfig:
     policy_options: tuple[tuple[str, object], ...] = ()
     slo: SLOConfig = SLOConfig()
     measure_steps: bool = False
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
     compilation_cache_dir: str | None = None
@@ -138,7 +138,7 @@ class EngineConfig:
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
         measure_steps: bool = False,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
     ) -> "EngineConfig":
         """Fill in the defaults of ``Engine(...)``'s keyword arguments and check them.

@@ -143,8 +143,9 @@ class Engine:
             ``"hybrid"``.
         measure_steps: time every step on the device (one sync per step) and log it with the
             latency model's prediction in :attr:`step_log` (always on under ``"hybrid"``).
-        async_scheduling: overlap steps (vLLM's name): plan and build step N+1 while the device
-            runs step N; :meth:`step` then returns step N's outputs one call late. Tokens are the
+        async_scheduling: overlap steps (vLLM's name; on by default): plan and build step N+1
+            while the device runs step N; :meth:`step` then returns step N's outputs one call
+            late (``False``: the synchronous loop, each step's outputs from its own call). Tokens are the
             same either way; a request's end (EOS, a stop string) is seen one step late, so its
             last step may compute one token that is thrown away. Measuring steps
             (``measure_steps``, ``"hybrid"``) waits for each step, which undoes the overlap.
@@ -199,7 +200,7 @@ class Engine:
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
         measure_steps: bool = False,
-        async_scheduling: bool = False,
+        async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
         distributed: DistributedConfig | dict | None = None,
     ):
