@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # test module imports it); single-device engines use the first.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent XLA compilation cache for the whole run: every test process (pytest-xdist
+# workers, and the servers and tools tests start, through $COSERVE_JAX_CACHE_DIR) compiles an
+# executable once and loads it after that. Tests that check the cache itself use their own
+# directory; the zero-recompilation checks count cache loads too (CompileCounter.requests).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("COSERVE_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"coserve-jax-test-xla-{_RUN}"))
+from coserve_jax.engine.step import configure_compilation_cache  # noqa: E402  (after XLA_FLAGS)
+
+configure_compilation_cache(os.environ["COSERVE_JAX_CACHE_DIR"])
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -69,13 +69,7 @@ class ServerProcess:
 
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(10)
-        return self.proc.returncode
+        return self.wait(timeout)
 
 
 def wait_until(pred, timeout: float = 60.0, interval: float = 0.2):

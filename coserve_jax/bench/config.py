@@ -29,7 +29,7 @@ from typing import Any, Mapping
 from coserve_jax.bench.workload import WorkloadConfig
 from coserve_jax.configfile import ConfigError, read_yaml
 from coserve_jax.configfile import strict as _strict
-from coserve_jax.parallel.distributed import DistributedConfig
+from coserve_jax.parallel.distributed import check_distributed
 from coserve_jax.sched.policy import SLOConfig
 
 POLICIES = ("inference_only", "finetune_only", "temporal", "fixed_budget", "hybrid")
@@ -183,12 +183,8 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> BenchConfig:
     if bad:
         raise ConfigError(f"{where}: engine keys {bad} are set by the benchmark (use model, lora, slo, policies)")
     try:
-        dist = engine.get("distributed")
-        if dist is not None:
-            if not isinstance(dist, Mapping):
-                raise ValueError("expected a mapping of coordinator_address, num_processes, process_id")
-            DistributedConfig(**dist)
-    except (ValueError, TypeError) as e:
+        check_distributed(engine.get("distributed"))
+    except ValueError as e:
         raise ConfigError(f"{where}: engine.distributed: {e}") from None
     policies = data.get("policies")
     if policies is None:

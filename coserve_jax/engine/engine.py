@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import pathlib
-import logging
 import time
 import uuid
 from typing import Iterator, Sequence
@@ -69,7 +68,6 @@ from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, ste
 from coserve_jax.sched.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
-log = logging.getLogger("coserve_jax.engine")
 
 DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(pathlib.Path.home(), ".cache", "coserve_jax", "xla"))
 
@@ -726,34 +724,9 @@ class Engine:
             RuntimeError: called on process 0, or on a single-process engine.
             TimeoutError: ``timeout_s`` passed with nothing published.
         """
-        if jax.process_count() < 2 or jax.process_index() == 0:
-            raise RuntimeError("follow() is for processes other than 0 of a multi-process engine")
-        channel = HostChannel()
-        service = self.finetuning
-        evaluations: dict[str, object] = {}
-        handlers = {
-            "step": self.step,
-            "ensure_latency_model": self._ensure_latency_model,
-            "load_adapter": self.runner.load_adapter,
-            "unload_adapter": self.runner.unload_adapter,
-            "create_job": lambda data, cfg, name, job_id, ev: service.create_job(data, cfg, adapter_name=name, job_id=job_id, eval_dataset=ev),
-            "cancel_job": lambda job_id: service.cancel_job(service.jobs[job_id]),
-            "fetch_adapter": lambda job_id: service.jobs[job_id].lora_weights(),  # joins the gather; process 0 writes
-            "save_job_checkpoint": lambda job_id: service.jobs[job_id].save_checkpoint(),
-            "start_evaluation": lambda data, adapter, cfg, eval_id: evaluations.__setitem__(
-                eval_id, service.start_evaluation(data, adapter, cfg, eval_id)),
-            "end_evaluation": lambda eval_id: service.end_evaluation(evaluations.pop(eval_id)),
-        }
-        steps = 0
-        while True:
-            kind, args = channel.receive(timeout_s)
-            if kind == "stop":
-                return steps
-            try:
-                handlers[kind](*args)
-            except Exception as e:  # process 0 met the same error (it ran the same call)
-                log.warning("follower: %s failed as on process 0: %s: %s", kind, type(e).__name__, e)
-            steps += kind == "step"
+        from coserve_jax.engine.multihost import follow
+
+        return follow(self, timeout_s)
 
     # ---- batch and streaming APIs --------------------------------------------------------
     def _add_all(self, prompts, params, adapter) -> list[str]:

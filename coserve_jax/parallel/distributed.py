@@ -74,3 +74,19 @@ def initialize_distributed(config: DistributedConfig | dict | None) -> bool:
         kwargs["local_device_ids"] = list(config.local_device_ids)
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def check_distributed(value) -> None:
+    """Validate a config file's ``engine.distributed`` value (``None``: single process).
+
+    Raises:
+        ValueError: not a mapping of :class:`DistributedConfig` fields, or bad field values.
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of coordinator_address, num_processes, process_id")
+    try:
+        DistributedConfig(**value)
+    except TypeError as e:
+        raise ValueError(str(e)) from None

@@ -26,7 +26,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from coserve_jax.configfile import ConfigError, apply_overrides, read_yaml, set_key, strict
-from coserve_jax.parallel.distributed import DistributedConfig
+from coserve_jax.parallel.distributed import check_distributed
 
 MiB = 1 << 20
 
@@ -164,12 +164,8 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
     if bad:
         raise ConfigError(f"{where}: unknown engine keys {bad} (Engine arguments: {sorted(known)})")
     try:
-        dist = engine.get("distributed")
-        if dist is not None:
-            if not isinstance(dist, Mapping):
-                raise ValueError("expected a mapping of coordinator_address, num_processes, process_id")
-            DistributedConfig(**dist)
-    except (ValueError, TypeError) as e:
+        check_distributed(engine.get("distributed"))
+    except ValueError as e:
         raise ConfigError(f"{where}: engine.distributed: {e}") from None
     kw = {k: v for k, v in data.items() if k not in sections and k != "engine"}
     for name, cls in sections.items():
