@@ -4,6 +4,7 @@ every policy on a tiny engine, and every output it promises."""
 import csv
 import json
 
+import pytest
 import yaml
 
 from coserve_jax.bench.__main__ import main
@@ -64,6 +65,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert "hybrid" in printed and "SLO att." in printed
 
 
+@pytest.mark.slow
 def test_bench_validation_keys_and_sample_answers(tmp_path):
     """With ``finetune.eval_data``, every row has the base model's validation loss and each
     co-serving run's adapter's; the adapter trained on the same records it is validated on (a

@@ -47,7 +47,7 @@ def engines(hf_checkpoint):
     return get
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [f if f in ("llama31", "qwen2") else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)])
 def test_greedy_matches_transformers(engines, family):
     engine, hf = engines(family)
     prompts = prompts_1_to_300(hf.config.vocab_size)

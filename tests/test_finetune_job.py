@@ -75,7 +75,7 @@ def assert_params_close(ours, ref, tol):
     assert max(errs.values()) <= tol, errs
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.1, marks=pytest.mark.slow)])
 def test_two_jobs_with_accumulation_equal_plain_optax_loops(engine, dropout):
     """Two jobs (AdamW with warm-up + linear decay + clipping + accumulation 2; SGD with momentum,
     rsLoRA, all linear modules) train at once beside inference requests; after 5 optimizer steps

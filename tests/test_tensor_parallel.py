@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(
 # devices per head). qwen2 (q/k/v bias, tied embeddings, 4 / 2 heads): bias shards and a
 # replicated embedding used as the LM head.
 VARIANTS = {"llama31": dict(num_attention_heads=8, num_key_value_heads=2), "qwen2": {}}
-CASES = [("llama31", 2), ("llama31", 4), ("llama31", 8), ("qwen2", 2), ("qwen2", 4)]
+CASES = [("llama31", 2), pytest.param("llama31", 4, marks=pytest.mark.slow), ("llama31", 8), ("qwen2", 2),
+         pytest.param("qwen2", 4, marks=pytest.mark.slow)]
 ENGINE_KW = dict(
     dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_kv_pages=64,
     token_buckets=(16, 32), seq_buckets=(4,), max_loras=2, max_lora_rank=8, compilation_cache_dir=None,
@@ -176,6 +177,7 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
     assert counts[("down_proj",)] == counts[LINEAR_MODULES]
 
 
+@pytest.mark.slow  # multi-process equality is also checked, over HTTP, by test_multihost_serve.py
 def test_two_processes_on_loopback_equal_one_process(tmp_path):
     """`python -m coserve_jax.tools.parallel_check` at tp=8: one process of 8 CPU devices, then two
     processes of 4 joined by jax.distributed (Gloo collectives on loopback)."""

@@ -34,7 +34,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("family", ["llama31", "qwen2"])
-@pytest.mark.parametrize("chunk,layers_per_slice", [(1, 1), (7, 2), (64, 1)])
+@pytest.mark.parametrize("chunk,layers_per_slice", [pytest.param(1, 1, marks=pytest.mark.slow), (7, 2), pytest.param(64, 1, marks=pytest.mark.slow)])
 def test_chunked_forward_sliced_backward_equals_jax_grad(family, chunk, layers_per_slice):
     config, base, lora, scaling, model = setup(family)
     n = 150  # many chunks of every size tried, not a multiple of 7 or 64
@@ -69,7 +69,7 @@ def test_prompt_mask_matters():
     assert rel(g1["q_proj"]["A"], g2["q_proj"]["A"]) > 1e-3
 
 
-@pytest.mark.parametrize("chunk", [7, 64])
+@pytest.mark.parametrize("chunk", [7, pytest.param(64, marks=pytest.mark.slow)])
 def test_lora_dropout_masks_repeat_in_chunks_and_recompute(chunk):
     """With LoRA dropout the token-level gradient still equals jax.grad of the whole-sequence loss
     under the same masks, and the masks matter (a different seed changes the gradient)."""
