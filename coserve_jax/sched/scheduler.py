@@ -42,7 +42,7 @@ from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import TrainingPhase, TrainingSequence
 from coserve_jax.sched.outputs import (
-    PENDING_TOKEN, BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
+    BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
 )
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
@@ -104,6 +104,7 @@ class Scheduler:
         self.requests: dict[Hashable, Request] = {}
         self._rows: dict[Hashable, SamplingRow] = {}  # per request, built once at admission
         self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
+        self._plan_pending = False  # the plan being made holds a PENDING_TOKEN
         self.num_preemptions = 0
         self.training: list[TrainingSequence] = []  # at most one per job
         self._rr_forward = 0
@@ -351,7 +352,7 @@ class Scheduler:
         fwd, bwd = (None, None)
         if self.training:
             fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(chunks), ft_cap, allow_backward)
-        pending = any(c.token_ids[-1] == PENDING_TOKEN for c in chunks if c.is_decode)
+        pending, self._plan_pending = self._plan_pending, False
         finished, self._ended = self._ended, []
         return SchedulerOutput(
             chunks=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd, has_pending_tokens=pending
@@ -371,6 +372,8 @@ class Scheduler:
         sample = end == req.num_tokens
         req.num_computed_tokens = end
         out = req.num_output_tokens
+        if req.num_pending:  # its input token is the one still on the device
+            self._plan_pending = True
         if sample:
             req.num_pending += 1
         return ScheduledChunk(
