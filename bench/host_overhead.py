@@ -42,7 +42,7 @@ def run(n: int, steps: int, with_prefill: bool) -> dict:
     while any(r.num_computed_tokens < r.num_tokens - 1 or not r.output_token_ids for r in sched.running) or sched.waiting:
         plan = sched.schedule()
         tables.apply(plan)
-        sched.update(plan, [1 if c.sample else None for c in plan.chunks])
+        sched.update(plan, [1] * len(plan.decodes) + [1 if c.sample else None for c in plan.prefills])
     times = {"schedule": [], "build_inputs": [], "update": [], "total": []}
     next_id = n
     for _ in range(steps):
@@ -56,7 +56,7 @@ def run(n: int, steps: int, with_prefill: bool) -> dict:
         rows = tables.apply(plan)
         build_step_inputs(plan, StepDims(bucket, max_pages, max_seqs), PAGE, tables, rows)
         t2 = time.perf_counter()
-        sched.update(plan, [7 if c.sample else None for c in plan.chunks])
+        sched.update(plan, [7] * len(plan.decodes) + [7 if c.sample else None for c in plan.prefills])
         t3 = time.perf_counter()
         for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             times[k].append(v * 1e6)

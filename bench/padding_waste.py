@@ -54,8 +54,8 @@ def replay(trace, step_s, budget, max_seqs, num_pages, page, max_len):
             clock = trace[i][0]
             continue
         plan = sched.schedule()
-        sched.update(plan, [1 if c.sample else None for c in plan.chunks])
-        if plan.chunks:
+        sched.update(plan, [1] * len(plan.decodes) + [1 if c.sample else None for c in plan.prefills])
+        if plan.num_inference_seqs:
             steps.append((plan.num_tokens, plan.num_seqs))
         clock += step_s
     return steps, sched.num_preemptions

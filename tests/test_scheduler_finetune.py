@@ -138,6 +138,10 @@ def test_scheduler_output_is_plain_data_that_pickles():
         elif isinstance(x, (list, tuple)):
             for y in x:
                 yield from leaves(y)
+        elif isinstance(x, dict):
+            for k, y in x.items():
+                yield k
+                yield from leaves(y)
         else:
             yield x
 

@@ -654,7 +654,7 @@ class Engine:
         self.scheduler.update_training(plan)
         self.finetuning.advance()
         # 4. Update: the tokens of this step, or (overlapped) of the previous one.
-        ready = (plan, out) if plan.chunks else None
+        ready = (plan, out) if plan.num_inference_seqs else None
         if self.engine_config.async_scheduling:
             ready, self._in_flight = self._in_flight, ready
         if ready is None:
@@ -684,7 +684,7 @@ class Engine:
         decode = plan.num_decode_tokens
         self.step_log.append(StepRecord(
             end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
-            prefill_tokens=sum(c.num_tokens for c in plan.chunks) - decode, decode_tokens=decode,
+            prefill_tokens=plan.num_inference_tokens - decode, decode_tokens=decode,
             finetune_tokens=plan.finetune.num_tokens if plan.finetune is not None else 0,
             backward_tokens=plan.backward.num_tokens if plan.backward is not None else 0,
             attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,

@@ -17,15 +17,19 @@ import numpy as np
 
 from coserve_jax.sched.outputs import SchedulerOutput
 
+PADDING_ROW = 0
+"""The row never handed out: the padding sequences' settings (no pages, greedy, top-p 1)."""
+
 
 class InputBatch:
     """Per-request rows of the step's page tables and sampling settings.
 
     Args:
         max_pages_per_seq: the page-table width (``P``).
-        initial_rows: rows allocated at first (grown by doubling when needed).
+        initial_rows: rows allocated at first for requests (grown by doubling when needed).
     Attributes:
-        page_table: ``[rows, P]`` int32: row ``r`` holds its request's pages in token order.
+        page_table: ``[rows, P]`` int32: row ``r`` holds its request's pages in token order;
+            row :data:`PADDING_ROW` holds the padding sequences' values in every field.
         num_pages: ``[rows]`` int32: pages in each row.
         adapter: ``[rows]`` int32; temperature, top_p: ``[rows]`` float32; top_k: ``[rows]``
             int32; seed: ``[rows]`` uint32: each request's adapter and sampling settings.
@@ -35,12 +39,13 @@ class InputBatch:
               ("top_k", np.int32), ("top_p", np.float32), ("seed", np.uint32))
 
     def __init__(self, max_pages_per_seq: int, initial_rows: int = 64):
-        n = max(1, initial_rows)
+        n = max(1, initial_rows) + 1
         self.max_pages_per_seq = max_pages_per_seq
         for name, dtype in self.FIELDS:
             setattr(self, name, np.zeros((n, max_pages_per_seq) if name == "page_table" else n, dtype))
+        self.top_p[PADDING_ROW] = 1.0  # the padding row: no pages, greedy, top-p off
         self._rows: dict[Hashable, int] = {}
-        self._free = list(range(n - 1, -1, -1))
+        self._free = list(range(n - 1, 0, -1))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -57,13 +62,17 @@ class InputBatch:
         (or readmitted) ones, append new pages. Returns the row of each inference chunk, in order.
 
         Raises:
+            KeyError: a decode of a request without a row (its first chunk never reached this batch).
             ValueError: a request's pages would exceed the row width.
         """
         self.release(plan.finished)
         self.release(plan.preempted)
-        rows = []
+        d = plan.decodes
         rows_of = self._rows
-        for c in plan.chunks:
+        rows = list(map(rows_of.__getitem__, d.request_ids))  # decodes already have rows
+        for i, new in d.new_pages.items():
+            self._append_pages(rows[i], d.request_ids[i], new)
+        for c in plan.prefills:
             row = rows_of.get(c.request_id)
             if row is None or c.start == 0:  # a new request, or one readmitted: a fresh row
                 if row is None:
@@ -76,15 +85,17 @@ class InputBatch:
                 self.top_k[row] = s.top_k
                 self.top_p[row] = s.top_p
                 self.seed[row] = s.seed
-            new = c.new_pages
-            if new:
-                k = int(self.num_pages[row])
-                if k + len(new) > self.max_pages_per_seq:
-                    raise ValueError(f"request {c.request_id!r} would hold {k + len(new)} pages; rows hold {self.max_pages_per_seq}")
-                self.page_table[row, k : k + len(new)] = new
-                self.num_pages[row] = k + len(new)
+            if c.new_pages:
+                self._append_pages(row, c.request_id, c.new_pages)
             rows.append(row)
         return rows
+
+    def _append_pages(self, row: int, request_id: Hashable, new: tuple[int, ...]) -> None:
+        k = int(self.num_pages[row])
+        if k + len(new) > self.max_pages_per_seq:
+            raise ValueError(f"request {request_id!r} would hold {k + len(new)} pages; rows hold {self.max_pages_per_seq}")
+        self.page_table[row, k : k + len(new)] = new
+        self.num_pages[row] = k + len(new)
 
     def _take(self) -> int:
         if not self._free:

@@ -126,8 +126,12 @@ class ModelRunner:
         layout = cfg.finetune
         prev_slots = None
         if plan.has_pending_tokens:
-            last = self._last_plan.chunks if self._last_plan is not None else []
-            prev_slots = {c.request_id: i for i, c in enumerate(last) if c.sample}
+            last = self._last_plan
+            prev_slots = {}
+            if last is not None:  # every decode samples; of the prefills, those that reach their end
+                n_dec = len(last.decodes.request_ids)
+                prev_slots = dict(zip(last.decodes.request_ids, range(n_dec)))
+                prev_slots.update((c.request_id, n_dec + j) for j, c in enumerate(last.prefills) if c.sample)
         rows = self.input_batch.apply(plan)
         inputs = build_step_inputs(
             plan, self.step_fn.dims(self.bucket_for(plan)), cfg.page_size, self.input_batch, rows,
@@ -160,20 +164,19 @@ class ModelRunner:
         Returns:
             :class:`~coserve_jax.sched.outputs.StepResult`, one entry per inference chunk.
         """
+        n_dec = len(plan.decodes.request_ids)
         tokens = np.asarray(out.sampler.token_ids).tolist()
-        sampled = [tokens[i] if c.sample else None for i, c in enumerate(plan.chunks)]
+        sampled = tokens[:n_dec] + [tokens[n_dec + j] if c.sample else None for j, c in enumerate(plan.prefills)]
         logprobs = top = None
         k_max = plan.max_num_logprobs
         if k_max is not None:
+            asks = plan.num_logprobs()
             chosen = np.asarray(out.sampler.logprobs).tolist()
-            logprobs = [chosen[i] if c.sample and c.sampling.num_logprobs is not None else None for i, c in enumerate(plan.chunks)]
+            logprobs = [chosen[i] if k is not None else None for i, k in enumerate(asks)]
             if k_max > 0:
                 ids = np.asarray(out.sampler.top_ids)[:, :k_max].tolist()
                 lps = np.asarray(out.sampler.top_logprobs)[:, :k_max].tolist()
-                top = [
-                    dict(zip(ids[i][:k], lps[i][:k])) if c.sample and (k := c.sampling.num_logprobs) else None
-                    for i, c in enumerate(plan.chunks)
-                ]
+                top = [dict(zip(ids[i][:k], lps[i][:k])) if k else None for i, k in enumerate(asks)]
         loss = float(out.ft_loss) if plan.finetune is not None else None
         return StepResult(sampled, logprobs, top, loss)
 

@@ -66,12 +66,11 @@ class OutputProcessor:
         """
         outputs = []
         logprobs, top = result.logprobs, result.top_logprobs
-        for i, c in enumerate(plan.chunks):
-            tok = result.sampled[i]
+        for i, (rid, tok) in enumerate(zip(plan.request_ids, result.sampled)):
             if tok is None:
                 continue
-            req = self._requests.get(c.request_id)
-            o = self._outputs.get(c.request_id)
+            req = self._requests.get(rid)
+            o = self._outputs.get(rid)
             if o is None or req is None:  # aborted, or ended by a stop string, meanwhile
                 continue
             o.token_ids.append(tok)

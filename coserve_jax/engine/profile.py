@@ -68,17 +68,17 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
                 n = q if i < s - 1 else last
                 pages = (0,) * (-(-(kv + n) // cfg.page_size))
                 chunks.append(ScheduledChunk(i, kv, [0] * n, pages, True))
-            plan = SchedulerOutput(chunks=chunks)
+            plan = SchedulerOutput(prefills=chunks)
 
             def run(plan=plan):
                 jax.block_until_ready(runner.execute(plan))
-                runner.input_batch.release(c.request_id for c in plan.chunks)
+                runner.input_batch.release(plan.request_ids)
 
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
     if layout is not None:
         for length in layout.seq_buckets:
             backward = BackwardSlice("profile", 0, length, 0, 1)
-            plan = SchedulerOutput(chunks=[], backward=backward)
+            plan = SchedulerOutput(backward=backward)
 
             def run_bwd(backward=backward):
                 runner.run_backward(backward)

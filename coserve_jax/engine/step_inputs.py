@@ -26,6 +26,7 @@ names its sequence slot there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Hashable, Mapping, Sequence
 
 import jax
@@ -156,6 +157,49 @@ def abstract_inputs(dims: StepDims, sharding: jax.sharding.Sharding | None = Non
     return make_inputs(dims, lambda shape, dtype, fill: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
 
 
+_GATHERED = {  # per-sequence fields read from the batch's rows (row 0: the padding row)
+    "attn.page_table": "page_table", "sampling.temperature": "temperature", "sampling.top_k": "top_k",
+    "sampling.top_p": "top_p", "sampling.seed": "seed",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _padding_template(dims: StepDims) -> tuple[list[np.ndarray], object, dict[int, str]]:
+    x = make_inputs(dims, lambda shape, dtype, fill: np.full(shape, fill, dtype))
+    leaves, tree = jax.tree.flatten(x)
+    gathered = {}
+    for name, field in _GATHERED.items():
+        group, _, attr = name.partition(".")
+        arr = getattr(getattr(x, group), attr)
+        gathered[next(i for i, a in enumerate(leaves) if a is arr)] = field
+    return leaves, tree, gathered
+
+
+@functools.lru_cache(maxsize=16)
+def _arange_upto(n: int) -> np.ndarray:
+    a = np.arange(n, dtype=np.int32)
+    a.flags.writeable = False
+    return a
+
+
+def _arange(n: int) -> np.ndarray:
+    """``np.arange(n, dtype=int32)``, read-only, from a cached array."""
+    size = 1 << max(n - 1, 0).bit_length()
+    return _arange_upto(size)[:n]
+
+
+def _padding(dims: StepDims, batch: InputBatch, rows: Sequence[int]) -> StepInputs:
+    """Fresh NumPy inputs of a bucket: copies of a cached template holding only padding (a
+    copy is cheaper than filling every array anew), except the per-sequence fields kept in
+    ``batch``, gathered at once for ``rows`` followed by the batch's padding row."""
+    leaves, tree, gathered = _padding_template(dims)
+    r = np.zeros(dims.bucket.num_seqs, np.intp)
+    r[: len(rows)] = rows
+    return jax.tree.unflatten(
+        tree, [getattr(batch, gathered[i])[r] if i in gathered else a.copy() for i, a in enumerate(leaves)]
+    )
+
+
 def build_step_inputs(
     plan: SchedulerOutput,
     dims: StepDims,
@@ -182,65 +226,59 @@ def build_step_inputs(
     Raises:
         KeyError: a pending token of a request that did not sample in the previous step.
     """
-    x = make_inputs(dims, lambda shape, dtype, fill: np.full(shape, fill, dtype))
-    chunks = plan.chunks
-    n_inf = len(chunks)
-    # Per chunk only what changes every step is read in Python (tokens, start, length, output
-    # index); per-request settings and page tables are gathered from the batch's rows.
-    tok: list[int] = []
-    starts: list[int] = []
-    lens: list[int] = []
-    out_idx: list[int] = []
-    pending: list[tuple[int, int]] = []  # (token slot, previous sequence slot)
-    for c in chunks:
-        ids = c.token_ids
-        if len(ids) == 1:
-            t = ids[0]
-            if t == PENDING_TOKEN:
-                pending.append((len(tok), prev_slots[c.request_id]))
-                t = 0
-            tok.append(t)
-        else:
-            tok.extend(ids)
-        starts.append(c.start)
-        lens.append(len(ids))
-        out_idx.append(c.output_index)
+    x = _padding(dims, batch, rows)
+    # Per sequence only what changes every step travels (tokens, start, length, output index);
+    # per-request settings and page tables are gathered from the batch's rows.
+    d, pre = plan.decodes, plan.prefills
+    n_dec = len(d.request_ids)
+    n_inf = n_dec + len(pre)
     ft = plan.finetune
     n_seq = n_inf + (ft is not None)
-    if ft is not None:  # the training chunk is the last sequence; its table travels whole
-        tok.extend(ft.token_ids)
-        starts.append(ft.start)
-        lens.append(ft.num_tokens)
-        out_idx.append(0)
-    n_tok = len(tok)
     if not n_seq:
         return x
-    start = np.asarray(starts, np.int32)
-    n = np.asarray(lens, np.int32)
-    cu = np.cumsum(n, dtype=np.int32)
-    tok_seq = np.repeat(np.arange(n_seq, dtype=np.int32), n)  # the sequence slot of each token
     positions = x.positions
-    positions[:n_tok] = start[tok_seq] + np.arange(n_tok, dtype=np.int32) - (cu - n)[tok_seq]
+    if not pre and ft is None:  # decodes only (a busy server's usual step): one token each
+        tok, out_idx = d.token_ids, d.output_index
+        n_tok = n_dec
+        start = np.asarray(d.starts, np.int32)
+        n = 1
+        tok_seq = _arange(n_tok)  # the sequence slot of each token
+        cu = tok_seq + 1
+        positions[:n_tok] = start
+    else:
+        tok = list(d.token_ids)
+        for c in pre:
+            tok.extend(c.token_ids)
+        starts = d.starts + [c.start for c in pre]
+        lens = [1] * n_dec + [len(c.token_ids) for c in pre]
+        out_idx = d.output_index + [c.output_index for c in pre]
+        if ft is not None:  # the training chunk is the last sequence; its table travels whole
+            tok.extend(ft.token_ids)
+            starts.append(ft.start)
+            lens.append(ft.num_tokens)
+            out_idx.append(0)
+        n_tok = len(tok)
+        start = np.asarray(starts, np.int32)
+        n = np.asarray(lens, np.int32)
+        cu = np.cumsum(n, dtype=np.int32)
+        tok_seq = np.repeat(_arange(n_seq), n)
+        positions[:n_tok] = start[tok_seq] + _arange(n_tok) - (cu - n)[tok_seq]
     x.token_ids[:n_tok] = tok
-    r = np.asarray(rows, np.intp)
+    if plan.has_pending_tokens:  # only decodes hold pending tokens
+        slots = np.flatnonzero(x.token_ids[:n_dec] == PENDING_TOKEN)
+        ids = d.request_ids
+        x.prev_index[slots] = [prev_slots[ids[i]] for i in slots.tolist()]
+        x.token_ids[slots] = 0
     page_table = x.attn.page_table
-    page_table[:n_inf] = batch.page_table[r]
-    s = x.sampling
-    s.temperature[:n_inf] = batch.temperature[r]
-    s.top_k[:n_inf] = batch.top_k[r]
-    s.top_p[:n_inf] = batch.top_p[r]
-    s.seed[:n_inf] = batch.seed[r]
-    s.sample_index[:n_seq] = out_idx
+    x.sampling.sample_index[:n_seq] = out_idx
     adapter = np.empty(n_seq, np.int32)
-    adapter[:n_inf] = batch.adapter[r]
+    adapter[:n_inf] = batch.adapter[rows]
     if ft is not None:
         page_table[n_inf, : len(ft.page_table)] = ft.page_table
         adapter[n_inf] = ft.adapter_index
     x.adapter_ids[:n_tok] = adapter[tok_seq]
     p_tok = positions[:n_tok]
     x.attn.slot_mapping[:n_tok] = page_table[tok_seq, p_tok // page_size] * page_size + p_tok % page_size
-    for slot, prev in pending:
-        x.prev_index[slot] = prev
     x.attn.kv_lens[:n_seq] = start + n
     cq = x.attn.cu_q_lens
     cq[1 : n_seq + 1] = cu

@@ -15,7 +15,7 @@ slots of a step write their K/V to, so the kernel needs no branch for them.
 
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Hashable, Iterable
 
 
 class OutOfPagesError(RuntimeError):
@@ -132,6 +132,13 @@ class KVCacheManager:
         table.extend(new)
         self._tokens[seq_id] = num_tokens
         return tuple(new)
+
+    def set_num_tokens(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int]) -> None:
+        """Record the token counts of sequences whose pages already hold them (decode tokens
+        that land in their last page's free slots): no allocation, and no per-sequence check, as
+        this is the hot path of a decode step (:meth:`check_invariants` catches misuse).
+        ``seq_ids`` and ``num_tokens`` pair up in order."""
+        self._tokens.update(zip(seq_ids, num_tokens))
 
     def free(self, seq_id: Hashable) -> int:
         """Release every page of ``seq_id`` (it finished, was aborted, or is preempted).

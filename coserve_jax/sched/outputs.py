@@ -135,22 +135,70 @@ class BackwardSlice:
     dropout_seed: int = 0
 
 
-@dataclasses.dataclass
-class SchedulerOutput:
-    """One step's plan: decode chunks first, then prefill chunks, in batch order; then at most one
-    finetuning forward chunk (after the inference tokens) and one backward slice.
+@dataclasses.dataclass(slots=True)
+class DecodeChunks:
+    """The one-token chunks of running requests in a step, in columns (vLLM v1's
+    ``CachedRequestData``; like vLLM's attention backends, a chunk of one query token counts as
+    a decode). Each samples a token. Their requests already have rows in the model runner's
+    batch (their first chunk made them), so only what changes every step travels: the token, its
+    position, the output index, and pages only for the few that crossed into a new page.
+
+    Almost every entry is a decode of a generated token; an entry with ``output_index == 0`` is
+    the last prompt token of a chunked prefill.
 
     Attributes:
-        chunks: the inference chunks. preempted: ids of the requests preempted while planning.
+        request_ids: the requests, in batch order.
+        token_ids: the token of each (``PENDING_TOKEN`` where still on the device).
+        starts: its position (= tokens of the request already in the KV cache).
+        output_index: tokens the request generated before this step's.
+        adapter_index: each request's LoRA adapter (0: the base model).
+        sampling: each request's :class:`SamplingRow`.
+        new_pages: entry index -> the pages this plan added to that request's table.
+    """
+
+    request_ids: list[Hashable] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    starts: list[int] = dataclasses.field(default_factory=list)
+    output_index: list[int] = dataclasses.field(default_factory=list)
+    adapter_index: list[int] = dataclasses.field(default_factory=list)
+    sampling: list[SamplingRow] = dataclasses.field(default_factory=list)
+    new_pages: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def chunk(self, i: int) -> ScheduledChunk:
+        """Entry ``i`` as a :class:`ScheduledChunk`."""
+        out = self.output_index[i]
+        return ScheduledChunk(
+            self.request_ids[i], self.starts[i], [self.token_ids[i]], self.new_pages.get(i, ()), True,
+            self.adapter_index[i], self.sampling[i], out, out > 0,
+        )
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """One step's plan: the one-token chunks (``decodes``) first, then the chunks of several
+    tokens or of new requests (``prefills``), in batch order; then at most one finetuning forward
+    chunk (after the inference tokens) and one backward slice. The inference sequences of a step,
+    in order, are ``decodes`` then ``prefills`` (:attr:`chunks` lists them as
+    :class:`ScheduledChunk`).
+
+    Attributes:
+        decodes: the one-token chunks of running requests, in columns (:class:`DecodeChunks`).
+        prefills: the other inference chunks: prompt chunks, and the first chunk of a new or
+            readmitted request (whatever its length).
+        preempted: ids of the requests preempted while planning.
         finished: ids of the requests that ended (finished, aborted) since the previous plan:
             their page tables can be dropped.
         finetune: the training forward chunk, if any. backward: the backward slice, if any.
-        has_pending_tokens: some decode chunk holds a :data:`PENDING_TOKEN`.
+        has_pending_tokens: some decode holds a :data:`PENDING_TOKEN`.
         training_recorded: the scheduler has recorded the training progress of this plan
             (:meth:`~coserve_jax.sched.scheduler.Scheduler.update_training`).
     """
 
-    chunks: list[ScheduledChunk]
+    decodes: DecodeChunks = dataclasses.field(default_factory=DecodeChunks)
+    prefills: list[ScheduledChunk] = dataclasses.field(default_factory=list)
     preempted: list[Hashable] = dataclasses.field(default_factory=list)
     finished: list[Hashable] = dataclasses.field(default_factory=list)
     finetune: FinetuneChunk | None = None
@@ -159,28 +207,58 @@ class SchedulerOutput:
     training_recorded: bool = dataclasses.field(default=False, compare=False)
 
     @property
+    def chunks(self) -> list[ScheduledChunk]:
+        """Every inference chunk, in batch order, as :class:`ScheduledChunk` (built on each
+        call: the step's hot paths read the columns)."""
+        d = self.decodes
+        return [d.chunk(i) for i in range(len(d))] + self.prefills
+
+    @property
+    def request_ids(self) -> list[Hashable]:
+        """The request of each inference sequence, in batch order."""
+        return self.decodes.request_ids + [c.request_id for c in self.prefills]
+
+    @property
+    def num_inference_seqs(self) -> int:
+        return len(self.decodes.request_ids) + len(self.prefills)
+
+    @property
+    def num_inference_tokens(self) -> int:
+        return len(self.decodes.request_ids) + sum(len(c.token_ids) for c in self.prefills)
+
+    @property
     def num_tokens(self) -> int:
         """Token slots the step needs: inference and finetuning forward tokens."""
-        return sum(c.num_tokens for c in self.chunks) + (self.finetune.num_tokens if self.finetune else 0)
+        return self.num_inference_tokens + (self.finetune.num_tokens if self.finetune else 0)
 
     @property
     def num_seqs(self) -> int:
         """Sequence slots the step needs (a finetuning chunk takes one)."""
-        return len(self.chunks) + (1 if self.finetune else 0)
+        return self.num_inference_seqs + (1 if self.finetune else 0)
 
     @property
     def is_empty(self) -> bool:
         """Nothing to run (``finished`` ids still have to reach the page-table keeper)."""
-        return not self.chunks and self.finetune is None and self.backward is None
+        return not self.decodes.request_ids and not self.prefills and self.finetune is None and self.backward is None
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(1 for c in self.chunks if c.is_decode)
+        """Tokens that decode a generated token (the last prompt token of a prefill not counted)."""
+        out = self.decodes.output_index
+        return len(out) - out.count(0) + sum(1 for c in self.prefills if c.is_decode)
+
+    def num_logprobs(self) -> list[int | None]:
+        """Per inference sequence, in batch order: the top logprobs it asks for (``None``: no
+        logprobs; a chunk that does not sample asks for none)."""
+        return [s.num_logprobs for s in self.decodes.sampling] + [
+            c.sampling.num_logprobs if c.sample else None for c in self.prefills
+        ]
 
     @property
     def max_num_logprobs(self) -> int | None:
-        """The most top logprobs any chunk asks for (``None``: no chunk asks for logprobs)."""
-        asks = [c.sampling.num_logprobs for c in self.chunks if c.sample and c.sampling.num_logprobs is not None]
+        """The most top logprobs any sequence asks for (``None``: none asks for logprobs)."""
+        asks = [r.num_logprobs for r in self.decodes.sampling if r.num_logprobs is not None]
+        asks += [c.sampling.num_logprobs for c in self.prefills if c.sample and c.sampling.num_logprobs is not None]
         return max(asks) if asks else None
 
 

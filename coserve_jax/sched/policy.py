@@ -126,7 +126,9 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
     """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.outputs.SchedulerOutput`)
     runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
     queries times the mean KV length they attend to) and its backward slice's length bucket."""
-    attn = sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.chunks)
+    d = plan.decodes
+    attn = sum(d.starts) + len(d.starts)  # a decode's query attends to start + 1 keys
+    attn += sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.prefills)
     if plan.finetune is not None:
         f = plan.finetune
         attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)

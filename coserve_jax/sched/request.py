@@ -23,7 +23,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # cancelled by the caller
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Request:
     """One generation request.
 

@@ -42,7 +42,7 @@ from typing import Hashable, Iterable
 
 from coserve_jax.sched.finetune import TrainingPhase, TrainingSequence
 from coserve_jax.sched.outputs import (
-    BackwardSlice, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
+    PENDING_TOKEN, BackwardSlice, DecodeChunks, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
 )
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
@@ -103,6 +103,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[Hashable, Request] = {}
         self._rows: dict[Hashable, SamplingRow] = {}  # per request, built once at admission
+        # per request: (min_tokens, ids that stop it, most output tokens), built once at admission
+        self._stops: dict[Hashable, tuple[int, frozenset[int], int]] = {}
         self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
         self._plan_pending = False  # the plan being made holds a PENDING_TOKEN
         self.num_preemptions = 0
@@ -136,6 +138,8 @@ class Scheduler:
         self.requests[request.request_id] = request
         p = request.params
         self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs)
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(request.eos_token_ids))
+        self._stops[request.request_id] = (p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
         self.waiting.append(request)
 
     def abort(self, request_id: Hashable) -> Request | None:
@@ -163,6 +167,7 @@ class Scheduler:
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         self._rows.pop(req.request_id, None)
+        self._stops.pop(req.request_id, None)
         self._ended.append(req.request_id)
 
     @property
@@ -303,38 +308,11 @@ class Scheduler:
             ft_cap = min(ft_cap, self.last_budget.max_finetune_tokens)
             allow_backward = self.last_budget.allow_backward
             inference = self.last_budget.inference
+        decodes = DecodeChunks()
         chunks: list[ScheduledChunk] = []
-        planned: set[int] = set()
         preempted: list[Hashable] = []
-        # Decodes (one token left to compute) before prefill chunks; admission order within each.
-        decodes, prefills = [], []
         if inference:
-            for r in self.running:
-                (prefills if r.num_tokens - r.num_computed_tokens > 1 else decodes).append(r)
-        kv = self.kv_cache
-        for req in decodes + prefills:
-            if budget == 0:
-                break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            if req.num_pending and self._ends_by_length(req):
-                continue  # its pending token is its last: nothing more to compute
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            end = req.num_computed_tokens + n
-            while not kv.can_grow(req.request_id, end):
-                if self._preempt_training():
-                    continue
-                victim = self._pick_victim(planned, req)
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                continue
-            new = self.kv_cache.grow(req.request_id, end) if end > self.kv_cache.num_tokens(req.request_id) else ()
-            chunks.append(self._chunk(req, n, new))
-            planned.add(id(req))
-            budget -= n
+            budget = self._schedule_running(budget, decodes, chunks, preempted)
         if not preempted and inference:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
@@ -351,12 +329,98 @@ class Scheduler:
                 budget -= n
         fwd, bwd = (None, None)
         if self.training:
-            fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(chunks), ft_cap, allow_backward)
+            fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(decodes) + len(chunks), ft_cap, allow_backward)
         pending, self._plan_pending = self._plan_pending, False
         finished, self._ended = self._ended, []
         return SchedulerOutput(
-            chunks=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd, has_pending_tokens=pending
+            decodes=decodes, prefills=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd,
+            has_pending_tokens=pending,
         )
+
+    def _schedule_running(
+        self, budget: int, decodes: DecodeChunks, chunks: list[ScheduledChunk], preempted: list[Hashable]
+    ) -> int:
+        """Plan the running requests (decodes first, then prefill chunks; admission order within
+        each) into ``decodes`` and ``chunks``; returns the budget left.
+
+        A decode's token usually lands in its request's last page: that case is the hot path
+        of a busy server and is written out inline (its page count is recorded for all decodes
+        at once); a decode that starts a page, and every prefill chunk, take the general path.
+        """
+        kv = self.kv_cache
+        page = kv.page_size
+        max_len = self.config.max_model_len
+        rows, running_status = self._rows, RequestStatus.RUNNING
+        ids, starts, new_pages = decodes.request_ids, decodes.starts, decodes.new_pages
+        add_id, add_tok, add_start = ids.append, decodes.token_ids.append, starts.append
+        add_out, add_adapter, add_row = decodes.output_index.append, decodes.adapter_index.append, decodes.sampling.append
+        multi: list[Request] = []
+        pending = False
+        for req in list(self.running):
+            if req.status is not running_status:  # preempted earlier in this loop
+                continue
+            outs, pend, start = req.output_token_ids, req.num_pending, req.num_computed_tokens
+            plen = len(req.prompt_token_ids)
+            n_out = len(outs) + pend
+            if plen + n_out - start > 1 or start == 0:
+                multi.append(req)
+                continue
+            if budget == 0:
+                break
+            if pend and (n_out >= req.params.max_tokens or plen + n_out >= max_len):
+                continue  # its pending token is its last: nothing more to compute
+            rid = req.request_id
+            if start % page == 0:  # the token starts a new page
+                new = self._grow(req, start + 1, preempted, decodes, chunks)
+                if new is None:
+                    continue  # preempted itself
+                if new:
+                    new_pages[len(ids)] = new
+            if pend:
+                add_tok(PENDING_TOKEN)
+                pending = True
+            else:
+                add_tok(outs[-1] if start >= plen else req.prompt_token_ids[start])
+            add_id(rid)
+            add_start(start)
+            add_out(n_out)
+            add_adapter(req.adapter_index)
+            add_row(rows[rid])
+            req.num_computed_tokens = start + 1
+            req.num_pending = pend + 1
+            budget -= 1
+        kv.set_num_tokens(ids, [s + 1 for s in starts])
+        if pending:
+            self._plan_pending = True
+        for req in multi:
+            if budget == 0:
+                break
+            if req.status is not running_status or (req.num_pending and self._ends_by_length(req)):
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            new = self._grow(req, req.num_computed_tokens + n, preempted, decodes, chunks)
+            if new is None:
+                continue
+            chunks.append(self._chunk(req, n, new))
+            budget -= n
+        return budget
+
+    def _grow(
+        self, req: Request, end: int, preempted: list[Hashable], decodes: DecodeChunks, chunks: list[ScheduledChunk]
+    ) -> tuple[int, ...] | None:
+        """Give ``req`` pages up to ``end`` tokens, preempting (training sequences first, then
+        the most recently admitted request not yet planned) while none are free. Returns the new
+        pages, or ``None`` when ``req`` itself had to be preempted."""
+        kv = self.kv_cache
+        while not kv.can_grow(req.request_id, end):
+            if self._preempt_training():
+                continue
+            victim = self._pick_victim(req, decodes, chunks)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return None
+        return kv.grow(req.request_id, end) if end > kv.num_tokens(req.request_id) else ()
 
     def _ends_by_length(self, req: Request) -> bool:
         """Whether the request's tokens (pending ones counted) already reach ``max_tokens`` or
@@ -381,10 +445,12 @@ class Scheduler:
             self._rows[req.request_id], out, n == 1 and start >= len(req.prompt_token_ids),
         )
 
-    def _pick_victim(self, planned: set[int], current: Request) -> Request:
+    def _pick_victim(self, current: Request, decodes: DecodeChunks, chunks: list[ScheduledChunk]) -> Request:
         """The most recently admitted running request not yet planned this step (else ``current``)."""
+        planned = set(decodes.request_ids)
+        planned.update(c.request_id for c in chunks)
         for req in reversed(self.running):
-            if req is not current and id(req) not in planned:
+            if req is not current and req.request_id not in planned:
                 return req
         return current
 
@@ -404,8 +470,8 @@ class Scheduler:
         Args:
             output: the plan the step ran.
             result: its :class:`~coserve_jax.sched.outputs.StepResult` (or just its ``sampled``
-                list): per inference chunk, in order, the sampled token id, or ``None`` for a
-                chunk that did not sample.
+                list): per inference chunk, in order, the sampled token id (a Python ``int``),
+                or ``None`` for a chunk that did not sample.
             now: the clock when the step ended (seconds); records first-token times.
         Returns:
             The requests that finished in this step (their pages are already freed).
@@ -416,12 +482,37 @@ class Scheduler:
         sampled = result.sampled if isinstance(result, StepResult) else list(result)
         if not output.training_recorded:
             self.update_training(output)
+        d = output.decodes
+        n = len(d.request_ids)
+        if len(sampled) != n + len(output.prefills):
+            raise ValueError(f"the result has {len(sampled)} entries; the plan has {n + len(output.prefills)} inference chunks")
         finished = []
-        for chunk, token in zip(output.chunks, sampled, strict=True):
+        requests, stops = self.requests, self._stops
+        for rid, token in zip(d.request_ids, sampled):  # the decodes: the hot path, inline
+            req = requests.get(rid)
+            if req is None:  # aborted or finished while the step ran
+                continue
+            if token is None:
+                raise ValueError(f"chunk of request {rid!r} samples but got no token")
+            req.num_pending -= 1
+            outs = req.output_token_ids
+            outs.append(token)
+            if req.first_token_time is None and now is not None:
+                req.first_token_time = now
+            min_tokens, stop_ids, max_out = stops[rid]
+            k = len(outs)
+            if token in stop_ids and k >= min_tokens:
+                self._finish(req, FinishReason.STOP)
+            elif k >= max_out:
+                self._finish(req, FinishReason.LENGTH)
+            else:
+                continue
+            finished.append(req)
+        for chunk, token in zip(output.prefills, sampled[n:]):
             if not chunk.sample:
                 continue
-            req = self.requests.get(chunk.request_id)
-            if req is None:  # aborted or finished while the step ran
+            req = requests.get(chunk.request_id)
+            if req is None:
                 continue
             if token is None:
                 raise ValueError(f"chunk of request {req.request_id!r} samples but got no token")
@@ -481,12 +572,10 @@ class Scheduler:
 
     def stop_reason(self, req: Request) -> FinishReason | None:
         """The token-level stop condition the request's last token meets, if any."""
-        p = req.params
-        last = req.output_token_ids[-1]
-        n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens:
-            if (not p.ignore_eos and last in req.eos_token_ids) or last in p.stop_token_ids:
-                return FinishReason.STOP
-        if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.config.max_model_len:
+        min_tokens, stop_ids, max_out = self._stops[req.request_id]
+        k = len(req.output_token_ids)
+        if k >= min_tokens and req.output_token_ids[-1] in stop_ids:
+            return FinishReason.STOP
+        if k >= max_out:
             return FinishReason.LENGTH
         return None
