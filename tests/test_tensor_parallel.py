@@ -75,15 +75,16 @@ def run_workload(family: str, tp: int, checkpoints) -> dict:
         shuffle=False, max_grad_norm=None, seed=4,
     )
     captured = {}
-    original = job.optimizer_step
+    original = engine.runner.optimizer_step
 
-    def spy(grads_acc):
-        row = job.store_row
+    def spy(j):
+        row = j.store_row
+        grads_acc = engine.runner.ft_buffers.grads
         captured["partials"] = {m: {w: np.asarray(g[row]) for w, g in d.items()} for m, d in grads_acc.items()}
-        captured["params"] = jax.tree.map(np.asarray, job.params)
-        return original(grads_acc)
+        captured["params"] = jax.tree.map(np.asarray, j.params)
+        return original(j)
 
-    job.optimizer_step = spy
+    engine.runner.optimizer_step = spy
     prompts = random_sequences((5, 17, 30, 9), vocab, seed=8)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True), [None, "a", None, "a"])
     engine.wait_for(job)
@@ -172,7 +173,7 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
         shapes = set(re.findall(r"= f32\[([\d,]+)\][^=]*? all-reduce(?:-start)?\(", hlo))
         assert shapes == {f"64,{eng.config.hidden_size}"}, shapes
         job = eng.create_finetuning_job(examples(vocab), lora=LoRAConfig(r=4, target_modules=list(modules)), max_steps=1)
-        update = count_collectives(job._update.as_text())
+        update = count_collectives(eng.runner.optimizers[job.id].as_text())
         assert update["all-reduce"] >= 1, update
     assert counts[("down_proj",)] == counts[LINEAR_MODULES]
 

@@ -23,8 +23,8 @@ from coserve_jax.sched.scheduler import SchedulerConfig
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Every limit and static shape of one engine (all resolved; see :class:`~coserve_jax.Engine`
-    for what each knob means).
+    """Every limit and static shape of one engine (all resolved; :meth:`resolve` says what each
+    knob means).
 
     Attributes:
         max_model_len: context length (tokens), at most the model's.
@@ -152,7 +152,61 @@ class EngineConfig:
             device_memory: the first device's ``memory_stats()`` (``bytes_limit``,
                 ``bytes_in_use``; ``None`` or without ``bytes_limit`` off GPUs): sizes the
                 default cache.
-            **rest: as :class:`~coserve_jax.Engine`.
+            max_model_len: context length in tokens (default: the checkpoint's).
+            max_num_seqs: most sequences running at once (and in one step).
+            max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
+            page_size: tokens per KV page.
+            num_kv_pages: pages in the KV cache (page 0 is scratch). Default: the fraction
+                ``kv_cache_memory_fraction`` of the device memory left after the weights, on devices
+                that report memory (GPU); elsewhere enough for ``max_num_seqs`` full-length sequences,
+                at most 1 GiB.
+            kv_cache_memory_fraction: see ``num_kv_pages``.
+            max_loras: adapter slots (0: no LoRA pool).
+            max_lora_rank: rank every slot is padded to.
+            lora_target_modules: modules the pool covers (default: all seven linear layers).
+            max_logprobs: most top logprobs a request may ask for.
+            token_buckets, seq_buckets: step shapes to compile (default: powers of two; see
+                :func:`coserve_jax.engine.step.make_buckets`).
+            attention_impl: ``"auto"`` (Pallas on GPU, the pure-JAX reference elsewhere), or one of
+                :data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`.
+            compilation_cache_dir: persistent XLA compilation cache (``None``: off; ``Engine``'s
+                default is ``$COSERVE_JAX_CACHE_DIR`` or ``~/.cache/coserve_jax/xla``).
+            seed: seeds the per-request seeds of requests that give none.
+            watermark_pages: free pages admission keeps for running requests to grow into
+                (default: 1% of the cache, at least 1).
+            max_finetune_jobs: finetuning jobs that can train at once (0: no finetuning; needs a
+                LoRA pool). Each takes an activation-store row of ``num_layers x
+                finetune_max_seq_len x hidden`` values.
+            finetune_max_seq_len: longest training sequence in tokens (default
+                ``min(max_model_len, 2048)``).
+            max_finetune_tokens: most finetuning forward tokens in one step (default: all of
+                ``max_num_batched_tokens`` that inference leaves).
+            finetune_layers_per_slice: decoder layers of backward work per step (divides the number
+                of layers).
+            finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
+                powers of two from 64 up to ``finetune_max_seq_len``).
+            scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
+                (each step sized from the latency model and the requests' SLOs,
+                :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
+                cached beside the compilation cache, and refined from every measured step), or a
+                baseline of :mod:`coserve_jax.sched.baseline_policies`: ``"fixed_budget"``,
+                ``"temporal"`` (see :meth:`Engine.set_scheduling_policy
+                <coserve_jax.engine.engine.Engine.set_scheduling_policy>`).
+            policy_options: keyword arguments of that policy (as ``Engine.set_scheduling_policy``).
+            slo: default SLOs and policy knobs (:class:`SLOConfig` or a dict of its fields) for
+                ``"hybrid"``.
+            measure_steps: time every step on the device (one sync per step) and log it with the
+                latency model's prediction in ``Engine.step_log`` (always on under ``"hybrid"``).
+            async_scheduling: overlap steps (vLLM's name; on by default): plan and build step N+1
+                while the device runs step N; ``Engine.step`` then returns step N's outputs one call
+                late (``False``: the synchronous loop, each step's outputs from its own call). Tokens are the
+                same either way; a request's end (EOS, a stop string) is seen one step late, so its
+                last step may compute one token that is thrown away. Measuring steps
+                (``measure_steps``, ``"hybrid"``) waits for each step, which undoes the overlap.
+            tensor_parallel_size: devices the model is split over, Megatron-style, with LoRA
+                adapters and finetuning state split by the same rule (:mod:`coserve_jax.parallel.rules`;
+                ``docs/parallelism.md``). The first ``tensor_parallel_size`` of ``jax.devices()``
+                (all processes') are used.
         Raises:
             ValueError: inconsistent limits (a cache too small for one ``max_model_len``
                 sequence, a slice size that does not divide the layers, bad buckets, an unknown

@@ -26,63 +26,44 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
-import json
 import os
-import pathlib
 import time
-import uuid
 from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.finetune_service import FinetuneService
+from coserve_jax.engine.input_processor import InputProcessor, Prompt
+from coserve_jax.engine.loading import load_engine_model
 from coserve_jax.engine.model_runner import ModelRunner
 from coserve_jax.engine.output_processor import OutputProcessor
 from coserve_jax.engine.outputs import RequestOutput, StepRecord
 from coserve_jax.engine.profile import fitted_latency_model
 from coserve_jax.engine.step import Bucket, configure_compilation_cache
-from coserve_jax.finetune import fused
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.finetune.job import FinetuneJob
 from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.lora.peft_io import LoRAWeights, read_peft
-from coserve_jax.models.lora_pool import LoRAPoolConfig
-from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
+from coserve_jax.models.config import LINEAR_MODULES
 from coserve_jax.models.decoder import CausalLM
-from coserve_jax.models.loader import is_gguf, load_config, load_model
 from coserve_jax.parallel.channel import HostChannel
 from coserve_jax.parallel.distributed import DistributedConfig, initialize_distributed
 from coserve_jax.parallel.mesh import make_mesh
-from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.outputs import SchedulerOutput
-from coserve_jax.sched.request import Request
-from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
+from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, step_shape
 from coserve_jax.sched.scheduler import Scheduler
 
-Prompt = str | Sequence[int]
-
-DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(pathlib.Path.home(), ".cache", "coserve_jax", "xla"))
+DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "coserve_jax", "xla"))
 
 
-def _eos_ids(path: str | os.PathLike | None, config: ModelConfig, tokenizer) -> frozenset[int]:
-    ids = set(config.eos_token_ids)
-    if path is not None:
-        gen = pathlib.Path(path) / "generation_config.json"  # (none beside a .gguf file: its metadata has the EOS)
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            if eos is not None:
-                ids = set(eos if isinstance(eos, list) else [eos])  # generation_config wins, as in HF
-    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)
+def _config_attr(name: str, doc: str) -> property:
+    """A read-only attribute of the engine that is its :class:`EngineConfig`'s field ``name``."""
+    return property(lambda self: getattr(self.engine_config, name), doc=doc)
 
 
 class Engine:
@@ -97,60 +78,19 @@ class Engine:
             ``None``: the model's own tokenizer (directory files or GGUF metadata) if it has one,
             else token ids only (``.text`` stays empty).
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
-        max_model_len: context length in tokens (default: the checkpoint's).
-        max_num_seqs: most sequences running at once (and in one step).
-        max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
-        page_size: tokens per KV page.
-        num_kv_pages: pages in the KV cache (page 0 is scratch). Default: the fraction
-            ``kv_cache_memory_fraction`` of the device memory left after the weights, on devices
-            that report memory (GPU); elsewhere enough for ``max_num_seqs`` full-length sequences,
-            at most 1 GiB.
-        kv_cache_memory_fraction: see ``num_kv_pages``.
-        max_loras: adapter slots (0: no LoRA pool).
-        max_lora_rank: rank every slot is padded to.
-        lora_target_modules: modules the pool covers (default: all seven linear layers).
-        max_logprobs: most top logprobs a request may ask for.
-        token_buckets, seq_buckets: step shapes to compile (default: powers of two; see
-            :func:`coserve_jax.engine.step.make_buckets`).
-        attention_impl: ``"auto"`` (Pallas on GPU, the pure-JAX reference elsewhere), or one of
-            :data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`.
-        compilation_cache_dir: persistent XLA compilation cache (``None``: off). Default
-            ``$COSERVE_JAX_CACHE_DIR`` or ``~/.cache/coserve_jax/xla``.
-        seed: seeds the per-request seeds of requests that give none.
-        watermark_pages: free pages admission keeps for running requests to grow into
-            (default: 1% of the cache, at least 1).
-        max_finetune_jobs: finetuning jobs that can train at once (0: no finetuning; needs a
-            LoRA pool). Each takes an activation-store row of ``num_layers x
-            finetune_max_seq_len x hidden`` values.
-        finetune_max_seq_len: longest training sequence in tokens (default
-            ``min(max_model_len, 2048)``).
-        max_finetune_tokens: most finetuning forward tokens in one step (default: all of
-            ``max_num_batched_tokens`` that inference leaves).
-        finetune_layers_per_slice: decoder layers of backward work per step (divides the number
-            of layers).
-        finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
-            powers of two from 64 up to ``finetune_max_seq_len``).
-        scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
-            (each step sized from the latency model and the requests' SLOs,
-            :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
-            cached beside the compilation cache, and refined from every measured step), or a
-            baseline of :mod:`coserve_jax.sched.baseline_policies`: ``"fixed_budget"``,
-            ``"temporal"`` (see :meth:`set_scheduling_policy`).
-        policy_options: keyword arguments of that policy (:meth:`set_scheduling_policy`).
-        slo: default SLOs and policy knobs (:class:`SLOConfig` or a dict of its fields) for
-            ``"hybrid"``.
-        measure_steps: time every step on the device (one sync per step) and log it with the
-            latency model's prediction in :attr:`step_log` (always on under ``"hybrid"``).
-        async_scheduling: overlap steps (vLLM's name; on by default): plan and build step N+1
-            while the device runs step N; :meth:`step` then returns step N's outputs one call
-            late (``False``: the synchronous loop, each step's outputs from its own call). Tokens are the
-            same either way; a request's end (EOS, a stop string) is seen one step late, so its
-            last step may compute one token that is thrown away. Measuring steps
-            (``measure_steps``, ``"hybrid"``) waits for each step, which undoes the overlap.
-        tensor_parallel_size: devices the model is split over, Megatron-style, with LoRA
-            adapters and finetuning state split by the same rule (:mod:`coserve_jax.parallel.rules`;
-            ``docs/parallelism.md``). The first ``tensor_parallel_size`` of ``jax.devices()``
-            (all processes') are used.
+        **knobs: the engine's limits and policies, each documented (with its default) in
+            :meth:`EngineConfig.resolve <coserve_jax.engine.config.EngineConfig.resolve>`, under
+            vLLM's names where vLLM has the knob: ``max_model_len``, ``max_num_seqs``,
+            ``max_num_batched_tokens``, ``page_size``, ``num_kv_pages``,
+            ``kv_cache_memory_fraction``, ``max_loras``, ``max_lora_rank``,
+            ``lora_target_modules``, ``max_logprobs``, ``token_buckets``, ``seq_buckets``,
+            ``attention_impl``, ``compilation_cache_dir`` (default ``$COSERVE_JAX_CACHE_DIR``
+            or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
+            ``max_finetune_jobs``, ``finetune_max_seq_len``, ``max_finetune_tokens``,
+            ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``scheduling_policy``,
+            ``policy_options``, ``slo``, ``measure_steps``, ``async_scheduling`` (on by
+            default: the host plans step N+1 while the device runs step N),
+            ``tensor_parallel_size``.
         distributed: multi-host: a :class:`~coserve_jax.parallel.distributed.DistributedConfig`
             (or a dict of its fields: ``coordinator_address``, ``num_processes``,
             ``process_id``) passed to ``jax.distributed.initialize`` before any device is used.
@@ -204,23 +144,17 @@ class Engine:
     ):
         initialize_distributed(distributed)
         configure_compilation_cache(compilation_cache_dir)
-        path = None
         self.mesh = make_mesh(tensor_parallel_size)
-        if isinstance(model, CausalLM):
-            self.model = model
-            self.rules = ShardingRules(model.config, self.mesh)
-            state = nnx.state(model)
-            nnx.update(model, jax.device_put(state, self.rules.state_shardings(state)))
-        else:
-            path = model
-            lora = LoRAPoolConfig(max_loras, max_lora_rank, tuple(lora_target_modules)) if max_loras > 0 else None
-            self.rules = ShardingRules(load_config(model, max_model_len=max_model_len), self.mesh)
-            self.model = load_model(model, dtype=dtype, lora=lora, max_model_len=max_model_len, sharding=self.rules.sharding)
-        config = self.model.config
-        self.config = config
+        loaded = load_engine_model(
+            model, self.mesh, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
+            max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules,
+        )
+        self.model, self.rules, self.model_path = loaded.model, loaded.rules, loaded.path
+        self.tokenizer, self.eos_token_ids = loaded.tokenizer, loaded.eos_token_ids
+        self.config = config = self.model.config
         """The model's :class:`~coserve_jax.models.config.ModelConfig`."""
         pool = self.model.lora.config if self.model.lora is not None else None
-        self.engine_config = EngineConfig.resolve(
+        self.engine_config = ec = EngineConfig.resolve(
             config, has_lora_pool=pool is not None, kv_cache_heads=self.rules.kv_cache_heads,
             dtype_itemsize=jnp.dtype(self.model.dtype).itemsize, device_memory=self.mesh.local_devices[0].memory_stats(),
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -236,14 +170,12 @@ class Engine:
             tensor_parallel_size=tensor_parallel_size,
         )
         """Every resolved limit, bucket grid and layout (:class:`~coserve_jax.engine.config.EngineConfig`)."""
-        ec = self.engine_config
-        self.tokenizer = self._tokenizer(tokenizer, path)
-        self.eos_token_ids = _eos_ids(path, config, self.tokenizer)
-        self.model_path = None if path is None else os.fspath(path)
         self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(ec.num_kv_pages, ec.page_size))
         self.runner = ModelRunner(self.model, self.rules, ec)
         """The device owner (:class:`~coserve_jax.engine.model_runner.ModelRunner`)."""
         self.compile_seconds = self.runner.compile()
+        self.inputs = InputProcessor(self.tokenizer, config.vocab_size, ec.max_logprobs, self.adapters, self.eos_token_ids, seed)
+        """Prompts into requests (:class:`~coserve_jax.engine.input_processor.InputProcessor`)."""
         self.finetuning = FinetuneService(ec, config, self.runner, self.scheduler, self.tokenizer, self.model_path)
         """The finetuning jobs' lifecycle (:class:`~coserve_jax.engine.finetune_service.FinetuneService`)."""
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
@@ -261,59 +193,23 @@ class Engine:
         self.set_scheduling_policy(scheduling_policy, **(policy_options or {}))
         if measure_steps:
             self._ensure_latency_model()
-        self._rng = np.random.default_rng(seed)
-        self._ids = itertools.count()
         self.num_steps = 0
 
     # ---- the resolved configuration, as attributes -----------------------------------------
-    @property
-    def max_model_len(self) -> int:
-        """Context length in tokens."""
-        return self.engine_config.max_model_len
-
-    @property
-    def page_size(self) -> int:
-        """Tokens per KV page."""
-        return self.engine_config.page_size
-
-    @property
-    def max_pages_per_seq(self) -> int:
-        """Page-table width."""
-        return self.engine_config.max_pages_per_seq
-
-    @property
-    def max_logprobs(self) -> int:
-        """Most top logprobs a request may ask for."""
-        return self.engine_config.max_logprobs
-
-    @property
-    def max_finetune_tokens(self) -> int:
-        """Most finetuning forward tokens in one step (0 without finetuning)."""
-        return self.engine_config.max_finetune_tokens
+    max_model_len = _config_attr("max_model_len", "Context length in tokens.")
+    page_size = _config_attr("page_size", "Tokens per KV page.")
+    max_pages_per_seq = _config_attr("max_pages_per_seq", "Page-table width.")
+    max_logprobs = _config_attr("max_logprobs", "Most top logprobs a request may ask for.")
+    max_finetune_tokens = _config_attr("max_finetune_tokens", "Most finetuning forward tokens in one step (0 without finetuning).")
+    attention_impl = _config_attr("attention_impl", "The attention implementation in use.")
+    finetune_layout = _config_attr("finetune", "The finetuning buffers' layout (``None``: no finetuning).")
+    tensor_parallel_size = _config_attr("tensor_parallel_size", "Devices the model is split over.")
+    kv_cache_bytes = _config_attr("kv_cache_bytes", "Bytes of K and V cache on each device.")
 
     @property
     def buckets(self) -> list[Bucket]:
         """The compiled step shapes."""
         return list(self.engine_config.buckets)
-
-    @property
-    def attention_impl(self) -> str:
-        """The attention implementation in use."""
-        return self.engine_config.attention_impl
-
-    @property
-    def finetune_layout(self) -> fused.FinetuneLayout | None:
-        """The finetuning buffers' layout (``None``: no finetuning)."""
-        return self.engine_config.finetune
-
-    @property
-    def tensor_parallel_size(self) -> int:
-        return self.engine_config.tensor_parallel_size
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        """Bytes of K and V cache on each device."""
-        return self.engine_config.kv_cache_bytes
 
     @property
     def adapters(self) -> AdapterManager | None:
@@ -354,23 +250,6 @@ class Engine:
         )
         self.scheduler.policy = policy
         self.scheduling_policy = name
-
-    # ---- construction helpers ------------------------------------------------------------
-    @staticmethod
-    def _tokenizer(tokenizer, path):
-        if tokenizer is None and path is not None and is_gguf(path):
-            from coserve_jax.models.gguf import load_gguf_tokenizer
-
-            return load_gguf_tokenizer(path)
-        if tokenizer is None and path is not None:
-            p = pathlib.Path(path)
-            if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-                tokenizer = p
-        if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
-            return tokenizer
-        from coserve_jax.tokenizer import load_tokenizer
-
-        return load_tokenizer(tokenizer)
 
     # ---- adapters ------------------------------------------------------------------------
     def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:
@@ -447,35 +326,21 @@ class Engine:
             AdapterError: the adapter does not fit the pool (rank, modules) or the name is taken.
             ValueError: bad settings.
         """
-        if self._channel is not None:  # the other processes get the same examples and id
-            config = self.finetuning.resolve_config(config, settings)
-            settings = {}
-            training_data = self.finetuning.examples(training_data, config)
-            if eval_dataset is not None:
-                eval_dataset = self.finetuning.examples(eval_dataset, config)
-            job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
-            self._publish("create_job", training_data, config, adapter_name, job_id, eval_dataset)
         return self.finetuning.create_job(
             training_data, config, adapter_name=adapter_name, job_id=job_id, eval_dataset=eval_dataset, **settings
         )
 
     def adapter_weights(self, job: FinetuneJob) -> LoRAWeights:
-        """A job's current adapter weights on the host (:meth:`FinetuneJob.lora_weights`; on a
-        multi-host engine every process joins the gather)."""
-        self._publish("fetch_adapter", job.id)
-        return job.lora_weights()
+        """A job's current adapter weights on the host (:meth:`FinetuneJob.lora_weights`)."""
+        return self.finetuning.adapter_weights(job)
 
     def export_adapter(self, job: FinetuneJob, path: str | os.PathLike) -> None:
-        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`; on a
-        multi-host engine every process joins the gather of its weights, process 0 writes)."""
-        self._publish("fetch_adapter", job.id)
-        job.export(path)
+        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`)."""
+        self.finetuning.export_adapter(job, path)
 
     def save_job_checkpoint(self, job: FinetuneJob) -> None:
-        """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`; every process of a
-        multi-host engine writes its part)."""
-        self._publish("save_job_checkpoint", job.id)
-        job.save_checkpoint()
+        """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`)."""
+        self.finetuning.save_checkpoint(job)
 
     def evaluate(
         self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
@@ -495,17 +360,11 @@ class Engine:
             FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
             DataValidationError, ValueError: bad data.
         """
-        eval_id = None
-        if self._channel is not None:
-            data = self.finetuning.examples(data, config or FinetuneConfig())
-            eval_id = f"eval-{uuid.uuid4().hex[:12]}"
-            self._publish("start_evaluation", data, adapter, config, eval_id)
-        ev = self.finetuning.start_evaluation(data, adapter, config, eval_id)
+        ev = self.finetuning.start_evaluation(data, adapter, config)
         try:
             while not ev.done:
                 self.step()
         finally:
-            self._publish("end_evaluation", ev.id)
             self.finetuning.end_evaluation(ev)
         return ev.record(time.time()).loss
 
@@ -569,33 +428,13 @@ class Engine:
                 a tokenizer, ``logprobs`` above ``max_logprobs``, a duplicate id.
             AdapterError: unknown adapter.
         """
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass prompts as token ids")
-            text, ids = prompt, list(self.tokenizer(prompt)["input_ids"])
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} is above max_logprobs={self.max_logprobs}")
-        adapter_index = 0
-        if adapter:
-            if self.adapters is None:
-                raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-            adapter_index = self.adapters.adapter_index(adapter)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-        req = Request(
-            request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, seed=seed,
-            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+        req, text = self.inputs.process(
+            prompt, params, adapter, request_id=request_id, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+            arrival_time=arrival_time,
         )
         self.scheduler.add_request(req)  # validates length and id
         self.outputs.add(req, text, index, adapter)
-        return rid
+        return req.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its pages. Returns its final output (``finish_reason="abort"``)."""
@@ -730,16 +569,9 @@ class Engine:
 
     # ---- batch and streaming APIs --------------------------------------------------------
     def _add_all(self, prompts, params, adapter) -> list[str]:
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        plist = as_params_list(params, len(prompts))
-        adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"got {len(adapters)} adapter names for {len(prompts)} prompts")
         ids = []
         try:
-            for i, (p, sp, a) in enumerate(zip(prompts, plist, adapters)):
+            for i, (p, sp, a) in enumerate(InputProcessor.batch(prompts, params, adapter)):
                 ids.append(self.add_request(p, sp, a, index=i))
         except Exception:
             for rid in ids:  # all or nothing

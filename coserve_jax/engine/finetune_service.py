@@ -18,7 +18,6 @@ import os
 import uuid
 from typing import Sequence
 
-import jax
 
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.model_runner import ModelRunner
@@ -60,8 +59,9 @@ class FinetuneService:
         """Every job, oldest first."""
         self.evaluations: dict[str, Evaluation] = {}  # passes of Engine.evaluate in flight
         self.publish = None
-        """Multi-host: a callable ``publish(kind, *args)`` that tells the other processes of a
-        lifecycle change made here (a cancel); ``None`` on one process."""
+        """Multi-host (process 0): a callable ``publish(kind, *args)`` that tells the other
+        processes of every call made here that they must repeat (job creation and cancel,
+        evaluation passes, gathers of a job's weights, checkpoints); ``None`` otherwise."""
         self._free_rows = list(range(config.finetune.max_jobs)) if config.finetune is not None else []
 
     @property
@@ -89,9 +89,16 @@ class FinetuneService:
         **settings,
     ) -> FinetuneJob:
         """Start a job (:meth:`coserve_jax.engine.engine.Engine.create_finetuning_job` documents
-        the arguments and errors)."""
+        the arguments and errors). Multi-host (``publish`` set): the other processes get the same
+        resolved config, examples and id."""
         self._require_finetuning()
         cfg = self.resolve_config(config, settings)
+        if self.publish is not None:
+            training_data = self.examples(training_data, cfg)
+            if eval_dataset is not None:
+                eval_dataset = self.examples(eval_dataset, cfg)
+            job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
+            self.publish("create_job", training_data, cfg, adapter_name, job_id, eval_dataset)
         lora = cfg.lora
         pool = self.runner.model.lora.config
         if lora.r > pool.max_lora_rank:
@@ -120,20 +127,20 @@ class FinetuneService:
             d_in, d_out = mc.module_dims(m)
             shapes[m] = ((mc.num_layers, d_in, pool.max_lora_rank), (mc.num_layers, pool.max_lora_rank, d_out))
         dtype = self.runner.model.dtype
-        update = jax.jit(make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, dtype, shapes), donate_argnums=(2,))
+        update = make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, dtype, shapes)
         checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
         row = self._free_rows[0]
         job = FinetuneJob(
             job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
             num_layers=mc.num_layers, layers_per_slice=layout.layers_per_slice,
-            params=self.runner.place_job_params(init_lora(mc, lora, cfg.seed)), tx=tx, update_fn=update,
+            params=self.runner.place_job_params(init_lora(mc, lora, cfg.seed)), tx=tx,
             checkpointer=checkpointer, base_model_name_or_path=self.model_path, cancel_fn=self.cancel_job,
             eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
             skipped_examples=examples.skipped_examples,
         )
         if cfg.resume:
             job.restore_latest()
-        job.compile_update(self.runner.ft_buffers.grads, adapters.slot_shardings())
+        self.runner.compile_optimizer(job, update)
         self.runner.load_adapter(name, job.lora_weights())
         job.adapter_index = adapters.adapter_index(name)
         self._free_rows.remove(row)
@@ -189,6 +196,10 @@ class FinetuneService:
         """Queue a validation pass of ``adapter`` (``None``: the base model) on ``data``; it runs
         as the engine steps (see :meth:`Engine.evaluate`)."""
         self._require_finetuning()
+        if self.publish is not None:  # the other processes get the same examples and id
+            data = self.examples(data, config or FinetuneConfig())
+            eval_id = eval_id or f"eval-{uuid.uuid4().hex[:12]}"
+            self.publish("start_evaluation", data, adapter, config, eval_id)
         index = self.runner.adapters.adapter_index(adapter) if adapter else 0
         examples = self.examples(data, config or FinetuneConfig())
         ev = Evaluation(eval_id or f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.model_config.num_layers,
@@ -199,8 +210,32 @@ class FinetuneService:
 
     def end_evaluation(self, ev: Evaluation) -> None:
         """Drop a pass (done or abandoned) and its sequence in flight."""
+        if self.publish is not None:
+            self.publish("end_evaluation", ev.id)
         self.evaluations.pop(ev.id, None)
         self.scheduler.remove_training(ev.id)
+
+    # ---- a job's state on the host ---------------------------------------------------------
+    def adapter_weights(self, job: FinetuneJob):
+        """A job's current adapter weights on the host (:meth:`FinetuneJob.lora_weights`; on a
+        multi-host engine every process joins the gather)."""
+        if self.publish is not None:
+            self.publish("fetch_adapter", job.id)
+        return job.lora_weights()
+
+    def export_adapter(self, job: FinetuneJob, path: str | os.PathLike) -> None:
+        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`; on a
+        multi-host engine every process joins the gather of its weights, process 0 writes)."""
+        if self.publish is not None:
+            self.publish("fetch_adapter", job.id)
+        job.export(path)
+
+    def save_checkpoint(self, job: FinetuneJob) -> None:
+        """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`; every process of a
+        multi-host engine writes its part)."""
+        if self.publish is not None:
+            self.publish("save_job_checkpoint", job.id)
+        job.save_checkpoint()
 
     # ---- the step --------------------------------------------------------------------------
     def record_forward(self, plan: SchedulerOutput, ft_loss) -> None:
@@ -243,6 +278,7 @@ class FinetuneService:
     def end_job(self, job: FinetuneJob, status: JobStatus, error: str | None = None) -> None:
         """Stop a job's training, record its final status and free its activation-store row."""
         self.scheduler.remove_training(job.id)
+        self.runner.release_optimizer(job.id)
         job.finish(status, error)
         if job.store_row not in self._free_rows:
             self._free_rows.append(job.store_row)

@@ -48,6 +48,7 @@ class ModelRunner:
             finetuning.
         adapters: the :class:`~coserve_jax.lora.manager.AdapterManager` of the pool, or ``None``.
         compile_seconds: seconds :meth:`compile` took (persistent-cache hits included).
+        optimizers: job id -> the job's compiled optimizer step (:meth:`compile_optimizer`).
     """
 
     def __init__(self, model: CausalLM, rules: ShardingRules, config: EngineConfig):
@@ -64,6 +65,7 @@ class ModelRunner:
         if config.finetune is not None:
             self.ft_buffers = fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules)
         self.state = nnx.state(model)
+        self.optimizers: dict[str, jax.stages.Compiled] = {}
         self.step_fn = CompiledStep(
             model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
             finetune_tokens=config.max_finetune_tokens, num_store_rows=config.finetune_rows,
@@ -185,13 +187,56 @@ class ModelRunner:
         """Zero a job's gradient-accumulator row (a new job taking it)."""
         self.ft_buffers = self.ft_buffers._replace(grads=self._zero_row(self.ft_buffers.grads, np.int32(row)))
 
+    def compile_optimizer(self, job, update_fn) -> None:
+        """Compile a job's optimizer step ahead of time (so no serving step compiles), kept in
+        :attr:`optimizers` under the job's id until :meth:`release_optimizer`.
+
+        Args:
+            job: the :class:`~coserve_jax.finetune.job.FinetuneJob` (its placed master weights
+                and optimizer state give the shapes and shardings).
+            update_fn: the pure step of :func:`~coserve_jax.finetune.optim.make_update_fn`.
+
+        The new weights, optimizer state and accumulators must come back placed as they went in
+        (the next step's compiled inputs), and the slot weights as the pool's writer takes them
+        (:meth:`~coserve_jax.lora.manager.AdapterManager.slot_shardings`); where XLA's
+        propagation chose otherwise (under tensor parallelism it may replicate an output), the
+        step is compiled again with those outputs pinned.
+        """
+        args = (job.params, job.opt_state, self.ft_buffers.grads, np.int32(0), np.int32(0))
+        compiled = jax.jit(update_fn, donate_argnums=(2,)).lower(*args).compile()
+        outs = tuple(compiled.output_shardings)
+        want = [jax.tree.map(lambda a: a.sharding, x) for x in args[:3]]
+        want += [self.adapters.slot_shardings(), *outs[4:]]
+        mesh_sharding = next(iter(jax.tree.leaves(want[0])))
+        if isinstance(mesh_sharding, jax.sharding.NamedSharding):  # (one device: nothing to pin)
+            rep = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
+            devices = mesh_sharding.device_set
+            want = jax.tree.map(lambda o: o if o.device_set == devices else rep, tuple(want))
+            out_struct = jax.eval_shape(update_fn, *args)
+            same = all(
+                o.is_equivalent_to(w, x.ndim)
+                for o, w, x in zip(jax.tree.leaves(outs), jax.tree.leaves(want), jax.tree.leaves(out_struct))
+            )
+            if not same:
+                compiled = jax.jit(update_fn, donate_argnums=(2,), out_shardings=want).lower(*args).compile()
+        self.optimizers[job.id] = compiled
+
+    def release_optimizer(self, job_id: str) -> None:
+        """Drop an ended job's optimizer executable (unknown ids are ignored)."""
+        self.optimizers.pop(job_id, None)
+
     def optimizer_step(self, job) -> None:
-        """Run ``job``'s optimizer step on its accumulated gradient and write its new weights
-        into its adapter slot (:meth:`~coserve_jax.finetune.job.FinetuneJob.optimizer_step`)."""
-        grads, pool = job.optimizer_step(self.ft_buffers.grads)
+        """Run ``job``'s optimizer step on its accumulated gradient (zeroing its accumulator
+        row), hand the job its new master weights and optimizer state
+        (:meth:`~coserve_jax.finetune.job.FinetuneJob.record_optimizer_step`), and write the new
+        weights into its adapter slot."""
+        params, opt_state, grads, pool, norm, lr = self.optimizers[job.id](
+            job.params, job.opt_state, self.ft_buffers.grads, np.int32(job.store_row), np.int32(job.step)
+        )
         self.ft_buffers = self.ft_buffers._replace(grads=grads)
         self.adapters.write_weights(job.adapter_index, pool)
         self.refresh_state()
+        job.record_optimizer_step(params, opt_state, norm, lr)
 
     def load_adapter(self, name: str, source) -> None:
         """Load an adapter into a free slot (:meth:`AdapterManager.load`)."""

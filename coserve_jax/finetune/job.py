@@ -3,9 +3,11 @@ and the handle users hold (:class:`FinetuneJob`).
 
 The engine drives it (:meth:`coserve_jax.engine.Engine.create_finetuning_job`): it asks the job
 for its next :class:`~coserve_jax.sched.finetune.TrainingSequence`, tells it each forward chunk's
-loss and each sequence that finished its backward, and lets it run the optimizer step when an
-accumulation group is complete. The job then writes its new weights into its adapter slot, so
-inference requests naming the job's adapter get the latest optimizer step's weights.
+loss and each sequence that finished its backward, and, when an accumulation group is complete,
+has the model runner run the optimizer step on the job's master weights and optimizer state
+(:meth:`FinetuneJob.record_optimizer_step` takes the result) and write the new weights into the
+job's adapter slot, so inference requests naming the job's adapter get the latest optimizer
+step's weights.
 
 Data order: sequence ``k`` (counting across epochs) is example ``perm_e[k mod N]`` of epoch
 ``e = k div N``, with ``perm_e`` a shuffle seeded by ``(seed, e)``; optimizer step ``g`` uses
@@ -29,7 +31,6 @@ import random
 import time
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 
 from coserve_jax.finetune.checkpoint import JobCheckpointer
@@ -106,7 +107,6 @@ class FinetuneJob:
         layers_per_slice: int,
         params: dict,
         tx,
-        update_fn: Callable,
         checkpointer: JobCheckpointer | None,
         base_model_name_or_path: str | None,
         cancel_fn: Callable[["FinetuneJob"], None],
@@ -124,7 +124,6 @@ class FinetuneJob:
         self.layers_per_slice = layers_per_slice
         self.params = params
         self.opt_state = tx.init(params)
-        self._update = update_fn
         self.checkpointer = checkpointer
         self.base_model_name_or_path = base_model_name_or_path
         self._cancel_fn = cancel_fn
@@ -291,19 +290,16 @@ class FinetuneJob:
         self.trained_tokens += seq.num_tokens
         return seq.index + 1 == self._group(self.step).stop
 
-    def optimizer_step(self, grads_acc: dict) -> tuple[dict, dict]:
-        """Apply the optimizer to the accumulated gradient.
-
-        Returns:
-            ``(grads_acc, pool_weights)``: the accumulators with this job's row zeroed, and the
-            new weights in the pool's layout (``{m: (A, B)}``) for the engine to write.
-        """
-        self.params, self.opt_state, grads_acc, pool, norm, lr = self._update(
-            self.params, self.opt_state, grads_acc, np.int32(self.store_row), np.int32(self.step)
-        )
+    def record_optimizer_step(self, params: dict, opt_state, grad_norm, lr) -> None:
+        """Take the result of the optimizer step the model runner ran on this job's accumulated
+        gradient (:meth:`~coserve_jax.engine.model_runner.ModelRunner.optimizer_step`): the new
+        master weights and optimizer state, the gradient's global norm and the learning rate
+        used (device scalars). Records the step's loss, and asks for a validation pass or a
+        checkpoint when one is due."""
+        self.params, self.opt_state = params, opt_state
         loss = float(sum(float(x) for x in self._group_loss))
         self.step += 1
-        self.loss_history.append(LossRecord(self.step, loss, float(norm), float(lr), self._group_tokens, time.time()))
+        self.loss_history.append(LossRecord(self.step, loss, float(grad_norm), float(lr), self._group_tokens, time.time()))
         self._group_loss, self._group_tokens = [], 0
         if self._eval_due(self.step):
             self.request_evaluation()
@@ -311,42 +307,6 @@ class FinetuneJob:
             every = self.config.save_steps
             if self.step == self.total_steps or (every and self.step % every == 0):
                 self.save_checkpoint()
-        return grads_acc, pool
-
-    def compile_update(self, grads_like: dict, pool_shardings: dict | None = None) -> None:
-        """Compile the optimizer step ahead of time (so no step of the engine compiles).
-
-        Args:
-            grads_like: the gradient accumulators (shapes and shardings).
-            pool_shardings: ``{module: (A, B)}`` shardings the adapter pool's writer takes for
-                one slot (:meth:`~coserve_jax.lora.manager.AdapterManager.slot_shardings`).
-
-        The new weights, optimizer state and accumulators must come back placed as they went in
-        (the next step's compiled inputs), and the slot weights as the pool's writer takes them;
-        where XLA's propagation chose otherwise (under tensor parallelism it may replicate an
-        output), the step is compiled again with those outputs pinned.
-        """
-        args = (self.params, self.opt_state, grads_like, np.int32(0), np.int32(0))
-        compiled = self._update.lower(*args).compile()
-        outs = tuple(compiled.output_shardings)
-        want = [jax.tree.map(lambda a: a.sharding, x) for x in args[:3]]
-        want += [pool_shardings if pool_shardings is not None else outs[3], *outs[4:]]
-        mesh_sharding = next(iter(jax.tree.leaves(want[0])))
-        if not isinstance(mesh_sharding, jax.sharding.NamedSharding):
-            self._update = compiled  # one device: nothing to pin
-            return
-        rep = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
-        devices = mesh_sharding.device_set
-        want = jax.tree.map(lambda o: o if o.device_set == devices else rep, tuple(want))
-        out_struct = jax.eval_shape(self._update.__wrapped__, *args)
-        same = all(
-            o.is_equivalent_to(w, x.ndim)
-            for o, w, x in zip(jax.tree.leaves(outs), jax.tree.leaves(want), jax.tree.leaves(out_struct))
-        )
-        if not same:
-            fn = jax.jit(self._update.__wrapped__, donate_argnums=(2,), out_shardings=want)
-            compiled = fn.lower(*args).compile()
-        self._update = compiled
 
     def finish(self, status: JobStatus, error: str | None = None) -> None:
         self.status = status
