@@ -47,7 +47,9 @@ def engines(hf_checkpoint):
     return get
 
 
-@pytest.mark.parametrize("family", [f if f in ("llama31", "qwen2") else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)])
+# Llama-3.1 in the default suite; the other families (Qwen2's q/k/v bias and tied embeddings
+# among them, whose logits test_model_vs_hf checks against transformers) in the slow tier.
+@pytest.mark.parametrize("family", [f if f == "llama31" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)])
 def test_greedy_matches_transformers(engines, family):
     engine, hf = engines(family)
     prompts = prompts_1_to_300(hf.config.vocab_size)

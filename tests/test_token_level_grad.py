@@ -50,9 +50,9 @@ def test_chunked_forward_sliced_backward_equals_jax_grad(family, chunk, layers_p
         config, base, lora, scaling, tokens, loss_mask, normalizer, kc, vc, page_table,
         chunk=chunk, layers_per_slice=layers_per_slice,
     )
-    ref_loss, ref_grads = jax.value_and_grad(
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(  # (jitted only for speed)
         lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer)
-    )(lora)
+    ))(lora)
     assert rel(loss, ref_loss) < 1e-6
     for m in MODULES:
         for w in ("A", "B"):
@@ -64,8 +64,9 @@ def test_prompt_mask_matters():
     """Control: the reference sees the mask (a different mask gives a different gradient)."""
     config, base, lora, scaling, model = setup()
     tokens = jnp.arange(30, dtype=jnp.int32) % config.vocab_size
-    g1 = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, jnp.arange(30) >= 10, 20.0))(lora)
-    g2 = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, jnp.arange(30) >= 0, 20.0))(lora)
+    grad_fn = jax.jit(jax.grad(lambda lo, mask: whole_sequence_loss(model, lo, scaling, tokens, mask, 20.0)))  # (jitted for speed)
+    g1 = grad_fn(lora, jnp.arange(30) >= 10)
+    g2 = grad_fn(lora, jnp.arange(30) >= 0)
     assert rel(g1["q_proj"]["A"], g2["q_proj"]["A"]) > 1e-3
 
 
@@ -85,8 +86,11 @@ def test_lora_dropout_masks_repeat_in_chunks_and_recompute(chunk):
         config, base, lora, scaling, tokens, loss_mask, normalizer, jnp.zeros(shape), jnp.zeros(shape), page_table,
         chunk=chunk, layers_per_slice=1, dropout_rate=0.3, dropout_seed=11,
     )
-    ref = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer, 0.3, 11))(lora)
-    other = jax.grad(lambda lo: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer, 0.3, 12))(lora)
+    grad_fn = jax.jit(jax.grad(  # (jitted only for speed)
+        lambda lo, seed: whole_sequence_loss(model, lo, scaling, tokens, loss_mask, normalizer, 0.3, seed)
+    ))
+    ref = grad_fn(lora, jnp.uint32(11))
+    other = grad_fn(lora, jnp.uint32(12))
     for m in MODULES:
         for w in ("A", "B"):
             assert rel(grads[m][w], ref[m][w]) <= 1e-5, (m, w)
