@@ -6,7 +6,7 @@ sequence, so only host work is timed. ``N`` requests are first prefilled, then e
 decode step of all ``N`` (the steady state of a busy server); a second series adds a 512-token
 prefill chunk of a newly arriving request to each step.
 
-    python bench/host_overhead.py --out bench/results/host_overhead_cpu.json
+    python bench/host_overhead.py --steps 300 --rounds 5 --out bench/results/host_overhead_cpu.json
 """
 
 from __future__ import annotations
@@ -72,21 +72,30 @@ def run(n: int, steps: int, with_prefill: bool) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="timed steps of each series in each round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds, each running every series once (interleaved, so a noisy spell hits all series alike)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     result = {
         "command": "python bench/host_overhead.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "settings": {"page_size": PAGE, "max_model_len": MAX_LEN, "max_num_batched_tokens": BUDGET, "prompt_tokens": 1024},
+        "settings": {"page_size": PAGE, "max_model_len": MAX_LEN, "max_num_batched_tokens": BUDGET, "prompt_tokens": 1024,
+                     "steps": args.steps, "rounds": args.rounds},
         "runs": [],
     }
-    for n in (64, 256):
-        for with_prefill in (False, True):
-            r = run(n, args.steps, with_prefill)
-            result["runs"].append({"running_requests": n, "plus_prefill_chunk": with_prefill, **r})
-            print(f"{n:4d} running{' + prefill chunk' if with_prefill else '':16s}: " + ", ".join(
-                f"{k} {v['mean_us']:.0f} us" for k, v in r.items()))
+    series = [(n, with_prefill) for n in (64, 256) for with_prefill in (False, True)]
+    rounds = {key: [] for key in series}
+    for _ in range(args.rounds):
+        for n, with_prefill in series:
+            rounds[n, with_prefill].append(run(n, args.steps, with_prefill))
+    for (n, with_prefill), rs in rounds.items():
+        # per stage: the median over rounds of each round's mean / p50 / p99
+        summary = {k: {s: statistics.median(r[k][s] for r in rs) for s in rs[0][k]} for k in rs[0]}
+        result["runs"].append({"running_requests": n, "plus_prefill_chunk": with_prefill, **summary,
+                               "rounds_total_p50_us": [r["total"]["p50_us"] for r in rs]})
+        print(f"{n:4d} running{' + prefill chunk' if with_prefill else '':16s}: " + ", ".join(
+            f"{k} {v['p50_us']:.0f} us" for k, v in summary.items()) + " (p50, median of rounds)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

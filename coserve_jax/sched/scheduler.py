@@ -357,7 +357,7 @@ class Scheduler:
         multi: list[Request] = []
         pending = False
         for req in list(self.running):
-            if req.status is not running_status:  # preempted earlier in this loop
+            if preempted and req.status is not running_status:  # preempted earlier in this loop
                 continue
             outs, pend, start = req.output_token_ids, req.num_pending, req.num_computed_tokens
             plen = len(req.prompt_token_ids)
@@ -389,7 +389,7 @@ class Scheduler:
             req.num_computed_tokens = start + 1
             req.num_pending = pend + 1
             budget -= 1
-        kv.set_num_tokens(ids, [s + 1 for s in starts])
+        kv.set_num_tokens(ids, map((1).__add__, starts))  # each decode now holds start + 1 tokens
         if pending:
             self._plan_pending = True
         for req in multi:
