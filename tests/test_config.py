@@ -73,3 +73,17 @@ def test_sliding_window_that_never_applies_is_accepted():
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_reference_attention_caps_the_default_context(caplog):
+    """With the reference attention (CPU) the engine's default context is at most 2048 tokens,
+    with a warning; an explicit max_model_len, or another implementation, keeps what was asked."""
+    from coserve_jax.engine.config import REFERENCE_DEFAULT_MAX_MODEL_LEN, EngineConfig
+
+    mc = ModelConfig.from_hf_dict({**BASE, "max_position_embeddings": 8192})
+    kw = dict(has_lora_pool=False, kv_cache_heads=4, dtype_itemsize=4, max_finetune_jobs=0, num_kv_pages=2000)
+    with caplog.at_level("WARNING", logger="coserve_jax.engine"):
+        assert EngineConfig.resolve(mc, attention_impl="reference", **kw).max_model_len == REFERENCE_DEFAULT_MAX_MODEL_LEN == 2048
+    assert "8192" in caplog.text and "max_model_len" in caplog.text
+    assert EngineConfig.resolve(mc, attention_impl="reference", max_model_len=4096, **kw).max_model_len == 4096
+    assert EngineConfig.resolve(mc, attention_impl="pallas", **kw).max_model_len == 8192

@@ -86,6 +86,12 @@ def test_bad_records_reported_with_line_numbers(tok, tmp_path):
     assert "no assistant message" in msg and "must be a JSON object" in msg and "above max_seq_len=100" in msg
     with pytest.raises(DataValidationError, match="no records"):
         load_dataset(write_jsonl(tmp_path / "empty.jsonl", [""]), tok)
+    # a GSM8K-style file without the mapping: the error names the columns that read it, which do
+    gsm = [{"question": "1 + 1?", "answer": "2"}, {"question": "2 + 2?", "answer": "4"}]
+    with pytest.raises(DataValidationError) as e:
+        load_dataset(write_jsonl(tmp_path / "gsm.jsonl", gsm), tok)
+    assert "columns={'prompt': 'question', 'completion': 'answer'}" in str(e.value)
+    assert len(load_dataset(tmp_path / "gsm.jsonl", tok, columns={"prompt": "question", "completion": "answer"})) == 2
 
 
 def test_long_records_are_truncated_or_skipped_and_counted(tok, tmp_path):

@@ -183,12 +183,15 @@ def test_exported_adapter_loads_in_peft_with_matching_logits(engine, tmp_path):
     eng, hf, path = engine
     job = eng.create_finetuning_job(
         examples(hf.config.vocab_size), learning_rate=5e-2, max_steps=3,
-        lora={"r": 6, "lora_alpha": 12, "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj"]},
+        lora={"r": 6, "lora_alpha": 12, "target_modules": ["q_proj", "k_proj", "gate_proj", "down_proj"],
+              "init_lora_weights": "gaussian", "lora_dropout": 0.05},
     )
     eng.wait_for(job)
+    assert str(job.status) == "succeeded"  # the value, not "JobStatus.SUCCEEDED"
     job.export(tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 6 and cfg["lora_alpha"] == 12
+    assert cfg["init_lora_weights"] == "gaussian" and cfg["lora_dropout"] == 0.05  # how it was trained
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     seqs = random_sequences([9, 70], hf.config.vocab_size, seed=6)
     ref = hf_logits(peft_model, seqs)

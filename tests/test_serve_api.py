@@ -212,11 +212,12 @@ def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, htt
     assert not errors and len(results) == 4
     during = client.fine_tuning.jobs.retrieve(job.id)
     assert during.status == "running" and during.model_extra["step"] < 24, "the job ended before the chats: make it longer"
+    assert during.estimated_finish is not None and during.estimated_finish >= during.created_at  # from its measured pace
 
     done = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
                       timeout=600, interval=0.5)
     assert done.status == "succeeded", done.error
-    assert done.trained_tokens > 0 and done.finished_at is not None
+    assert done.trained_tokens > 0 and done.finished_at is not None and done.estimated_finish is None
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     metrics = [e for e in events if e.type == "metrics"]
     assert [e.data["step"] for e in metrics] == list(range(24, 0, -1))  # newest first
@@ -236,6 +237,14 @@ def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, htt
     # A finished job cannot be cancelled.
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+    # Its model can be deleted (the slot is freed; the job's record stays); the base model cannot.
+    assert client.models.delete(done.fine_tuned_model).deleted
+    assert done.fine_tuned_model not in [m.id for m in client.models.list().data]
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(done.fine_tuned_model)
+    with pytest.raises(openai.BadRequestError):
+        client.models.delete(BASE)
 
 
 def test_long_records_are_truncated_and_validation_loss_is_reported(client, http, tmp_path):
@@ -309,6 +318,11 @@ BAD_REQUESTS = {
     "unknown fine-tuning job": ("/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404, None),
     "fine-tuning from an unknown file": ("/v1/fine_tuning/jobs", {"model": BASE, "training_file": "file-nope"}, 400, "training_file"),
     "fine-tuning an unknown model": ("/v1/fine_tuning/jobs", {"model": "gpt-17", "training_file": "file-nope"}, 404, "model"),
+    "tokenize with neither prompt nor messages": ("/tokenize", {"model": BASE}, 400, "prompt"),
+    "tokenize with both prompt and messages": ("/tokenize", {"prompt": "a", "messages": CHAT}, 400, "prompt"),
+    "detokenize outside the vocabulary": ("/detokenize", {"tokens": [1, 10**7]}, 400, "tokens"),
+    "detokenize without tokens": ("/detokenize", {"model": BASE}, 400, None),
+    "tokenize for an unknown model": ("/tokenize", {"model": "gpt-17", "prompt": "a"}, 404, "model"),
 }
 
 
@@ -325,9 +339,48 @@ def test_bad_request_gets_openai_error_and_server_carries_on(http, case):
     assert ok.status_code == 200, ok.text
 
 
+def test_files_list_pages_orders_and_filters(client, tmp_path):
+    for i in range(3):
+        p = tmp_path / f"doc{i}.jsonl"
+        p.write_text(json.dumps({"text": f"document {i}"}) + "\n")
+        with open(p, "rb") as f:
+            client.files.create(file=f, purpose="fine-tune")
+    newest_first = [f.id for f in client.files.list().data]
+    assert len(newest_first) >= 3
+    first = client.files.list(limit=1)
+    assert [f.id for f in first.data] == newest_first[:1] and first.has_more
+    walked = [f.id for f in client.files.list(limit=2)]  # the client follows `after` page by page
+    assert walked == newest_first
+    assert [f.id for f in client.files.list(order="asc")] == newest_first[::-1]
+    assert [f.id for f in client.files.list(purpose="fine-tune")] == newest_first
+    assert client.files.list(purpose="batch").data == []
+    with pytest.raises(openai.BadRequestError):
+        client.files.list(order="sideways")
+
+
+def test_tokenize_and_detokenize_agree_with_the_tokenizer(http, hf_tokenizer):
+    """vLLM's /tokenize (a prompt, or chat messages through the template) and /detokenize."""
+    text = "Tokenize me, please: 12345."
+    r = _post(http, "/tokenize", {"model": BASE, "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = hf_tokenizer.encode(text)  # special tokens added, as vLLM's default
+    assert got["tokens"] == want and got["count"] == len(want) and got["max_model_len"] > 0
+    assert got["token_strs"] == hf_tokenizer.convert_ids_to_tokens(want)
+    bare = _post(http, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == hf_tokenizer.encode(text, add_special_tokens=False) != want
+    chat = _post(http, "/tokenize", {"messages": CHAT}).json()
+    rendered = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == hf_tokenizer.encode(rendered, add_special_tokens=False)
+    back = _post(http, "/detokenize", {"model": BASE, "tokens": bare["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+
+
 def test_api_key_is_required_everywhere_but_health(server, client):
     with httpx.Client(base_url=server.url, timeout=30) as bare:
         assert bare.get("/health").status_code == 200
+        assert bare.get("/ping").status_code == 200 and bare.post("/ping").status_code == 200
+        assert bare.get("/version").json()["version"]
         for path in ("/v1/models", "/metrics"):
             r = bare.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"

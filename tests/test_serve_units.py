@@ -39,6 +39,32 @@ def test_config_precedence_file_then_flags_then_set(tmp_path):
     assert cfg.engine_kwargs()["max_num_seqs"] == 8 and "finetune_max_seq_len" in cfg.engine_kwargs()  # tiny defaults fill in
 
 
+def test_vllm_flags_set_the_model_and_engine_keys():
+    """vLLM's flag names, generated from the model section and Engine's signature, set the config
+    keys they name (values read as YAML); --set still wins; --lora-modules takes NAME=PATH."""
+    import inspect
+
+    from coserve_jax.engine import Engine
+    from coserve_jax.serve.__main__ import engine_flags
+
+    cfg = config_from_args([
+        "--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "8", "--max-loras", "2", "--max-lora-rank", "8",
+        "--tensor-parallel-size", "2", "--token-buckets", "[32, 64]", "--async-scheduling", "false", "--seed", "3",
+        "--lora-modules", "sql=/adapters/sql", "chat=/adapters/chat", "--set", "engine.max_num_seqs=4",
+    ])
+    assert (cfg.model.max_model_len, cfg.model.dtype) == (512, "float32")
+    assert {k: cfg.engine[k] for k in ("max_num_seqs", "max_loras", "max_lora_rank", "tensor_parallel_size", "seed")} == dict(
+        max_num_seqs=4, max_loras=2, max_lora_rank=8, tensor_parallel_size=2, seed=3)
+    assert cfg.engine["token_buckets"] == [32, 64] and cfg.engine["async_scheduling"] is False
+    assert cfg.lora_modules == {"sql": "/adapters/sql", "chat": "/adapters/chat"}
+    keys = {key for _, key, _ in engine_flags()}
+    engine_args = set(inspect.signature(Engine.__init__).parameters) - {"self", "model", "tokenizer", "dtype", "max_model_len"}
+    assert {k.removeprefix("engine.") for k in keys if k.startswith("engine.")} == engine_args
+    assert config_from_args([]).engine == {}  # unset flags set nothing
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        config_from_args(["--lora-modules", "no-equals-sign"])
+
+
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("COSERVE_API_KEY", "from-env")
     assert config_from_args([]).api_key == "from-env"

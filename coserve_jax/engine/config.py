@@ -10,6 +10,7 @@ the same part), so it pickles and prints.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Mapping, Sequence
 
@@ -19,6 +20,13 @@ from coserve_jax.kernels.paged_attention import IMPLEMENTATIONS, default_impleme
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
 from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig
 from coserve_jax.sched.scheduler import SchedulerConfig
+
+log = logging.getLogger("coserve_jax.engine")
+
+REFERENCE_DEFAULT_MAX_MODEL_LEN = 2048
+"""The default context length when the attention is the pure-JAX reference (CPU): it gathers each
+sequence's pages to ``max_model_len`` width, so a checkpoint's long context (8192 for SmolLM2,
+131072 for Llama 3.1) would slow every step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +160,9 @@ class EngineConfig:
             device_memory: the first device's ``memory_stats()`` (``bytes_limit``,
                 ``bytes_in_use``; ``None`` or without ``bytes_limit`` off GPUs): sizes the
                 default cache.
-            max_model_len: context length in tokens (default: the checkpoint's).
+            max_model_len: context length in tokens (default: the checkpoint's; with the
+                reference attention, i.e. on CPU, at most :data:`REFERENCE_DEFAULT_MAX_MODEL_LEN`,
+                with a warning when that cuts the checkpoint's).
             max_num_seqs: most sequences running at once (and in one step).
             max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
             page_size: tokens per KV page.
@@ -222,7 +232,16 @@ class EngineConfig:
             raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
         if scheduling_policy not in POLICY_OPTIONS:
             raise ValueError(f"scheduling_policy must be one of {sorted(POLICY_OPTIONS)}, got {scheduling_policy!r}")
+        impl = default_implementation() if attention_impl == "auto" else attention_impl
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be 'auto' or one of {IMPLEMENTATIONS}, got {attention_impl!r}")
         ctx = min(max_model_len or model_config.max_model_len, model_config.max_model_len)
+        if max_model_len is None and impl == "reference" and ctx > REFERENCE_DEFAULT_MAX_MODEL_LEN:
+            log.warning(
+                "max_model_len defaults to %d, not the checkpoint's %d: the reference attention (CPU) gathers every "
+                "sequence's pages to max_model_len; pass max_model_len to choose", REFERENCE_DEFAULT_MAX_MODEL_LEN, ctx,
+            )
+            ctx = REFERENCE_DEFAULT_MAX_MODEL_LEN
         per_seq = -(-ctx // page_size)
         local_heads = kv_cache_heads // tensor_parallel_size
         page_bytes = 2 * model_config.num_layers * page_size * local_heads * model_config.head_dim * dtype_itemsize
@@ -256,9 +275,6 @@ class EngineConfig:
             ft_tokens = min(max_finetune_tokens or max_num_batched_tokens, max_num_batched_tokens)
             if ft_tokens < 1:
                 raise ValueError(f"max_finetune_tokens must be >= 1, got {max_finetune_tokens}")
-        impl = default_implementation() if attention_impl == "auto" else attention_impl
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl must be 'auto' or one of {IMPLEMENTATIONS}, got {attention_impl!r}")
         return cls(
             max_model_len=ctx, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             page_size=page_size, num_kv_pages=num_kv_pages, watermark_pages=watermark_pages,

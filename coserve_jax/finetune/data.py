@@ -202,9 +202,13 @@ def record_format(rec: Any, columns: Mapping[str, str] | None = None) -> str:
         return "prompt_completion"
     if "text" in rec:
         return "text"
+    keys = list(rec)  # (in the record's order: a two-field record is likely prompt, then completion)
+    hint = (f"columns={{'prompt': '{keys[0]}', 'completion': '{keys[1]}'}}" if len(keys) == 2
+            else "columns={'prompt': <field>, 'completion': <field>}")
     raise ValueError(
-        f"unknown record format (keys {sorted(rec)}): expected 'text', 'messages', "
-        f"'instruction'+'output', or '{cols['prompt']}'+'{cols['completion']}'"
+        f"unknown record format (keys {sorted(keys)}): expected 'text', 'messages', "
+        f"'instruction'+'output', or '{cols['prompt']}'+'{cols['completion']}'; for other field names set "
+        f"the job's {hint} (a hyperparameter of the fine-tuning job, FinetuneConfig.columns in Python)"
     )
 
 

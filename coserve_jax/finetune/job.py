@@ -55,7 +55,7 @@ def plan_steps(config: FinetuneConfig, num_examples: int) -> tuple[int, int]:
     return seqs, math.ceil(seqs / acc)
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """OpenAI's fine-tuning job statuses (the subset that applies)."""
 
     RUNNING = "running"
@@ -164,6 +164,16 @@ class FinetuneJob:
         return self.trained_tokens / max(end - self.created_at, 1e-9)
 
     @property
+    def estimated_finish(self) -> float | None:
+        """When the job should end (Unix seconds), from the wall time its optimizer steps so far
+        took (since it started or resumed); ``None`` before the first step and once it ended."""
+        done = self.step - (self._resumed_from or 0)
+        if self.done or done < 1:
+            return None
+        now = time.time()
+        return now + (now - self.created_at) / done * (self.total_steps - self.step)
+
+    @property
     def resumed_from_step(self) -> int | None:
         """The checkpoint step this job resumed from, if any."""
         return self._resumed_from
@@ -177,7 +187,10 @@ class FinetuneJob:
     def export(self, path: str | os.PathLike) -> None:
         """Write the adapter (the last optimizer step's float32 weights) as a PEFT directory,
         atomically (:func:`coserve_jax.lora.peft_io.write_peft`)."""
-        write_peft(self.lora_weights(), path, self.num_layers, self.base_model_name_or_path)
+        lora = self.config.lora
+        training = {"lora_dropout": lora.lora_dropout,
+                    "init_lora_weights": True if lora.init_lora_weights == "kaiming" else lora.init_lora_weights}
+        write_peft(self.lora_weights(), path, self.num_layers, self.base_model_name_or_path, training)
 
     def lora_weights(self) -> LoRAWeights:
         """The adapter's current weights on the host (float32)."""

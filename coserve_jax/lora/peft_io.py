@@ -178,8 +178,15 @@ def read_peft(path: str | os.PathLike) -> LoRAWeights:
     return LoRAWeights(modules, bool(cfg.get("use_rslora", False)), cfg.get("base_model_name_or_path"))
 
 
-def peft_config(weights: LoRAWeights, num_layers: int, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The ``adapter_config.json`` contents describing ``weights`` exactly (for ``peft`` to reload)."""
+def peft_config(
+    weights: LoRAWeights, num_layers: int, base_model_name_or_path: str | None = None, training: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` contents describing ``weights`` exactly (for ``peft`` to reload).
+
+    Args:
+        training: ``peft.LoraConfig`` fields of how the adapter was trained, recorded as given
+            (``lora_dropout``; ``init_lora_weights``: ``True`` for Kaiming-uniform A, ``"gaussian"``).
+    """
     ranks = Counter(m.rank for m in weights.modules.values())
     alphas = Counter(m.alpha for m in weights.modules.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
@@ -207,13 +214,15 @@ def peft_config(weights: LoRAWeights, num_layers: int, base_model_name_or_path: 
         "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
+        **(training or {}),
     }
 
 
 def write_peft(
-    weights: LoRAWeights, path: str | os.PathLike, num_layers: int, base_model_name_or_path: str | None = None
+    weights: LoRAWeights, path: str | os.PathLike, num_layers: int, base_model_name_or_path: str | None = None,
+    training: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``weights`` as a PEFT adapter directory, atomically.
+    """Write ``weights`` as a PEFT adapter directory, atomically (``training``: as :func:`peft_config`).
 
     The files are written to a temporary directory beside ``path`` and moved into place only when
     complete, so a crash never leaves a half-written adapter at ``path`` (an existing one is
@@ -231,7 +240,7 @@ def write_peft(
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(m.b.T.astype(np.float32))
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(peft_config(weights, num_layers, base_model_name_or_path), f, indent=2)
+            json.dump(peft_config(weights, num_layers, base_model_name_or_path, training), f, indent=2)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)

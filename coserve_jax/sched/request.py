@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a request ended (OpenAI's ``finish_reason`` values, plus ``abort``)."""
 
     STOP = "stop"  # EOS, a stop token id or a stop string

@@ -33,7 +33,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="uploaded files, checkpoints and exported adapters (default coserve-output)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted, YAML value (e.g. --set engine.max_num_seqs=8); repeatable")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="PEFT adapters to load at start-up, served under NAME (vLLM's flag)")
+    knobs = p.add_argument_group("model and engine (vLLM's names; each sets the config key it names)")
+    for flag, key, doc in engine_flags():
+        knobs.add_argument(flag, dest=key, type=_yaml_value, default=None, metavar="VALUE", help=f"{key}: {doc}")
     return p
+
+
+def _yaml_value(text: str):
+    """A flag's value read as YAML, as ``--set`` reads it (``16``, ``true``, ``null``, ``[32, 128]``)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def engine_flags() -> list[tuple[str, str, str]]:
+    """``(flag, config key, help)`` for every model-section field and ``Engine`` keyword argument
+    the config accepts, named as vLLM names them (``--max-model-len``, ``--max-num-seqs``,
+    ``--tensor-parallel-size`` ...): generated from the config and the signature, not listed by hand."""
+    import dataclasses
+    import inspect
+
+    from coserve_jax.engine import Engine
+    from coserve_jax.serve.config import RESERVED_ENGINE_KEYS, ModelSection
+
+    out = []
+    skip = {"path", "tokenizer", "chat_template"}  # flags of their own above
+    for f in dataclasses.fields(ModelSection):
+        if f.name not in skip and f.name != "seed":  # (--seed is the engine's: the requests' seeds)
+            out.append((f"--{f.name.replace('_', '-')}", f"model.{f.name}", f"model section, default {f.default!r}"))
+    for name, param in inspect.signature(Engine.__init__).parameters.items():
+        if name not in ("self", *RESERVED_ENGINE_KEYS):
+            default = param.default
+            shown = "a path under ~/.cache" if name == "compilation_cache_dir" else repr(default)
+            out.append((f"--{name.replace('_', '-')}", f"engine.{name}", f"Engine argument, default {shown}"))
+    return out
 
 
 def config_from_args(argv: list[str] | None = None) -> ServeConfig:
@@ -48,6 +83,15 @@ def config_from_args(argv: list[str] | None = None) -> ServeConfig:
         "served_model_name": args.served_model_name, "host": args.host, "port": args.port, "api_key": args.api_key,
         "output_dir": args.output_dir,
     }
+    flags.update({key: getattr(args, key) for _, key, _ in engine_flags()})
+    if args.lora_modules is not None:
+        modules = {}
+        for item in args.lora_modules:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora-modules takes NAME=PATH items, got {item!r}")
+            modules[name] = path
+        flags["lora_modules"] = modules
     if args.api_key is None and os.environ.get("COSERVE_API_KEY"):
         flags["api_key"] = os.environ["COSERVE_API_KEY"]
     return load_config(args.config, args.set, {k: v for k, v in flags.items() if v is not None})
@@ -89,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coserve-jax: process {jax.process_index()}: process 0 stopped after {steps} steps; stopped.", flush=True)
             return 0
         engine.lead()
+    from coserve_jax.lora.manager import AdapterError
+    from coserve_jax.lora.peft_io import AdapterFormatError
+
+    for lora_name, lora_path in (cfg.lora_modules or {}).items():  # after lead(): the followers load them too
+        try:
+            engine.load_adapter(lora_name, lora_path)
+        except (AdapterError, AdapterFormatError, OSError) as e:
+            print(f"error: cannot load LoRA adapter {lora_name!r} from {lora_path!r}: {e}", file=sys.stderr)
+            if jax.process_count() > 1:
+                engine.stop_followers()
+            return 2
+        print(f"coserve-jax: LoRA adapter {lora_name!r} loaded from {lora_path}", flush=True)
     state = ServerState(cfg, engine, name)
     app = create_app(state)
 

@@ -13,6 +13,8 @@ Endpoints (OpenAI's shapes; vLLM's for the adapter routes), one module each unde
 * ``fine_tuning``: ``POST|GET /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``,
   ``.../events``, ``.../checkpoints``, ``POST .../cancel``
 * ``adapters``: ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``
+* ``tokenize`` (vLLM's): ``POST /tokenize``, ``POST /detokenize``, ``GET /version``,
+  ``GET|POST /ping`` (no key needed for the last two)
 
 Handlers never touch the engine: they tokenize in worker threads, hand requests to the engine
 loop and await its deltas. A client that disconnects (a closed stream, or a dropped connection

@@ -13,6 +13,7 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
     finetune: {...}             # FinetuneDefaults
     log_level: info
     timeout_graceful_shutdown_s: 10
+    lora_modules: {name: path}  # PEFT adapters loaded at start-up (vLLM's --lora-modules)
 
 Precedence: defaults < the YAML file < command-line flags (``--port``, ``--model`` ...) <
 ``--set KEY=VALUE`` overrides (:func:`coserve_jax.configfile.apply_overrides`).
@@ -129,6 +130,7 @@ class ServeConfig:
     finetune: FinetuneDefaults = FinetuneDefaults()
     log_level: str = "info"
     timeout_graceful_shutdown_s: float = 10.0
+    lora_modules: dict | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -176,6 +178,10 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
         raise ConfigError(f"{where}: {e}") from None
     if cfg.model.hf_overrides is not None and (cfg.model.path is not None or not isinstance(cfg.model.hf_overrides, Mapping)):
         raise ConfigError(f"{where}: model.hf_overrides is a mapping of config.json fields, for the built-in tiny model only")
+    if cfg.lora_modules is not None and not (
+        isinstance(cfg.lora_modules, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.lora_modules.items())
+    ):
+        raise ConfigError(f"{where}: lora_modules is a mapping of adapter names to PEFT directories")
     if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
         raise ConfigError(f"{where}: port must be an integer in [0, 65536), got {cfg.port!r}")
     return cfg

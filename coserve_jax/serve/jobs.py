@@ -160,7 +160,8 @@ class JobRecord:
             "validation_file": self.validation_file, "training_file": self.training_file, "hyperparameters": self.hyperparameters,
             "method": {"type": "supervised", "supervised": {"hyperparameters": self.hyperparameters}},
             "trained_tokens": job.trained_tokens if job is not None else 0, "error": self.error, "seed": self.seed,
-            "metadata": self.metadata, "integrations": [], "estimated_finish": None,
+            "metadata": self.metadata, "integrations": [],
+            "estimated_finish": int(job.estimated_finish) if job is not None and job.estimated_finish is not None else None,
             # extensions
             "step": job.step if job is not None else 0,
             "total_steps": job.total_steps if job is not None else None,

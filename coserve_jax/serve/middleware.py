@@ -10,8 +10,12 @@ from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.state import ServerState
 
 
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
+"""Paths served without an API key (liveness probes and the version, as vLLM serves them)."""
+
+
 class GuardMiddleware:
-    """API key (``Authorization: Bearer``) on every path but ``/health``, and the body-size
+    """API key (``Authorization: Bearer``) on every path but :data:`OPEN_PATHS`, and the body-size
     limits (413 above ``limits.max_body_bytes``, ``limits.max_upload_bytes`` for uploads)."""
 
     def __init__(self, app, state: ServerState):
@@ -24,7 +28,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and path != "/health":
+        if self.api_key is not None and path not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token:

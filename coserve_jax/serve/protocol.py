@@ -172,6 +172,31 @@ class ChatCompletionRequest(_SamplingRequest):
         return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
 
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's ``TokenizeCompletionRequest`` / ``TokenizeChatRequest``):
+    ``prompt`` text, or chat ``messages`` rendered by the model's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM's)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        """Raises: APIError: 400 unless exactly one of ``prompt`` and ``messages`` is given."""
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt", "invalid_value")
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoRAConfigBody(_Body):
     """The adapter of a fine-tuning job (``peft.LoraConfig``'s names; our extension)."""
 
@@ -244,3 +269,19 @@ def chat_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple
             entry["top_logprobs"] = [{"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))} for s, v in top[i]]
         content.append(entry)
     return {"content": content}
+
+
+def cursor_page(items: list[dict], after: str | None, limit: int, max_limit: int = 100) -> dict:
+    """OpenAI's cursor page: the items after ``after`` (an id), at most ``limit`` (1..``max_limit``).
+
+    Raises:
+        APIError: 400 for an unknown ``after`` or a ``limit`` out of range.
+    """
+    if after is not None:
+        ids = [x["id"] for x in items]
+        if after not in ids:
+            raise APIError(400, f"after={after!r} is not in the list", "after", "invalid_value")
+        items = items[ids.index(after) + 1:]
+    if not 1 <= limit <= max_limit:
+        raise APIError(400, f"limit must be in [1, {max_limit}]", "limit", "invalid_value")
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}

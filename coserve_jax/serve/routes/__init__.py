@@ -1,6 +1,8 @@
 """The HTTP routes, one module per API area; :func:`coserve_jax.serve.app.create_app` includes
 every ``router``."""
 
-from coserve_jax.serve.routes import adapters, chat, completions, files, fine_tuning, models
+from coserve_jax.serve.routes import adapters, chat, completions, files, fine_tuning, models, tokenize
 
-ROUTERS = (models.router, completions.router, chat.router, files.router, fine_tuning.router, adapters.router)
+ROUTERS = (
+    models.router, completions.router, chat.router, files.router, fine_tuning.router, adapters.router, tokenize.router,
+)

@@ -8,6 +8,8 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 
+from coserve_jax.serve import protocol as P
+from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.state import ServerState, server_state
 
 router = APIRouter()
@@ -20,8 +22,18 @@ async def upload_file(file: UploadFile = File(...), purpose: str = Form(...), st
 
 
 @router.get("/v1/files")
-async def list_files(state: ServerState = Depends(server_state)):
-    return {"object": "list", "data": state.files.list(), "has_more": False}
+async def list_files(purpose: str | None = None, limit: int = 10000, order: str = "desc", after: str | None = None,
+                     state: ServerState = Depends(server_state)):
+    """OpenAI's query: ``purpose`` filter, ``order`` by ``created_at`` (``desc`` newest first, or
+    ``asc``), a cursor ``after`` a file id and ``limit`` (1..10000)."""
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", "order", "invalid_value")
+    items = state.files.list()  # newest first
+    if purpose is not None:
+        items = [f for f in items if f["purpose"] == purpose]
+    if order == "asc":
+        items.reverse()
+    return P.cursor_page(items, after, limit, max_limit=10000)
 
 
 @router.get("/v1/files/{file_id}")

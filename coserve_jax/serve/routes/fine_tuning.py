@@ -41,25 +41,9 @@ async def create_job(body: P.FinetuneJobCreate, state: ServerState = Depends(ser
     return rec.to_openai()
 
 
-def page(items: list[dict], after: str | None, limit: int) -> dict:
-    """OpenAI's cursor page: the items after ``after`` (an id), at most ``limit`` (1..100).
-
-    Raises:
-        APIError: 400 for an unknown ``after`` or a ``limit`` out of range.
-    """
-    if after is not None:
-        ids = [x["id"] for x in items]
-        if after not in ids:
-            raise APIError(400, f"after={after!r} is not in the list", "after", "invalid_value")
-        items = items[ids.index(after) + 1:]
-    if not 1 <= limit <= 100:
-        raise APIError(400, "limit must be in [1, 100]", "limit", "invalid_value")
-    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
-
-
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(after: str | None = None, limit: int = 20, state: ServerState = Depends(server_state)):
-    return page([r.to_openai() for r in state.jobs.list()], after, limit)
+    return P.cursor_page([r.to_openai() for r in state.jobs.list()], after, limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -70,13 +54,13 @@ async def retrieve_job(job_id: str, state: ServerState = Depends(server_state)):
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def job_events(job_id: str, after: str | None = None, limit: int = 20, state: ServerState = Depends(server_state)):
     rec = state.jobs.get(job_id)
-    return page(list(reversed(list(rec.events))), after, limit)  # newest first, as OpenAI
+    return P.cursor_page(list(reversed(list(rec.events))), after, limit)  # newest first, as OpenAI
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10, state: ServerState = Depends(server_state)):
     rec = state.jobs.get(job_id)
-    return page(await asyncio.to_thread(state.jobs.checkpoints, rec), after, limit)
+    return P.cursor_page(await asyncio.to_thread(state.jobs.checkpoints, rec), after, limit)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")

@@ -1,4 +1,9 @@
-"""``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``, ``GET /v1/models/{model}``."""
+"""``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``, ``GET|DELETE /v1/models/{model}``.
+
+Deleting a model (OpenAI's ``models.delete``) unloads a fine-tuned model's or a loaded adapter's
+slot; the base model cannot be deleted, nor an adapter a running job trains or a request uses.
+A fine-tuning job keeps its record and its exported adapter on disk.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from coserve_jax.engine import Engine
+from coserve_jax.lora.manager import AdapterError
 from coserve_jax.serve import protocol as P
-from coserve_jax.serve.errors import model_not_found
+from coserve_jax.serve.errors import APIError, model_not_found
 from coserve_jax.serve.state import ServerState, server_state
 
 router = APIRouter()
@@ -51,3 +58,20 @@ async def retrieve_model(model: str, state: ServerState = Depends(server_state))
         if card["id"] == model:
             return card
     raise model_not_found(model)
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, state: ServerState = Depends(server_state)):
+    if model == state.model_name:
+        raise APIError(400, f"{model!r} is the base model; it cannot be deleted", "model", "invalid_value")
+
+    def unload(engine: Engine):
+        if model not in engine.list_adapters():
+            raise model_not_found(model)
+        engine.unload_adapter(model)
+
+    try:
+        await state.loop.call(unload)
+    except AdapterError as e:
+        raise APIError(400, str(e), "model", "model_in_use") from None
+    return {"id": model, "object": "model", "deleted": True}
