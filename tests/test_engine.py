@@ -139,7 +139,7 @@ def test_bad_requests_fail_alone(engines):
 
 
 def test_stream_abort_frees_pages(engines):
-    engine, hf = engines("mistral")
+    engine, hf = engines("llama31")  # (the engine the parity tests built)
     prompts = random_sequences([50, 5, 120], hf.config.vocab_size, seed=3)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     full = engine.generate(prompts, params)

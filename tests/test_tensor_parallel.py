@@ -248,6 +248,7 @@ def test_rules_table_and_bad_sizes():
         rules.spec("layers.nonsense")
 
 
+@pytest.mark.slow  # the server's tensor_parallel_size and distributed config also run in test_multihost_serve.py
 def test_server_and_benchmark_configs_take_tensor_parallel_size():
     """`engine.tensor_parallel_size` builds a split engine from a server config and from a bench
     config; both take a multi-host `engine.distributed` and refuse a malformed one with the reason."""
