@@ -1,7 +1,7 @@
 #!/bin/bash
 # Interleaved comparison of bench/host_overhead.py between two checkouts (A, B, A, B, ...), on a
 # noisy machine: prints each round's p50 total per series and the median B/A ratio.
-#   bench/ab_host_overhead.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS=5] [STEPS=300]
+#   [PYTHON=venv/bin/python] bench/ab_host_overhead.sh OLD_CHECKOUT NEW_CHECKOUT [ROUNDS=5] [STEPS=300]
 set -euo pipefail
 old=$(cd "$1" && pwd); new=$(cd "$2" && pwd); rounds=${3:-5}; steps=${4:-300}
 py=${PYTHON:-python}
