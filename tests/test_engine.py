@@ -163,6 +163,27 @@ def text_engine():
     return engine, hf
 
 
+def test_chat_renders_the_template_and_generates(text_engine):
+    """Engine.chat (vLLM's LLM.chat): one conversation or several, rendered by the tokenizer's
+    chat template, generate as the rendered token ids do."""
+    engine, hf = text_engine
+    tok = engine.tokenizer
+    saved = tok.chat_template
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    try:
+        conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        [one] = engine.chat(conv, params)
+        ids = tok.encode("<system>Be brief.\n<user>Say hi\n<assistant>", add_special_tokens=False)
+        assert one.prompt_token_ids == ids and one.token_ids == engine.generate([ids], params)[0].token_ids
+        two = engine.chat([conv, conv[1:]], params, add_generation_prompt=False)
+        assert two[1].prompt_token_ids == tok.encode("<user>Say hi\n", add_special_tokens=False)
+    finally:
+        tok.chat_template = saved
+    with pytest.raises(ValueError, match="chat template"):
+        engine.chat(conv, params)
+
+
 def test_text_prompts_streaming_and_stop_strings(text_engine):
     engine, hf = text_engine
     tok = engine.tokenizer

@@ -604,6 +604,37 @@ class Engine:
                 raise RuntimeError("the engine went idle with requests unfinished")
         return [done[i] for i in ids]
 
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter: str | None | Sequence[str | None] = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to conversations (vLLM's ``LLM.chat``): each is rendered with the
+        tokenizer's chat template (:func:`coserve_jax.tokenizer.encode_chat`), then as :meth:`generate`.
+
+        Args:
+            messages: one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them.
+            params, adapter: as :meth:`generate`.
+            add_generation_prompt: end each prompt with the assistant header.
+            chat_template_kwargs: variables for the template (e.g. ``date_string``).
+        Returns:
+            One finished :class:`RequestOutput` per conversation, in order.
+        Raises:
+            ValueError: no tokenizer, or a tokenizer without a chat template; as :meth:`generate`.
+        """
+        from coserve_jax.tokenizer import encode_chat
+
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: chat needs one with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [encode_chat(self.tokenizer, c, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, params, adapter)
+
     def stream(
         self,
         prompts: Prompt | Sequence[Prompt],
