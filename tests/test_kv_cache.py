@@ -35,6 +35,18 @@ def test_out_of_pages_allocates_nothing():
     kv.check_invariants()
 
 
+def test_append_page_takes_one_page_for_a_full_sequence():
+    kv = KVCacheManager(num_pages=5, page_size=4)  # 4 allocatable
+    kv.admit("a", 8)  # 2 full pages
+    kv.admit("b", 3)
+    assert kv.append_page("b") is None and kv.num_tokens("b") == 3  # its last page has room
+    page = kv.append_page("a")  # the last free page
+    assert kv.page_table("a")[-1] == page and kv.num_tokens("a") == 9 and kv.num_free_pages == 0
+    kv.set_num_tokens(["b"], [4])
+    assert kv.append_page("b") is None and kv.page_table("b") and kv.num_tokens("b") == 4  # none free: unchanged
+    kv.check_invariants()
+
+
 def test_bad_calls_are_rejected():
     kv = KVCacheManager(num_pages=4, page_size=4)
     kv.admit("a", 1)

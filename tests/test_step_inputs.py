@@ -9,6 +9,7 @@ from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.step import make_buckets, pick_bucket
 from coserve_jax.engine.step_inputs import STEP_INPUT_TABLE, StepDims, StepInputs, abstract_inputs, build_step_inputs
 from coserve_jax.sched.finetune import TrainingSequence
+from coserve_jax.sched.outputs import SamplingRow
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams
@@ -26,8 +27,14 @@ def naive(plan, sched, dims, ft_pages):
     temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
     seeds, top_k, index = np.zeros(s, np.uint32), np.zeros(s, np.int32), np.zeros(s, np.int32)
     k = 0
-    seqs = [(c.request_id, c.start, c.token_ids, sched.kv_cache.page_table(c.request_id), c.adapter_index, c.sampling, c.output_index)
-            for c in plan.chunks]
+    seqs = []
+    for c in plan.chunks:
+        adapter, row = c.adapter_index, c.sampling
+        if row is None:  # a decode: its settings are its request's
+            req = sched.requests[c.request_id]
+            p = req.params
+            adapter, row = req.adapter_index, SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, p.logprobs)
+        seqs.append((c.request_id, c.start, c.token_ids, sched.kv_cache.page_table(c.request_id), adapter, row, c.output_index))
     if plan.finetune is not None:
         f = plan.finetune
         seqs.append((f.job_id, f.start, f.token_ids, ft_pages, f.adapter_index, None, 0))

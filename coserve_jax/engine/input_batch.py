@@ -30,12 +30,14 @@ class InputBatch:
     Attributes:
         page_table: ``[rows, P]`` int32: row ``r`` holds its request's pages in token order;
             row :data:`PADDING_ROW` holds the padding sequences' values in every field.
-        num_pages: ``[rows]`` int32: pages in each row.
+        num_pages: pages in each row (a Python list: read and written one row at a time).
+        last_page: ``[rows]`` int32: each row's last page (0 while it has none): where a
+            decode's token goes, as a decode's position is always in its sequence's last page.
         adapter: ``[rows]`` int32; temperature, top_p: ``[rows]`` float32; top_k: ``[rows]``
             int32; seed: ``[rows]`` uint32: each request's adapter and sampling settings.
     """
 
-    FIELDS = (("page_table", np.int32), ("num_pages", np.int32), ("adapter", np.int32), ("temperature", np.float32),
+    FIELDS = (("page_table", np.int32), ("last_page", np.int32), ("adapter", np.int32), ("temperature", np.float32),
               ("top_k", np.int32), ("top_p", np.float32), ("seed", np.uint32))
 
     def __init__(self, max_pages_per_seq: int, initial_rows: int = 64):
@@ -43,6 +45,7 @@ class InputBatch:
         self.max_pages_per_seq = max_pages_per_seq
         for name, dtype in self.FIELDS:
             setattr(self, name, np.zeros((n, max_pages_per_seq) if name == "page_table" else n, dtype))
+        self.num_pages = [0] * n
         self.top_p[PADDING_ROW] = 1.0  # the padding row: no pages, greedy, top-p off
         self._rows: dict[Hashable, int] = {}
         self._free = list(range(n - 1, 0, -1))
@@ -57,9 +60,10 @@ class InputBatch:
             if row is not None:
                 self._free.append(row)
 
-    def apply(self, plan: SchedulerOutput) -> list[int]:
+    def apply(self, plan: SchedulerOutput) -> np.ndarray:
         """Apply a plan: drop the rows of ended and preempted requests, write the rows of new
-        (or readmitted) ones, append new pages. Returns the row of each inference chunk, in order.
+        (or readmitted) ones, append new pages. Returns the row of each inference chunk, in
+        order (``[num inference chunks]`` intp).
 
         Raises:
             KeyError: a decode of a request without a row (its first chunk never reached this batch).
@@ -69,16 +73,19 @@ class InputBatch:
         self.release(plan.preempted)
         d = plan.decodes
         rows_of = self._rows
-        rows = list(map(rows_of.__getitem__, d.request_ids))  # decodes already have rows
+        n = len(d.request_ids)
+        rows = np.empty(n + len(plan.prefills), np.intp)
+        rows[:n] = np.fromiter(map(rows_of.__getitem__, d.request_ids), np.intp, n)  # decodes already have rows
         for i, new in d.new_pages.items():
-            self._append_pages(rows[i], d.request_ids[i], new)
-        for c in plan.prefills:
+            self._append_pages(int(rows[i]), d.request_ids[i], new)
+        for j, c in enumerate(plan.prefills, n):
             row = rows_of.get(c.request_id)
             if row is None or c.start == 0:  # a new request, or one readmitted: a fresh row
                 if row is None:
                     row = rows_of[c.request_id] = self._take()
                 self.page_table[row] = 0
                 self.num_pages[row] = 0
+                self.last_page[row] = 0
                 s = c.sampling
                 self.adapter[row] = c.adapter_index
                 self.temperature[row] = s.temperature
@@ -87,15 +94,20 @@ class InputBatch:
                 self.seed[row] = s.seed
             if c.new_pages:
                 self._append_pages(row, c.request_id, c.new_pages)
-            rows.append(row)
+            rows[j] = row
         return rows
 
     def _append_pages(self, row: int, request_id: Hashable, new: tuple[int, ...]) -> None:
-        k = int(self.num_pages[row])
-        if k + len(new) > self.max_pages_per_seq:
-            raise ValueError(f"request {request_id!r} would hold {k + len(new)} pages; rows hold {self.max_pages_per_seq}")
-        self.page_table[row, k : k + len(new)] = new
-        self.num_pages[row] = k + len(new)
+        k = self.num_pages[row]
+        m = len(new)
+        if k + m > self.max_pages_per_seq:
+            raise ValueError(f"request {request_id!r} would hold {k + m} pages; rows hold {self.max_pages_per_seq}")
+        if m == 1:  # a decode crossing into a new page: the usual case
+            self.page_table[row, k] = new[0]
+        else:
+            self.page_table[row, k : k + m] = new
+        self.num_pages[row] = k + m
+        self.last_page[row] = new[-1]
 
     def _take(self) -> int:
         if not self._free:
@@ -103,5 +115,6 @@ class InputBatch:
             for name, _ in self.FIELDS:
                 a = getattr(self, name)
                 setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
+            self.num_pages += [0] * n
             self._free = list(range(2 * n - 1, n - 1, -1))
         return self._free.pop()

@@ -37,7 +37,7 @@ from coserve_jax.engine.sampler import SamplingInputs
 from coserve_jax.finetune.fused import FinetuneForward
 from coserve_jax.kernels.paged_attention import AttentionMetadata
 from coserve_jax.lora.dropout import LoRADropout
-from coserve_jax.sched.outputs import PENDING_TOKEN, SchedulerOutput
+from coserve_jax.sched.outputs import PENDING_TOKEN, DecodeChunks, SchedulerOutput
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -163,16 +163,22 @@ _GATHERED = {  # per-sequence fields read from the batch's rows (row 0: the padd
 }
 
 
+_Fields = list[tuple[str, np.ndarray, str | None]]  # (field, padding array, InputBatch field gathered into it)
+
+
 @functools.lru_cache(maxsize=64)
-def _padding_template(dims: StepDims) -> tuple[list[np.ndarray], object, dict[int, str]]:
+def _padding_template(dims: StepDims) -> tuple[_Fields, list[tuple[str, type, _Fields]]]:
+    """A bucket's all-padding arrays, as the top-level fields and the groups' fields (a
+    constructor call per group is cheaper than ``jax.tree.unflatten``)."""
     x = make_inputs(dims, lambda shape, dtype, fill: np.full(shape, fill, dtype))
-    leaves, tree = jax.tree.flatten(x)
-    gathered = {}
-    for name, field in _GATHERED.items():
-        group, _, attr = name.partition(".")
-        arr = getattr(getattr(x, group), attr)
-        gathered[next(i for i, a in enumerate(leaves) if a is arr)] = field
-    return leaves, tree, gathered
+
+    def fields(obj, group: str | None) -> _Fields:
+        names = obj._fields if isinstance(obj, tuple) else [f.name for f in dataclasses.fields(obj)]  # NamedTuple or dataclass
+        return [(n, getattr(obj, n), _GATHERED.get(f"{group}.{n}" if group else n))
+                for n in names if isinstance(getattr(obj, n), np.ndarray)]
+
+    groups = [(g, cls, fields(getattr(x, g), g)) for g, cls in _GROUPS.items() if getattr(x, g) is not None]
+    return fields(x, None), groups
 
 
 @functools.lru_cache(maxsize=16)
@@ -188,16 +194,22 @@ def _arange(n: int) -> np.ndarray:
     return _arange_upto(size)[:n]
 
 
-def _padding(dims: StepDims, batch: InputBatch, rows: Sequence[int]) -> StepInputs:
+def _padding(dims: StepDims, batch: InputBatch, rows: Sequence[int]) -> tuple[StepInputs, np.ndarray]:
     """Fresh NumPy inputs of a bucket: copies of a cached template holding only padding (a
     copy is cheaper than filling every array anew), except the per-sequence fields kept in
-    ``batch``, gathered at once for ``rows`` followed by the batch's padding row."""
-    leaves, tree, gathered = _padding_template(dims)
+    ``batch``, gathered at once for ``rows`` followed by the batch's padding row. Returns the
+    inputs and those rows (``[S]`` intp)."""
+    top, groups = _padding_template(dims)
     r = np.zeros(dims.bucket.num_seqs, np.intp)
     r[: len(rows)] = rows
-    return jax.tree.unflatten(
-        tree, [getattr(batch, gathered[i])[r] if i in gathered else a.copy() for i, a in enumerate(leaves)]
-    )
+
+    def fresh(fields: _Fields) -> dict[str, np.ndarray]:
+        return {name: a.copy() if g is None else getattr(batch, g).take(r, axis=0) for name, a, g in fields}
+
+    kw = fresh(top)
+    for g, cls, fields in groups:
+        kw[g] = cls(**fresh(fields))
+    return StepInputs(**kw, bucket=dims.bucket), r
 
 
 def build_step_inputs(
@@ -217,7 +229,7 @@ def build_step_inputs(
         page_size: tokens per page.
         batch: the requests' persistent rows (:class:`~coserve_jax.engine.input_batch.InputBatch`),
             the plan already applied.
-        rows: the row of ``batch`` of each inference chunk, in order.
+        rows: the row of ``batch`` of each inference chunk, in order (what :meth:`InputBatch.apply` returns).
         store_rows_per_job: activation-store rows of one job (its ``max_seq_len``).
         prev_slots: request id -> its sequence slot in the previous step, for chunks that hold a
             :data:`~coserve_jax.sched.outputs.PENDING_TOKEN`.
@@ -226,7 +238,7 @@ def build_step_inputs(
     Raises:
         KeyError: a pending token of a request that did not sample in the previous step.
     """
-    x = _padding(dims, batch, rows)
+    x, r = _padding(dims, batch, rows)
     # Per sequence only what changes every step travels (tokens, start, length, output index);
     # per-request settings and page tables are gathered from the batch's rows.
     d, pre = plan.decodes, plan.prefills
@@ -238,41 +250,31 @@ def build_step_inputs(
         return x
     positions = x.positions
     if not pre and ft is None:  # decodes only (a busy server's usual step): one token each
-        tok, out_idx = d.token_ids, d.output_index
-        n_tok = n_dec
-        start = np.asarray(d.starts, np.int32)
-        n = 1
-        tok_seq = _arange(n_tok)  # the sequence slot of each token
-        cu = tok_seq + 1
-        positions[:n_tok] = start
-    else:
-        tok = list(d.token_ids)
-        for c in pre:
-            tok.extend(c.token_ids)
-        starts = d.starts + [c.start for c in pre]
-        lens = [1] * n_dec + [len(c.token_ids) for c in pre]
-        out_idx = d.output_index + [c.output_index for c in pre]
-        if ft is not None:  # the training chunk is the last sequence; its table travels whole
-            tok.extend(ft.token_ids)
-            starts.append(ft.start)
-            lens.append(ft.num_tokens)
-            out_idx.append(0)
-        n_tok = len(tok)
-        start = np.asarray(starts, np.int32)
-        n = np.asarray(lens, np.int32)
-        cu = np.cumsum(n, dtype=np.int32)
-        tok_seq = np.repeat(_arange(n_seq), n)
-        positions[:n_tok] = start[tok_seq] + _arange(n_tok) - (cu - n)[tok_seq]
+        return _decodes_only(x, r[:n_dec], d, page_size, prev_slots, plan.has_pending_tokens, batch)
+    tok = list(d.token_ids)
+    for c in pre:
+        tok.extend(c.token_ids)
+    starts = d.starts + [c.start for c in pre]
+    lens = [1] * n_dec + [len(c.token_ids) for c in pre]
+    out_idx = d.output_index + [c.output_index for c in pre]
+    if ft is not None:  # the training chunk is the last sequence; its table travels whole
+        tok.extend(ft.token_ids)
+        starts.append(ft.start)
+        lens.append(ft.num_tokens)
+        out_idx.append(0)
+    n_tok = len(tok)
+    start = np.asarray(starts, np.int32)
+    n = np.asarray(lens, np.int32)
+    cu = np.cumsum(n, dtype=np.int32)
+    tok_seq = np.repeat(_arange(n_seq), n)
+    positions[:n_tok] = start[tok_seq] + _arange(n_tok) - (cu - n)[tok_seq]
     x.token_ids[:n_tok] = tok
     if plan.has_pending_tokens:  # only decodes hold pending tokens
-        slots = np.flatnonzero(x.token_ids[:n_dec] == PENDING_TOKEN)
-        ids = d.request_ids
-        x.prev_index[slots] = [prev_slots[ids[i]] for i in slots.tolist()]
-        x.token_ids[slots] = 0
+        _link_pending(x, d, prev_slots)
     page_table = x.attn.page_table
     x.sampling.sample_index[:n_seq] = out_idx
     adapter = np.empty(n_seq, np.int32)
-    adapter[:n_inf] = batch.adapter[rows]
+    adapter[:n_inf] = batch.adapter[r[:n_inf]]
     if ft is not None:
         page_table[n_inf, : len(ft.page_table)] = ft.page_table
         adapter[n_inf] = ft.adapter_index
@@ -298,4 +300,44 @@ def build_step_inputs(
                 f.dest[:k] = ft.store_row * store_rows_per_job + np.arange(ft.start, ft.start + k)
             f.targets[:k] = ft.targets
             f.weights[:k] = ft.weights
+    return x
+
+
+def _link_pending(x: StepInputs, d: DecodeChunks, prev_slots: Mapping[Hashable, int]) -> None:
+    """Point each decode that holds a :data:`PENDING_TOKEN` at its request's sequence slot in
+    the previous step (``prev_index``); its token id becomes 0 until the step reads the token.
+
+    Raises:
+        KeyError: a request that did not sample in the previous step.
+    """
+    slots = np.flatnonzero(x.token_ids[: len(d.request_ids)] == PENDING_TOKEN)
+    ids = d.request_ids
+    x.prev_index[slots] = [prev_slots[ids[i]] for i in slots.tolist()]
+    x.token_ids[slots] = 0
+
+
+def _decodes_only(
+    x: StepInputs, rows: np.ndarray, d: DecodeChunks, page_size: int, prev_slots, pending: bool, batch: InputBatch
+) -> StepInputs:
+    """The rest of :func:`build_step_inputs` for a step of decodes only: sequence ``i`` is
+    token ``i``, so every per-token field is a per-sequence one and needs no index arithmetic."""
+    n = len(d.request_ids)
+    start = np.asarray(d.starts, np.int32)
+    seq = _arange(n + 1)
+    x.positions[:n] = start
+    x.token_ids[:n] = d.token_ids
+    if pending:
+        _link_pending(x, d, prev_slots)
+    x.sampling.sample_index[:n] = d.output_index
+    x.adapter_ids[:n] = batch.adapter.take(rows)
+    # a decode's position is in its sequence's last page (tables hold exactly the pages of their tokens)
+    x.attn.slot_mapping[:n] = batch.last_page.take(rows) * page_size + start % page_size
+    x.attn.kv_lens[:n] = start + 1
+    cq = x.attn.cu_q_lens
+    cq[: n + 1] = seq
+    cq[n + 1 :] = n
+    x.logits_indices[:n] = seq[:n]
+    x.attn.num_seqs[...] = n
+    if x.dropout is not None:
+        x.dropout.position[:] = x.positions
     return x

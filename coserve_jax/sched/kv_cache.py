@@ -133,6 +133,24 @@ class KVCacheManager:
         self._tokens[seq_id] = num_tokens
         return tuple(new)
 
+    def append_page(self, seq_id: Hashable) -> int | None:
+        """Give ``seq_id``, whose pages are full, one more page for its next token (a decode
+        crossing into a new page: the allocation of a busy decode step). Returns the page, or
+        ``None`` (nothing changed) when no page is free or its last page still has room: the
+        caller then takes the general path (:meth:`grow`, preempting while none is free).
+
+        Raises:
+            KeyError: unknown sequence.
+        """
+        table = self._tables[seq_id]
+        n = self._tokens[seq_id]
+        if not self._free or n != len(table) * self.page_size:
+            return None
+        page = self._free.pop()
+        table.append(page)
+        self._tokens[seq_id] = n + 1
+        return page
+
     def set_num_tokens(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int]) -> None:
         """Record the token counts of sequences whose pages already hold them (decode tokens
         that land in their last page's free slots): no allocation, and no per-sequence check, as

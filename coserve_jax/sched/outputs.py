@@ -58,8 +58,10 @@ class ScheduledChunk:
         token_ids: the tokens to compute, positions ``start .. start + len - 1``.
         new_pages: the pages this step's allocation added to the request's table, in token order.
         sample: whether this chunk reaches the last known token, so a new token is sampled.
-        adapter_index: LoRA adapter of its tokens (0: the base model).
-        sampling: its :class:`SamplingRow` (one object per request, shared by its chunks).
+        adapter_index: LoRA adapter of its tokens (0: the base model; ``None`` for an entry of
+            :class:`DecodeChunks`, whose request's adapter travelled with its first chunk).
+        sampling: its :class:`SamplingRow` (one object per request, shared by its chunks;
+            ``None`` for an entry of :class:`DecodeChunks`, as ``adapter_index``).
         output_index: tokens the request generated before this step's.
         is_decode: one token of a request that already generated (a decode, not prefill).
     """
@@ -69,8 +71,8 @@ class ScheduledChunk:
     token_ids: list[int]
     new_pages: tuple[int, ...]
     sample: bool
-    adapter_index: int = 0
-    sampling: SamplingRow = GREEDY
+    adapter_index: int | None = 0
+    sampling: SamplingRow | None = GREEDY
     output_index: int = 0
     is_decode: bool = False
 
@@ -140,8 +142,9 @@ class DecodeChunks:
     """The one-token chunks of running requests in a step, in columns (vLLM v1's
     ``CachedRequestData``; like vLLM's attention backends, a chunk of one query token counts as
     a decode). Each samples a token. Their requests already have rows in the model runner's
-    batch (their first chunk made them), so only what changes every step travels: the token, its
-    position, the output index, and pages only for the few that crossed into a new page.
+    batch (their first chunk made them, with the adapter and sampling settings), so only what
+    changes every step travels: the token, its position, the output index, pages only for the
+    few that crossed into a new page, and logprob requests only for the requests that ask.
 
     Almost every entry is a decode of a generated token; an entry with ``output_index == 0`` is
     the last prompt token of a chunked prefill.
@@ -151,28 +154,26 @@ class DecodeChunks:
         token_ids: the token of each (``PENDING_TOKEN`` where still on the device).
         starts: its position (= tokens of the request already in the KV cache).
         output_index: tokens the request generated before this step's.
-        adapter_index: each request's LoRA adapter (0: the base model).
-        sampling: each request's :class:`SamplingRow`.
         new_pages: entry index -> the pages this plan added to that request's table.
+        num_logprobs: entry index -> the top logprobs that request asks for (0: the chosen
+            token's only), only for the requests that ask.
     """
 
     request_ids: list[Hashable] = dataclasses.field(default_factory=list)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     starts: list[int] = dataclasses.field(default_factory=list)
     output_index: list[int] = dataclasses.field(default_factory=list)
-    adapter_index: list[int] = dataclasses.field(default_factory=list)
-    sampling: list[SamplingRow] = dataclasses.field(default_factory=list)
     new_pages: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    num_logprobs: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.request_ids)
 
     def chunk(self, i: int) -> ScheduledChunk:
-        """Entry ``i`` as a :class:`ScheduledChunk`."""
+        """Entry ``i`` as a :class:`ScheduledChunk` (``adapter_index`` and ``sampling`` ``None``)."""
         out = self.output_index[i]
         return ScheduledChunk(
-            self.request_ids[i], self.starts[i], [self.token_ids[i]], self.new_pages.get(i, ()), True,
-            self.adapter_index[i], self.sampling[i], out, out > 0,
+            self.request_ids[i], self.starts[i], [self.token_ids[i]], self.new_pages.get(i, ()), True, None, None, out, out > 0,
         )
 
 
@@ -250,14 +251,15 @@ class SchedulerOutput:
     def num_logprobs(self) -> list[int | None]:
         """Per inference sequence, in batch order: the top logprobs it asks for (``None``: no
         logprobs; a chunk that does not sample asks for none)."""
-        return [s.num_logprobs for s in self.decodes.sampling] + [
+        asks = self.decodes.num_logprobs
+        return [asks.get(i) for i in range(len(self.decodes.request_ids))] + [
             c.sampling.num_logprobs if c.sample else None for c in self.prefills
         ]
 
     @property
     def max_num_logprobs(self) -> int | None:
         """The most top logprobs any sequence asks for (``None``: none asks for logprobs)."""
-        asks = [r.num_logprobs for r in self.decodes.sampling if r.num_logprobs is not None]
+        asks = list(self.decodes.num_logprobs.values())
         asks += [c.sampling.num_logprobs for c in self.prefills if c.sample and c.sampling.num_logprobs is not None]
         return max(asks) if asks else None
 

@@ -103,8 +103,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[Hashable, Request] = {}
         self._rows: dict[Hashable, SamplingRow] = {}  # per request, built once at admission
-        # per request: (min_tokens, ids that stop it, most output tokens), built once at admission
-        self._stops: dict[Hashable, tuple[int, frozenset[int], int]] = {}
+        # per request: (the request, min_tokens, ids that stop it, most output tokens), built once
+        # at admission (one lookup per decode in update)
+        self._stops: dict[Hashable, tuple[Request, int, frozenset[int], int]] = {}
+        self._asks: dict[Hashable, int] = {}  # top logprobs of the requests that ask for logprobs
         self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
         self._plan_pending = False  # the plan being made holds a PENDING_TOKEN
         self.num_preemptions = 0
@@ -139,7 +141,9 @@ class Scheduler:
         p = request.params
         self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs)
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(request.eos_token_ids))
-        self._stops[request.request_id] = (p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
+        self._stops[request.request_id] = (request, p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
+        if p.logprobs is not None:
+            self._asks[request.request_id] = p.logprobs
         self.waiting.append(request)
 
     def abort(self, request_id: Hashable) -> Request | None:
@@ -168,6 +172,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._rows.pop(req.request_id, None)
         self._stops.pop(req.request_id, None)
+        self._asks.pop(req.request_id, None)
         self._ended.append(req.request_id)
 
     @property
@@ -350,10 +355,12 @@ class Scheduler:
         kv = self.kv_cache
         page = kv.page_size
         max_len = self.config.max_model_len
-        rows, running_status = self._rows, RequestStatus.RUNNING
+        running_status = RequestStatus.RUNNING
         ids, starts, new_pages = decodes.request_ids, decodes.starts, decodes.new_pages
         add_id, add_tok, add_start = ids.append, decodes.token_ids.append, starts.append
-        add_out, add_adapter, add_row = decodes.output_index.append, decodes.adapter_index.append, decodes.sampling.append
+        add_out = decodes.output_index.append
+        ends: list[int] = []  # tokens each decode's request holds after this plan
+        add_end = ends.append
         multi: list[Request] = []
         pending = False
         for req in list(self.running):
@@ -371,11 +378,15 @@ class Scheduler:
                 continue  # its pending token is its last: nothing more to compute
             rid = req.request_id
             if start % page == 0:  # the token starts a new page
-                new = self._grow(req, start + 1, preempted, decodes, chunks)
-                if new is None:
-                    continue  # preempted itself
-                if new:
-                    new_pages[len(ids)] = new
+                new = kv.append_page(rid)
+                if new is not None:
+                    new_pages[len(ids)] = (new,)
+                else:  # no page free: preempt until one is
+                    new = self._grow(req, start + 1, preempted, decodes, chunks)
+                    if new is None:
+                        continue  # preempted itself
+                    if new:
+                        new_pages[len(ids)] = new
             if pend:
                 add_tok(PENDING_TOKEN)
                 pending = True
@@ -384,12 +395,14 @@ class Scheduler:
             add_id(rid)
             add_start(start)
             add_out(n_out)
-            add_adapter(req.adapter_index)
-            add_row(rows[rid])
-            req.num_computed_tokens = start + 1
+            req.num_computed_tokens = end = start + 1
+            add_end(end)
             req.num_pending = pend + 1
             budget -= 1
-        kv.set_num_tokens(ids, map((1).__add__, starts))  # each decode now holds start + 1 tokens
+        kv.set_num_tokens(ids, ends)
+        if self._asks:
+            asks = self._asks
+            decodes.num_logprobs.update((i, asks[r]) for i, r in enumerate(ids) if r in asks)
         if pending:
             self._plan_pending = True
         for req in multi:
@@ -489,9 +502,10 @@ class Scheduler:
         finished = []
         requests, stops = self.requests, self._stops
         for rid, token in zip(d.request_ids, sampled):  # the decodes: the hot path, inline
-            req = requests.get(rid)
-            if req is None:  # aborted or finished while the step ran
+            live = stops.get(rid)
+            if live is None:  # aborted or finished while the step ran
                 continue
+            req, min_tokens, stop_ids, max_out = live
             if token is None:
                 raise ValueError(f"chunk of request {rid!r} samples but got no token")
             req.num_pending -= 1
@@ -499,7 +513,6 @@ class Scheduler:
             outs.append(token)
             if req.first_token_time is None and now is not None:
                 req.first_token_time = now
-            min_tokens, stop_ids, max_out = stops[rid]
             k = len(outs)
             if token in stop_ids and k >= min_tokens:
                 self._finish(req, FinishReason.STOP)
@@ -572,7 +585,7 @@ class Scheduler:
 
     def stop_reason(self, req: Request) -> FinishReason | None:
         """The token-level stop condition the request's last token meets, if any."""
-        min_tokens, stop_ids, max_out = self._stops[req.request_id]
+        _, min_tokens, stop_ids, max_out = self._stops[req.request_id]
         k = len(req.output_token_ids)
         if k >= min_tokens and req.output_token_ids[-1] in stop_ids:
             return FinishReason.STOP
