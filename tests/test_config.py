@@ -87,3 +87,20 @@ def test_reference_attention_caps_the_default_context(caplog):
     assert "8192" in caplog.text and "max_model_len" in caplog.text
     assert EngineConfig.resolve(mc, attention_impl="reference", max_model_len=4096, **kw).max_model_len == 4096
     assert EngineConfig.resolve(mc, attention_impl="pallas", **kw).max_model_len == 8192
+
+
+def test_engine_passes_every_knob_to_engine_config():
+    """Engine hands its keyword arguments to EngineConfig.resolve by name: the two signatures
+    must list the same knobs, with the same defaults."""
+    import inspect
+
+    from coserve_jax.engine.config import EngineConfig
+    from coserve_jax.engine.engine import Engine
+
+    engine = {k: p.default for k, p in inspect.signature(Engine).parameters.items()
+              if k not in ("model", "tokenizer", "dtype", "distributed")}
+    resolve = {k: p.default for k, p in inspect.signature(EngineConfig.resolve).parameters.items()
+               if k not in ("model_config", "has_lora_pool", "kv_cache_heads", "dtype_itemsize", "device_memory")}
+    assert engine.keys() == resolve.keys()
+    differ = {k for k in engine if engine[k] != resolve[k]}
+    assert differ == {"compilation_cache_dir"}  # the engine's default is the user cache directory

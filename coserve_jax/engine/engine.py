@@ -9,12 +9,15 @@
   executables (step, backward, optimizer step, adapter slots, profile);
 * :class:`~coserve_jax.engine.finetune_service.FinetuneService`: finetuning jobs' lifecycle;
 * :class:`~coserve_jax.engine.output_processor.OutputProcessor`: tokens into
-  :class:`RequestOutput` s (detokenizing, stop strings, logprobs, finishing).
+  :class:`RequestOutput` s (detokenizing, stop strings, logprobs, finishing);
+* :class:`~coserve_jax.engine.policy_runtime.PolicyRuntime`: the step policy in use, the
+  latency model it predicts with, and the measured steps;
+* :class:`~coserve_jax.engine.offline.OfflineAPI`: ``generate``, ``chat``, ``stream``,
+  ``wait_for``, ``evaluate``: loops over :meth:`Engine.step`.
 
 One :meth:`Engine.step` is five numbered stages: schedule, execute, train, update, process
 outputs; with ``async_scheduling`` stages 4-5 read the previous step, so the host plans step
-N+1 while the device runs step N. :meth:`Engine.generate` and :meth:`Engine.stream` loop over
-steps. Finetuning jobs (:meth:`Engine.create_finetuning_job`) ride in the same steps.
+N+1 while the device runs step N. Finetuning jobs (:meth:`Engine.create_finetuning_job`) ride in the same steps.
 
 Multi-host: :meth:`Engine.lead` (process 0) publishes every plan and device-changing call;
 :meth:`Engine.follow` (the other processes) runs them.
@@ -24,11 +27,10 @@ Not thread-safe: one thread drives an engine (the server runs it in its own loop
 
 from __future__ import annotations
 
-import collections
-import dataclasses
+import inspect
 import os
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +40,10 @@ from coserve_jax.engine.finetune_service import FinetuneService
 from coserve_jax.engine.input_processor import InputProcessor, Prompt
 from coserve_jax.engine.loading import load_engine_model
 from coserve_jax.engine.model_runner import ModelRunner
+from coserve_jax.engine.offline import OfflineAPI
 from coserve_jax.engine.output_processor import OutputProcessor
-from coserve_jax.engine.outputs import RequestOutput, StepRecord
-from coserve_jax.engine.profile import fitted_latency_model
+from coserve_jax.engine.outputs import RequestOutput
+from coserve_jax.engine.policy_runtime import PolicyRuntime
 from coserve_jax.engine.step import Bucket, configure_compilation_cache
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
@@ -55,18 +58,22 @@ from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.sampling_params import SamplingParams
-from coserve_jax.sched.policy import POLICY_OPTIONS, SLOConfig, make_policy, step_shape
+from coserve_jax.sched.policy import SLOConfig
 from coserve_jax.sched.scheduler import Scheduler
 
 DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "coserve_jax", "xla"))
 
 
-def _config_attr(name: str, doc: str) -> property:
-    """A read-only attribute of the engine that is its :class:`EngineConfig`'s field ``name``."""
-    return property(lambda self: getattr(self.engine_config, name), doc=doc)
+# Engine's keyword arguments that EngineConfig.resolve takes as they are
+_KNOBS = frozenset(inspect.signature(EngineConfig.resolve).parameters) - {"cls", "model_config"}
 
 
-class Engine:
+def _attr(part: str, name: str, doc: str) -> property:
+    """A read-only attribute of the engine that is attribute ``name`` of its part ``part``."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+
+
+class Engine(OfflineAPI):
     """Continuous-batching LLM inference with paged attention and multi-LoRA.
 
     Args:
@@ -154,20 +161,15 @@ class Engine:
         self.config = config = self.model.config
         """The model's :class:`~coserve_jax.models.config.ModelConfig`."""
         pool = self.model.lora.config if self.model.lora is not None else None
+        knobs = {k: v for k, v in locals().items() if k in _KNOBS}  # the arguments above, as passed
+        if pool is not None:  # a built model's pool decides the adapter limits
+            knobs.update(max_loras=pool.max_loras, max_lora_rank=pool.max_lora_rank, lora_target_modules=pool.target_modules)
+        else:
+            knobs.update(max_loras=0, lora_target_modules=tuple(lora_target_modules))
         self.engine_config = ec = EngineConfig.resolve(
             config, has_lora_pool=pool is not None, kv_cache_heads=self.rules.kv_cache_heads,
             dtype_itemsize=jnp.dtype(self.model.dtype).itemsize, device_memory=self.mesh.local_devices[0].memory_stats(),
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            page_size=page_size, num_kv_pages=num_kv_pages, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            max_loras=pool.max_loras if pool else 0, max_lora_rank=pool.max_lora_rank if pool else max_lora_rank,
-            lora_target_modules=pool.target_modules if pool else tuple(lora_target_modules), max_logprobs=max_logprobs,
-            token_buckets=token_buckets, seq_buckets=seq_buckets, attention_impl=attention_impl,
-            compilation_cache_dir=compilation_cache_dir, seed=seed, watermark_pages=watermark_pages,
-            max_finetune_jobs=max_finetune_jobs, finetune_max_seq_len=finetune_max_seq_len,
-            max_finetune_tokens=max_finetune_tokens, finetune_layers_per_slice=finetune_layers_per_slice,
-            finetune_seq_buckets=finetune_seq_buckets, scheduling_policy=scheduling_policy, policy_options=policy_options,
-            slo=slo, measure_steps=measure_steps, async_scheduling=async_scheduling,
-            tensor_parallel_size=tensor_parallel_size,
+            **knobs,
         )
         """Every resolved limit, bucket grid and layout (:class:`~coserve_jax.engine.config.EngineConfig`)."""
         self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(ec.num_kv_pages, ec.page_size))
@@ -182,29 +184,29 @@ class Engine:
         """The unfinished requests' outputs (:class:`~coserve_jax.engine.output_processor.OutputProcessor`)."""
         self._in_flight = None  # (plan, StepOutput) of an overlapped step whose tokens are not read yet
         self._channel: HostChannel | None = None  # multi-host, process 0 after lead(); others in follow()
-        self.slo = ec.slo
-        self.latency_model = None
-        self.latency_model_cached = False
-        self.measure_steps = measure_steps
-        self.last_step_ms: float | None = None
-        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1_000_000)
-        """One :class:`StepRecord` per measured step, oldest first (the last million)."""
-        self.scheduling_policy = "fixed"
-        self.set_scheduling_policy(scheduling_policy, **(policy_options or {}))
+        self.policy = PolicyRuntime(ec, self.scheduler, self.runner, self._publish)
+        """The step policy, its latency model and the step log (:class:`~coserve_jax.engine.policy_runtime.PolicyRuntime`)."""
+        self.policy.set(scheduling_policy, **(policy_options or {}))
         if measure_steps:
-            self._ensure_latency_model()
+            self.policy.ensure_latency_model()
         self.num_steps = 0
 
-    # ---- the resolved configuration, as attributes -----------------------------------------
-    max_model_len = _config_attr("max_model_len", "Context length in tokens.")
-    page_size = _config_attr("page_size", "Tokens per KV page.")
-    max_pages_per_seq = _config_attr("max_pages_per_seq", "Page-table width.")
-    max_logprobs = _config_attr("max_logprobs", "Most top logprobs a request may ask for.")
-    max_finetune_tokens = _config_attr("max_finetune_tokens", "Most finetuning forward tokens in one step (0 without finetuning).")
-    attention_impl = _config_attr("attention_impl", "The attention implementation in use.")
-    finetune_layout = _config_attr("finetune", "The finetuning buffers' layout (``None``: no finetuning).")
-    tensor_parallel_size = _config_attr("tensor_parallel_size", "Devices the model is split over.")
-    kv_cache_bytes = _config_attr("kv_cache_bytes", "Bytes of K and V cache on each device.")
+    # ---- the resolved configuration and the policy's state, as attributes --------------------
+    max_model_len = _attr("engine_config", "max_model_len", "Context length in tokens.")
+    page_size = _attr("engine_config", "page_size", "Tokens per KV page.")
+    max_pages_per_seq = _attr("engine_config", "max_pages_per_seq", "Page-table width.")
+    max_logprobs = _attr("engine_config", "max_logprobs", "Most top logprobs a request may ask for.")
+    max_finetune_tokens = _attr("engine_config", "max_finetune_tokens", "Most finetuning forward tokens in one step (0 without finetuning).")
+    attention_impl = _attr("engine_config", "attention_impl", "The attention implementation in use.")
+    finetune_layout = _attr("engine_config", "finetune", "The finetuning buffers' layout (``None``: no finetuning).")
+    tensor_parallel_size = _attr("engine_config", "tensor_parallel_size", "Devices the model is split over.")
+    kv_cache_bytes = _attr("engine_config", "kv_cache_bytes", "Bytes of K and V cache on each device.")
+    slo = _attr("engine_config", "slo", "The default SLOs (:class:`~coserve_jax.sched.policy.SLOConfig`).")
+    scheduling_policy = _attr("policy", "name", "The step policy in use.")
+    latency_model = _attr("policy", "latency_model", "The fitted step latency model (``None`` until needed).")
+    latency_model_cached = _attr("policy", "latency_model_cached", "The latency model came from the cached profile.")
+    last_step_ms = _attr("policy", "last_step_ms", "The last measured step's device time (ms).")
+    step_log = _attr("policy", "step_log", "One :class:`StepRecord` per measured step, oldest first (the last million).")
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -217,11 +219,6 @@ class Engine:
         return self.runner.adapters
 
     # ---- scheduling policy -----------------------------------------------------------------
-    def _ensure_latency_model(self) -> None:
-        if self.latency_model is None:
-            self._publish("ensure_latency_model")
-            self.latency_model, self.latency_model_cached = fitted_latency_model(self.runner, self.engine_config.compilation_cache_dir)
-
     def set_scheduling_policy(self, name: str, **options) -> None:
         """Choose how each step is sized, between steps (the compiled shapes stay).
 
@@ -238,18 +235,7 @@ class Engine:
         Raises:
             ValueError: an unknown policy or option, or a bad option value.
         """
-        cfg = self.scheduler.config
-        if name not in POLICY_OPTIONS:
-            raise ValueError(f"scheduling_policy must be one of {sorted(POLICY_OPTIONS)}, got {name!r}")
-        if name == "hybrid" and not options:
-            self._ensure_latency_model()
-        policy = make_policy(
-            name, options, max_num_batched_tokens=cfg.max_num_batched_tokens, max_finetune_tokens=cfg.max_finetune_tokens,
-            latency_model=self.latency_model, slo=self.slo, token_buckets=self.engine_config.token_buckets,
-            seq_buckets=self.engine_config.seq_buckets, backward_buckets=self.engine_config.backward_buckets,
-        )
-        self.scheduler.policy = policy
-        self.scheduling_policy = name
+        self.policy.set(name, **options)
 
     # ---- adapters ------------------------------------------------------------------------
     def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:
@@ -342,32 +328,6 @@ class Engine:
         """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`)."""
         self.finetuning.save_checkpoint(job)
 
-    def evaluate(
-        self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
-        config: FinetuneConfig | None = None,
-    ) -> float:
-        """Validation loss of the base model or an adapter on ``data``: the mean per-token
-        cross-entropy (nats) over the loss-masked target tokens, computed by forward-only
-        sequences in the serving steps (this call steps the engine until they are done; other
-        requests and jobs advance meanwhile, their outputs are not returned).
-
-        Args:
-            data: a file (read with ``config``'s data settings: ``columns``, ``chat_template``
-                ...) or :class:`TrainingExample` s; records longer than
-                ``finetune_max_seq_len`` are truncated as ``config.truncation`` says.
-            adapter: an adapter name (e.g. a job's), or ``None`` for the base model.
-        Raises:
-            FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
-            DataValidationError, ValueError: bad data.
-        """
-        ev = self.finetuning.start_evaluation(data, adapter, config)
-        try:
-            while not ev.done:
-                self.step()
-        finally:
-            self.finetuning.end_evaluation(ev)
-        return ev.record(time.time()).loss
-
     @property
     def finetuning_jobs(self) -> list[FinetuneJob]:
         """Every job this engine ran or runs, oldest first."""
@@ -385,16 +345,6 @@ class Engine:
     def num_free_finetune_slots(self) -> int:
         """Jobs that :meth:`create_finetuning_job` can start now (of ``max_finetune_jobs``)."""
         return self.finetuning.num_free_slots
-
-    def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None) -> None:
-        """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
-        Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
-        yourself to serve and train together)."""
-        jobs = jobs or tuple(j for j in self.finetuning.jobs.values() if not j.done)
-        n = 0
-        while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
-            self.step()
-            n += 1
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -486,8 +436,8 @@ class Engine:
             if plan.backward is not None:
                 self.runner.run_backward(plan.backward)
             self.num_steps += 1
-            if self.measure_steps or self.scheduling_policy == "hybrid":
-                self._measure(plan, out, t_dispatch)
+            if self.policy.measures:
+                self.policy.measure(plan, out, t_dispatch)
         # 3. Train: training progress needs no device result; optimizer steps are dispatched
         #    after this step and before the next.
         self.scheduler.update_training(plan)
@@ -509,25 +459,6 @@ class Engine:
     def has_step_in_flight(self) -> bool:
         """An overlapped step's results are not read yet (the next :meth:`step` reads them)."""
         return self._in_flight is not None
-
-    def _measure(self, plan, out, t_dispatch: float) -> None:
-        """Time the step on the device, log it, and refine the latency model with it (this
-        waits for the step, so it also waits out any overlap)."""
-        self.runner.wait(out)
-        end = time.perf_counter()
-        self.last_step_ms = (end - t_dispatch) * 1000.0
-        ec = self.engine_config
-        shape = step_shape(plan, ec.token_buckets, ec.seq_buckets, ec.backward_buckets)
-        predicted = self.latency_model.predict(shape)
-        self.latency_model.update(shape, self.last_step_ms)
-        decode = plan.num_decode_tokens
-        self.step_log.append(StepRecord(
-            end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
-            prefill_tokens=plan.num_inference_tokens - decode, decode_tokens=decode,
-            finetune_tokens=plan.finetune.num_tokens if plan.finetune is not None else 0,
-            backward_tokens=plan.backward.num_tokens if plan.backward is not None else 0,
-            attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
-        ))
 
     # ---- multi-host ------------------------------------------------------------------------
     def lead(self) -> None:
@@ -566,93 +497,3 @@ class Engine:
         from coserve_jax.engine.multihost import follow
 
         return follow(self, timeout_s)
-
-    # ---- batch and streaming APIs --------------------------------------------------------
-    def _add_all(self, prompts, params, adapter) -> list[str]:
-        ids = []
-        try:
-            for i, (p, sp, a) in enumerate(InputProcessor.batch(prompts, params, adapter)):
-                ids.append(self.add_request(p, sp, a, index=i))
-        except Exception:
-            for rid in ids:  # all or nothing
-                self.abort(rid)
-            raise
-        return ids
-
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapter: str | None | Sequence[str | None] = None,
-    ) -> list[RequestOutput]:
-        """Generate for every prompt; returns one finished :class:`RequestOutput` per prompt, in order.
-
-        Args:
-            prompts: one prompt or a list (text or token ids each).
-            params: one :class:`SamplingParams` for all, or one per prompt.
-            adapter: adapter name for all, or one per prompt (``None``: base model).
-        Raises:
-            ValueError, AdapterError: as :meth:`add_request`; nothing is queued then.
-        """
-        ids = self._add_all(prompts, params, adapter)
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for o in self.step():
-                if o.finished and o.request_id in ids:
-                    done[o.request_id] = o
-            if not self.has_unfinished and len(done) < len(ids):  # pragma: no cover - defensive
-                raise RuntimeError("the engine went idle with requests unfinished")
-        return [done[i] for i in ids]
-
-    def chat(
-        self,
-        messages: Sequence[dict] | Sequence[Sequence[dict]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapter: str | None | Sequence[str | None] = None,
-        *,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
-    ) -> list[RequestOutput]:
-        """Generate replies to conversations (vLLM's ``LLM.chat``): each is rendered with the
-        tokenizer's chat template (:func:`coserve_jax.tokenizer.encode_chat`), then as :meth:`generate`.
-
-        Args:
-            messages: one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them.
-            params, adapter: as :meth:`generate`.
-            add_generation_prompt: end each prompt with the assistant header.
-            chat_template_kwargs: variables for the template (e.g. ``date_string``).
-        Returns:
-            One finished :class:`RequestOutput` per conversation, in order.
-        Raises:
-            ValueError: no tokenizer, or a tokenizer without a chat template; as :meth:`generate`.
-        """
-        from coserve_jax.tokenizer import encode_chat
-
-        if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer: chat needs one with a chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [encode_chat(self.tokenizer, c, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
-                   for c in conversations]
-        return self.generate(prompts, params, adapter)
-
-    def stream(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapter: str | None | Sequence[str | None] = None,
-    ) -> Iterator[RequestOutput]:
-        """Like :meth:`generate`, but yields an output each time a request gets tokens; read
-        ``.delta_text`` / ``.delta_token_ids`` and ``.index``. Closing the iterator early aborts
-        the unfinished requests."""
-        ids = set(self._add_all(prompts, params, adapter))
-        pending = set(ids)
-        try:
-            while pending:
-                for o in self.step():
-                    if o.request_id in ids:
-                        if o.finished:
-                            pending.discard(o.request_id)
-                        yield dataclasses.replace(o, token_ids=list(o.token_ids))
-        finally:
-            for rid in pending:
-                self.abort(rid)

@@ -31,7 +31,7 @@ def follow(engine, timeout_s: float | None = None) -> int:
     evaluations: dict[str, object] = {}
     handlers = {
         "step": engine.step,
-        "ensure_latency_model": engine._ensure_latency_model,
+        "ensure_latency_model": engine.policy.ensure_latency_model,
         "load_adapter": engine.runner.load_adapter,
         "unload_adapter": engine.runner.unload_adapter,
         "create_job": lambda data, cfg, name, job_id, ev: service.create_job(data, cfg, adapter_name=name, job_id=job_id, eval_dataset=ev),

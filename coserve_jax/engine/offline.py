@@ -1,0 +1,149 @@
+"""The engine's batch, chat and streaming calls, and the waits of finetuning (vLLM's ``LLM``
+over its ``LLMEngine``): loops over :meth:`Engine.step <coserve_jax.engine.engine.Engine.step>`,
+written once here so the engine module holds only the step and its parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Iterator, Sequence
+
+from coserve_jax.engine.input_processor import InputProcessor, Prompt
+from coserve_jax.engine.outputs import RequestOutput
+from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.finetune.job import FinetuneJob
+from coserve_jax.sched.sampling_params import SamplingParams
+
+
+class OfflineAPI:
+    """``generate``, ``chat``, ``stream``, ``wait_for`` and ``evaluate`` of
+    :class:`~coserve_jax.engine.engine.Engine` (a mixin: it needs the engine's ``step``,
+    ``add_request``, ``abort``, ``has_unfinished``, ``tokenizer`` and ``finetuning``)."""
+
+    def _add_all(self, prompts, params, adapter) -> list[str]:
+        ids = []
+        try:
+            for i, (p, sp, a) in enumerate(InputProcessor.batch(prompts, params, adapter)):
+                ids.append(self.add_request(p, sp, a, index=i))
+        except Exception:
+            for rid in ids:  # all or nothing
+                self.abort(rid)
+            raise
+        return ids
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns one finished :class:`RequestOutput` per prompt, in order.
+
+        Args:
+            prompts: one prompt or a list (text or token ids each).
+            params: one :class:`SamplingParams` for all, or one per prompt.
+            adapter: adapter name for all, or one per prompt (``None``: base model).
+        Raises:
+            ValueError, AdapterError: as :meth:`add_request`; nothing is queued then.
+        """
+        ids = self._add_all(prompts, params, adapter)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for o in self.step():
+                if o.finished and o.request_id in ids:
+                    done[o.request_id] = o
+            if not self.has_unfinished and len(done) < len(ids):  # pragma: no cover - defensive
+                raise RuntimeError("the engine went idle with requests unfinished")
+        return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter: str | None | Sequence[str | None] = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to conversations (vLLM's ``LLM.chat``): each is rendered with the
+        tokenizer's chat template (:func:`coserve_jax.tokenizer.encode_chat`), then as :meth:`generate`.
+
+        Args:
+            messages: one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them.
+            params, adapter: as :meth:`generate`.
+            add_generation_prompt: end each prompt with the assistant header.
+            chat_template_kwargs: variables for the template (e.g. ``date_string``).
+        Returns:
+            One finished :class:`RequestOutput` per conversation, in order.
+        Raises:
+            ValueError: no tokenizer, or a tokenizer without a chat template; as :meth:`generate`.
+        """
+        from coserve_jax.tokenizer import encode_chat
+
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: chat needs one with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [encode_chat(self.tokenizer, c, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, params, adapter)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter: str | None | Sequence[str | None] = None,
+    ) -> Iterator[RequestOutput]:
+        """Like :meth:`generate`, but yields an output each time a request gets tokens; read
+        ``.delta_text`` / ``.delta_token_ids`` and ``.index``. Closing the iterator early aborts
+        the unfinished requests."""
+        ids = set(self._add_all(prompts, params, adapter))
+        pending = set(ids)
+        try:
+            while pending:
+                for o in self.step():
+                    if o.request_id in ids:
+                        if o.finished:
+                            pending.discard(o.request_id)
+                        yield dataclasses.replace(o, token_ids=list(o.token_ids))
+        finally:
+            for rid in pending:
+                self.abort(rid)
+
+    def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None) -> None:
+        """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
+        Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
+        yourself to serve and train together)."""
+        jobs = jobs or tuple(j for j in self.finetuning.jobs.values() if not j.done)
+        n = 0
+        while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
+            self.step()
+            n += 1
+
+    def evaluate(
+        self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
+        config: FinetuneConfig | None = None,
+    ) -> float:
+        """Validation loss of the base model or an adapter on ``data``: the mean per-token
+        cross-entropy (nats) over the loss-masked target tokens, computed by forward-only
+        sequences in the serving steps (this call steps the engine until they are done; other
+        requests and jobs advance meanwhile, their outputs are not returned).
+
+        Args:
+            data: a file (read with ``config``'s data settings: ``columns``, ``chat_template``
+                ...) or :class:`TrainingExample` s; records longer than
+                ``finetune_max_seq_len`` are truncated as ``config.truncation`` says.
+            adapter: an adapter name (e.g. a job's), or ``None`` for the base model.
+        Raises:
+            FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
+            DataValidationError, ValueError: bad data.
+        """
+        ev = self.finetuning.start_evaluation(data, adapter, config)
+        try:
+            while not ev.done:
+                self.step()
+        finally:
+            self.finetuning.end_evaluation(ev)
+        return ev.record(time.time()).loss
