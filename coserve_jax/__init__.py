@@ -1,10 +1,15 @@
 """coserve-jax: LLM inference and LoRA finetuning co-served in one fused JAX/XLA step.
 
 ``from coserve_jax import Engine, SamplingParams, FinetuneConfig, LoRAConfig`` is the notebook API. The names are imported
-lazily, so ``coserve_jax.sched`` (pure Python) can be used without importing JAX.
+lazily, so ``coserve_jax.sched`` (pure Python) can be used without importing JAX. Log lines go to
+stdout (:mod:`coserve_jax.logging_config`; ``COSERVE_JAX_CONFIGURE_LOGGING=0`` turns that off).
 """
 
 __version__ = "0.1.0"
+
+from coserve_jax.logging_config import configure_library_logging as _configure_logging  # noqa: E402 (stdlib only)
+
+_configure_logging()  # the coserve_jax logger to stdout at INFO, unless COSERVE_JAX_CONFIGURE_LOGGING=0
 
 __all__ = ["Engine", "FinetuneConfig", "FinetuneJob", "LoRAConfig", "RequestOutput", "SamplingParams"]
 

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# In-process tests read the library's log records with caplog (through the root logger), so the
+# package does not give its logger a handler of its own here; servers the tests start configure
+# their logging themselves.
+os.environ.setdefault("COSERVE_JAX_CONFIGURE_LOGGING", "0")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Eight CPU devices for the tensor-parallel tests (read when jax first starts, so set before any
 # test module imports it); single-device engines use the first.

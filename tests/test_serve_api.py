@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 
 import httpx
@@ -37,6 +38,7 @@ def server(tokenizer_dir, tmp_path_factory):
     srv = ServerProcess([
         "--tokenizer", str(tokenizer_dir), "--api-key", KEY, "--output-dir", str(out),
         "--set", f"limits.max_body_bytes={MAX_BODY}", "--set", "limits.max_tokens=256", "--set", "limits.max_n=4",
+        "--set", "log_stats_interval_s=1",
     ], env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
     srv.out_dir = out
     yield srv
@@ -460,6 +462,21 @@ def test_non_streaming_client_that_gives_up_is_aborted(server, http):
 
 
 # ---- shutdown (last: stops the server) --------------------------------------------------------------
+def test_the_log_shows_start_up_requests_jobs_and_stats(server, client):
+    """Runs late in this module (before the server is stopped): the server's log then holds the start-up compile progress, an
+    access line per request, the finetuning job's lifecycle and the periodic stats line."""
+    client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2)
+    wait_until(lambda: "Avg generation throughput" in server.output, timeout=30)
+    out = server.output
+    assert re.search(r"\[coserve_jax\.engine\] compiled step shape 1/\d+ \(T=\d+, S=\d+\) in [\d.]+ s", out), out[:3000]
+    assert re.search(r'\[uvicorn\.access\] 127\.0\.0\.1:\d+ "POST /v1/chat/completions HTTP/1\.1" 200', out)
+    job_lines = re.findall(r"\[coserve_jax\.serve\.jobs\] job (ftjob-\w+): (.*)", out)
+    finished = {j for j, msg in job_lines if msg == "The job has successfully completed"}
+    assert finished and all(any(m.startswith("Fine-tuning job started") for j2, m in job_lines if j2 == j) for j in finished)
+    assert re.search(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ tokens/s, "
+                     r"Running: \d+ reqs, Waiting: \d+ reqs, KV cache usage: [\d.]+%", out)
+
+
 def test_sigterm_checkpoints_running_jobs_and_exits_cleanly(server, client, tmp_path):
     with open(gsm8k_chat_file(tmp_path / "long.jsonl", 8), "rb") as f:
         fid = client.files.create(file=f, purpose="fine-tune").id
@@ -470,3 +487,4 @@ def test_sigterm_checkpoints_running_jobs_and_exits_cleanly(server, client, tmp_
     assert f"checkpoint written to {ckpt_dir}" in server.output
     steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
     assert steps and max(steps) >= 2
+

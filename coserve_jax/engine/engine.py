@@ -28,6 +28,7 @@ Not thread-safe: one thread drives an engine (the server runs it in its own loop
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from typing import Sequence
@@ -60,6 +61,8 @@ from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.sched.policy import SLOConfig
 from coserve_jax.sched.scheduler import Scheduler
+
+log = logging.getLogger("coserve_jax.engine")
 
 DEFAULT_CACHE_DIR = os.environ.get("COSERVE_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "coserve_jax", "xla"))
 
@@ -175,7 +178,12 @@ class Engine(OfflineAPI):
         self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(ec.num_kv_pages, ec.page_size))
         self.runner = ModelRunner(self.model, self.rules, ec)
         """The device owner (:class:`~coserve_jax.engine.model_runner.ModelRunner`)."""
+        log.info("model %s: %s parameters, %s, context %d tokens; KV cache %d pages of %d tokens (%.1f MiB a device); "
+                 "compiling %d step shapes", self.model_path or "(built in code)", f"{config.num_params():,}",
+                 jnp.dtype(self.model.dtype).name, ec.max_model_len, ec.num_kv_pages, ec.page_size, ec.kv_cache_bytes / 2**20,
+                 len(ec.buckets))
         self.compile_seconds = self.runner.compile()
+        log.info("engine ready: compiled in %.1f s (attention: %s)", self.compile_seconds, ec.attention_impl)
         self.inputs = InputProcessor(self.tokenizer, config.vocab_size, ec.max_logprobs, self.adapters, self.eos_token_ids, seed)
         """Prompts into requests (:class:`~coserve_jax.engine.input_processor.InputProcessor`)."""
         self.finetuning = FinetuneService(ec, config, self.runner, self.scheduler, self.tokenizer, self.model_path)

@@ -15,6 +15,7 @@ what comes back is a :class:`~coserve_jax.engine.step.StepOutput` of device arra
 
 from __future__ import annotations
 
+import logging
 import time
 
 import jax
@@ -31,6 +32,8 @@ from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
 from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput, StepResult
+
+log = logging.getLogger("coserve_jax.engine")
 
 
 class ModelRunner:
@@ -88,11 +91,14 @@ class ModelRunner:
         layout = self.config.finetune
         if layout is not None:
             graphdef = self.step_fn.graphdef
-            for length in layout.seq_buckets:
+            for i, length in enumerate(layout.seq_buckets, 1):
+                t = time.perf_counter()
                 fn = jax.jit(fused.make_backward_fn(graphdef, self.model.config, layout, length, self.rules), donate_argnums=1)
                 self.backward[length] = fn.lower(
                     self.state, self.ft_buffers, fused.abstract_backward_inputs(self.rules.replicated)
                 ).compile()
+                log.info("compiled backward slice %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
+                         length, time.perf_counter() - t)
             self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
             self.adapters.compile_writer()
         self.compile_seconds = time.perf_counter() - t0

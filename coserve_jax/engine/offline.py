@@ -5,6 +5,7 @@ written once here so the engine module holds only the step and its parts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -39,6 +40,8 @@ class OfflineAPI:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapter: str | None | Sequence[str | None] = None,
+        *,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one finished :class:`RequestOutput` per prompt, in order.
 
@@ -46,17 +49,27 @@ class OfflineAPI:
             prompts: one prompt or a list (text or token ids each).
             params: one :class:`SamplingParams` for all, or one per prompt.
             adapter: adapter name for all, or one per prompt (``None``: base model).
+            use_tqdm: show a progress bar (prompts done, input and output tokens/s), as vLLM's
+                ``LLM.generate``.
         Raises:
             ValueError, AdapterError: as :meth:`add_request`; nothing is queued then.
         """
         ids = self._add_all(prompts, params, adapter)
+        wanted = set(ids)
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for o in self.step():
-                if o.finished and o.request_id in ids:
-                    done[o.request_id] = o
-            if not self.has_unfinished and len(done) < len(ids):  # pragma: no cover - defensive
-                raise RuntimeError("the engine went idle with requests unfinished")
+        with _bar(use_tqdm, len(ids), "Processed prompts", "prompt") as bar:
+            n_in = n_out = 0
+            while len(done) < len(ids):
+                for o in self.step():
+                    if o.finished and o.request_id in wanted:
+                        done[o.request_id] = o
+                        n_in, n_out = n_in + len(o.prompt_token_ids), n_out + len(o.token_ids)
+                        if bar is not None:
+                            bar.update(1)
+                            rate = bar.format_dict["elapsed"] or 1e-9
+                            bar.set_postfix_str(f"input {n_in / rate:.1f} toks/s, output {n_out / rate:.1f} toks/s", refresh=False)
+                if not self.has_unfinished and len(done) < len(ids):  # pragma: no cover - defensive
+                    raise RuntimeError("the engine went idle with requests unfinished")
         return [done[i] for i in ids]
 
     def chat(
@@ -112,15 +125,27 @@ class OfflineAPI:
             for rid in pending:
                 self.abort(rid)
 
-    def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None) -> None:
+    def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None, use_tqdm: bool = True) -> None:
         """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
         Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
-        yourself to serve and train together)."""
+        yourself to serve and train together).
+
+        Args:
+            use_tqdm: show a progress bar of the jobs' optimizer steps, with the last loss.
+        """
         jobs = jobs or tuple(j for j in self.finetuning.jobs.values() if not j.done)
         n = 0
-        while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
-            self.step()
-            n += 1
+        with _bar(use_tqdm, sum(j.total_steps for j in jobs), "Optimizer steps", "step") as bar:
+            shown = 0
+            while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
+                self.step()
+                n += 1
+                if bar is not None and (now := sum(j.step for j in jobs)) != shown:
+                    bar.update(now - shown)
+                    shown = now
+                    losses = [j.loss_history[-1].loss for j in jobs if j.loss_history]
+                    if losses:
+                        bar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
 
     def evaluate(
         self, data: str | os.PathLike | Sequence[TrainingExample], adapter: str | None = None,
@@ -147,3 +172,12 @@ class OfflineAPI:
         finally:
             self.finetuning.end_evaluation(ev)
         return ev.record(time.time()).loss
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str):
+    """A ``tqdm`` bar (a context manager), or a null context yielding ``None`` when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

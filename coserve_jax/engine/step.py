@@ -18,6 +18,7 @@ its loss head (:mod:`coserve_jax.finetune.fused`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, NamedTuple, Sequence
@@ -33,6 +34,8 @@ from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
+
+log = logging.getLogger("coserve_jax.engine")
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -229,12 +232,15 @@ class CompiledStep:
         """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
         t0 = time.perf_counter()
         state, k, v, ft = self._example
-        for b in self.buckets:
-            if b not in self._compiled:
-                rep = None if self.parallel is None else self.parallel.replicated
-                inputs = abstract_inputs(self.dims(b), rep)
-                prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
-                self._compiled[b] = self._jitted.lower(state, k, v, ft, prev, inputs).compile()
+        todo = [b for b in self.buckets if b not in self._compiled]
+        for i, b in enumerate(todo, 1):
+            t = time.perf_counter()
+            rep = None if self.parallel is None else self.parallel.replicated
+            inputs = abstract_inputs(self.dims(b), rep)
+            prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
+            self._compiled[b] = self._jitted.lower(state, k, v, ft, prev, inputs).compile()
+            log.info("compiled step shape %d/%d (T=%d, S=%d) in %.1f s", i, len(todo), b.num_tokens, b.num_seqs,
+                     time.perf_counter() - t)
         self._example = None
         self.compile_seconds += time.perf_counter() - t0
         return self.compile_seconds

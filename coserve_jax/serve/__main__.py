@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="uploaded files, checkpoints and exported adapters (default coserve-output)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted, YAML value (e.g. --set engine.max_num_seqs=8); repeatable")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
+                   help="level of the server's and uvicorn's loggers (default info)")
+    p.add_argument("--disable-log-requests", action="store_true", default=None,
+                   help="no access-log line per HTTP request (vLLM's flag)")
+    p.add_argument("--disable-log-stats", action="store_true", default=None,
+                   help="no periodic stats line (throughput, queue, KV cache, finetuning; vLLM's flag)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="PEFT adapters to load at start-up, served under NAME (vLLM's flag)")
     knobs = p.add_argument_group("model and engine (vLLM's names; each sets the config key it names)")
@@ -81,7 +87,8 @@ def config_from_args(argv: list[str] | None = None) -> ServeConfig:
     flags = {
         "model.path": args.model, "model.tokenizer": args.tokenizer, "model.chat_template": args.chat_template,
         "served_model_name": args.served_model_name, "host": args.host, "port": args.port, "api_key": args.api_key,
-        "output_dir": args.output_dir,
+        "output_dir": args.output_dir, "log_level": args.log_level, "disable_log_requests": args.disable_log_requests,
+        "disable_log_stats": args.disable_log_stats,
     }
     flags.update({key: getattr(args, key) for _, key, _ in engine_flags()})
     if args.lora_modules is not None:
@@ -102,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from coserve_jax.logging_config import configure_logging
+
+    try:
+        log_config = configure_logging(cfg.log_level, access_log=not cfg.disable_log_requests)
+    except ValueError as e:
+        print(f"error: log_level: {e}", file=sys.stderr)
         return 2
 
     import jax
@@ -168,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                       "(running fine-tuning jobs are checkpointed).", flush=True)
 
     server = Server(uvicorn.Config(
-        app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.timeout_graceful_shutdown_s, access_log=False,
+        app, log_config=log_config, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.timeout_graceful_shutdown_s,
+        access_log=not cfg.disable_log_requests,
     ))
     # uvicorn handles SIGINT / SIGTERM during run() and re-raises the signal once shut down; a
     # no-op handler then lets the process end normally (exit 0) after a graceful shutdown.

@@ -11,7 +11,10 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
     engine:   {...}             # Engine keyword arguments (max_num_seqs, scheduling_policy, ...)
     limits:   {...}             # Limits
     finetune: {...}             # FinetuneDefaults
-    log_level: info
+    log_level: info             # debug, info, warning, error (ours and uvicorn's loggers)
+    disable_log_requests: false # true: no access-log line per HTTP request (vLLM's flag)
+    disable_log_stats: false    # true: no periodic stats line (vLLM's flag)
+    log_stats_interval_s: 10    # seconds between stats lines while there is work
     timeout_graceful_shutdown_s: 10
     lora_modules: {name: path}  # PEFT adapters loaded at start-up (vLLM's --lora-modules)
 
@@ -129,6 +132,9 @@ class ServeConfig:
     limits: Limits = Limits()
     finetune: FinetuneDefaults = FinetuneDefaults()
     log_level: str = "info"
+    disable_log_requests: bool = False
+    disable_log_stats: bool = False
+    log_stats_interval_s: float = 10.0
     timeout_graceful_shutdown_s: float = 10.0
     lora_modules: dict | None = None
 

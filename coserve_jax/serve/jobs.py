@@ -49,6 +49,7 @@ from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.protocol import FinetuneJobCreate, new_id
 
 log = logging.getLogger("coserve_jax.serve")
+jobs_log = logging.getLogger("coserve_jax.serve.jobs")
 
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 EXTENSION_HYPERPARAMETERS = tuple(
@@ -146,6 +147,8 @@ class JobRecord:
     _evals_seen: int = 0
 
     def event(self, message: str, level: str = "info", type_: str = "message", data: Any = None, t: float | None = None) -> None:
+        """Add an event to the job's list (``GET .../events``) and log it (``coserve_jax.serve.jobs``)."""
+        jobs_log.log({"warn": logging.WARNING, "error": logging.ERROR}.get(level, logging.INFO), "job %s: %s", self.id, message)
         self.events.append({
             "object": "fine_tuning.job.event", "id": f"ftevent-{self.id.removeprefix('ftjob-')}-{len(self.events)}",
             "created_at": int(t or time.time()), "level": level, "message": message, "data": data, "type": type_,

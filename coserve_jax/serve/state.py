@@ -18,6 +18,7 @@ from coserve_jax.serve.errors import APIError, model_not_found
 from coserve_jax.serve.files import FileStore
 from coserve_jax.serve.jobs import JobManager
 from coserve_jax.serve.metrics import ServerMetrics
+from coserve_jax.serve.stat_logger import StatLogger
 
 
 class ServerState:
@@ -52,11 +53,14 @@ class ServerState:
             layout.max_seq_len if layout is not None and engine.tokenizer is not None else 0,
             engine.model.lora.config if engine.model.lora is not None else None,
         )
+        self.stats = None if config.disable_log_stats else StatLogger(config.log_stats_interval_s)
         self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
         self.shutting_down = False
 
     def _on_step(self, engine: Engine, outputs, seconds: float) -> None:
         self.metrics.observe_step(engine, seconds)
+        if self.stats is not None:
+            self.stats.observe(engine, outputs)
         self.jobs.sync(engine)
         self.jobs.start_queued(engine)
 
@@ -68,11 +72,15 @@ class ServerState:
 
     def start(self) -> None:
         self.loop.start()
+        if self.stats is not None:
+            self.stats.start(self.engine)
 
     def stop(self) -> list[str]:
         """Checkpoint running jobs, abort open requests, stop the engine loop. Returns the
         checkpoint directories written."""
         self.shutting_down = True
+        if self.stats is not None:
+            self.stats.stop()
         written: list[str] = []
 
         def before_exit(engine):
