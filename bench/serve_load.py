@@ -118,13 +118,13 @@ def main(argv=None):
             job = client.fine_tuning.jobs.create(model=model, training_file=fid, hyperparameters={"max_steps": 100000},
                                                  extra_body={"lora": {"r": 8, "lora_alpha": 16}})
             time.sleep(2)
-            tok0, t0 = metric(http, "coserve_finetune_tokens_total"), time.perf_counter()
+            tok0, t0 = metric(http, "coserve:finetune_tokens_total"), time.perf_counter()
             together = load(client, model, args.concurrency, args.requests, args.max_tokens)
-            together["finetune_tokens_per_s"] = round((metric(http, "coserve_finetune_tokens_total") - tok0) / (time.perf_counter() - t0), 1)
+            together["finetune_tokens_per_s"] = round((metric(http, "coserve:finetune_tokens_total") - tok0) / (time.perf_counter() - t0), 1)
             time.sleep(3)
-            t1, tok1 = time.perf_counter(), metric(http, "coserve_finetune_tokens_total")
+            t1, tok1 = time.perf_counter(), metric(http, "coserve:finetune_tokens_total")
             time.sleep(5)
-            alone_ft = round((metric(http, "coserve_finetune_tokens_total") - tok1) / (time.perf_counter() - t1), 1)
+            alone_ft = round((metric(http, "coserve:finetune_tokens_total") - tok1) / (time.perf_counter() - t1), 1)
             client.fine_tuning.jobs.cancel(job.id)
         finally:
             proc.terminate()

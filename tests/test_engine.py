@@ -117,6 +117,12 @@ def test_seeded_sampling_reproduces_whatever_the_batch(engines):
     assert again == alone
     other_seed = engine.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 4321}))[0].token_ids
     assert other_seed != alone
+    # min_p = 1 keeps only the most likely token: sampling at any temperature is then greedy,
+    # beside requests without min-p in the same steps
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    mixed = engine.generate([prompt, prompt], [SamplingParams(max_tokens=12, temperature=1.5, min_p=1.0, seed=9),
+                                               SamplingParams(max_tokens=12, temperature=1.5, seed=9)])
+    assert mixed[0].token_ids == greedy and mixed[1].token_ids != greedy
 
 
 def test_bad_requests_fail_alone(engines):

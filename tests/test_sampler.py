@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coserve_jax.engine.sampler import SamplingInputs, _filter_top_k_top_p, sample
+from coserve_jax.engine.sampler import SamplingInputs, _filter_min_p, _filter_top_k_top_p, sample
 
 
 def np_filter(row, k, p):
@@ -21,10 +21,11 @@ def np_filter(row, k, p):
     return keep
 
 
-def inputs(s, temperature=0.0, top_k=0, top_p=1.0, seed=0, index=None):
+def inputs(s, temperature=0.0, top_k=0, top_p=1.0, seed=0, index=None, min_p=0.0):
     return SamplingInputs(
         jnp.full((s,), temperature, jnp.float32), jnp.full((s,), top_k, jnp.int32), jnp.full((s,), top_p, jnp.float32),
-        jnp.full((s,), seed, jnp.uint32), jnp.arange(s, dtype=jnp.int32) if index is None else index,
+        jnp.full((s,), min_p, jnp.float32), jnp.full((s,), seed, jnp.uint32),
+        jnp.arange(s, dtype=jnp.int32) if index is None else index,
     )
 
 
@@ -78,3 +79,32 @@ def test_seed_reproduces_independent_of_batch():
     c = sample(logits, base._replace(seed=base.seed + 1), 1).token_ids
     d = sample(logits, base._replace(sample_index=base.sample_index + 1), 1).token_ids
     assert (np.asarray(c) != np.asarray(a)).any() and (np.asarray(d) != np.asarray(a)).any()
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 1.0])
+def test_min_p_filter_matches_transformers(min_p):
+    """The kept set equals transformers' MinPLogitsWarper (min_tokens_to_keep=1) on each row."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = np.random.default_rng(7).standard_normal((5, 300)).astype(np.float32) * 3
+    ours = np.asarray(_filter_min_p(jnp.asarray(logits), jnp.full((5,), min_p, jnp.float32)))
+    if min_p == 0.0:
+        np.testing.assert_array_equal(ours, logits)
+        return
+    ref = MinPLogitsWarper(min_p)(None, torch.from_numpy(logits)).numpy()
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], logits[np.isfinite(ours)])
+
+
+def test_min_p_samples_only_kept_tokens_per_row():
+    """One batch mixes rows with and without min-p; each samples only from its kept set."""
+    logits = jnp.array([[3.0, 2.5, 0.0, -1.0, -2.0]] * 2)
+    n = 2000
+    rows = jnp.tile(logits, (n, 1))
+    mp = jnp.tile(jnp.array([0.5, 0.0], jnp.float32), n)
+    params = inputs(2 * n, temperature=1.0, seed=3)._replace(min_p=mp)
+    tokens = np.asarray(sample(rows, params, max_logprobs=1).token_ids).reshape(n, 2)
+    # p_i >= 0.5 p_max <=> l_i >= 3 + log 0.5 = 2.31: tokens 0 and 1 only
+    assert set(tokens[:, 0].tolist()) == {0, 1}
+    assert set(tokens[:, 1].tolist()) >= {0, 1, 2}  # min_p off: the others are drawn too

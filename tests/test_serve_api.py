@@ -292,7 +292,7 @@ def test_long_records_are_truncated_and_validation_loss_is_reported(client, http
     assert done.model_extra["valid_loss"] == valid_events[0].data["valid_loss"]
     ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
     assert ckpt.step_number == 4 and ckpt.metrics.valid_loss == valid_events[0].data["valid_loss"]
-    assert metric(http, "coserve_finetune_job_valid_loss", job_id=job.id) == pytest.approx(valid_events[0].data["valid_loss"])
+    assert metric(http, "coserve:finetune_job_valid_loss", job_id=job.id) == pytest.approx(valid_events[0].data["valid_loss"])
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -360,6 +360,20 @@ def test_files_list_pages_orders_and_filters(client, tmp_path):
         client.files.list(order="sideways")
 
 
+def test_unknown_sampling_fields_are_400_and_min_p_works(client):
+    """A sampling option the server does not implement is a 400 naming it, never silently ignored."""
+    for extra in ({"repetition_penalty": 1.3}, {"guided_json": {"type": "object"}}, {"use_beam_search": True}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, extra_body=extra)
+        assert next(iter(extra)) in str(e.value)
+    kw = dict(model=BASE, messages=CHAT, max_tokens=6, temperature=1.5, seed=4)
+    greedy = client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=6, temperature=0).choices[0].message.content
+    # min_p = 1 keeps only the most likely token: greedy at any temperature
+    assert client.chat.completions.create(**kw, extra_body={"min_p": 1.0}).choices[0].message.content == greedy
+    r = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.0}, metadata={"k": "v"})  # no-ops accepted
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_tokenize_and_detokenize_agree_with_the_tokenizer(http, hf_tokenizer):
     """vLLM's /tokenize (a prompt, or chat messages through the template) and /detokenize."""
     text = "Tokenize me, please: 12345."
@@ -421,24 +435,37 @@ def test_broken_training_files_are_rejected_with_line_numbers(client, http, tmp_
 
 # ---- metrics and disconnects ---------------------------------------------------------------------
 def test_metrics_parse_and_move_with_traffic(http, client):
-    gen0 = metric(http, "coserve_generation_tokens_total")
-    ttft0 = metric(http, "coserve_time_to_first_token_seconds_count")
-    e404 = metric(http, "coserve_http_errors_total", status="404")
+    gen0 = metric(http, "vllm:generation_tokens_total")
+    ttft0 = metric(http, "vllm:time_to_first_token_seconds_count")
+    e404 = metric(http, "coserve:http_errors_total", status="404")
     client.completions.create(model=BASE, prompt="metrics", max_tokens=7, extra_body={"ignore_eos": True})
-    assert metric(http, "coserve_generation_tokens_total") == gen0 + 7
-    assert metric(http, "coserve_time_to_first_token_seconds_count") == ttft0 + 1
+    assert metric(http, "vllm:generation_tokens_total") == gen0 + 7
+    assert metric(http, "vllm:time_to_first_token_seconds_count") == ttft0 + 1
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
-    assert metric(http, "coserve_http_errors_total", status="404") == e404 + 1
+    assert metric(http, "coserve:http_errors_total", status="404") == e404 + 1
     names = {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
-    for n in ("coserve_time_per_output_token_seconds", "coserve_e2e_request_latency_seconds", "coserve_num_requests_running",
-              "coserve_num_requests_waiting", "coserve_kv_cache_pages_used", "coserve_step_time_seconds",
-              "coserve_finetune_tokens_per_second", "coserve_finetune_job_loss", "coserve_finetune_job_step"):
+    for n in ("vllm:time_per_output_token_seconds", "vllm:e2e_request_latency_seconds", "vllm:num_requests_running",
+              "vllm:num_requests_waiting", "coserve:kv_cache_pages_used", "coserve:step_time_seconds",
+              "coserve:finetune_tokens_per_second", "coserve:finetune_job_loss", "coserve:finetune_job_step"):
         assert n in names, n
+    # vLLM's names, types and labels (its docs' metrics list), so a vLLM dashboard works
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    vllm = {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge", "vllm:kv_cache_usage_perc": "gauge",
+            "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter", "vllm:request_success": "counter",
+            "vllm:num_preemptions": "counter", "vllm:time_to_first_token_seconds": "histogram",
+            "vllm:time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
+            "vllm:request_queue_time_seconds": "histogram", "vllm:request_prompt_tokens": "histogram",
+            "vllm:request_generation_tokens": "histogram"}
+    for name, kind in vllm.items():
+        assert families[name].type == kind, name
+        assert families[name].samples and all(x.labels.get("model_name") == BASE for x in families[name].samples), name
+    assert metric(http, "vllm:request_success_total", finished_reason="length", model_name=BASE) >= 1
+    assert metric(http, "vllm:request_queue_time_seconds_count") >= 1
 
 
 def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, http):
-    aborted0 = metric(http, "coserve_request_success_total", finish_reason="abort")
+    aborted0 = metric(http, "vllm:request_success_total", finished_reason="abort")
     body = {"model": BASE, "prompt": "a long story", "max_tokens": 256, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
@@ -447,18 +474,18 @@ def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, http):
                 if line.startswith("data:"):
                     break
         # leaving the block closes the connection mid-stream
-    wait_until(lambda: metric(http, "coserve_request_success_total", finish_reason="abort") == aborted0 + 1, timeout=30)
-    wait_until(lambda: metric(http, "coserve_num_requests_running") == 0 and metric(http, "coserve_kv_cache_pages_used") == 0, timeout=30)
+    wait_until(lambda: metric(http, "vllm:request_success_total", finished_reason="abort") == aborted0 + 1, timeout=30)
+    wait_until(lambda: metric(http, "vllm:num_requests_running") == 0 and metric(http, "coserve:kv_cache_pages_used") == 0, timeout=30)
 
 
 def test_non_streaming_client_that_gives_up_is_aborted(server, http):
-    aborted0 = metric(http, "coserve_request_success_total", finish_reason="abort")
+    aborted0 = metric(http, "vllm:request_success_total", finished_reason="abort")
     body = {"model": BASE, "prompt": "a long story", "max_tokens": 256, "n": 4, "ignore_eos": True}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3) as c:
         with pytest.raises(httpx.TimeoutException):
             c.post("/v1/completions", json=body)  # the client times out and closes its connection
-    wait_until(lambda: metric(http, "coserve_request_success_total", finish_reason="abort") == aborted0 + 4, timeout=30)
-    wait_until(lambda: metric(http, "coserve_num_requests_running") == 0 and metric(http, "coserve_kv_cache_pages_used") == 0, timeout=30)
+    wait_until(lambda: metric(http, "vllm:request_success_total", finished_reason="abort") == aborted0 + 4, timeout=30)
+    wait_until(lambda: metric(http, "vllm:num_requests_running") == 0 and metric(http, "coserve:kv_cache_pages_used") == 0, timeout=30)
 
 
 # ---- shutdown (last: stops the server) --------------------------------------------------------------

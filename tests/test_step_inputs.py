@@ -24,7 +24,7 @@ def naive(plan, sched, dims, ft_pages):
     token_ids, positions, adapters, slots = (np.zeros(t, np.int32) for _ in range(4))
     table = np.zeros((s, MAX_PAGES), np.int32)
     kv_lens = np.zeros(s, np.int32)
-    temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+    temperature, top_p, min_p = np.zeros(s, np.float32), np.ones(s, np.float32), np.zeros(s, np.float32)
     seeds, top_k, index = np.zeros(s, np.uint32), np.zeros(s, np.int32), np.zeros(s, np.int32)
     k = 0
     seqs = []
@@ -33,7 +33,7 @@ def naive(plan, sched, dims, ft_pages):
         if row is None:  # a decode: its settings are its request's
             req = sched.requests[c.request_id]
             p = req.params
-            adapter, row = req.adapter_index, SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, p.logprobs)
+            adapter, row = req.adapter_index, SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, p.logprobs, p.min_p)
         seqs.append((c.request_id, c.start, c.token_ids, sched.kv_cache.page_table(c.request_id), adapter, row, c.output_index))
     if plan.finetune is not None:
         f = plan.finetune
@@ -48,8 +48,9 @@ def naive(plan, sched, dims, ft_pages):
         kv_lens[i] = start + len(ids)
         if row is not None:
             temperature[i], top_k[i], top_p[i], seeds[i], index[i] = row.temperature, row.top_k, row.top_p, row.seed, out
+            min_p[i] = row.min_p
     return dict(token_ids=token_ids, positions=positions, adapter_ids=adapters, slot_mapping=slots, page_table=table,
-                kv_lens=kv_lens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds, sample_index=index)
+                kv_lens=kv_lens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds, sample_index=index)
 
 
 def test_incremental_inputs_equal_naive_inputs():
@@ -61,7 +62,7 @@ def test_incremental_inputs_equal_naive_inputs():
     for step in range(300):
         if rng.random() < 0.4:
             params = SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
-                                    top_k=int(rng.integers(0, 5)), top_p=float(rng.choice([1.0, 0.9])))
+                                    top_k=int(rng.integers(0, 5)), top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.0, 0.1])))
             sched.add_request(Request(n_req, rng.integers(1, 50, int(rng.integers(1, 30))).tolist(), params,
                                       adapter_index=int(rng.integers(0, 3)), seed=int(rng.integers(0, 1000))))
             n_req += 1
@@ -81,7 +82,7 @@ def test_incremental_inputs_equal_naive_inputs():
             ref = naive(plan, sched, dims, ft_pages)
             got = dict(token_ids=x.token_ids, positions=x.positions, adapter_ids=x.adapter_ids,
                        slot_mapping=x.attn.slot_mapping, page_table=x.attn.page_table, kv_lens=x.attn.kv_lens,
-                       temperature=x.sampling.temperature, top_k=x.sampling.top_k, top_p=x.sampling.top_p,
+                       temperature=x.sampling.temperature, top_k=x.sampling.top_k, top_p=x.sampling.top_p, min_p=x.sampling.min_p,
                        seed=x.sampling.seed, sample_index=x.sampling.sample_index)
             for name, want in ref.items():
                 np.testing.assert_array_equal(got[name], want, err_msg=f"step {step}: {name}")

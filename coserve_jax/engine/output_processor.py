@@ -77,6 +77,7 @@ class OutputProcessor:
             o.delta_token_ids = [tok]
             if o.first_token_time is None:
                 o.first_token_time = now
+                o.first_scheduled_time = req.first_scheduled_time
             if o.logprobs is not None:
                 o.logprobs.append(logprobs[i])
             if o.top_logprobs is not None:
@@ -108,5 +109,6 @@ class OutputProcessor:
         o.finished = True
         o.finish_reason = req.finish_reason.value if req.finish_reason else None
         o.finish_time = now
+        o.first_scheduled_time = req.first_scheduled_time
         o.num_preemptions = req.num_preemptions
         return o

@@ -25,7 +25,8 @@ class RequestOutput:
         delta_token_ids, delta_text: what this update added (streaming).
         adapter: the adapter name, or ``None`` for the base model.
         num_preemptions: times the request was preempted and recomputed.
-        arrival_time, first_token_time, finish_time: ``time.monotonic()`` seconds.
+        arrival_time, first_scheduled_time, first_token_time, finish_time: ``time.monotonic()``
+            seconds (first scheduled: first admitted into a step; arrival to it is the queue time).
     """
 
     request_id: str
@@ -45,6 +46,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def ttft_ms(self) -> float | None:

@@ -21,12 +21,14 @@ class SamplingInputs(NamedTuple):
     """Per-sequence sampling settings, each ``[S]``.
 
     temperature (float32, 0 = greedy), top_k (int32, <= 0 = off), top_p (float32, 1 = off),
-    seed (uint32), sample_index (int32: tokens this request generated before this one).
+    min_p (float32, 0 = off), seed (uint32), sample_index (int32: tokens this request generated
+    before this one).
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    min_p: jax.Array
     seed: jax.Array
     sample_index: jax.Array
 
@@ -58,6 +60,15 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def _filter_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Set logits whose probability is below ``min_p`` times the row's largest to ``-inf``
+    (min-p sampling, Nguyen et al. 2024; ``transformers``' ``MinPLogitsWarper``): ``p_i >=
+    min_p * p_max`` is ``l_i >= l_max + log(min_p)``. ``[S, V]`` float32."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    keep = logits >= top + jnp.log(jnp.maximum(min_p, 1e-30))[:, None]
+    return jnp.where(keep | (min_p[:, None] <= 0), logits, -jnp.inf)
+
+
 def sample(logits: jax.Array, params: SamplingInputs, max_logprobs: int) -> SamplerOutput:
     """Pick one token per row.
 
@@ -75,6 +86,7 @@ def sample(logits: jax.Array, params: SamplingInputs, max_logprobs: int) -> Samp
     v = logits.shape[-1]
     needs_filter = jnp.any(((params.top_k > 0) & (params.top_k < v)) | (params.top_p < 1.0))
     scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, params.top_k, params.top_p)
+    scaled = jax.lax.cond(jnp.any(params.min_p > 0), _filter_min_p, lambda x, _: x, scaled, params.min_p)
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(params.seed, params.sample_index)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(params.temperature > 0, drawn, greedy)

@@ -45,6 +45,8 @@ class Request:
         ttft_slo_ms, tpot_slo_ms: the request's latency SLOs (``None``: the scheduler's
             defaults), for the hybrid policy (:mod:`coserve_jax.sched.hybrid_policy`).
         first_token_time: when its first token was sampled (seconds, the scheduler's clock).
+        first_scheduled_time: when it was first admitted into a step (seconds, the same clock;
+            arrival to it is the queue time).
     """
 
     request_id: object
@@ -63,6 +65,7 @@ class Request:
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

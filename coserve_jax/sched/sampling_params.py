@@ -16,6 +16,9 @@ class SamplingParams:
         top_k: keep the ``top_k`` most likely tokens; ``0`` or ``-1`` keeps all.
         top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
             reaches ``top_p`` (applied after ``top_k``); ``1.0`` keeps all.
+        min_p: keep the tokens whose probability is at least ``min_p`` times the most likely
+            one's (after temperature, top-k and top-p; Nguyen et al. 2024, "min-p sampling", as
+            vLLM and ``transformers``' ``MinPLogitsWarper``); ``0.0`` keeps all.
         seed: per-request seed. The same seed gives the same tokens, whatever else is in the
             batch (the key of the ``i``-th generated token is ``fold_in(key(seed), i)``). ``None``
             draws a seed from the engine's generator.
@@ -45,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    min_p: float = 0.0
 
     def __post_init__(self):
         # Accept a single string and any sequence for the tuple fields (a frozen dataclass, so
@@ -60,6 +64,7 @@ class SamplingParams:
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self.temperature)
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1: off)", self.top_k)
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]", self.min_p)
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed", "an integer in [0, 2**32)", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids >= 0", self.stop_token_ids)

@@ -139,7 +139,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         p = request.params
-        self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs)
+        self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs, p.min_p)
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(request.eos_token_ids))
         self._stops[request.request_id] = (request, p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
         if p.logprobs is not None:
@@ -329,6 +329,8 @@ class Scheduler:
                 self.waiting.popleft()
                 table = self.kv_cache.admit(req.request_id, n)
                 req.status = RequestStatus.RUNNING
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
                 self.running.append(req)
                 chunks.append(self._chunk(req, n, table))  # start 0: the whole table
                 budget -= n

@@ -59,7 +59,7 @@ def create_app(state: ServerState) -> FastAPI:
     def counted(handler):
         async def wrapped(request, exc):
             response = await handler(request, exc)
-            state.metrics.http_errors.labels(str(response.status_code)).inc()
+            state.metrics.http_error(response.status_code)
             return response
         return wrapped
 

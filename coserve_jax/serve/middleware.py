@@ -54,7 +54,7 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, scope, receive, send, err: APIError):
-        self.state.metrics.http_errors.labels(str(err.status)).inc()
+        self.state.metrics.http_error(err.status)
         await err.response()(scope, receive, send)
 
 

@@ -21,8 +21,14 @@ from coserve_jax.serve.errors import APIError
 
 
 class _Body(BaseModel):
-    # Unknown fields are accepted and ignored (clients send fields of newer API versions).
+    # Unknown fields are kept (model_extra); a request that samples rejects them itself.
     model_config = ConfigDict(extra="allow")
+
+
+NO_EFFECT_FIELDS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                              "safety_identifier"})
+"""OpenAI request fields that do not change what is generated: accepted and ignored. Any other
+field the server does not know is a 400 (a sampling option silently ignored would change results)."""
 
 
 class StreamOptions(_Body):
@@ -49,9 +55,17 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
 
     def check_supported(self, max_n: int, max_stop: int) -> None:
-        """Raises: APIError 400 for values the engine does not support or over the limits."""
+        """Raises: APIError 400 for unknown fields, values the engine does not support, or
+        values over the limits."""
+        unknown = sorted(set(self.model_extra or {}) - NO_EFFECT_FIELDS)
+        if unknown:
+            raise APIError(400, f"unknown or unsupported field(s) {unknown}", unknown[0], "unsupported_parameter")
+        if self.repetition_penalty != 1.0:
+            raise APIError(400, "repetition_penalty is not supported yet (only 1.0)", "repetition_penalty", "unsupported_parameter")
         if self.n > max_n:
             raise APIError(400, f"n={self.n} is above this server's limit of {max_n}", "n", "invalid_value")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -74,7 +88,7 @@ class _SamplingRequest(_Body):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
             stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens, min_p=self.min_p,
         )
 
 

@@ -42,7 +42,7 @@ class ServerState:
         # with this copy (one Rust tokenizer must not be used from two threads at once).
         self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
         self._tok_lock = asyncio.Lock()
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(served_model_name)
         self.metrics.watch(engine)
         out = os.path.abspath(config.output_dir)
         self.files = FileStore(os.path.join(out, "files"))
@@ -67,7 +67,7 @@ class ServerState:
     def _on_finished(self, o) -> None:
         self.metrics.observe_finished(
             len(o.prompt_token_ids), len(o.token_ids), o.finish_reason, o.arrival_time, o.first_token_time,
-            o.finish_time or o.arrival_time,
+            o.finish_time or o.arrival_time, o.first_scheduled_time,
         )
 
     def start(self) -> None:
