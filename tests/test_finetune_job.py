@@ -236,6 +236,43 @@ def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
     assert eng.list_adapters() == loaded and not eng.has_active_jobs
 
 
+def test_pause_and_resume_give_the_same_adapter_as_an_uninterrupted_job(engine):
+    """A paused job hands out no sequence (its adapter keeps serving); resumed, it ends with the
+    losses and weights of the same job run straight through."""
+    eng, hf, _ = engine
+    exs = examples(hf.config.vocab_size)
+    kw = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=2e-2, seed=5, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    straight = eng.create_finetuning_job(exs, adapter_name="straight", **kw)
+    eng.wait_for(straight, use_tqdm=False)
+    paused = eng.create_finetuning_job(exs, adapter_name="paused", **kw)
+    while paused.step < 1:
+        eng.step()
+    paused.pause()
+    assert paused.status is JobStatus.PAUSED and not paused.done and paused.estimated_finish is None
+    with pytest.raises(FinetuneError, match="only a running job"):
+        paused.pause()
+    for _ in range(40):  # the sequence in flight finishes; nothing more is trained
+        eng.step()
+    assert not eng.scheduler.training
+    at_pause = paused.step
+    out = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), adapter="paused", use_tqdm=False)
+    assert len(out[0].token_ids) == 3 and paused.step == at_pause  # serves, does not train
+    eng.wait_for(paused, use_tqdm=False)  # returns at once: nothing running
+    assert paused.step == at_pause
+    paused.resume()
+    with pytest.raises(FinetuneError, match="only a paused job"):
+        paused.resume()
+    eng.wait_for(paused, use_tqdm=False)
+    assert paused.status is JobStatus.SUCCEEDED
+    assert [r.loss for r in paused.loss_history] == [r.loss for r in straight.loss_history]
+    a, b = eng.adapter_weights(straight), eng.adapter_weights(paused)
+    for m in a.modules:
+        np.testing.assert_array_equal(a.modules[m].a, b.modules[m].a)
+        np.testing.assert_array_equal(a.modules[m].b, b.modules[m].b)
+    eng.unload_adapter("straight")
+    eng.unload_adapter("paused")
+
+
 RESUME_JOB = dict(
     max_steps=6, gradient_accumulation_steps=2, learning_rate=2e-2, warmup_steps=1, save_steps=1, seed=4,
     lora={"r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"], "lora_dropout": 0.05},

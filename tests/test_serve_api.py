@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+import time
 
 import httpx
 import pytest
@@ -35,8 +36,16 @@ def tokenizer_dir():
 @pytest.fixture(scope="module")
 def server(tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-out")
+    from coserve_jax.__main__ import _random_adapter
+    from coserve_jax.lora.peft_io import write_peft
+    from coserve_jax.models.tiny import tiny_config
+
+    config = tiny_config(vocab_size=128256)
+    preloaded = tmp_path_factory.mktemp("adapters") / "preloaded"
+    write_peft(_random_adapter(config, 4, ("q_proj", "o_proj"), seed=8), preloaded, config.num_layers)
     srv = ServerProcess([
         "--tokenizer", str(tokenizer_dir), "--api-key", KEY, "--output-dir", str(out),
+        "--lora-modules", f"preloaded={preloaded}",
         "--set", f"limits.max_body_bytes={MAX_BODY}", "--set", "limits.max_tokens=256", "--set", "limits.max_n=4",
         "--set", "log_stats_interval_s=1",
     ], env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
@@ -147,6 +156,16 @@ def test_stop_string_cuts_the_text(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_lora_modules_flag_preloads_an_adapter(client, server):
+    """vLLM's --lora-modules NAME=PATH: the adapter is served from the start, under NAME."""
+    assert "LoRA adapter 'preloaded' loaded from" in server.output
+    assert "preloaded" in [m.id for m in client.models.list().data]
+    kw = dict(messages=CHAT, max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+    base = client.chat.completions.create(model=BASE, **kw).choices[0].logprobs.content[0]
+    tuned = client.chat.completions.create(model="preloaded", **kw).choices[0].logprobs.content[0]
+    assert [t.logprob for t in base.top_logprobs] != pytest.approx([t.logprob for t in tuned.top_logprobs], abs=1e-4)
+
+
 def test_adapter_loads_serves_by_name_and_unloads(client, http, tmp_path):
     from coserve_jax.__main__ import _random_adapter
     from coserve_jax.lora.peft_io import write_peft
@@ -227,7 +246,8 @@ def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, htt
     assert "successfully completed" in events[0].message
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert ckpts and ckpts[0].step_number == 24
-    assert os.path.isfile(os.path.join(done.model_extra["adapter_path"], "adapter_config.json"))
+    with open(os.path.join(done.model_extra["adapter_path"], "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == BASE  # the built-in model: its served name
     assert job.id in [j.id for j in client.fine_tuning.jobs.list().data]
     assert job.fine_tuned_model in [m.id for m in client.models.list().data]
 
@@ -293,6 +313,36 @@ def test_long_records_are_truncated_and_validation_loss_is_reported(client, http
     ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
     assert ckpt.step_number == 4 and ckpt.metrics.valid_loss == valid_events[0].data["valid_loss"]
     assert metric(http, "coserve:finetune_job_valid_loss", job_id=job.id) == pytest.approx(valid_events[0].data["valid_loss"])
+
+
+def test_a_job_pauses_and_resumes(client, tmp_path):
+    """OpenAI's jobs.pause / jobs.resume: a paused job trains nothing until resumed, then finishes."""
+    with open(gsm8k_chat_file(tmp_path / "gsm8k.jsonl", 8), "rb") as f:
+        tid = client.files.create(file=f, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=tid, hyperparameters={"max_steps": 6, "batch_size": 1})
+    wait_until(lambda: client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] >= 1, timeout=300)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(job.id)
+    def settled():  # the sequence in flight finishes (at most one more optimizer step), then nothing
+        before = client.fine_tuning.jobs.retrieve(job.id).model_extra["step"]
+        time.sleep(2)
+        return before == client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] and before + 1
+
+    step = wait_until(settled, timeout=120) - 1
+    time.sleep(3)
+    still = client.fine_tuning.jobs.retrieve(job.id)
+    assert still.status == "paused" and still.model_extra["step"] == step < 6
+    assert client.fine_tuning.jobs.resume(job.id).status == "running"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)
+    done = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                      timeout=600, interval=0.5)
+    assert done.status == "succeeded" and done.model_extra["step"] == 6
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert "The job was paused" in messages and "The job was resumed" in messages
+    client.models.delete(done.fine_tuned_model)  # frees its adapter slot
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ class FinetuneService:
             num_layers=mc.num_layers, layers_per_slice=layout.layers_per_slice,
             params=self.runner.place_job_params(init_lora(mc, lora, cfg.seed)), tx=tx,
             checkpointer=checkpointer, base_model_name_or_path=self.model_path, cancel_fn=self.cancel_job,
+            pause_fn=self.pause_job, resume_fn=self.resume_job,
             eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
             skipped_examples=examples.skipped_examples,
         )
@@ -289,6 +290,22 @@ class FinetuneService:
         if self.publish is not None:
             self.publish("cancel_job", job.id)
         self.end_job(job, JobStatus.CANCELLED)
+
+    def pause_job(self, job: FinetuneJob) -> None:
+        """Pause a running job (what :meth:`FinetuneJob.pause` calls): no further sequence is
+        fed; the one in flight finishes."""
+        if self.publish is not None:
+            self.publish("pause_job", job.id)
+        job.status = JobStatus.PAUSED
+
+    def resume_job(self, job: FinetuneJob) -> None:
+        """Resume a paused job (what :meth:`FinetuneJob.resume` calls): its next sequence is fed
+        unless its last one is still in flight."""
+        if self.publish is not None:
+            self.publish("resume_job", job.id)
+        job.status = JobStatus.RUNNING
+        if self.scheduler.training_sequence(job.id) is None:
+            self._feed(job)
 
     def training_adapter(self, index: int) -> FinetuneJob | None:
         """The unfinished job that trains adapter slot ``index``, if any."""

@@ -36,6 +36,8 @@ def follow(engine, timeout_s: float | None = None) -> int:
         "unload_adapter": engine.runner.unload_adapter,
         "create_job": lambda data, cfg, name, job_id, ev: service.create_job(data, cfg, adapter_name=name, job_id=job_id, eval_dataset=ev),
         "cancel_job": lambda job_id: service.cancel_job(service.jobs[job_id]),
+        "pause_job": lambda job_id: service.pause_job(service.jobs[job_id]),
+        "resume_job": lambda job_id: service.resume_job(service.jobs[job_id]),
         "fetch_adapter": lambda job_id: service.jobs[job_id].lora_weights(),  # joins the gather; process 0 writes
         "save_job_checkpoint": lambda job_id: service.jobs[job_id].save_checkpoint(),
         "start_evaluation": lambda data, adapter, cfg, eval_id: evaluations.__setitem__(

@@ -126,8 +126,8 @@ class OfflineAPI:
                 self.abort(rid)
 
     def wait_for(self, *jobs: FinetuneJob, max_steps: int | None = None, use_tqdm: bool = True) -> None:
-        """Step the engine until ``jobs`` (default: all active) are done, or ``max_steps`` steps.
-        Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
+        """Step the engine until ``jobs`` (default: all active) are done or paused, or
+        ``max_steps`` steps. Outputs of inference requests produced meanwhile are not returned (use :meth:`step`
         yourself to serve and train together).
 
         Args:
@@ -137,7 +137,7 @@ class OfflineAPI:
         n = 0
         with _bar(use_tqdm, sum(j.total_steps for j in jobs), "Optimizer steps", "step") as bar:
             shown = 0
-            while any(not j.done for j in jobs) and (max_steps is None or n < max_steps):
+            while any(j.running for j in jobs) and (max_steps is None or n < max_steps):
                 self.step()
                 n += 1
                 if bar is not None and (now := sum(j.step for j in jobs)) != shown:

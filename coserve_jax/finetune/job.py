@@ -59,6 +59,7 @@ class JobStatus(enum.StrEnum):
     """OpenAI's fine-tuning job statuses (the subset that applies)."""
 
     RUNNING = "running"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -110,6 +111,8 @@ class FinetuneJob:
         checkpointer: JobCheckpointer | None,
         base_model_name_or_path: str | None,
         cancel_fn: Callable[["FinetuneJob"], None],
+        pause_fn: Callable[["FinetuneJob"], None] | None = None,
+        resume_fn: Callable[["FinetuneJob"], None] | None = None,
         eval_examples: Sequence[TrainingExample] | None = None,
         truncated_examples: int = 0,
         skipped_examples: int = 0,
@@ -127,6 +130,7 @@ class FinetuneJob:
         self.checkpointer = checkpointer
         self.base_model_name_or_path = base_model_name_or_path
         self._cancel_fn = cancel_fn
+        self._pause_fn, self._resume_fn = pause_fn, resume_fn
         self.total_sequences, self.total_steps = plan_steps(config, len(self.examples))
         self.status = JobStatus.RUNNING
         self.error: str | None = None
@@ -154,7 +158,13 @@ class FinetuneJob:
     # ---- user API -----------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.status is not JobStatus.RUNNING
+        """The job ended (succeeded, failed or cancelled); a paused job is not done."""
+        return self.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+    @property
+    def running(self) -> bool:
+        """The job is training (neither paused nor ended)."""
+        return self.status is JobStatus.RUNNING
 
     @property
     def tokens_per_s(self) -> float:
@@ -168,7 +178,7 @@ class FinetuneJob:
         """When the job should end (Unix seconds), from the wall time its optimizer steps so far
         took (since it started or resumed); ``None`` before the first step and once it ended."""
         done = self.step - (self._resumed_from or 0)
-        if self.done or done < 1:
+        if not self.running or done < 1:
             return None
         now = time.time()
         return now + (now - self.created_at) / done * (self.total_steps - self.step)
@@ -183,6 +193,28 @@ class FinetuneJob:
         loaded; no checkpoint is written."""
         if not self.done:
             self._cancel_fn(self)
+
+    def pause(self) -> None:
+        """Stop handing out training sequences (OpenAI's ``jobs.pause``): the sequence in
+        flight, if any, finishes and its gradients are kept for the accumulation group; the
+        adapter keeps serving the last optimizer step's weights.
+
+        Raises:
+            FinetuneError: the job is not running.
+        """
+        if not self.running:
+            raise FinetuneError(f"job {self.id} is {self.status}: only a running job can be paused")
+        self._pause_fn(self)
+
+    def resume(self) -> None:
+        """Continue a paused job where it stopped (OpenAI's ``jobs.resume``).
+
+        Raises:
+            FinetuneError: the job is not paused.
+        """
+        if self.status is not JobStatus.PAUSED:
+            raise FinetuneError(f"job {self.id} is {self.status}: only a paused job can be resumed")
+        self._resume_fn(self)
 
     def export(self, path: str | os.PathLike) -> None:
         """Write the adapter (the last optimizer step's float32 weights) as a PEFT directory,
@@ -231,8 +263,9 @@ class FinetuneJob:
 
     def next_sequence(self) -> TrainingSequence | None:
         """The next sequence to run: a validation sequence while a validation pass is on, else
-        the next training sequence; ``None`` when everything has been handed out."""
-        if self.done:
+        the next training sequence; ``None`` when everything has been handed out or the job is
+        paused."""
+        if not self.running:
             return None
         if self._evaluation is not None:
             self._evaluation.adapter_index = self.adapter_index  # (set by the engine after a resume)

@@ -298,6 +298,8 @@ class JobManager:
         rec.examples = rec.eval_examples = None
         rec.status = "running"
         job = rec.engine_job
+        if job.base_model_name_or_path is None:  # a model built in code: its exports name the served model
+            job.base_model_name_or_path = self.base_model
         resumed = f", resumed from the checkpoint of step {job.resumed_from_step}" if job.resumed_from_step else ""
         rec.event(f"Fine-tuning job started: {job.total_steps} optimizer steps, adapter {rec.fine_tuned_model}{resumed}")
         if job.done:
@@ -311,7 +313,7 @@ class JobManager:
             APIError: 404 unknown id; 400 a job that already ended.
         """
         rec = self.get(job_id)
-        if rec.status not in ("queued", "running"):
+        if rec.status not in ("queued", "running", "paused"):
             raise APIError(400, f"job {job_id} has already {rec.status}", "fine_tuning_job_id", "job_finished")
         if rec.engine_job is not None:
             rec.engine_job.cancel()
@@ -320,10 +322,39 @@ class JobManager:
             self._finish(rec, "cancelled", None)
         return rec
 
+    def pause(self, engine, job_id: str) -> JobRecord:
+        """Pause a running job (engine thread; OpenAI's ``jobs.pause``): it trains no further
+        sequence until resumed; its adapter keeps serving the last optimizer step's weights.
+
+        Raises:
+            APIError: 404 unknown id; 400 a job that is not running.
+        """
+        rec = self.get(job_id)
+        if rec.status != "running":
+            raise APIError(400, f"job {job_id} is {rec.status}: only a running job can be paused", "fine_tuning_job_id", "invalid_state")
+        rec.engine_job.pause()
+        rec.status = "paused"
+        rec.event("The job was paused")
+        return rec
+
+    def resume(self, engine, job_id: str) -> JobRecord:
+        """Resume a paused job (engine thread; OpenAI's ``jobs.resume``).
+
+        Raises:
+            APIError: 404 unknown id; 400 a job that is not paused.
+        """
+        rec = self.get(job_id)
+        if rec.status != "paused":
+            raise APIError(400, f"job {job_id} is {rec.status}: only a paused job can be resumed", "fine_tuning_job_id", "invalid_state")
+        rec.engine_job.resume()
+        rec.status = "running"
+        rec.event("The job was resumed")
+        return rec
+
     def sync(self, engine) -> None:
         """After a step: record new optimizer steps as metrics events and ended jobs' status."""
         with self._lock:
-            running = [r for r in self._jobs.values() if r.status == "running"]
+            running = [r for r in self._jobs.values() if r.status in ("running", "paused")]
         for rec in running:
             self.sync_one(engine, rec)
 
@@ -374,7 +405,7 @@ class JobManager:
         checkpoint directories written."""
         written = []
         with self._lock:
-            running = [r for r in self._jobs.values() if r.status == "running"]
+            running = [r for r in self._jobs.values() if r.status in ("running", "paused")]
         for rec in running:
             job = rec.engine_job
             try:

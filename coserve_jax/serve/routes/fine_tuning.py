@@ -1,5 +1,5 @@
 """``POST|GET /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``, ``.../events``,
-``.../checkpoints``, ``POST .../cancel`` (OpenAI's fine-tuning API)."""
+``.../checkpoints``, ``POST .../cancel``, ``.../pause``, ``.../resume`` (OpenAI's fine-tuning API)."""
 
 from __future__ import annotations
 
@@ -66,4 +66,16 @@ async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, state: ServerState = Depends(server_state)):
     rec = await state.loop.call(lambda e: state.jobs.cancel(e, job_id))
+    return rec.to_openai()
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, state: ServerState = Depends(server_state)):
+    rec = await state.loop.call(lambda e: state.jobs.pause(e, job_id))
+    return rec.to_openai()
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, state: ServerState = Depends(server_state)):
+    rec = await state.loop.call(lambda e: state.jobs.resume(e, job_id))
     return rec.to_openai()
