@@ -36,6 +36,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from coserve_jax.engine.adapter_cache import AdapterCache
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.finetune_service import FinetuneService
 from coserve_jax.engine.input_processor import InputProcessor, Prompt
@@ -50,7 +51,7 @@ from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.finetune.job import FinetuneJob
 from coserve_jax.lora.manager import AdapterError, AdapterManager
-from coserve_jax.lora.peft_io import LoRAWeights, read_peft
+from coserve_jax.lora.peft_io import LoRAWeights
 from coserve_jax.models.config import LINEAR_MODULES
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.channel import HostChannel
@@ -184,12 +185,15 @@ class Engine(OfflineAPI):
                  len(ec.buckets))
         self.compile_seconds = self.runner.compile()
         log.info("engine ready: compiled in %.1f s (attention: %s)", self.compile_seconds, ec.attention_impl)
-        self.inputs = InputProcessor(self.tokenizer, config.vocab_size, ec.max_logprobs, self.adapters, self.eos_token_ids, seed)
+        self.inputs = InputProcessor(self.tokenizer, config.vocab_size, ec.max_logprobs, self._adapter_index, self.eos_token_ids, seed)
         """Prompts into requests (:class:`~coserve_jax.engine.input_processor.InputProcessor`)."""
         self.finetuning = FinetuneService(ec, config, self.runner, self.scheduler, self.tokenizer, self.model_path)
         """The finetuning jobs' lifecycle (:class:`~coserve_jax.engine.finetune_service.FinetuneService`)."""
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         """The unfinished requests' outputs (:class:`~coserve_jax.engine.output_processor.OutputProcessor`)."""
+        self.adapter_cache = AdapterCache(self.runner, self._adapter_pinned, self._publish) if self.adapters else None
+        """Adapters over the slots with a host tier (:class:`~coserve_jax.engine.adapter_cache.AdapterCache`)."""
+        self.finetuning.adapter_cache = self.adapter_cache
         self._in_flight = None  # (plan, StepOutput) of an overlapped step whose tokens are not read yet
         self._channel: HostChannel | None = None  # multi-host, process 0 after lead(); others in follow()
         self.policy = PolicyRuntime(ec, self.scheduler, self.runner, self._publish)
@@ -257,10 +261,7 @@ class Engine(OfflineAPI):
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-        if self._channel is not None and not isinstance(peft_dir, LoRAWeights):
-            peft_dir = read_peft(peft_dir)  # the other processes get the weights, not a path
-        self._publish("load_adapter", name, peft_dir)
-        self.runner.load_adapter(name, peft_dir)
+        self.adapter_cache.load(name, peft_dir)  # the other processes get the weights, not a path
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's slot.
@@ -270,6 +271,8 @@ class Engine(OfflineAPI):
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
+        if name in self.adapter_cache.parked:  # on the host: nothing uses it
+            return self.adapter_cache.unload(name)
         index = self.adapters.adapter_index(name)
         job = self.finetuning.training_adapter(index)
         if job is not None:
@@ -277,12 +280,27 @@ class Engine(OfflineAPI):
         users = [r.request_id for r in self.outputs.requests if r.adapter_index == index]
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
-        self._publish("unload_adapter", name)
-        self.runner.unload_adapter(name)
+        self.adapter_cache.unload(name)
 
     def list_adapters(self) -> list[str]:
-        """Names of the loaded adapters."""
-        return [] if self.adapters is None else self.adapters.names
+        """Names of the loaded adapters (in a device slot or parked on the host: all servable)."""
+        return [] if self.adapters is None else self.adapter_cache.names
+
+    def _adapter_index(self, name: str) -> int:
+        """A new request's adapter index (a parked adapter comes back into a slot).
+
+        Raises:
+            AdapterError: no pool, unknown name, or every slot in use.
+        """
+        if self.adapters is None:
+            raise AdapterError("this engine has no LoRA pool (max_loras=0); requests cannot name an adapter")
+        return self.adapter_cache.index(name)
+
+    def _adapter_pinned(self, index: int) -> bool:
+        """Whether slot ``index`` must stay: an unfinished request, a job or an evaluation uses it."""
+        return (any(r.adapter_index == index for r in self.outputs.requests)
+                or self.finetuning.training_adapter(index) is not None
+                or any(ev.adapter_index == index for ev in self.finetuning.evaluations.values()))
 
     # ---- finetuning ----------------------------------------------------------------------
     def create_finetuning_job(

@@ -58,6 +58,7 @@ class FinetuneService:
         self.jobs: dict[str, FinetuneJob] = {}
         """Every job, oldest first."""
         self.evaluations: dict[str, Evaluation] = {}  # passes of Engine.evaluate in flight
+        self.adapter_cache = None  # the engine's AdapterCache (set by the engine): parks unused adapters for a new job
         self.publish = None
         """Multi-host (process 0): a callable ``publish(kind, *args)`` that tells the other
         processes of every call made here that they must repeat (job creation and cancel,
@@ -93,6 +94,8 @@ class FinetuneService:
         resolved config, examples and id."""
         self._require_finetuning()
         cfg = self.resolve_config(config, settings)
+        if self.adapter_cache is not None:  # a slot for its adapter, parking an unused one (before publishing it)
+            self.adapter_cache.make_room()
         if self.publish is not None:
             training_data = self.examples(training_data, cfg)
             if eval_dataset is not None:
@@ -111,7 +114,7 @@ class FinetuneService:
             raise FinetuneError(f"a finetuning job with id {job_id!r} exists")
         name = adapter_name or job_id
         adapters = self.runner.adapters
-        if name in adapters.names:
+        if name in (self.adapter_cache.names if self.adapter_cache is not None else adapters.names):
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         layout = self.config.finetune
         examples = self.examples(training_data, cfg)
@@ -197,6 +200,8 @@ class FinetuneService:
         """Queue a validation pass of ``adapter`` (``None``: the base model) on ``data``; it runs
         as the engine steps (see :meth:`Engine.evaluate`)."""
         self._require_finetuning()
+        if adapter and self.adapter_cache is not None and adapter in self.adapter_cache.parked:
+            self.adapter_cache.index(adapter)  # back into a slot (published before the pass is)
         if self.publish is not None:  # the other processes get the same examples and id
             data = self.examples(data, config or FinetuneConfig())
             eval_id = eval_id or f"eval-{uuid.uuid4().hex[:12]}"

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams, as_params_list
 
@@ -24,17 +23,18 @@ class InputProcessor:
         tokenizer: tokenizes text prompts (``None``: token ids only).
         vocab_size: token ids must lie in ``[0, vocab_size)``.
         max_logprobs: most top logprobs a request may ask for.
-        adapters: the adapter pool's slots (``None``: no pool).
+        adapter_index: ``adapter_index(name)``: the adapter index of a request naming adapter
+            ``name`` (raises ``AdapterError`` for an unknown one, or without a pool).
         eos_token_ids: the model's EOS ids, given to every request.
         seed: seeds the per-request seeds of requests that give none.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, max_logprobs: int, adapters: AdapterManager | None,
+    def __init__(self, tokenizer, vocab_size: int, max_logprobs: int, adapter_index: Callable[[str], int],
                  eos_token_ids: frozenset[int], seed: int = 0):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_logprobs = max_logprobs
-        self.adapters = adapters
+        self.adapter_index = adapter_index
         self.eos_token_ids = eos_token_ids
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
@@ -69,11 +69,7 @@ class InputProcessor:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} is above max_logprobs={self.max_logprobs}")
-        adapter_index = 0
-        if adapter:
-            if self.adapters is None:
-                raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-            adapter_index = self.adapters.adapter_index(adapter)
+        adapter_index = self.adapter_index(adapter) if adapter else 0
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
         req = Request(

@@ -119,6 +119,15 @@ class AdapterManager:
         )
         return slot + 1
 
+    def check(self, weights: LoRAWeights) -> None:
+        """Raise what :meth:`load` would for ``weights`` (modules, ranks, shapes, layers),
+        writing nothing.
+
+        Raises:
+            AdapterError: the adapter does not fit the pool.
+        """
+        self._stacks(weights)
+
     def unload(self, name: str) -> None:
         """Zero the adapter's slot and free it.
 
