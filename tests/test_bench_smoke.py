@@ -28,11 +28,13 @@ CONFIG = {
 }
 
 
-def test_bench_smoke(tmp_path, capsys):
+def test_bench_smoke(tmp_path, capsys, monkeypatch):
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "out"
-    assert main(["--config", str(path), "--out", str(out), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)  # without --out: a fresh run directory, never bench/results
+    assert main(["--config", str(path), "--quiet"]) == 0
+    (out,) = (tmp_path / "bench" / "runs").iterdir()
+    assert out.name.startswith("smoke-") and not (tmp_path / "bench" / "results").exists()
     rows = json.loads((out / "summary.json").read_text())
     assert [r["policy"] for r in rows] == ["finetune_only", "inference_only", "temporal", "fixed_budget", "hybrid"]
     for r in rows:

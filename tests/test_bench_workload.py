@@ -131,3 +131,21 @@ def test_summary_metrics():
     assert row["goodput"] == pytest.approx(2 / 4.0)
     assert row["finetune_tokens_per_s"] == 250.0 and row["finetune_progress"] == 0.5
     assert row["ttft_p50_ms"] == pytest.approx(50.0)
+
+
+def test_the_shared_data_folder_is_found_from_inside_a_checkout(tmp_path, monkeypatch):
+    """No $COSERVE_JAX_DATA_DIR: the nearest shared/data above the working directory; set: it."""
+    from coserve_jax.bench.workload import default_data_dir, resolve_data_path
+
+    (tmp_path / "shared" / "data" / "traces").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "traces" / "t.csv").write_text("x\n")
+    deep = tmp_path / "main" / "bench" / "sub"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    monkeypatch.delenv("COSERVE_JAX_DATA_DIR", raising=False)
+    assert default_data_dir() == tmp_path / "shared" / "data"
+    assert resolve_data_path("traces/t.csv") == tmp_path / "shared" / "data" / "traces" / "t.csv"
+    monkeypatch.setenv("COSERVE_JAX_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert default_data_dir() == tmp_path / "elsewhere"
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        resolve_data_path("traces/t.csv")

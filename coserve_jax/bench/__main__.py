@@ -1,7 +1,9 @@
 """``python -m coserve_jax.bench --config configs/bench/NAME.yaml [--out DIR]``: the co-serving
 benchmark. Sweeps the config's request rates and policies on one engine, and writes
 ``requests.csv``, ``steps.csv``, ``summary.json``, ``summary.md``, ``run.json`` and the plots to ``DIR``
-(default ``bench/results/<name>``); prints the summary table."""
+(default: a fresh ``bench/runs/<name>-<date>-<time>``, so committed results are never
+overwritten); prints the summary table. Data files (traces, datasets, the real model) are looked
+up under ``--data-dir`` (default ``$COSERVE_JAX_DATA_DIR``, else the nearest ``shared/data``)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ from coserve_jax.bench.config import load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coserve_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="bench config YAML (configs/bench/*.yaml)")
-    parser.add_argument("--out", help="output folder (default bench/results/<config name>)")
+    parser.add_argument("--out", help="output folder (default: a fresh bench/runs/<config name>-<date>-<time>)")
+    parser.add_argument("--data-dir", help="the shared data folder (default $COSERVE_JAX_DATA_DIR, else the nearest shared/data)")
     parser.add_argument("--rates", type=float, nargs="+", help="override the config's request rates (requests/s)")
     parser.add_argument("--policies", nargs="+", help="run only these of the config's policies")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.data_dir:
+        import os
+
+        os.environ["COSERVE_JAX_DATA_DIR"] = os.path.abspath(args.data_dir)  # read where data paths resolve
     cfg = load_config(args.config)
     policies = cfg.policy_names
     if args.policies:
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from coserve_jax.bench import harness, report
 
-    out = report.ensure_out(args.out or f"bench/results/{cfg.name}")
+    out = report.ensure_out(args.out or time.strftime(f"bench/runs/{cfg.name}-%Y%m%d-%H%M%S"))
     t_start = time.perf_counter()
     engine = harness.build_engine(cfg)
     if jax.process_count() > 1:  # multi-host: process 0 runs the benchmark; the others run its steps

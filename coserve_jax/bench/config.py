@@ -16,8 +16,9 @@ Layout (every section optional but ``rates``; see ``configs/bench/cpu-smoke.yaml
     run:        {drain_timeout_s, finetune_only_s}
 
 Relative paths (``model.path``, ``model.config``, ``model.tokenizer``, ``finetune.data``,
-``finetune.eval_data``, ``workload.trace``) are tried as given, then under the shared data folder (``$COSERVE_JAX_DATA_DIR`` or
-``../shared/data``).
+``finetune.eval_data``, ``workload.trace``) are tried as given, then under the shared data folder
+(:func:`coserve_jax.bench.workload.default_data_dir`: ``--data-dir`` / ``$COSERVE_JAX_DATA_DIR``, else the nearest
+``shared/data`` above the working directory or the package).
 """
 
 from __future__ import annotations

@@ -38,7 +38,18 @@ TRACES = {
 }
 """Trace names, relative to the shared data folder."""
 
-DEFAULT_DATA_DIR = os.environ.get("COSERVE_JAX_DATA_DIR", "../shared/data")
+def default_data_dir() -> pathlib.Path | None:
+    """The shared data folder: ``$COSERVE_JAX_DATA_DIR`` if set, else the first ``shared/data``
+    found in the working directory or a parent of it, or beside a parent of this package (so a
+    checkout next to ``../shared/data`` finds it from anywhere inside); ``None`` if none."""
+    env = os.environ.get("COSERVE_JAX_DATA_DIR")
+    if env:
+        return pathlib.Path(env)
+    here, pkg = pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parent
+    for d in (here, *here.parents, pkg, *pkg.parents):
+        if (d / "shared" / "data").is_dir():
+            return d / "shared" / "data"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +134,9 @@ class WorkloadConfig:
             raise ValueError("workload length ranges must satisfy 1 <= min <= max")
 
 
-def resolve_data_path(path: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> pathlib.Path:
-    """``path`` itself if it exists, else ``path`` under the shared data folder.
+def resolve_data_path(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """``path`` itself if it exists, else ``path`` under the shared data folder (``data_dir``,
+    default :func:`default_data_dir`).
 
     Raises:
         FileNotFoundError: neither exists (the message names both and the data folder's README).
@@ -132,12 +144,12 @@ def resolve_data_path(path: str | os.PathLike, data_dir: str | os.PathLike = DEF
     p = pathlib.Path(path)
     if p.exists():
         return p
-    q = pathlib.Path(data_dir) / path
-    if q.exists():
-        return q
+    data_dir = data_dir if data_dir is not None else default_data_dir()
+    if data_dir is not None and (pathlib.Path(data_dir) / path).exists():
+        return pathlib.Path(data_dir) / path
+    where = f"the data folder {os.fspath(data_dir)!r}" if data_dir is not None else "any shared/data folder above here"
     raise FileNotFoundError(
-        f"{os.fspath(path)!r} not found (also not under the data folder {os.fspath(data_dir)!r}; set "
-        f"COSERVE_JAX_DATA_DIR or run from the project root next to ../shared/data)"
+        f"{os.fspath(path)!r} not found (also not under {where}; pass --data-dir DIR or set COSERVE_JAX_DATA_DIR)"
     )
 
 
@@ -186,7 +198,7 @@ def load_mooncake_trace(path: str | os.PathLike) -> list[TraceRequest]:
     return sorted((dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
 
 
-def load_trace(name_or_path: str, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> list[TraceRequest]:
+def load_trace(name_or_path: str, data_dir: str | os.PathLike | None = None) -> list[TraceRequest]:
     """A trace by :data:`TRACES` name or path (``.csv``: Azure format, ``.jsonl``: Mooncake)."""
     path = resolve_data_path(TRACES.get(name_or_path, name_or_path), data_dir)
     return load_azure_trace(path) if path.suffix == ".csv" else load_mooncake_trace(path)
@@ -248,7 +260,7 @@ def _chat_prompt(tokenizer, text: str, max_tokens: int) -> tuple[int, ...]:
 
 
 def build_workload(
-    cfg: WorkloadConfig, rate: float, vocab_size: int, tokenizer=None, data_dir: str | os.PathLike = DEFAULT_DATA_DIR
+    cfg: WorkloadConfig, rate: float, vocab_size: int, tokenizer=None, data_dir: str | os.PathLike | None = None
 ) -> list[BenchRequest]:
     """The requests of one run at ``rate`` requests/s (see the module docstring).
 

@@ -252,11 +252,13 @@ class Engine(OfflineAPI):
     # ---- adapters ------------------------------------------------------------------------
     def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:
         """Load a PEFT LoRA adapter directory (or in-memory :class:`LoRAWeights`) under ``name``,
-        usable by requests at once.
+        usable by requests at once. With every slot taken, the least recently used adapter
+        that nothing uses is parked on the host (:mod:`coserve_jax.engine.adapter_cache`).
 
         Raises:
-            AdapterError: no LoRA pool, a name in use, no free slot, or an adapter that does not fit
-                the pool (rank, target modules, shapes); the pool is unchanged.
+            AdapterError: no LoRA pool, a name in use, every slot in use by requests or jobs, or
+                an adapter that does not fit the pool (rank, target modules, shapes); the pool
+                is unchanged.
             AdapterFormatError: a malformed adapter directory.
         """
         if self.adapters is None:

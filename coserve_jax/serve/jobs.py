@@ -329,13 +329,7 @@ class JobManager:
         Raises:
             APIError: 404 unknown id; 400 a job that is not running.
         """
-        rec = self.get(job_id)
-        if rec.status != "running":
-            raise APIError(400, f"job {job_id} is {rec.status}: only a running job can be paused", "fine_tuning_job_id", "invalid_state")
-        rec.engine_job.pause()
-        rec.status = "paused"
-        rec.event("The job was paused")
-        return rec
+        return self._switch(job_id, "running", "paused", "pause")
 
     def resume(self, engine, job_id: str) -> JobRecord:
         """Resume a paused job (engine thread; OpenAI's ``jobs.resume``).
@@ -343,12 +337,15 @@ class JobManager:
         Raises:
             APIError: 404 unknown id; 400 a job that is not paused.
         """
+        return self._switch(job_id, "paused", "running", "resume")
+
+    def _switch(self, job_id: str, current: str, new: str, verb: str) -> JobRecord:
         rec = self.get(job_id)
-        if rec.status != "paused":
-            raise APIError(400, f"job {job_id} is {rec.status}: only a paused job can be resumed", "fine_tuning_job_id", "invalid_state")
-        rec.engine_job.resume()
-        rec.status = "running"
-        rec.event("The job was resumed")
+        if rec.status != current:
+            raise APIError(400, f"job {job_id} is {rec.status}: only a {current} job can be {verb}d", "fine_tuning_job_id", "invalid_state")
+        getattr(rec.engine_job, verb)()
+        rec.status = new
+        rec.event(f"The job was {verb}d")
         return rec
 
     def sync(self, engine) -> None:
