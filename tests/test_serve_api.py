@@ -315,6 +315,7 @@ def test_long_records_are_truncated_and_validation_loss_is_reported(client, http
     assert metric(http, "coserve:finetune_job_valid_loss", job_id=job.id) == pytest.approx(valid_events[0].data["valid_loss"])
 
 
+@pytest.mark.slow  # the routes over job.pause()/resume(), whose semantics test_finetune_job.py checks in the default tier
 def test_a_job_pauses_and_resumes(client, tmp_path):
     """OpenAI's jobs.pause / jobs.resume: a paused job trains nothing until resumed, then finishes."""
     with open(gsm8k_chat_file(tmp_path / "gsm8k.jsonl", 8), "rb") as f:
