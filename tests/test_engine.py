@@ -75,6 +75,35 @@ def test_greedy_matches_transformers(engines, family):
     assert sched.kv_cache.num_used_pages == 0 and not sched.has_unfinished
 
 
+def test_repetition_penalty_matches_transformers(engines):
+    """``repetition_penalty`` against ``generate(repetition_penalty=...)`` (its
+    ``RepetitionPenaltyLogitsProcessor``), greedy, with penalized and plain requests in the same
+    steps, prompts prefilled in chunks and preemption (the seen-token mask is rebuilt)."""
+    engine, hf = engines("llama31")
+    prompts = prompts_1_to_300(hf.config.vocab_size, seed=5)[:16]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, repetition_penalty=1.5 if i % 2 == 0 else 1.0, logprobs=0)
+              for i in range(len(prompts))]
+    outs = engine.generate(prompts, params)
+    changed = 0
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
+                              repetition_penalty=params[i].repetition_penalty)[0, len(p):].tolist()
+        assert o.token_ids == ref, f"prompt {i} ({len(p)} tokens), penalty {params[i].repetition_penalty}"
+        if i % 2 == 0:
+            changed += o.token_ids != hf_greedy(hf, p)
+    assert changed >= 2, "the penalty was meant to change some greedy outputs"
+    # logprobs stay the raw model's (vLLM's raw_logprobs): those of the chosen tokens under the unpenalized logits
+    p, o = prompts[0], outs[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1 : -1]
+    ref = torch.log_softmax(logits.double(), -1)
+    np.testing.assert_allclose(o.logprobs, ref[np.arange(len(o.token_ids)), o.token_ids].numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
+
+
 def test_adapters_match_peft(engines, tmp_path_factory):
     """Some requests on adapter a, some on b, the rest on the base model, all in the same steps."""
     engine, hf = engines("llama31")
@@ -126,7 +155,7 @@ def test_seeded_sampling_reproduces_whatever_the_batch(engines):
 
 
 def test_bad_requests_fail_alone(engines):
-    engine, hf = engines("qwen2")
+    engine, hf = engines("llama31")  # (the engine the parity tests built: bad input is model-independent)
     with pytest.raises(ValueError, match="context length"):
         engine.generate([[1] * 600])
     with pytest.raises(ValueError, match="outside the vocabulary"):

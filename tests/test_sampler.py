@@ -26,6 +26,7 @@ def inputs(s, temperature=0.0, top_k=0, top_p=1.0, seed=0, index=None, min_p=0.0
         jnp.full((s,), temperature, jnp.float32), jnp.full((s,), top_k, jnp.int32), jnp.full((s,), top_p, jnp.float32),
         jnp.full((s,), min_p, jnp.float32), jnp.full((s,), seed, jnp.uint32),
         jnp.arange(s, dtype=jnp.int32) if index is None else index,
+        jnp.ones((s,), jnp.float32), jnp.zeros((s,), jnp.int32),  # repetition penalty off, mask row 0
     )
 
 

@@ -45,7 +45,7 @@ def server(tokenizer_dir, tmp_path_factory):
     write_peft(_random_adapter(config, 4, ("q_proj", "o_proj"), seed=8), preloaded, config.num_layers)
     srv = ServerProcess([
         "--tokenizer", str(tokenizer_dir), "--api-key", KEY, "--output-dir", str(out),
-        "--lora-modules", f"preloaded={preloaded}",
+        "--lora-modules", f"preloaded={preloaded}", "--max-loras", "2", "--max-cpu-loras", "3",
         "--set", f"limits.max_body_bytes={MAX_BODY}", "--set", "limits.max_tokens=256", "--set", "limits.max_n=4",
         "--set", "log_stats_interval_s=1",
     ], env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
@@ -269,6 +269,51 @@ def test_finetuning_job_trains_while_serving_and_its_adapter_answers(client, htt
         client.models.delete(BASE)
 
 
+def test_ten_jobs_in_a_row_on_two_adapter_slots_all_succeed_and_answer(client, tmp_path):
+    """Ten queued jobs on a server with ``--max-loras 2 --max-cpu-loras 3``: each starts when a
+    slot can be had (finished jobs' adapters are parked on the host, or dropped to their exported
+    directory past three), all succeed, and all ten models answer at once, with their own
+    weights, though only two fit the device at a time."""
+    with open(gsm8k_chat_file(tmp_path / "two.jsonl", 2), "rb") as f:
+        fid = client.files.create(file=f, purpose="fine-tune").id
+    jobs = [client.fine_tuning.jobs.create(model=BASE, training_file=fid, suffix=f"row{k}", seed=k,
+                                           hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 100},
+                                           extra_body={"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+            for k in range(10)]
+    def all_ended():
+        now = [client.fine_tuning.jobs.retrieve(job.id) for job in jobs]
+        return all(j.status in ("succeeded", "failed", "cancelled") for j in now) and now
+
+    done = wait_until(all_ended, timeout=600, interval=1.0)
+    assert [d.status for d in done] == ["succeeded"] * 10, [d.error for d in done]
+    models = [d.fine_tuned_model for d in done]
+    assert set(models) <= {m.id for m in client.models.list().data}
+    answers, errors = {}, []
+
+    def ask(model):
+        try:
+            r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0, logprobs=True, top_logprobs=5)
+            answers[model] = tuple(t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in models]  # ten adapters at once on two slots
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(answers) == 10
+    assert len(set(answers.values())) == 10  # each its own weights
+    again = {}
+    for m in models[:3]:  # one at a time: the same answers as in the crowd
+        r = client.chat.completions.create(model=m, messages=CHAT, max_tokens=2, temperature=0, logprobs=True, top_logprobs=5)
+        again[m] = tuple(t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs)
+    for m in models[:3]:
+        assert again[m] == pytest.approx(answers[m], abs=1e-4)
+    for m in models:
+        assert client.models.delete(m).deleted
+
+
 def test_long_records_are_truncated_and_validation_loss_is_reported(client, http, tmp_path):
     """A 64-record Alpaca-as-chat file with 2 records over finetune_max_seq_len (512) trains, the
     2 truncated and counted (``truncation: error`` refuses it, naming their lines); a validation
@@ -411,9 +456,9 @@ def test_files_list_pages_orders_and_filters(client, tmp_path):
         client.files.list(order="sideways")
 
 
-def test_unknown_sampling_fields_are_400_and_min_p_works(client):
+def test_unknown_sampling_fields_are_400_and_min_p_and_repetition_penalty_work(client, http):
     """A sampling option the server does not implement is a 400 naming it, never silently ignored."""
-    for extra in ({"repetition_penalty": 1.3}, {"guided_json": {"type": "object"}}, {"use_beam_search": True}):
+    for extra in ({"guided_json": {"type": "object"}}, {"use_beam_search": True}, {"repetition_penalty": 0}):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, extra_body=extra)
         assert next(iter(extra)) in str(e.value)
@@ -423,6 +468,16 @@ def test_unknown_sampling_fields_are_400_and_min_p_works(client):
     assert client.chat.completions.create(**kw, extra_body={"min_p": 1.0}).choices[0].message.content == greedy
     r = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.0}, metadata={"k": "v"})  # no-ops accepted
     assert r.choices[0].finish_reason in ("stop", "length")
+    # a penalty far below 1 favours seen tokens so strongly (their positive logits x 1e6) that
+    # greedy decoding picks only tokens of the prompt or of the answer so far; without it, the
+    # random tiny model picks others
+    prompt_ids = http.post("/tokenize", json={"model": BASE, "messages": CHAT}).json()["tokens"]
+    seen = {http.post("/detokenize", json={"model": BASE, "tokens": [i]}).json()["prompt"] for i in set(prompt_ids)}
+    long = dict(model=BASE, messages=CHAT, max_tokens=8, temperature=0, logprobs=True)
+    plain = [t.token for t in client.chat.completions.create(**long).choices[0].logprobs.content]
+    favoured = [t.token for t in client.chat.completions.create(**long, extra_body={"repetition_penalty": 1e-6}).choices[0].logprobs.content]
+    assert not set(plain) <= seen
+    assert all(t in seen or t in favoured[:i] for i, t in enumerate(favoured)), (favoured, seen)
 
 
 def test_tokenize_and_detokenize_agree_with_the_tokenizer(http, hf_tokenizer):

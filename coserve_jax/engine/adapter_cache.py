@@ -6,7 +6,15 @@ An adapter is either in a slot (servable at once) or parked on the host (its wei
 from its slot). When a slot is needed and none is free, the least recently used adapter whose
 slot is not pinned (no unfinished request uses it, no running job trains it, no evaluation reads
 it) is parked; a request for a parked adapter brings it back, parking another. So finished
-jobs' adapters never exhaust the slots: only ``max_loras`` adapters *in use at once* are a limit.
+jobs' adapters never exhaust the slots: only ``max_loras`` adapters *in use at once* are a limit,
+and a request whose adapter finds every slot pinned waits for one (the engine places it between
+steps, :meth:`AdapterCache.try_index`) instead of failing.
+
+The host tier holds at most ``max_cpu_loras`` adapters' weights (``None``: no limit). Beyond
+that, the least recently used parked adapter that has a directory on disk (it was loaded from
+one, or :meth:`AdapterCache.set_source` named its export) drops its host copy and is read back
+from the directory when needed; an adapter with no copy on disk is never dropped, so nothing a
+user trained is lost to the cap.
 
 Multi-host: every eviction and reload is published as the ``unload_adapter`` / ``load_adapter``
 call it is, so the other processes' slots stay the same as process 0's.
@@ -32,16 +40,39 @@ class AdapterCache:
             slot manager writes the slots).
         pinned: ``pinned(adapter_index)``: whether that slot is in use and must stay.
         publish: ``publish(kind, *args)`` of a multi-host leader (a no-op otherwise).
+        max_cpu_loras: most adapters whose weights the host tier holds (vLLM's
+            ``max_cpu_loras``; ``None``: no limit).
+    Raises:
+        ValueError: ``max_cpu_loras`` below 0.
     """
 
-    def __init__(self, runner, pinned: Callable[[int], bool], publish: Callable = lambda kind, *args: None):
+    def __init__(self, runner, pinned: Callable[[int], bool], publish: Callable = lambda kind, *args: None,
+                 max_cpu_loras: int | None = None):
+        if max_cpu_loras is not None and max_cpu_loras < 0:
+            raise ValueError(f"max_cpu_loras must be >= 0 or None, got {max_cpu_loras}")
         self.runner = runner
         self.slots = runner.adapters
         self.pinned = pinned
         self.publish = publish
-        self.parked: collections.OrderedDict[str, LoRAWeights] = collections.OrderedDict()
+        self.max_cpu_loras = max_cpu_loras
+        self.parked: collections.OrderedDict[str, LoRAWeights | None] = collections.OrderedDict()
+        """Adapters off the device, least recently parked first: their weights, or ``None`` when
+        only their directory on disk holds them."""
+        self.sources: dict[str, str] = {}
+        """Adapter name -> the PEFT directory that holds its weights (loaded from it, or an export)."""
         self._used: dict[str, int] = {}
         self._clock = itertools.count()
+
+    @property
+    def num_free_slots(self) -> int:
+        """Device slots that are free now or hold an adapter nothing uses (could be freed)."""
+        free = self.slots.pool_config.max_loras - len(self.slots.names)
+        return free + sum(1 for n in self.slots.names if not self.pinned(self.slots.adapter_index(n)))
+
+    @property
+    def num_cpu_loras(self) -> int:
+        """Adapters whose weights the host tier holds now."""
+        return sum(1 for w in self.parked.values() if w is not None)
 
     @property
     def names(self) -> list[str]:
@@ -57,12 +88,37 @@ class AdapterCache:
         """
         if name in self.parked:
             self.make_room()
-            weights = self.parked.pop(name)
+            weights = self.parked[name]
+            if weights is None:  # dropped from the host tier: read back from its directory
+                weights = read_peft(self.sources[name])
+            del self.parked[name]
             self.publish("load_adapter", name, weights)
             self.runner.load_adapter(name, weights)
         index = self.slots.adapter_index(name)
         self._used[name] = next(self._clock)
         return index
+
+    def try_index(self, name: str) -> int | None:
+        """:meth:`index`, or ``None`` when every slot is pinned now (the caller waits).
+
+        Raises:
+            AdapterError: unknown name.
+        """
+        if name in self.parked and self.num_free_slots == 0:
+            return None
+        return self.index(name)
+
+    def set_source(self, name: str, path: str | os.PathLike) -> None:
+        """Record that the PEFT directory ``path`` holds adapter ``name``'s current weights (a
+        finished job's export), so the host tier may drop its copy under ``max_cpu_loras``.
+
+        Raises:
+            AdapterError: unknown name.
+        """
+        if name not in self.names:
+            raise AdapterError(f"no adapter named {name!r} is loaded")
+        self.sources[name] = os.fspath(path)
+        self._trim()
 
     def load(self, name: str, source: str | os.PathLike | LoRAWeights) -> None:
         """Load an adapter under ``name`` (a PEFT directory or :class:`LoRAWeights`), into a
@@ -81,6 +137,8 @@ class AdapterCache:
         self.publish("load_adapter", name, weights)
         self.runner.load_adapter(name, weights)
         self._used[name] = next(self._clock)
+        if not isinstance(source, LoRAWeights):
+            self.sources[name] = os.fspath(source)
 
     def unload(self, name: str) -> None:
         """Forget an adapter (free its slot, or drop it from the host tier).
@@ -89,7 +147,9 @@ class AdapterCache:
             AdapterError: unknown name.
         """
         self._used.pop(name, None)
-        if self.parked.pop(name, None) is not None:
+        self.sources.pop(name, None)
+        if name in self.parked:
+            del self.parked[name]
             return
         self.slots.adapter_index(name)  # raises for an unknown name
         self.publish("unload_adapter", name)
@@ -113,3 +173,15 @@ class AdapterCache:
         self.parked[victim] = self.slots.get(victim)
         self.publish("unload_adapter", victim)
         self.runner.unload_adapter(victim)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop host copies beyond ``max_cpu_loras``, least recently used first, of adapters
+        whose directory on disk holds them."""
+        if self.max_cpu_loras is None:
+            return
+        excess = self.num_cpu_loras - self.max_cpu_loras
+        droppable = sorted((n for n, w in self.parked.items() if w is not None and n in self.sources),
+                           key=lambda n: self._used.get(n, -1))
+        for name in droppable[:max(excess, 0)]:
+            self.parked[name] = None

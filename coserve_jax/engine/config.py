@@ -42,6 +42,7 @@ class EngineConfig:
             watermark_pages: free pages admission keeps for running requests to grow into.
         kv_cache_bytes: bytes of K and V cache on each device.
         max_loras, max_lora_rank, lora_target_modules: the adapter pool (``max_loras`` 0: none).
+        max_cpu_loras: most adapters' weights kept in host memory off the device slots (``None``: no limit).
         max_logprobs: most top logprobs a request may ask for (at most the vocabulary).
         buckets: the compiled step shapes, ascending.
         attention_impl: the attention implementation in use (never ``"auto"``).
@@ -79,6 +80,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     seed: int = 0
     compilation_cache_dir: str | None = None
+    max_cpu_loras: int | None = None
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -128,6 +130,7 @@ class EngineConfig:
         num_kv_pages: int | None = None,
         kv_cache_memory_fraction: float = 0.9,
         max_loras: int = 4,
+        max_cpu_loras: int | None = None,
         max_lora_rank: int = 16,
         lora_target_modules: Sequence[str] = LINEAR_MODULES,
         max_logprobs: int = 20,
@@ -172,6 +175,9 @@ class EngineConfig:
                 at most 1 GiB.
             kv_cache_memory_fraction: see ``num_kv_pages``.
             max_loras: adapter slots (0: no LoRA pool).
+            max_cpu_loras: most adapters whose weights are kept in host memory while off the
+                device slots (vLLM's name; ``None``: no limit). Past it, adapters that have a
+                directory on disk are read back from it when needed; others always stay.
             max_lora_rank: rank every slot is padded to.
             lora_target_modules: modules the pool covers (default: all seven linear layers).
             max_logprobs: most top logprobs a request may ask for.
@@ -228,6 +234,8 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be >= 1, got {max_logprobs}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if max_cpu_loras is not None and max_cpu_loras < 0:
+            raise ValueError(f"max_cpu_loras must be >= 0, got {max_cpu_loras}")
         if max_finetune_jobs < 0:
             raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
         if scheduling_policy not in POLICY_OPTIONS:
@@ -288,4 +296,5 @@ class EngineConfig:
             slo=slo if isinstance(slo, SLOConfig) else SLOConfig(**(slo or {})), measure_steps=measure_steps,
             async_scheduling=bool(async_scheduling), tensor_parallel_size=tensor_parallel_size, seed=seed,
             compilation_cache_dir=None if compilation_cache_dir is None else os.fspath(compilation_cache_dir),
+            max_cpu_loras=max_cpu_loras,
         )

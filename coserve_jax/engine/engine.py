@@ -61,6 +61,7 @@ from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.sched.policy import SLOConfig
+from coserve_jax.sched.request import ADAPTER_PENDING, Request
 from coserve_jax.sched.scheduler import Scheduler
 
 log = logging.getLogger("coserve_jax.engine")
@@ -93,7 +94,7 @@ class Engine(OfflineAPI):
             :meth:`EngineConfig.resolve <coserve_jax.engine.config.EngineConfig.resolve>`, under
             vLLM's names where vLLM has the knob: ``max_model_len``, ``max_num_seqs``,
             ``max_num_batched_tokens``, ``page_size``, ``num_kv_pages``,
-            ``kv_cache_memory_fraction``, ``max_loras``, ``max_lora_rank``,
+            ``kv_cache_memory_fraction``, ``max_loras``, ``max_cpu_loras``, ``max_lora_rank``,
             ``lora_target_modules``, ``max_logprobs``, ``token_buckets``, ``seq_buckets``,
             ``attention_impl``, ``compilation_cache_dir`` (default ``$COSERVE_JAX_CACHE_DIR``
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
@@ -131,6 +132,7 @@ class Engine(OfflineAPI):
         num_kv_pages: int | None = None,
         kv_cache_memory_fraction: float = 0.9,
         max_loras: int = 4,
+        max_cpu_loras: int | None = None,
         max_lora_rank: int = 16,
         lora_target_modules: Sequence[str] = LINEAR_MODULES,
         max_logprobs: int = 20,
@@ -191,9 +193,10 @@ class Engine(OfflineAPI):
         """The finetuning jobs' lifecycle (:class:`~coserve_jax.engine.finetune_service.FinetuneService`)."""
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         """The unfinished requests' outputs (:class:`~coserve_jax.engine.output_processor.OutputProcessor`)."""
-        self.adapter_cache = AdapterCache(self.runner, self._adapter_pinned, self._publish) if self.adapters else None
+        self.adapter_cache = AdapterCache(self.runner, self._adapter_pinned, self._publish, ec.max_cpu_loras) if self.adapters else None
         """Adapters over the slots with a host tier (:class:`~coserve_jax.engine.adapter_cache.AdapterCache`)."""
         self.finetuning.adapter_cache = self.adapter_cache
+        self._awaiting_slot: list[Request] = []  # requests whose adapter waits for a device slot, oldest first
         self._in_flight = None  # (plan, StepOutput) of an overlapped step whose tokens are not read yet
         self._channel: HostChannel | None = None  # multi-host, process 0 after lead(); others in follow()
         self.policy = PolicyRuntime(ec, self.scheduler, self.runner, self._publish)
@@ -273,13 +276,16 @@ class Engine(OfflineAPI):
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-        if name in self.adapter_cache.parked:  # on the host: nothing uses it
+        if name in self.adapter_cache.parked:  # on the host: only requests waiting for a slot can name it
+            waiting = [r.request_id for r in self.outputs.requests if r.lora_name == name]
+            if waiting:
+                raise AdapterError(f"adapter {name!r} is in use by {len(waiting)} unfinished request(s)")
             return self.adapter_cache.unload(name)
         index = self.adapters.adapter_index(name)
         job = self.finetuning.training_adapter(index)
         if job is not None:
             raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
-        users = [r.request_id for r in self.outputs.requests if r.adapter_index == index]
+        users = [r.request_id for r in self.outputs.requests if r.adapter_index == index or r.lora_name == name]
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
         self.adapter_cache.unload(name)
@@ -289,14 +295,39 @@ class Engine(OfflineAPI):
         return [] if self.adapters is None else self.adapter_cache.names
 
     def _adapter_index(self, name: str) -> int:
-        """A new request's adapter index (a parked adapter comes back into a slot).
+        """A new request's adapter index (a parked adapter comes back into a slot), or
+        :data:`ADAPTER_PENDING` when every slot is pinned now: the request then waits, and
+        :meth:`_place_adapters` gives it a slot when one frees up.
 
         Raises:
-            AdapterError: no pool, unknown name, or every slot in use.
+            AdapterError: no pool, or an unknown name.
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0); requests cannot name an adapter")
-        return self.adapter_cache.index(name)
+        index = self.adapter_cache.try_index(name)
+        return ADAPTER_PENDING if index is None else index
+
+    def _place_adapters(self) -> list[RequestOutput]:
+        """Give the adapters of requests waiting for a device slot their slots, oldest request
+        first, as slots free up (a request, job or evaluation that pinned one ended). Returns
+        the final outputs of requests whose adapter could not be read back (aborted, logged)."""
+        waiting, failed = [], []
+        for req in self._awaiting_slot:
+            if req.is_finished:
+                continue
+            try:
+                index = self.adapter_cache.try_index(req.lora_name)
+            except Exception as e:  # e.g. its directory vanished after its host copy was dropped
+                log.error("request %s: adapter %r cannot be loaded (%s: %s); aborted", req.request_id, req.lora_name,
+                          type(e).__name__, e)
+                failed.append(self.abort(req.request_id))
+                continue
+            if index is None:
+                waiting.append(req)
+            else:
+                req.adapter_index = index
+        self._awaiting_slot = waiting
+        return [o for o in failed if o is not None]
 
     def _adapter_pinned(self, index: int) -> bool:
         """Whether slot ``index`` must stay: an unfinished request, a job or an evaluation uses it."""
@@ -349,8 +380,11 @@ class Engine(OfflineAPI):
         return self.finetuning.adapter_weights(job)
 
     def export_adapter(self, job: FinetuneJob, path: str | os.PathLike) -> None:
-        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`)."""
+        """Write a job's adapter as a PEFT directory (:meth:`FinetuneJob.export`). A finished
+        job's export then backs its loaded adapter, whose host copy ``max_cpu_loras`` may drop."""
         self.finetuning.export_adapter(job, path)
+        if job.done and self.adapter_cache is not None and job.adapter_name in self.adapter_cache.names:
+            self.adapter_cache.set_source(job.adapter_name, path)
 
     def save_job_checkpoint(self, job: FinetuneJob) -> None:
         """Checkpoint a job now (:meth:`FinetuneJob.save_checkpoint`)."""
@@ -371,8 +405,11 @@ class Engine(OfflineAPI):
 
     @property
     def num_free_finetune_slots(self) -> int:
-        """Jobs that :meth:`create_finetuning_job` can start now (of ``max_finetune_jobs``)."""
-        return self.finetuning.num_free_slots
+        """Jobs that :meth:`create_finetuning_job` can start now: free job rows (of
+        ``max_finetune_jobs``), at most the adapter slots that are free or could be freed (a
+        slot pinned by an unfinished request, a job or an evaluation cannot)."""
+        rows = self.finetuning.num_free_slots
+        return rows if self.adapter_cache is None else min(rows, self.adapter_cache.num_free_slots)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -404,7 +441,9 @@ class Engine(OfflineAPI):
         Raises:
             ValueError: empty or over-long prompt, token ids outside the vocabulary, text without
                 a tokenizer, ``logprobs`` above ``max_logprobs``, a duplicate id.
-            AdapterError: unknown adapter.
+            AdapterError: unknown adapter. (A known adapter whose slot cannot be had now, every
+                slot being pinned by unfinished requests, jobs or evaluations, is no error: the
+                request waits until a slot frees up.)
         """
         req, text = self.inputs.process(
             prompt, params, adapter, request_id=request_id, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
@@ -412,6 +451,8 @@ class Engine(OfflineAPI):
         )
         self.scheduler.add_request(req)  # validates length and id
         self.outputs.add(req, text, index, adapter)
+        if req.adapter_index == ADAPTER_PENDING:
+            self._awaiting_slot.append(req)
         return req.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -449,6 +490,7 @@ class Engine(OfflineAPI):
         """
         # 1. Schedule: the plan, as plain data (a token the device has not returned yet is
         #    pending). Multi-host: process 0 plans and publishes; the others run its plan.
+        failed = self._place_adapters() if self._awaiting_slot and plan is None else []
         if plan is None:
             plan = self.scheduler.schedule(time.monotonic())
             if self._channel is not None and not (plan.is_empty and not plan.finished and not plan.preempted):
@@ -475,13 +517,14 @@ class Engine(OfflineAPI):
         if self.engine_config.async_scheduling:
             ready, self._in_flight = self._in_flight, ready
         if ready is None:
-            return []
+            return failed
         plan, out = ready
         result = self.runner.fetch(plan, out)
         now = time.monotonic()
         self.scheduler.update(plan, result, now)
         # 5. Process outputs: detokenize, stop strings, logprobs, finished requests.
-        return self.outputs.process(plan, result, now)
+        outputs = self.outputs.process(plan, result, now)
+        return failed + outputs if failed else outputs
 
     @property
     def has_step_in_flight(self) -> bool:

@@ -33,12 +33,14 @@ class InputBatch:
         num_pages: pages in each row (a Python list: read and written one row at a time).
         last_page: ``[rows]`` int32: each row's last page (0 while it has none): where a
             decode's token goes, as a decode's position is always in its sequence's last page.
-        adapter: ``[rows]`` int32; temperature, top_p, min_p: ``[rows]`` float32; top_k: ``[rows]``
-            int32; seed: ``[rows]`` uint32: each request's adapter and sampling settings.
+        adapter: ``[rows]`` int32; temperature, top_p, min_p, repetition_penalty: ``[rows]``
+            float32; top_k: ``[rows]`` int32; seed: ``[rows]`` uint32: each request's adapter and
+            sampling settings.
     """
 
     FIELDS = (("page_table", np.int32), ("last_page", np.int32), ("adapter", np.int32), ("temperature", np.float32),
-              ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32), ("seed", np.uint32))
+              ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32), ("seed", np.uint32),
+              ("repetition_penalty", np.float32))
 
     def __init__(self, max_pages_per_seq: int, initial_rows: int = 64):
         n = max(1, initial_rows) + 1
@@ -46,7 +48,8 @@ class InputBatch:
         for name, dtype in self.FIELDS:
             setattr(self, name, np.zeros((n, max_pages_per_seq) if name == "page_table" else n, dtype))
         self.num_pages = [0] * n
-        self.top_p[PADDING_ROW] = 1.0  # the padding row: no pages, greedy, top-p off
+        self.top_p[PADDING_ROW] = 1.0  # the padding row: no pages, greedy, top-p and penalty off
+        self.repetition_penalty[PADDING_ROW] = 1.0
         self._rows: dict[Hashable, int] = {}
         self._free = list(range(n - 1, 0, -1))
 
@@ -92,6 +95,7 @@ class InputBatch:
                 self.top_k[row] = s.top_k
                 self.top_p[row] = s.top_p
                 self.min_p[row] = s.min_p
+                self.repetition_penalty[row] = s.repetition_penalty
                 self.seed[row] = s.seed
             if c.new_pages:
                 self._append_pages(row, c.request_id, c.new_pages)

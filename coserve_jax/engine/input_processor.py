@@ -24,7 +24,8 @@ class InputProcessor:
         vocab_size: token ids must lie in ``[0, vocab_size)``.
         max_logprobs: most top logprobs a request may ask for.
         adapter_index: ``adapter_index(name)``: the adapter index of a request naming adapter
-            ``name`` (raises ``AdapterError`` for an unknown one, or without a pool).
+            ``name`` (raises ``AdapterError`` for an unknown one, or without a pool), or
+            :data:`~coserve_jax.sched.request.ADAPTER_PENDING` while it waits for a device slot.
         eos_token_ids: the model's EOS ids, given to every request.
         seed: seeds the per-request seeds of requests that give none.
     """
@@ -73,7 +74,7 @@ class InputProcessor:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
         req = Request(
-            request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, seed=seed,
+            request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, lora_name=adapter or None, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
         )

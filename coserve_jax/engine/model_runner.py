@@ -26,6 +26,7 @@ from flax import nnx
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, pick_bucket
 from coserve_jax.engine.input_batch import InputBatch
+from coserve_jax.engine.sampler import init_seen_mask
 from coserve_jax.engine.step_inputs import build_step_inputs
 from coserve_jax.finetune import fused
 from coserve_jax.lora.manager import AdapterManager
@@ -69,13 +70,16 @@ class ModelRunner:
             self.ft_buffers = fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules)
         self.state = nnx.state(model)
         self.optimizers: dict[str, jax.stages.Compiled] = {}
+        self.input_batch = InputBatch(config.max_pages_per_seq, 2 * config.max_num_seqs)
+        """The running requests' page tables and settings, kept between steps (plans carry increments)."""
+        self.num_rows = len(self.input_batch.num_pages)
+        self.seen = jax.device_put(init_seen_mask(self.num_rows, mc.vocab_size), rules.replicated)
+        """The repetition penalty's seen-token mask, bool ``[rows, V]`` by input-batch row."""
         self.step_fn = CompiledStep(
-            model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers,
+            model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers, self.seen,
             finetune_tokens=config.max_finetune_tokens, num_store_rows=config.finetune_rows,
             impl=config.attention_impl, max_logprobs=config.max_logprobs, parallel=rules,
         )
-        self.input_batch = InputBatch(config.max_pages_per_seq, 2 * config.max_num_seqs)
-        """The running requests' page tables and settings, kept between steps (plans carry increments)."""
         self._last_tokens = self.step_fn.no_prev_tokens  # the last step's sampled tokens [M]
         self._last_plan: SchedulerOutput | None = None
         self.backward: dict[int, object] = {}
@@ -141,12 +145,14 @@ class ModelRunner:
                 prev_slots = dict(zip(last.decodes.request_ids, range(n_dec)))
                 prev_slots.update((c.request_id, n_dec + j) for j, c in enumerate(last.prefills) if c.sample)
         rows = self.input_batch.apply(plan)
+        if len(self.input_batch.num_pages) != self.num_rows:  # never: at most max_num_seqs requests hold rows
+            raise RuntimeError(f"the input batch outgrew the {self.num_rows} rows of the seen-token mask")
         inputs = build_step_inputs(
             plan, self.step_fn.dims(self.bucket_for(plan)), cfg.page_size, self.input_batch, rows,
             layout.max_seq_len if layout else 0, prev_slots,
         )
-        self.k_cache, self.v_cache, self.ft_buffers, out = self.step_fn(
-            self.state, self.k_cache, self.v_cache, self.ft_buffers, self._last_tokens, inputs
+        self.k_cache, self.v_cache, self.ft_buffers, self.seen, out = self.step_fn(
+            self.state, self.k_cache, self.v_cache, self.ft_buffers, self.seen, self._last_tokens, inputs
         )
         self._last_tokens, self._last_plan = out.last_tokens, plan
         return out

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.engine.sampler import SamplerOutput, sample
+from coserve_jax.engine.sampler import SamplerOutput, apply_repetition_penalty, sample
 from coserve_jax.engine.step_inputs import Bucket, StepDims, StepInputs, abstract_inputs
 from coserve_jax.finetune.fused import FinetuneBuffers, save_forward
 from coserve_jax.finetune.token_level import base_weights
@@ -125,7 +125,11 @@ class StepOutput(NamedTuple):
 
 def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, parallel: ShardingRules | None = None):
     """The step as a pure function
-    ``(state, k_cache, v_cache, ft_buffers, prev_tokens, inputs) -> (k_cache, v_cache, ft_buffers, StepOutput)``.
+    ``(state, k_cache, v_cache, ft_buffers, seen, prev_tokens, inputs) -> (k_cache, v_cache, ft_buffers, seen, StepOutput)``.
+
+    ``seen`` bool ``[rows, V]`` is the persistent seen-token mask of the repetition penalty
+    (:func:`~coserve_jax.engine.sampler.apply_repetition_penalty`), updated only in steps where a
+    sequence has a penalty (a ``lax.cond``: other steps pass it through untouched).
 
     ``prev_tokens`` int32 ``[M]`` are the previous step's sampled tokens (its
     :attr:`StepOutput.last_tokens`): a token slot with ``inputs.prev_index >= 0`` reads its token
@@ -143,7 +147,8 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             back replicated, readable by every process.
     """
 
-    def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, prev_tokens: jax.Array, inputs: StepInputs):
+    def step(state, k_cache, v_cache, ft_buffers: FinetuneBuffers | None, seen: jax.Array, prev_tokens: jax.Array,
+             inputs: StepInputs):
         model: CausalLM = nnx.merge(graphdef, state)
         prev = inputs.prev_index
         token_ids = jnp.where(prev >= 0, jnp.take(prev_tokens, jnp.maximum(prev, 0)), inputs.token_ids)
@@ -166,12 +171,18 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             h, (k_cache, v_cache), (saved, final) = out
             ft_buffers, loss = save_forward(model.config, base_weights(model), ft_buffers, ft, saved, final)
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
-        out = sample(logits, inputs.sampling, max_logprobs)
+        sp, attn = inputs.sampling, inputs.attn
+        seen, processed = jax.lax.cond(
+            jnp.any((sp.repetition_penalty != 1.0) & (jnp.arange(sp.row.shape[0]) < attn.num_seqs)),
+            lambda m, lg: apply_repetition_penalty(m, lg, sp, token_ids, inputs.positions, attn.cu_q_lens, attn.num_seqs),
+            lambda m, lg: (m, lg), seen, logits,
+        )
+        out = sample(logits, sp, max_logprobs, processed)
         last = jnp.zeros(prev_tokens.shape, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
         result = StepOutput(out, loss, last)
         if parallel is not None:
             result = jax.lax.with_sharding_constraint(result, parallel.replicated)
-        return k_cache, v_cache, ft_buffers, result
+        return k_cache, v_cache, ft_buffers, seen, result
 
     return step
 
@@ -185,6 +196,7 @@ class CompiledStep:
         max_pages_per_seq: page-table width (``ceil(max_model_len / page_size)``).
         k_cache, v_cache: example caches (shapes, dtypes, shardings).
         ft_buffers: example finetuning buffers, or ``None`` without finetuning.
+        seen: the example seen-token mask (bool ``[rows, V]``).
         finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
         num_store_rows: rows of the activation store (the padding destination of its scatter).
         impl, max_logprobs, parallel: see :func:`make_step_fn`.
@@ -198,6 +210,7 @@ class CompiledStep:
         k_cache: jax.Array,
         v_cache: jax.Array,
         ft_buffers: FinetuneBuffers | None = None,
+        seen: jax.Array | None = None,
         *,
         finetune_tokens: int = 0,
         num_store_rows: int = 0,
@@ -215,13 +228,13 @@ class CompiledStep:
         fn = make_step_fn(
             self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs, parallel=parallel
         )
-        self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3))
+        self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3, 4))
         self.no_prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)
         """``prev_tokens`` of a step that reads none (every ``prev_index`` is -1)."""
         if parallel is not None:
             self.no_prev_tokens = jax.device_put(self.no_prev_tokens, parallel.replicated)
         self._compiled: dict[Bucket, Any] = {}
-        self._example = (state, k_cache, v_cache, ft_buffers)
+        self._example = (state, k_cache, v_cache, ft_buffers, seen)
         self.compile_seconds = 0.0
 
     def dims(self, bucket: Bucket) -> StepDims:
@@ -231,21 +244,21 @@ class CompiledStep:
     def compile_all(self) -> float:
         """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
         t0 = time.perf_counter()
-        state, k, v, ft = self._example
+        state, k, v, ft, seen = self._example
         todo = [b for b in self.buckets if b not in self._compiled]
         for i, b in enumerate(todo, 1):
             t = time.perf_counter()
             rep = None if self.parallel is None else self.parallel.replicated
             inputs = abstract_inputs(self.dims(b), rep)
             prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
-            self._compiled[b] = self._jitted.lower(state, k, v, ft, prev, inputs).compile()
+            self._compiled[b] = self._jitted.lower(state, k, v, ft, seen, prev, inputs).compile()
             log.info("compiled step shape %d/%d (T=%d, S=%d) in %.1f s", i, len(todo), b.num_tokens, b.num_seqs,
                      time.perf_counter() - t)
         self._example = None
         self.compile_seconds += time.perf_counter() - t0
         return self.compile_seconds
 
-    def __call__(self, state, k_cache, v_cache, ft_buffers, prev_tokens, inputs: StepInputs):
+    def __call__(self, state, k_cache, v_cache, ft_buffers, seen, prev_tokens, inputs: StepInputs):
         """Run the compiled step of ``inputs.bucket`` (never compiles: raises ``KeyError`` for a
-        bucket not compiled). Returns ``(k_cache, v_cache, ft_buffers, StepOutput)``."""
-        return self._compiled[inputs.bucket](state, k_cache, v_cache, ft_buffers, prev_tokens, inputs)
+        bucket not compiled). Returns ``(k_cache, v_cache, ft_buffers, seen, StepOutput)``."""
+        return self._compiled[inputs.bucket](state, k_cache, v_cache, ft_buffers, seen, prev_tokens, inputs)

@@ -75,6 +75,8 @@ STEP_INPUT_TABLE: dict[str, FieldSpec] = {
     "sampling.min_p": FieldSpec(("S",), "float32"),
     "sampling.seed": FieldSpec(("S",), "uint32"),
     "sampling.sample_index": FieldSpec(("S",), "int32"),
+    "sampling.repetition_penalty": FieldSpec(("S",), "float32", 1.0),
+    "sampling.row": FieldSpec(("S",), "int32"),
     "dropout.rate": FieldSpec(("T",), "float32"),
     "dropout.seed": FieldSpec(("T",), "uint32"),
     "dropout.position": FieldSpec(("T",), "int32"),
@@ -104,7 +106,7 @@ class StepInputs:
     prev_index: jax.Array  # [T] int32: slot in the previous step's sampled tokens to read, or -1
     attn: AttentionMetadata  # slot mapping [T], kv_lens [S], page_table [S, P], cu_q_lens [S+1], num_seqs []
     logits_indices: jax.Array  # [S] int32: the token slot of each sequence's last token
-    sampling: SamplingInputs  # [S] each: temperature, top_k, top_p, min_p, seed, sample_index
+    sampling: SamplingInputs  # [S] each: temperature, top_k, top_p, min_p, seed, sample_index, repetition_penalty, row
     dropout: LoRADropout | None = None  # [T] each: rate, seed, position (finetuning tokens only)
     finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights
     bucket: Bucket = dataclasses.field(default=Bucket(0, 0), metadata=dict(static=True))
@@ -161,6 +163,7 @@ def abstract_inputs(dims: StepDims, sharding: jax.sharding.Sharding | None = Non
 _GATHERED = {  # per-sequence fields read from the batch's rows (row 0: the padding row)
     "attn.page_table": "page_table", "sampling.temperature": "temperature", "sampling.top_k": "top_k",
     "sampling.top_p": "top_p", "sampling.min_p": "min_p", "sampling.seed": "seed",
+    "sampling.repetition_penalty": "repetition_penalty",
 }
 
 
@@ -210,6 +213,7 @@ def _padding(dims: StepDims, batch: InputBatch, rows: Sequence[int]) -> tuple[St
     kw = fresh(top)
     for g, cls, fields in groups:
         kw[g] = cls(**fresh(fields))
+    kw["sampling"].row[:] = r  # each sequence's row: where its seen-token mask lives on the device
     return StepInputs(**kw, bucket=dims.bucket), r
 
 

@@ -23,6 +23,7 @@ class SamplingRow:
 
     Attributes:
         temperature: 0 is greedy. top_k: 0 is off. top_p: 1 is off. min_p: 0 is off.
+            repetition_penalty: 1 is off.
         seed: the request's seed (the per-token random stream is ``(seed, output_index)``,
             the chunk's ``output_index``).
         num_logprobs: top logprobs to return (``None``: no logprobs; 0: the chosen token's only).
@@ -34,6 +35,7 @@ class SamplingRow:
     seed: int = 0
     num_logprobs: int | None = None
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 PENDING_TOKEN = -1

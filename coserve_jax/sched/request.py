@@ -8,6 +8,9 @@ import enum
 from coserve_jax.sched.outputs import PENDING_TOKEN
 from coserve_jax.sched.sampling_params import SamplingParams
 
+ADAPTER_PENDING = -1
+"""``Request.adapter_index`` of a request whose adapter waits for a device slot."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
@@ -31,7 +34,10 @@ class Request:
         request_id: unique id (any hashable; the engine uses strings).
         prompt_token_ids: the prompt, token ids (non-empty).
         params: its :class:`SamplingParams`.
-        adapter_index: LoRA adapter index of its tokens (0 = base model).
+        adapter_index: LoRA adapter index of its tokens (0 = base model;
+            :data:`ADAPTER_PENDING`: its adapter waits for a device slot, and the scheduler does
+            not admit it until the engine places the adapter).
+        lora_name: the adapter's name (``None``: the base model), vLLM's ``LoRARequest.lora_name``.
         seed: the sampling seed in use (``params.seed`` or one the engine drew).
         eos_token_ids: ids that end generation unless ``params.ignore_eos``.
         arrival_time: seconds (the engine's clock), for FCFS order and metrics.
@@ -53,6 +59,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_index: int = 0
+    lora_name: str | None = None
     seed: int = 0
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0

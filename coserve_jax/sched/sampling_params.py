@@ -19,6 +19,11 @@ class SamplingParams:
         min_p: keep the tokens whose probability is at least ``min_p`` times the most likely
             one's (after temperature, top-k and top-p; Nguyen et al. 2024, "min-p sampling", as
             vLLM and ``transformers``' ``MinPLogitsWarper``); ``0.0`` keeps all.
+        repetition_penalty: divide the positive logits, and multiply the negative ones, of every
+            token in the prompt or generated so far by this (Keskar et al. 2019, CTRL, section
+            4.1; ``transformers``' ``RepetitionPenaltyLogitsProcessor`` and vLLM apply it alike,
+            before temperature); ``1.0`` is off, above 1 discourages repeats. Logprobs stay the
+            raw model's (vLLM's default ``raw_logprobs``).
         seed: per-request seed. The same seed gives the same tokens, whatever else is in the
             batch (the key of the ``i``-th generated token is ``fold_in(key(seed), i)``). ``None``
             draws a seed from the engine's generator.
@@ -49,6 +54,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         # Accept a single string and any sequence for the tuple fields (a frozen dataclass, so
@@ -65,6 +71,8 @@ class SamplingParams:
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1: off)", self.top_k)
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]", self.min_p)
+        _check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"), "repetition_penalty",
+               "a finite number > 0", self.repetition_penalty)
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "seed", "an integer in [0, 2**32)", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids >= 0", self.stop_token_ids)

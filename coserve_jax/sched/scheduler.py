@@ -9,7 +9,9 @@ Each call of :meth:`Scheduler.schedule` plans one step under two limits, a token
    large as the remaining budget allows.
 3. **Admission**: waiting requests, first come first served, are admitted while the budget,
    the sequence limit and the free pages (above a watermark kept for running requests to grow)
-   allow; a request that does not fit blocks those behind it, so none starves.
+   allow; a request that does not fit blocks those behind it, so none starves. A request whose
+   LoRA adapter waits for a device slot (``adapter_index`` :data:`~coserve_jax.sched.request.ADAPTER_PENDING`)
+   is passed over, as vLLM passes over requests beyond ``max_loras``, until the engine places it.
 
 Pages come from :class:`~coserve_jax.sched.kv_cache.KVCacheManager`. When a running request needs
 a page and none is free, the most recently admitted request not yet planned in this step is
@@ -139,7 +141,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         p = request.params
-        self._rows[request.request_id] = SamplingRow(p.temperature, p.top_k, p.top_p, request.seed, p.logprobs, p.min_p)
+        self._rows[request.request_id] = SamplingRow(
+            p.temperature, p.top_k, p.top_p, request.seed, p.logprobs, p.min_p, p.repetition_penalty)
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(request.eos_token_ids))
         self._stops[request.request_id] = (request, p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
         if p.logprobs is not None:
@@ -319,14 +322,18 @@ class Scheduler:
         if inference:
             budget = self._schedule_running(budget, decodes, chunks, preempted)
         if not preempted and inference:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+            skipped = 0  # requests at the front whose adapter waits for a slot (vLLM skips them too)
+            while len(self.waiting) > skipped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[skipped]
+                if req.adapter_index < 0:
+                    skipped += 1
+                    continue
                 if req.num_pending:
                     break  # preempted with a token still on the device: readmitted once it is known
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if not self.kv_cache.can_admit(n, reserve_pages=self.config.watermark_pages):
                     break  # FCFS: whoever is first waits for pages; nobody overtakes
-                self.waiting.popleft()
+                del self.waiting[skipped]
                 table = self.kv_cache.admit(req.request_id, n)
                 req.status = RequestStatus.RUNNING
                 if req.first_scheduled_time is None:

@@ -277,12 +277,12 @@ class JobManager:
 
     # ---- engine loop's side ------------------------------------------------------------------------
     def start_queued(self, engine) -> bool:
-        """Start the oldest queued job if the engine has a free job slot. Returns whether it did."""
-        if engine.num_free_finetune_slots == 0:
-            return False
+        """Start the oldest queued job if the engine has a free job row and an adapter slot it
+        can have (a job waits while every slot is pinned by requests, jobs or evaluations).
+        Returns whether it did."""
         with self._lock:
             queued = [r for r in self._jobs.values() if r.status == "queued"]
-        if not queued:
+        if not queued or engine.num_free_finetune_slots == 0:
             return False
         rec = min(queued, key=lambda r: (r.created_at, r.id))
         self._start(engine, rec)

@@ -64,8 +64,6 @@ class _SamplingRequest(_Body):
         unknown = sorted(set(self.model_extra or {}) - NO_EFFECT_FIELDS)
         if unknown:
             raise APIError(400, f"unknown or unsupported field(s) {unknown}", unknown[0], "unsupported_parameter")
-        if self.repetition_penalty != 1.0:
-            raise APIError(400, "repetition_penalty is not supported yet (only 1.0)", "repetition_penalty", "unsupported_parameter")
         if self.n > max_n:
             raise APIError(400, f"n={self.n} is above this server's limit of {max_n}", "n", "invalid_value")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -89,6 +87,7 @@ class _SamplingRequest(_Body):
             stop=self.stop or (), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
         )
 
 
