@@ -19,6 +19,7 @@ CONFIG = {
     "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 64, "token_buckets": [16, 64], "seq_buckets": [4],
                "num_kv_pages": 80, "finetune_max_seq_len": 64, "finetune_seq_buckets": [64]},
     "slo": {"ttft_ms": 2000, "tpot_ms": 200},
+    "relative_slo": {"tpot": 4.0, "ttft": None},  # TPOT from this machine's profile; TTFT stays 2000 ms
     "workload": {"trace": None, "arrival": "poisson", "num_requests": 6, "min_prompt_tokens": 4, "max_prompt_tokens": 40,
                  "min_output_tokens": 2, "max_output_tokens": 6},
     "rates": [20.0],
@@ -63,6 +64,9 @@ def test_bench_smoke(tmp_path, capsys, monkeypatch):
         assert (out / png).stat().st_size > 1000
     run = json.loads((out / "run.json").read_text())
     assert run["command"].startswith("python -m coserve_jax.bench --config")
+    ref = run["slo"]["reference"]
+    assert ref["batch_size"] == 4 and ref["context_tokens"] == 40 and ref["decode_step_ms"] > 0
+    assert run["slo"]["tpot_ms"] == pytest.approx(4.0 * ref["decode_step_ms"]) and run["slo"]["ttft_ms"] == 2000
     printed = capsys.readouterr().out
     assert "hybrid" in printed and "SLO att." in printed
 

@@ -149,3 +149,16 @@ def test_the_shared_data_folder_is_found_from_inside_a_checkout(tmp_path, monkey
     assert default_data_dir() == tmp_path / "elsewhere"
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         resolve_data_path("traces/t.csv")
+
+
+def test_relative_slo_config_is_checked():
+    from coserve_jax.bench.config import parse_config
+    from coserve_jax.configfile import ConfigError
+
+    base = {"name": "x", "model": {"hf_config": {}}, "rates": [1.0], "policies": {"inference_only": {}}}
+    assert parse_config(base).relative_slo is None
+    cfg = parse_config({**base, "relative_slo": {}})
+    assert (cfg.relative_slo.tpot, cfg.relative_slo.ttft) == (3.0, 10.0)
+    for bad in ({"tpot": 0}, {"ttft": "fast"}, {"batch_size": 0}, {"tpot_ms": 3}):
+        with pytest.raises(ConfigError, match="relative_slo"):
+            parse_config({**base, "relative_slo": bad})

@@ -33,10 +33,10 @@ pytestmark = pytest.mark.skipif(
 # devices per head). qwen2 (q/k/v bias, tied embeddings, 4 / 2 heads): bias shards and a
 # replicated embedding used as the LM head.
 VARIANTS = {"llama31": dict(num_attention_heads=8, num_key_value_heads=2), "qwen2": {}}
-# Default suite: qwen2 at tp=2 (KV heads split, bias shards) and llama31 at tp=8 (KV heads
-# replicated); the other cases in the slow tier.
+# Default suite: llama31 at tp=8 (KV heads replicated, two devices per head); the other cases
+# (qwen2 at tp=2: KV heads split, bias shards) in the slow tier.
 CASES = [pytest.param("llama31", 2, marks=pytest.mark.slow), pytest.param("llama31", 4, marks=pytest.mark.slow),
-         ("llama31", 8), ("qwen2", 2), pytest.param("qwen2", 4, marks=pytest.mark.slow)]
+         ("llama31", 8), pytest.param("qwen2", 2, marks=pytest.mark.slow), pytest.param("qwen2", 4, marks=pytest.mark.slow)]
 ENGINE_KW = dict(
     dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_kv_pages=64,
     token_buckets=(16, 32), seq_buckets=(4,), max_loras=2, max_lora_rank=8, compilation_cache_dir=None,

@@ -8,6 +8,7 @@ up under ``--data-dir`` (default ``$COSERVE_JAX_DATA_DIR``, else the nearest ``s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -81,6 +82,13 @@ def _run(args, argv, cfg, engine, policies, rates, out, t_start) -> int:
         base_answers = harness.answer(engine, questions, None)
         print(f"base model: validation loss {loss_before:.4f} on {len(evals)} examples of {cfg.finetune.eval_data} "
               f"({time.perf_counter() - t_eval:.1f} s with {len(questions)} sample answers)", flush=True)
+    slo, reference = harness.resolve_slo(engine, cfg)
+    if reference is not None:  # SLOs relative to this machine's profiled step times
+        cfg = dataclasses.replace(cfg, slo=slo)
+        engine.set_slo(slo)
+        print(f"relative SLOs: TPOT {cfg.relative_slo.tpot} x {reference['decode_step_ms']:.2f} ms (decode step of "
+              f"{reference['batch_size']} sequences at {reference['context_tokens']} tokens), TTFT {cfg.relative_slo.ttft} x "
+              f"{reference['prefill_step_ms']:.2f} ms (prefill step of {engine.engine_config.max_num_batched_tokens} tokens)", flush=True)
     hybrid_rates = [r for r in rates if "hybrid" in policies]
     print(
         f"{cfg.name}: {engine.config.num_params():,} parameters on {jax.devices()[0].device_kind}; "
@@ -124,6 +132,8 @@ def _run(args, argv, cfg, engine, policies, rates, out, t_start) -> int:
         "config": args.config, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
         "platform": platform.platform(), "python": platform.python_version(), "wall_s": time.perf_counter() - t_start,
         "latency_model_cached": engine.latency_model_cached,
+        "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms,
+                **({"relative": dataclasses.asdict(cfg.relative_slo), "reference": reference} if reference else {})},
     }
     report.write_summary(rows, meta, out)
     tuned = next((r for r in results if r.sample_answers), None)

@@ -8,6 +8,7 @@ Layout (every section optional but ``rates``; see ``configs/bench/cpu-smoke.yaml
     lora:       {max_loras, max_lora_rank, target_modules}     # the engine's adapter pool
     engine:     {...}                                          # Engine keyword arguments
     slo:        {ttft_ms, tpot_ms, margin, ...}                # SLOConfig fields
+    relative_slo: {tpot: 3.0, ttft: 10.0, batch_size, context_tokens}  # SLOs from the start-up profile (RelativeSLO)
     workload:   {trace, arrival, cv, num_requests, ...}        # WorkloadConfig fields
     rates:      [1.0, 2.0]                                     # requests/s
     policies:   {inference_only: {}, finetune_only: {}, temporal: {interval_steps: 32},
@@ -142,6 +143,38 @@ class RunSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RelativeSLO:
+    """SLOs stated as multiples of this machine's own step times, from the engine's start-up
+    profile (its fitted latency model), so a benchmark means the same on a slow or busy machine
+    as on a fast one. They replace ``slo.tpot_ms`` / ``slo.ttft_ms`` (either may be ``None``:
+    that one stays absolute).
+
+    Attributes:
+        tpot: TPOT SLO = ``tpot`` x the predicted decode step of ``batch_size`` sequences, each
+            attending ``context_tokens`` tokens.
+        ttft: TTFT SLO = ``ttft`` x the predicted prefill step of a whole token budget
+            (``max_num_batched_tokens`` tokens of one sequence).
+        batch_size: decoding sequences of the TPOT reference step (default: ``max_num_seqs``).
+        context_tokens: KV length of each of them (default: ``workload.max_prompt_tokens``).
+    """
+
+    tpot: float | None = 3.0
+    ttft: float | None = 10.0
+    batch_size: int | None = None
+    context_tokens: int | None = None
+
+    def __post_init__(self):
+        for name in ("tpot", "ttft"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"relative_slo.{name} must be a number > 0 or null, got {v!r}")
+        for name in ("batch_size", "context_tokens"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"relative_slo.{name} must be an integer >= 1 or null, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """A whole benchmark (see the module docstring)."""
 
@@ -151,6 +184,7 @@ class BenchConfig:
     lora: LoRASpec = LoRASpec()
     engine: dict = dataclasses.field(default_factory=dict)
     slo: SLOConfig = SLOConfig()
+    relative_slo: RelativeSLO | None = None
     workload: WorkloadConfig = WorkloadConfig()
     policies: dict = dataclasses.field(default_factory=lambda: {p: {} for p in POLICIES})
     finetune: FinetuneSpec = FinetuneSpec()
@@ -170,7 +204,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> BenchConfig:
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    top = {"name", "model", "lora", "engine", "slo", "workload", "rates", "policies", "finetune", "run"}
+    top = {"name", "model", "lora", "engine", "slo", "relative_slo", "workload", "rates", "policies", "finetune", "run"}
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown top-level keys {unknown} (allowed: {sorted(top)})")
@@ -207,6 +241,7 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> BenchConfig:
         lora=_strict(LoRASpec, data.get("lora"), f"{where}: lora"),
         engine=engine,
         slo=_strict(SLOConfig, data.get("slo"), f"{where}: slo"),
+        relative_slo=None if data.get("relative_slo") is None else _strict(RelativeSLO, data["relative_slo"], f"{where}: relative_slo"),
         workload=_strict(WorkloadConfig, data.get("workload"), f"{where}: workload"),
         policies={k: dict(v or {}) for k, v in policies.items()},
         finetune=_strict(FinetuneSpec, data.get("finetune"), f"{where}: finetune"),

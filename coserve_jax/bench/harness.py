@@ -29,6 +29,9 @@ from coserve_jax.models.loader import init_random
 from coserve_jax.parallel.distributed import initialize_distributed
 from coserve_jax.parallel.mesh import make_mesh
 from coserve_jax.parallel.rules import ShardingRules
+from coserve_jax.engine.step import pick_bucket
+from coserve_jax.sched.latency_model import StepShape
+from coserve_jax.sched.policy import SLOConfig
 from coserve_jax.sched.sampling_params import SamplingParams
 
 
@@ -202,6 +205,37 @@ def build_engine(cfg: BenchConfig) -> Engine:
     rules = ShardingRules(config, make_mesh(cfg.engine.get("tensor_parallel_size", 1)))
     model = init_random(config, m.seed, dtype=m.dtype, lora=pool, sharding=rules.sharding)
     return Engine(model, tokenizer=tokenizer, slo=cfg.slo, measure_steps=True, **cfg.engine)
+
+
+def resolve_slo(engine: Engine, cfg: BenchConfig) -> tuple[SLOConfig, dict | None]:
+    """The run's SLOs: ``cfg.slo``, with ``cfg.relative_slo`` (if set) turned into milliseconds
+    from the engine's fitted latency model (:class:`~coserve_jax.bench.config.RelativeSLO`).
+    Returns the SLOs and the reference step times they came from (``None`` without
+    ``relative_slo``): ``{"decode_step_ms", "prefill_step_ms", "batch_size", "context_tokens"}``.
+
+    Raises:
+        ValueError: the engine has no latency model (built without ``measure_steps``).
+    """
+    rel = cfg.relative_slo
+    if rel is None:
+        return cfg.slo, None
+    model = engine.latency_model
+    if model is None:
+        raise ValueError("relative_slo needs the engine's latency model (build it with measure_steps=True)")
+    ec = engine.engine_config
+    b = min(rel.batch_size or ec.max_num_seqs, ec.max_num_seqs, ec.max_num_batched_tokens)
+    ctx = min(rel.context_tokens or cfg.workload.max_prompt_tokens, ec.max_model_len)
+    dec = pick_bucket(ec.buckets, b, b)
+    decode_ms = model.predict(StepShape(dec.num_tokens, dec.num_seqs, b * ctx))
+    t = ec.max_num_batched_tokens
+    pre = pick_bucket(ec.buckets, t, 1)
+    prefill_ms = model.predict(StepShape(pre.num_tokens, pre.num_seqs, t * (t + 1) // 2))
+    slo = dataclasses.replace(
+        cfg.slo,
+        tpot_ms=rel.tpot * decode_ms if rel.tpot is not None else cfg.slo.tpot_ms,
+        ttft_ms=rel.ttft * prefill_ms if rel.ttft is not None else cfg.slo.ttft_ms,
+    )
+    return slo, {"decode_step_ms": decode_ms, "prefill_step_ms": prefill_ms, "batch_size": b, "context_tokens": ctx}
 
 
 def _job(engine: Engine, cfg: BenchConfig, examples, name: str):

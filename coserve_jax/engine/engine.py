@@ -27,6 +27,7 @@ Not thread-safe: one thread drives an engine (the server runs it in its own loop
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -251,6 +252,20 @@ class Engine(OfflineAPI):
             ValueError: an unknown policy or option, or a bad option value.
         """
         self.policy.set(name, **options)
+
+    def set_slo(self, slo: SLOConfig | dict) -> None:
+        """Replace the default SLOs between steps (requests that carry their own keep them);
+        the step policy in use is rebuilt with them.
+
+        Args:
+            slo: an :class:`~coserve_jax.sched.policy.SLOConfig` or a dict of its fields.
+        Raises:
+            ValueError, TypeError: bad fields (as ``SLOConfig``).
+        """
+        slo = slo if isinstance(slo, SLOConfig) else SLOConfig(**slo)
+        self.engine_config = dataclasses.replace(self.engine_config, slo=slo)
+        self.policy.config = self.engine_config
+        self.policy.set(self.policy.name, **self.policy.options)
 
     # ---- adapters ------------------------------------------------------------------------
     def load_adapter(self, name: str, peft_dir: str | os.PathLike | LoRAWeights) -> None:

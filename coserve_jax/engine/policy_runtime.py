@@ -45,6 +45,7 @@ class PolicyRuntime:
         self.runner = runner
         self.publish = publish
         self.name = "fixed"
+        self.options: dict = {}
         self.latency_model: LatencyModel | None = None
         self.latency_model_cached = False
         self.last_step_ms: float | None = None
@@ -78,7 +79,7 @@ class PolicyRuntime:
             latency_model=self.latency_model, slo=ec.slo, token_buckets=ec.token_buckets, seq_buckets=ec.seq_buckets,
             backward_buckets=ec.backward_buckets,
         )
-        self.name = name
+        self.name, self.options = name, dict(options)
 
     def measure(self, plan: SchedulerOutput, out, t_dispatch: float) -> None:
         """Time a dispatched step on the device (``t_dispatch``: ``time.perf_counter()`` before

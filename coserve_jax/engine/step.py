@@ -180,8 +180,8 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
         out = sample(logits, sp, max_logprobs, processed)
         last = jnp.zeros(prev_tokens.shape, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
         result = StepOutput(out, loss, last)
-        if parallel is not None:
-            result = jax.lax.with_sharding_constraint(result, parallel.replicated)
+        if parallel is not None:  # (the mask would otherwise follow the vocabulary-split logits)
+            result, seen = jax.lax.with_sharding_constraint((result, seen), parallel.replicated)
         return k_cache, v_cache, ft_buffers, seen, result
 
     return step
