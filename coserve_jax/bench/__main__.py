@@ -86,9 +86,12 @@ def _run(args, argv, cfg, engine, policies, rates, out, t_start) -> int:
     if reference is not None:  # SLOs relative to this machine's profiled step times
         cfg = dataclasses.replace(cfg, slo=slo)
         engine.set_slo(slo)
-        print(f"relative SLOs: TPOT {cfg.relative_slo.tpot} x {reference['decode_step_ms']:.2f} ms (decode step of "
-              f"{reference['batch_size']} sequences at {reference['context_tokens']} tokens), TTFT {cfg.relative_slo.ttft} x "
-              f"{reference['prefill_step_ms']:.2f} ms (prefill step of {engine.engine_config.max_num_batched_tokens} tokens)", flush=True)
+        rel = cfg.relative_slo
+        parts = ([f"TPOT {rel.tpot} x {reference['decode_step_ms']:.2f} ms (decode step of {reference['batch_size']} "
+                  f"sequences at {reference['context_tokens']} tokens)"] if rel.tpot is not None else [])
+        parts += ([f"TTFT {rel.ttft} x {reference['prefill_step_ms']:.2f} ms (prefill step of "
+                   f"{engine.engine_config.max_num_batched_tokens} tokens)"] if rel.ttft is not None else [])
+        print("relative SLOs: " + ", ".join(parts), flush=True)
     hybrid_rates = [r for r in rates if "hybrid" in policies]
     print(
         f"{cfg.name}: {engine.config.num_params():,} parameters on {jax.devices()[0].device_kind}; "

@@ -291,18 +291,13 @@ class Engine(OfflineAPI):
         """
         if self.adapters is None:
             raise AdapterError("this engine has no LoRA pool (max_loras=0)")
-        if name in self.adapter_cache.parked:  # on the host: only requests waiting for a slot can name it
-            waiting = [r.request_id for r in self.outputs.requests if r.lora_name == name]
-            if waiting:
-                raise AdapterError(f"adapter {name!r} is in use by {len(waiting)} unfinished request(s)")
-            return self.adapter_cache.unload(name)
-        index = self.adapters.adapter_index(name)
-        job = self.finetuning.training_adapter(index)
-        if job is not None:
-            raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
-        users = [r.request_id for r in self.outputs.requests if r.adapter_index == index or r.lora_name == name]
+        users = [r.request_id for r in self.outputs.requests if r.lora_name == name]  # in a slot or waiting for one
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
+        if name not in self.adapter_cache.parked:  # (a parked adapter: no job trains it)
+            job = self.finetuning.training_adapter(self.adapters.adapter_index(name))
+            if job is not None:
+                raise AdapterError(f"adapter {name!r} is being trained by finetuning job {job.id!r}; cancel it first")
         self.adapter_cache.unload(name)
 
     def list_adapters(self) -> list[str]:
