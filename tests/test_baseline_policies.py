@@ -15,13 +15,24 @@ def test_fixed_budget_every_step():
     done, _, _, log = simulate(FixedBudgetPolicy(128, 48), workload(rate=4.0, n=30), slo)
     assert len(done) == 30
     assert all(plan.num_tokens <= 128 for _, plan in log)
-    assert all(plan.finetune is None or plan.finetune.num_tokens <= 48 for _, plan in log)
-    assert max(plan.finetune.num_tokens for _, plan in log if plan.finetune) == 48
-    # a backward slice every step: a sequence's 8 slices run in the 8 steps after its forward ends
-    ends = [i for i, (_, p) in enumerate(log) if p.finetune and p.finetune.start + p.finetune.num_tokens == 400]
+    assert all(plan.num_finetune_tokens <= 48 for _, plan in log)
+    assert max(plan.num_finetune_tokens for _, plan in log) == 48
+    # backward work every step: a sequence's 8 layers run in the steps right after its forward
+    # ends, one layer a step while inference runs (all that is left when it is idle)
+    ends = [i for i, (_, p) in enumerate(log) if p.finetune and p.finetune[-1].start + p.finetune[-1].num_tokens == 400]
     assert len(ends) >= 2
+    sliced = 0
     for i in ends[:-1]:
-        assert all(p.backward is not None for _, p in log[i + 1:i + 9])
+        layers = 0
+        for _, p in log[i + 1:]:
+            assert p.backward is not None
+            assert p.backward.num_layers == 1 or not p.chunks
+            sliced += p.backward.num_layers == 1
+            layers += p.backward.num_layers
+            if layers == 8:
+                break
+        assert layers == 8
+    assert sliced >= 8
     with pytest.raises(ValueError):
         FixedBudgetPolicy(0, 8)
 
@@ -34,13 +45,15 @@ def test_temporal_sharing_alternates_whole_iterations():
     assert stats["seqs"] >= 4
     kinds = []
     for _, plan in log:
-        ft = plan.finetune is not None or plan.backward is not None
+        ft = bool(plan.finetune) or plan.backward is not None
         assert not (ft and plan.chunks), "a temporal step is inference's or finetuning's, never both"
         kinds.append("F" if ft else "I")
     runs = "".join(kinds).replace("IF", "I|F").replace("FI", "F|I").split("|")
     ft_runs = [r for r in runs if r[0] == "F"]
-    # one iteration = 2 sequences of 400 tokens: a forward in one 512-token step and 8 backward slices each
-    assert all(len(r) == 18 for r in ft_runs[:-1]), [len(r) for r in ft_runs]
+    # one iteration = 2 sequences of 400 tokens: a forward in one 512-token step and the whole
+    # backward (8 layers) in the next, each
+    assert all(len(r) == 4 for r in ft_runs[:-1]), [len(r) for r in ft_runs]
+    assert all(p.backward.num_layers == 8 for _, p in log if p.backward is not None)
     # between two iterations, interval_steps inference steps, unless inference went idle
     for r in runs[1:-1]:
         if r[0] == "I":
@@ -53,7 +66,7 @@ def test_temporal_trains_at_once_when_idle():
     sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(600, 16), policy)
     sched.add_training_sequence(training_seq(0))
     plan = sched.schedule(0.0)
-    assert plan.finetune is not None and plan.finetune.num_tokens == 400
+    assert plan.num_finetune_tokens == 400
     assert policy.training
     budget = policy.decide(Load(now=0.0, decoding=[(10, 0.0, 1, 20.0)], backward_tokens=400))
     assert not budget.inference and budget.allow_backward  # an iteration is not interrupted

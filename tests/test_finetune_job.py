@@ -238,7 +238,9 @@ def test_cancel_frees_the_slot_and_bad_jobs_fail_up_front(engine, tmp_path):
 
 def test_pause_and_resume_give_the_same_adapter_as_an_uninterrupted_job(engine):
     """A paused job hands out no sequence (its adapter keeps serving); resumed, it ends with the
-    losses and weights of the same job run straight through."""
+    losses and weights of the same job run straight through (to float32 rounding: with several
+    sequences in flight, the pause changes where the steps cut the sequences into chunks, and so
+    the order in which per-token losses are summed)."""
     eng, hf, _ = engine
     exs = examples(hf.config.vocab_size)
     kw = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=2e-2, seed=5, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
@@ -264,11 +266,11 @@ def test_pause_and_resume_give_the_same_adapter_as_an_uninterrupted_job(engine):
         paused.resume()
     eng.wait_for(paused, use_tqdm=False)
     assert paused.status is JobStatus.SUCCEEDED
-    assert [r.loss for r in paused.loss_history] == [r.loss for r in straight.loss_history]
+    np.testing.assert_allclose([r.loss for r in paused.loss_history], [r.loss for r in straight.loss_history], rtol=1e-6)
     a, b = eng.adapter_weights(straight), eng.adapter_weights(paused)
     for m in a.modules:
-        np.testing.assert_array_equal(a.modules[m].a, b.modules[m].a)
-        np.testing.assert_array_equal(a.modules[m].b, b.modules[m].b)
+        np.testing.assert_allclose(b.modules[m].a, a.modules[m].a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.modules[m].b, a.modules[m].b, rtol=1e-5, atol=1e-6)
     eng.unload_adapter("straight")
     eng.unload_adapter("paused")
 

@@ -52,7 +52,7 @@ def simulate(policy, arrivals, slo, finetune=True, max_ft=512):
         dt = DEVICE.predict(shape_of(plan)) / 1000.0  # the model is right about the device
         now += dt
         log.append((dt, plan))
-        ft_tokens += plan.finetune.num_tokens if plan.finetune else 0
+        ft_tokens += plan.num_finetune_tokens
         slices += 1 if plan.backward else 0
         finished = sched.update(plan, [1 if c.sample else None for c in plan.chunks], now)
         for c in plan.chunks:
@@ -117,7 +117,7 @@ def test_finetuning_takes_the_device_when_inference_is_idle():
     sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(600, 16), policy)
     sched.add_training_sequence(training_seq(0))
     plan = sched.schedule(0.0)
-    assert plan.finetune.num_tokens >= 256  # the largest bucket under 40 * 0.9 ms
+    assert plan.num_finetune_tokens >= 256  # the largest bucket under 40 * 0.9 ms
     assert DEVICE.predict(shape_of(plan)) <= 40 * 0.9
 
 
@@ -135,7 +135,7 @@ def test_finetuning_backs_off_to_zero_at_peak_load():
     sched.add_training_sequence(training_seq(0))
     plan = sched.schedule(1.0)  # a second after their first tokens: every request is behind its TPOT SLO
     assert sched.last_budget.target_ms == 0.0
-    assert plan.finetune is None and plan.backward is None and len(plan.chunks) == 32
+    assert not plan.finetune and plan.backward is None and len(plan.chunks) == 32
     assert sched.last_budget.max_finetune_tokens == 0
 
 
@@ -156,3 +156,24 @@ def test_backward_slice_runs_when_idle_even_above_the_idle_target():
     assert budget.allow_backward and budget.predicted_ms > 10
     busy = Load(now=0.0, decoding=[(100, None, 0, 10.0)], num_seqs=1, backward_tokens=512)
     assert not make_policy(slo).decide(busy).allow_backward  # with a request decoding it must fit
+
+
+def test_backward_takes_as_many_layers_as_the_target_allows():
+    """While requests decode, the backward gets the most layers whose predicted step time meets
+    the target (the latency model prices each layer); idle, the whole remaining backward."""
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=40)
+    policy = make_policy(slo)
+    decoding = [(100, None, 0, 40.0)] * 4
+    busy = Load(now=0.0, decoding=decoding, num_seqs=4, backward_tokens=256, backward_layers=8)
+    budget = policy.decide(busy)
+    target = budget.target_ms
+    assert 1 <= budget.backward_layers < 8 and budget.predicted_ms <= target
+
+    def with_layers(k):
+        return DEVICE.predict(policy.shape(busy, 4, budget.max_finetune_tokens, k))
+
+    assert with_layers(budget.backward_layers) <= target < with_layers(budget.backward_layers + 1)
+    idle = Load(now=0.0, decoding=[], backward_tokens=256, backward_layers=5)
+    assert policy.decide(idle).backward_layers == 5
+    tight = Load(now=0.0, decoding=[(100, None, 0, 5.0)] * 4, num_seqs=4, backward_tokens=512, backward_layers=8)
+    assert policy.decide(tight).backward_layers == 0

@@ -35,9 +35,8 @@ def naive(plan, sched, dims, ft_pages):
             p = req.params
             adapter, row = req.adapter_index, SamplingRow(p.temperature, p.top_k, p.top_p, req.seed, p.logprobs, p.min_p)
         seqs.append((c.request_id, c.start, c.token_ids, sched.kv_cache.page_table(c.request_id), adapter, row, c.output_index))
-    if plan.finetune is not None:
-        f = plan.finetune
-        seqs.append((f.job_id, f.start, f.token_ids, ft_pages, f.adapter_index, None, 0))
+    for f, pages in zip(plan.finetune, ft_pages):
+        seqs.append((f.job_id, f.start, f.token_ids, pages, f.adapter_index, None, 0))
     for i, (rid, start, ids, pages, adapter, row, out) in enumerate(seqs):
         table[i, : len(pages)] = pages
         for j, tok in enumerate(ids):
@@ -58,7 +57,7 @@ def test_incremental_inputs_equal_naive_inputs():
     sched = Scheduler(SchedulerConfig(SEQS, BUDGET, MAX_PAGES * PAGE, 1, max_finetune_tokens=8), KVCacheManager(30, PAGE))
     batch = InputBatch(MAX_PAGES, initial_rows=2)  # grows while the test runs
     buckets = make_buckets(BUDGET, SEQS)
-    n_req, checked, preempted, with_ft = 0, 0, 0, 0
+    n_req, checked, preempted, with_ft, multi = 0, 0, 0, 0, 0
     for step in range(300):
         if rng.random() < 0.4:
             params = SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=float(rng.choice([0.0, 0.7])),
@@ -66,19 +65,24 @@ def test_incremental_inputs_equal_naive_inputs():
             sched.add_request(Request(n_req, rng.integers(1, 50, int(rng.integers(1, 30))).tolist(), params,
                                       adapter_index=int(rng.integers(0, 3)), seed=int(rng.integers(0, 1000))))
             n_req += 1
-        if step % 40 == 0 and not sched.training:
-            n = int(rng.integers(5, 20))
+        if step % 20 == 0 and len(sched.training) < 2:  # packs of 1 to 3 examples, up to two in flight
+            segs = tuple(int(x) for x in rng.integers(2, 9, int(rng.integers(1, 4))))
+            n = sum(segs)
             ids = rng.integers(1, 50, n).tolist()
-            sched.add_training_sequence(TrainingSequence(f"job{step}", 0, 1, ids, ids[1:] + [0], [1.0] * n, 0.1, 7, 2, 1))
+            sched.add_training_sequence(TrainingSequence(
+                f"job{step}", 0, 1, ids, ids[1:] + [0], rng.random(n).tolist(), 0.1, 7, 2, 1, segments=segs,
+                dropout_seeds=tuple(range(7, 7 + len(segs)))))
         if rng.random() < 0.05 and sched.requests:
             sched.abort(next(iter(sched.requests)))
         plan = sched.schedule()
         preempted += len(plan.preempted)
         rows = batch.apply(plan)
         if plan.num_tokens:
-            ft_pages = sched.kv_cache.page_table(sched.training[0].kv_id) if plan.finetune is not None else ()
+            seqs = {(t.job_id, t.index): t for t in sched.training}
+            ft_pages = [sched.kv_cache.page_table(seqs[f.job_id, f.index].kv_id(seqs[f.job_id, f.index].segment_of(f.offset)))
+                        for f in plan.finetune]
             dims = StepDims(pick_bucket(buckets, plan.num_tokens, plan.num_seqs), MAX_PAGES, SEQS, 8, 2 * 64)
-            x = build_step_inputs(plan, dims, PAGE, batch, rows, 64)
+            x = build_step_inputs(plan, dims, PAGE, batch, rows)
             ref = naive(plan, sched, dims, ft_pages)
             got = dict(token_ids=x.token_ids, positions=x.positions, adapter_ids=x.adapter_ids,
                        slot_mapping=x.attn.slot_mapping, page_table=x.attn.page_table, kv_lens=x.attn.kv_lens,
@@ -88,13 +92,25 @@ def test_incremental_inputs_equal_naive_inputs():
                 np.testing.assert_array_equal(got[name], want, err_msg=f"step {step}: {name}")
             assert int(x.attn.num_seqs) == plan.num_seqs
             np.testing.assert_array_equal(x.attn.cu_q_lens[1 : plan.num_seqs + 1], np.cumsum([len(c.token_ids) for c in plan.chunks]
-                                          + ([plan.finetune.num_tokens] if plan.finetune else [])))
+                                          + [f.num_tokens for f in plan.finetune]))
+            # the finetuning slots: the chunks' tokens, in order, after the inference tokens
+            n_ft, n_inf = plan.num_finetune_tokens, plan.num_inference_seqs
+            first = plan.num_tokens - n_ft
+            f = x.finetune
+            np.testing.assert_array_equal(f.save_slots[:n_ft], np.arange(first, plan.num_tokens))
+            np.testing.assert_array_equal(f.dest[:n_ft], [c.store_row + i for c in plan.finetune for i in range(c.num_tokens)])
+            np.testing.assert_array_equal(f.targets[:n_ft], [t for c in plan.finetune for t in c.targets])
+            np.testing.assert_array_equal(f.weights[:n_ft], np.float32([w for c in plan.finetune for w in c.weights]))
+            np.testing.assert_array_equal(f.seq[:n_ft], [n_inf + j for j, c in enumerate(plan.finetune) for _ in c.token_ids])
+            assert (f.seq[n_ft:] == dims.bucket.num_seqs).all() and (f.dest[n_ft:] == 2 * 64).all()
+            np.testing.assert_array_equal(x.dropout.seed[first:plan.num_tokens], [c.dropout_seed for c in plan.finetune for _ in c.token_ids])
             checked += 1
-            with_ft += plan.finetune is not None
+            with_ft += bool(plan.finetune)
+            multi += len(plan.finetune) > 1
         sched.update(plan, [int(rng.integers(1, 50)) if c.sample else None for c in plan.chunks])
         sched.pop_trained()
         assert len(batch) <= len(sched.running) + len(sched.waiting) + 8  # ended requests' rows are dropped
-    assert checked > 200 and preempted > 0 and with_ft > 5, (checked, preempted, with_ft)
+    assert checked > 200 and preempted > 0 and with_ft > 5 and multi > 2, (checked, preempted, with_ft, multi)
 
 
 def test_one_shape_table():

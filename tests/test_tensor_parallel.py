@@ -80,7 +80,7 @@ def run_workload(family: str, tp: int, checkpoints) -> dict:
     original = engine.runner.optimizer_step
 
     def spy(j):
-        row = j.store_row
+        row = j.grad_row
         grads_acc = engine.runner.ft_buffers.grads
         captured["partials"] = {m: {w: np.asarray(g[row]) for w, g in d.items()} for m, d in grads_acc.items()}
         captured["params"] = jax.tree.map(np.asarray, j.params)

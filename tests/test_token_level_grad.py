@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from conftest import FAMILIES, TINY
 
-from coserve_jax.finetune.reference import sequence_gradient, whole_sequence_loss
+from coserve_jax.finetune.reference import pack_gradient, sequence_gradient, whole_sequence_loss
 from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.models import ModelConfig, init_random
 
 MODULES = {"q_proj": 4, "v_proj": 4, "o_proj": 2, "gate_proj": 8, "down_proj": 4}
 
 
-def setup(family="llama31", seed=0):
-    spec = {**TINY, **FAMILIES[family], "torch_dtype": "float32"}
+def setup(family="llama31", seed=0, **overrides):
+    spec = {**TINY, **FAMILIES[family], "torch_dtype": "float32", **overrides}
     config = ModelConfig.from_hf_dict(spec)
     model = init_random(config, seed=seed, dtype="float32")
     rng = np.random.default_rng(seed)
@@ -110,3 +110,36 @@ def test_dropout_rate_zero_is_identity_and_rate_is_respected():
     assert 0.22 < dropped < 0.28
     kept = on != 0
     assert np.allclose(on[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+
+
+def test_packed_examples_with_any_layer_counts_equal_jax_grad_of_each_example():
+    """A pack of three examples (attention within each, positions and dropout seeds of its own),
+    its backward run in pieces of 3, 1 and 2 layers with the count traced, gives the sum of the
+    examples' whole-sequence gradients; so does one piece of all 6 layers."""
+    config, base, lora, scaling, model = setup(num_hidden_layers=6)
+    rng = np.random.default_rng(3)
+    segments = (23, 41, 17)
+    n = sum(segments)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, n), jnp.int32)
+    mask = np.ones(n, bool)
+    mask[[0, 1, 2, 23, 24, 64]] = False  # a few prompt tokens
+    loss_mask = jnp.asarray(mask)
+    normalizer = jnp.float32(mask.sum())
+    seeds = jnp.asarray([11, 12, 13], jnp.uint32)
+    grad_fn = jax.jit(jax.value_and_grad(  # (jitted only for speed)
+        lambda lo, t, m, seed: whole_sequence_loss(model, lo, scaling, t, m, normalizer, 0.25, seed)))
+    want_loss, want = 0.0, jax.tree.map(jnp.zeros_like, lora)
+    start = 0
+    for k, seed in zip(segments, (11, 12, 13)):
+        loss, g = grad_fn(lora, tokens[start:start + k], loss_mask[start:start + k], jnp.uint32(seed))
+        want_loss += float(loss)
+        want = jax.tree.map(jnp.add, want, g)
+        start += k
+    for counts in ([3, 1, 2], [6]):
+        loss, grads = pack_gradient(config, base, lora, scaling, tokens, loss_mask, normalizer, segments=segments,
+                                    layer_counts=jnp.asarray(counts, jnp.int32), dropout_rate=0.25, dropout_seeds=seeds)
+        assert rel(loss, want_loss) < 1e-6
+        for m in MODULES:
+            for w in ("A", "B"):
+                assert np.abs(np.asarray(want[m][w])).max() > 0
+                assert rel(grads[m][w], want[m][w]) <= 1e-5, (counts, m, w)

@@ -15,7 +15,7 @@ from coserve_jax.bench.harness import RunResult
 REQUEST_COLUMNS = ("policy", "rate", "request_id", "arrival_s", "ttft_ms", "tpot_ms", "e2e_ms", "prompt_tokens", "output_tokens", "max_tokens", "finished")
 STEP_COLUMNS = (
     "policy", "rate", "end_time_s", "bucket_tokens", "bucket_seqs", "prefill_tokens", "decode_tokens", "finetune_tokens",
-    "backward_tokens", "attention_work", "predicted_ms", "measured_ms",
+    "backward_tokens", "backward_layers", "attention_work", "predicted_ms", "measured_ms",
 )
 
 

@@ -104,14 +104,14 @@ class EngineConfig:
 
     @property
     def finetune_rows(self) -> int:
-        """Rows of the activation store: ``max_jobs * max_seq_len`` (0 without finetuning)."""
-        return self.finetune.max_jobs * self.finetune.max_seq_len if self.finetune is not None else 0
+        """Rows of the activation store's arrays (:attr:`FinetuneLayout.num_rows`; 0 without finetuning)."""
+        return self.finetune.num_rows if self.finetune is not None else 0
 
     def scheduler_config(self) -> SchedulerConfig:
         """The scheduler's view of the limits."""
         return SchedulerConfig(
             self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.watermark_pages,
-            self.max_finetune_tokens,
+            self.max_finetune_tokens, self.finetune.store_rows if self.finetune is not None else 1 << 62,
         )
 
     @classmethod
@@ -145,6 +145,7 @@ class EngineConfig:
         max_finetune_tokens: int | None = None,
         finetune_layers_per_slice: int = 1,
         finetune_seq_buckets: Sequence[int] | None = None,
+        finetune_activation_bytes: int | None = None,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -191,16 +192,24 @@ class EngineConfig:
             watermark_pages: free pages admission keeps for running requests to grow into
                 (default: 1% of the cache, at least 1).
             max_finetune_jobs: finetuning jobs that can train at once (0: no finetuning; needs a
-                LoRA pool). Each takes an activation-store row of ``num_layers x
-                finetune_max_seq_len x hidden`` values.
+                LoRA pool).
             finetune_max_seq_len: longest training sequence in tokens (default
-                ``min(max_model_len, 2048)``).
+                ``min(max_model_len, 2048)``); short examples are packed into sequences of up to
+                this length.
             max_finetune_tokens: most finetuning forward tokens in one step (default: all of
                 ``max_num_batched_tokens`` that inference leaves).
-            finetune_layers_per_slice: decoder layers of backward work per step (divides the number
-                of layers).
-            finetune_seq_buckets: sequence lengths the backward slice is compiled for (default:
-                powers of two from 64 up to ``finetune_max_seq_len``).
+            finetune_layers_per_slice: decoder layers of backward work per step while inference
+                runs, under policies that do not size the backward themselves (``"fixed"``,
+                ``"fixed_budget"``; divides the number of layers). A step with no inference work
+                runs a sequence's whole remaining backward; ``"hybrid"`` runs as many layers as
+                the latency model says fit.
+            finetune_seq_buckets: sequence lengths the backward is compiled for (default: powers
+                of two from 64 up to ``finetune_max_seq_len``, and the midpoints 1.5x between them).
+            finetune_activation_bytes: device bytes of the activation store, which holds each
+                training sequence in flight's saved layer inputs (``num_layers x hidden`` values
+                of the model dtype a token) and boundary gradient (``hidden`` float32 values a
+                token), shared by all jobs (default: two ``finetune_max_seq_len`` sequences per
+                job). More lets more sequences be in flight at once.
             scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
                 (each step sized from the latency model and the requests' SLOs,
                 :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
@@ -274,10 +283,23 @@ class EngineConfig:
                 raise ValueError(
                     f"finetune_layers_per_slice={finetune_layers_per_slice} must divide num_layers={model_config.num_layers}"
                 )
-            seq_b = sorted(set(finetune_seq_buckets or powers_of_two(min(64, n_max), n_max)))
+            if finetune_seq_buckets:
+                seq_b = sorted(set(finetune_seq_buckets))
+            else:
+                twos = powers_of_two(min(64, n_max), n_max)
+                seq_b = sorted(set(twos) | {3 * b // 2 for b in twos[:-1] if 3 * b // 2 < n_max})
             if seq_b[-1] != n_max:
                 raise ValueError(f"the largest finetune_seq_buckets entry must be finetune_max_seq_len={n_max}, got {seq_b}")
-            layout = FinetuneLayout(max_finetune_jobs, n_max, finetune_layers_per_slice, tuple(seq_b))
+            rows = 0
+            if finetune_activation_bytes is not None:
+                per_token = model_config.num_layers * model_config.hidden_size * dtype_itemsize + model_config.hidden_size * 4
+                rows = finetune_activation_bytes // per_token
+                if rows < n_max:
+                    raise ValueError(
+                        f"finetune_activation_bytes={finetune_activation_bytes} holds {rows} tokens ({per_token} bytes each); "
+                        f"one finetune_max_seq_len={n_max} sequence needs {n_max * per_token}"
+                    )
+            layout = FinetuneLayout(max_finetune_jobs, n_max, finetune_layers_per_slice, tuple(seq_b), rows)
         ft_tokens = 0
         if layout is not None:
             ft_tokens = min(max_finetune_tokens or max_num_batched_tokens, max_num_batched_tokens)

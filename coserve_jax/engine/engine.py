@@ -100,7 +100,7 @@ class Engine(OfflineAPI):
             ``attention_impl``, ``compilation_cache_dir`` (default ``$COSERVE_JAX_CACHE_DIR``
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
             ``max_finetune_jobs``, ``finetune_max_seq_len``, ``max_finetune_tokens``,
-            ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``scheduling_policy``,
+            ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``finetune_activation_bytes``, ``scheduling_policy``,
             ``policy_options``, ``slo``, ``measure_steps``, ``async_scheduling`` (on by
             default: the host plans step N+1 while the device runs step N),
             ``tensor_parallel_size``.
@@ -148,6 +148,7 @@ class Engine(OfflineAPI):
         max_finetune_tokens: int | None = None,
         finetune_layers_per_slice: int = 1,
         finetune_seq_buckets: Sequence[int] | None = None,
+        finetune_activation_bytes: int | None = None,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,

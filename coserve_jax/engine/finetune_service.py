@@ -1,14 +1,16 @@
 """The finetuning jobs of one engine: create, feed, advance, end.
 
 A job (:class:`~coserve_jax.finetune.job.FinetuneJob`) trains inside the serving steps: the
-service hands the scheduler the job's next training sequence, records the loss of each forward
-chunk the step ran, and, when the scheduler reports a sequence's backward complete, runs the
-job's optimizer step (on the :class:`~coserve_jax.engine.model_runner.ModelRunner`) once its
-accumulation group is complete, then feeds the next sequence or ends the job. Validation passes
+service hands the scheduler the job's training sequences (packs of examples; all those of the
+current optimizer step, up to :data:`MAX_IN_FLIGHT`), records the loss of each forward chunk the
+step ran, and, when the scheduler reports sequences done, runs the job's optimizer step (on the
+:class:`~coserve_jax.engine.model_runner.ModelRunner`) once its accumulation group is complete,
+then feeds the next sequences or ends the job. Validation passes
 (:meth:`FinetuneService.start_evaluation`) are forward-only sequences of the same kind.
 
-Each job takes one of ``max_finetune_jobs`` activation-store rows and one adapter slot; ending a
-job (success, failure, cancel) frees the row.
+Each job takes one of ``max_finetune_jobs`` gradient-accumulator rows and one adapter slot;
+ending a job (success, failure, cancel) frees the row. The activation store's rows are shared:
+the scheduler hands them to sequences as their forward starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import uuid
 from typing import Sequence
 
+import numpy as np
 
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.model_runner import ModelRunner
@@ -31,6 +34,22 @@ from coserve_jax.lora.manager import AdapterError
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.scheduler import Scheduler
+
+MAX_IN_FLIGHT = 8
+"""Most training sequences of one job (or validation pass) handed to the scheduler at once."""
+
+
+class ChunkLoss:
+    """A forward chunk's summed weighted loss: its sequence slot of a step's per-slot losses, a
+    device array read only when ``float()`` is taken (the job sums them at its optimizer step)."""
+
+    __slots__ = ("losses", "slot")
+
+    def __init__(self, losses, slot: int):
+        self.losses, self.slot = losses, slot
+
+    def __float__(self) -> float:
+        return float(np.asarray(self.losses)[self.slot])  # (a jax array keeps its host copy)
 
 
 class FinetuneService:
@@ -134,13 +153,13 @@ class FinetuneService:
         checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
         row = self._free_rows[0]
         job = FinetuneJob(
-            job_id=job_id, adapter_name=name, examples=examples, config=cfg, store_row=row, adapter_index=0,
+            job_id=job_id, adapter_name=name, examples=examples, config=cfg, grad_row=row, adapter_index=0,
             num_layers=mc.num_layers, layers_per_slice=layout.layers_per_slice,
             params=self.runner.place_job_params(init_lora(mc, lora, cfg.seed)), tx=tx,
             checkpointer=checkpointer, base_model_name_or_path=self.model_path, cancel_fn=self.cancel_job,
             pause_fn=self.pause_job, resume_fn=self.resume_job,
             eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
-            skipped_examples=examples.skipped_examples,
+            skipped_examples=examples.skipped_examples, pack_len=layout.max_seq_len,
         )
         if cfg.resume:
             job.restore_latest()
@@ -209,9 +228,9 @@ class FinetuneService:
         index = self.runner.adapters.adapter_index(adapter) if adapter else 0
         examples = self.examples(data, config or FinetuneConfig())
         ev = Evaluation(eval_id or f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.model_config.num_layers,
-                        self.config.finetune.layers_per_slice)
+                        self.config.finetune.layers_per_slice, pack_len=self.config.finetune.max_seq_len)
         self.evaluations[ev.id] = ev
-        self.scheduler.add_training_sequence(ev.next_sequence())
+        self._feed(ev)
         return ev
 
     def end_evaluation(self, ev: Evaluation) -> None:
@@ -245,13 +264,13 @@ class FinetuneService:
 
     # ---- the step --------------------------------------------------------------------------
     def record_forward(self, plan: SchedulerOutput, ft_loss) -> None:
-        """Give the owner of the plan's training chunk the chunk's loss (a device scalar; not
-        synchronised here)."""
-        chunk = plan.finetune
-        if chunk is not None:
+        """Give the owners of the plan's training chunks their chunks' losses (``ft_loss``: the
+        step's per-slot losses, a device array; not synchronised here)."""
+        n_inf = plan.num_inference_seqs
+        for j, chunk in enumerate(plan.finetune, n_inf):
             owner = self.jobs.get(chunk.job_id) or self.evaluations.get(chunk.job_id)
             if owner is not None:
-                owner.add_forward_loss(chunk, ft_loss)
+                owner.add_forward_loss(chunk, ChunkLoss(ft_loss, j))
 
     def advance(self) -> None:
         """Act on the training sequences the scheduler finished: optimizer steps, next
@@ -260,7 +279,7 @@ class FinetuneService:
             ev = self.evaluations.get(seq.job_id)
             if ev is not None:
                 if not ev.sequence_done(seq):
-                    self.scheduler.add_training_sequence(ev.next_sequence())
+                    self._feed(ev)
                 continue
             job = self.jobs.get(seq.job_id)
             if job is None or job.done:
@@ -275,19 +294,24 @@ class FinetuneService:
             except Exception as e:
                 self.end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
 
-    def _feed(self, job: FinetuneJob) -> None:
-        seq = job.next_sequence()
-        if seq is not None:
+    def _feed(self, owner: FinetuneJob | Evaluation) -> None:
+        """Hand the scheduler the owner's next sequences, up to :data:`MAX_IN_FLIGHT` in flight."""
+        in_flight = len(self.scheduler.training_sequences(owner.id))
+        while in_flight < MAX_IN_FLIGHT:
+            seq = owner.next_sequence()
+            if seq is None:
+                return
             self.scheduler.add_training_sequence(seq)
+            in_flight += 1
 
     # ---- ending ----------------------------------------------------------------------------
     def end_job(self, job: FinetuneJob, status: JobStatus, error: str | None = None) -> None:
-        """Stop a job's training, record its final status and free its activation-store row."""
+        """Stop a job's training, record its final status and free its gradient-accumulator row."""
         self.scheduler.remove_training(job.id)
         self.runner.release_optimizer(job.id)
         job.finish(status, error)
-        if job.store_row not in self._free_rows:
-            self._free_rows.append(job.store_row)
+        if job.grad_row not in self._free_rows:
+            self._free_rows.append(job.grad_row)
             self._free_rows.sort()
 
     def cancel_job(self, job: FinetuneJob) -> None:
@@ -298,19 +322,17 @@ class FinetuneService:
 
     def pause_job(self, job: FinetuneJob) -> None:
         """Pause a running job (what :meth:`FinetuneJob.pause` calls): no further sequence is
-        fed; the one in flight finishes."""
+        fed; those in flight finish."""
         if self.publish is not None:
             self.publish("pause_job", job.id)
         job.status = JobStatus.PAUSED
 
     def resume_job(self, job: FinetuneJob) -> None:
-        """Resume a paused job (what :meth:`FinetuneJob.resume` calls): its next sequence is fed
-        unless its last one is still in flight."""
+        """Resume a paused job (what :meth:`FinetuneJob.resume` calls): its next sequences are fed."""
         if self.publish is not None:
             self.publish("resume_job", job.id)
         job.status = JobStatus.RUNNING
-        if self.scheduler.training_sequence(job.id) is None:
-            self._feed(job)
+        self._feed(job)
 
     def training_adapter(self, index: int) -> FinetuneJob | None:
         """The unfinished job that trains adapter slot ``index``, if any."""

@@ -99,7 +99,7 @@ class ModelRunner:
                 t = time.perf_counter()
                 fn = jax.jit(fused.make_backward_fn(graphdef, self.model.config, layout, length, self.rules), donate_argnums=1)
                 self.backward[length] = fn.lower(
-                    self.state, self.ft_buffers, fused.abstract_backward_inputs(self.rules.replicated)
+                    self.state, self.ft_buffers, fused.abstract_backward_inputs(length, self.rules.replicated)
                 ).compile()
                 log.info("compiled backward slice %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
                          length, time.perf_counter() - t)
@@ -135,7 +135,6 @@ class ModelRunner:
             self.input_batch.release(plan.preempted)
             return None
         cfg = self.config
-        layout = cfg.finetune
         prev_slots = None
         if plan.has_pending_tokens:
             last = self._last_plan
@@ -148,8 +147,7 @@ class ModelRunner:
         if len(self.input_batch.num_pages) != self.num_rows:  # never: at most max_num_seqs requests hold rows
             raise RuntimeError(f"the input batch outgrew the {self.num_rows} rows of the seen-token mask")
         inputs = build_step_inputs(
-            plan, self.step_fn.dims(self.bucket_for(plan)), cfg.page_size, self.input_batch, rows,
-            layout.max_seq_len if layout else 0, prev_slots,
+            plan, self.step_fn.dims(self.bucket_for(plan)), cfg.page_size, self.input_batch, rows, prev_slots,
         )
         self.k_cache, self.v_cache, self.ft_buffers, self.seen, out = self.step_fn(
             self.state, self.k_cache, self.v_cache, self.ft_buffers, self.seen, self._last_tokens, inputs
@@ -158,11 +156,20 @@ class ModelRunner:
         return out
 
     def run_backward(self, b: BackwardSlice) -> None:
-        """Dispatch one backward slice of a training sequence (accumulates into its job's row)."""
+        """Dispatch the backward layers of a training sequence (accumulates into its job's row)."""
         length = self.config.finetune.bucket_for(b.num_tokens)
+        positions = np.zeros(length, np.int32)
+        segment_ids = np.full(length, -1, np.int32)
+        seeds = np.zeros(length, np.uint32)
+        at = 0
+        for i, (n, seed) in enumerate(zip(b.segments, b.dropout_seeds)):
+            positions[at:at + n] = np.arange(n)
+            segment_ids[at:at + n] = i
+            seeds[at:at + n] = seed
+            at += n
         inputs = fused.BackwardInputs(
-            np.int32(b.store_row), np.int32(b.adapter_index), np.int32(b.first_layer), np.int32(b.num_tokens),
-            np.float32(b.dropout_rate), np.uint32(b.dropout_seed),
+            np.int32(b.store_row), np.int32(b.grad_row), np.int32(b.adapter_index), np.int32(b.first_layer),
+            np.int32(b.num_layers), np.float32(b.dropout_rate), positions, segment_ids, seeds,
         )
         self.ft_buffers = self.backward[length](self.state, self.ft_buffers, inputs)
 
@@ -191,8 +198,12 @@ class ModelRunner:
                 ids = np.asarray(out.sampler.top_ids)[:, :k_max].tolist()
                 lps = np.asarray(out.sampler.top_logprobs)[:, :k_max].tolist()
                 top = [dict(zip(ids[i][:k], lps[i][:k])) if k else None for i, k in enumerate(asks)]
-        loss = float(out.ft_loss) if plan.finetune is not None else None
-        return StepResult(sampled, logprobs, top, loss)
+        losses = None
+        if plan.finetune:
+            by_seq = np.asarray(out.ft_loss).tolist()
+            n_inf = plan.num_inference_seqs
+            losses = by_seq[n_inf:n_inf + len(plan.finetune)]
+        return StepResult(sampled, logprobs, top, losses)
 
     # ---- finetuning and adapters -----------------------------------------------------------
     def zero_grad_row(self, row: int) -> None:
@@ -243,7 +254,7 @@ class ModelRunner:
         (:meth:`~coserve_jax.finetune.job.FinetuneJob.record_optimizer_step`), and write the new
         weights into its adapter slot."""
         params, opt_state, grads, pool, norm, lr = self.optimizers[job.id](
-            job.params, job.opt_state, self.ft_buffers.grads, np.int32(job.store_row), np.int32(job.step)
+            job.params, job.opt_state, self.ft_buffers.grads, np.int32(job.grad_row), np.int32(job.step)
         )
         self.ft_buffers = self.ft_buffers._replace(grads=grads)
         self.adapters.write_weights(job.adapter_index, pool)

@@ -76,7 +76,8 @@ class StepRecord:
         prefill_tokens: prompt tokens computed (prefill chunks, recomputation included).
         decode_tokens: decode tokens (one per running request with its prompt done).
         finetune_tokens: finetuning forward tokens.
-        backward_tokens: length of the training sequence whose backward slice ran (0: none).
+        backward_tokens: length of the training sequence whose backward ran (0: none).
+        backward_layers: the layers that backward ran.
         attention_work: ``sum_i q_i * kv_i`` over the step's sequences (see
             :class:`~coserve_jax.sched.latency_model.StepShape`).
         predicted_ms: the latency model's prediction before it learned from this step.
@@ -93,3 +94,4 @@ class StepRecord:
     attention_work: int
     predicted_ms: float
     measured_ms: float
+    backward_layers: int = 0

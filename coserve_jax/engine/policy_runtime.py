@@ -95,7 +95,8 @@ class PolicyRuntime:
         self.step_log.append(StepRecord(
             end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
             prefill_tokens=plan.num_inference_tokens - decode, decode_tokens=decode,
-            finetune_tokens=plan.finetune.num_tokens if plan.finetune is not None else 0,
+            finetune_tokens=plan.num_finetune_tokens,
             backward_tokens=plan.backward.num_tokens if plan.backward is not None else 0,
+            backward_layers=plan.backward.num_layers if plan.backward is not None else 0,
             attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
         ))

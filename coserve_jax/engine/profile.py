@@ -1,7 +1,8 @@
 """Start-up profile of the compiled executables, to fit the step latency model.
 
 Every step bucket runs a synthetic batch (its ``S`` sequences share its ``T`` tokens, once
-attending to almost nothing and once to a long KV) and every backward bucket runs a slice; the
+attending to almost nothing and once to a long KV) and every backward bucket runs one layer and
+all of them; the
 median of a few timed runs of each, after a warm-up run, is a ``(StepShape, ms)`` sample for
 :meth:`coserve_jax.sched.latency_model.LatencyModel.fit`. The synthetic batches write their
 K/V only into the scratch page 0 and their activations nowhere (the finetuning scatter drops
@@ -36,7 +37,7 @@ def profile_key(runner) -> str:
         "num_devices": len(jax.devices()), "tensor_parallel_size": cfg.tensor_parallel_size,
         "buckets": [(b.num_tokens, b.num_seqs) for b in cfg.buckets],
         "finetune": None if layout is None else [layout.max_jobs, layout.max_seq_len, layout.layers_per_slice, list(layout.seq_buckets)],
-        "attention": cfg.attention_impl, "page_size": cfg.page_size, "jax": jax.__version__, "version": 2,
+        "attention": cfg.attention_impl, "page_size": cfg.page_size, "jax": jax.__version__, "version": 3,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -76,16 +77,18 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
 
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
     if layout is not None:
+        num_layers = runner.model.config.num_layers
         for length in layout.seq_buckets:
-            backward = BackwardSlice("profile", 0, length, 0, 1)
-            plan = SchedulerOutput(backward=backward)
+            for layers in sorted({1, num_layers}):
+                backward = BackwardSlice("profile", 0, num_layers - layers, layers, length, 0, 0, 1, (length,), 0.0, (0,))
+                plan = SchedulerOutput(backward=backward)
 
-            def run_bwd(backward=backward):
-                runner.run_backward(backward)
-                runner.wait()
+                def run_bwd(backward=backward):
+                    runner.run_backward(backward)
+                    runner.wait()
 
-            samples.append((step_shape(plan, token_b, seq_b, layout.seq_buckets), _time(run_bwd, repeats)))
-        runner.zero_grad_row(0)  # the profile's backward slices added into row 0's accumulator
+                samples.append((step_shape(plan, token_b, seq_b, layout.seq_buckets), _time(run_bwd, repeats)))
+        runner.zero_grad_row(0)  # the profile's backward added into row 0's accumulator
     return samples
 
 

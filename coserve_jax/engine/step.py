@@ -11,9 +11,9 @@ lets tests check.
 The model's parameters are an argument (an ``nnx.State``), not constants baked into the
 executable, so loading an adapter changes values only.
 
-With finetuning on, the step also carries a training sequence's forward chunk in token slots
-after the inference tokens, saves its layer inputs into the donated activation store and runs
-its loss head (:mod:`coserve_jax.finetune.fused`).
+With finetuning on, the step also carries training sequences' forward chunks in token slots
+after the inference tokens, saves their layer inputs into the donated activation store and runs
+their loss head (:mod:`coserve_jax.finetune.fused`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ class StepOutput(NamedTuple):
 
     Attributes:
         sampler: :class:`~coserve_jax.engine.sampler.SamplerOutput`, ``[S]`` rows.
-        ft_loss: float32 scalar: the finetuning chunk's summed weighted loss (0 without one).
+        ft_loss: float32 ``[S]``: each sequence slot's summed weighted finetuning loss (0 but for
+            the slots of training chunks).
         last_tokens: int32 ``[M]``: the sampled tokens padded to ``max_num_seqs``, the next
             step's ``prev_tokens``.
     """
@@ -164,12 +165,13 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout, parallel=parallel,
             attend_inputs=inputs.attn,
         )
-        loss = jnp.float32(0.0)
+        loss = jnp.zeros(inputs.logits_indices.shape, jnp.float32)
         if ft is None:
             h, (k_cache, v_cache) = out
         else:
             h, (k_cache, v_cache), (saved, final) = out
-            ft_buffers, loss = save_forward(model.config, base_weights(model), ft_buffers, ft, saved, final)
+            ft_buffers, loss = save_forward(
+                model.config, base_weights(model), ft_buffers, ft, saved, final, inputs.logits_indices.shape[0])
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
         sp, attn = inputs.sampling, inputs.attn
         seen, processed = jax.lax.cond(

@@ -15,8 +15,8 @@ step's sampled tokens), ``R`` the activation-store rows (a padding destination t
 Layout of a step: token slots ``[0, n)`` hold the planned chunks back to back in plan order;
 slots ``[n, T)`` are padding: token 0 at position 0 with the base model, writing its K/V into the
 scratch page 0 (never read), attended by nothing. Sequence slots past the plan have ``kv_len`` 0
-and an all-zero page-table row. A finetuning forward chunk, if planned, is the last sequence,
-after the inference chunks; its sequence slot samples a token nobody reads.
+and an all-zero page-table row. Finetuning forward chunks, if planned, are the last sequences,
+after the inference chunks; their sequence slots sample tokens nobody reads.
 
 A token the scheduler planned before its value was known (:data:`~coserve_jax.sched.outputs.PENDING_TOKEN`,
 overlapped steps) is read on the device from the previous step's sampled tokens: ``prev_index``
@@ -84,6 +84,7 @@ STEP_INPUT_TABLE: dict[str, FieldSpec] = {
     "finetune.dest": FieldSpec(("C",), "int32", "R"),
     "finetune.targets": FieldSpec(("C",), "int32"),
     "finetune.weights": FieldSpec(("C",), "float32"),
+    "finetune.seq": FieldSpec(("C",), "int32", "S"),
 }
 """Every array of :class:`StepInputs`, by dotted field name (``group.field``)."""
 
@@ -108,7 +109,7 @@ class StepInputs:
     logits_indices: jax.Array  # [S] int32: the token slot of each sequence's last token
     sampling: SamplingInputs  # [S] each: temperature, top_k, top_p, min_p, seed, sample_index, repetition_penalty, row
     dropout: LoRADropout | None = None  # [T] each: rate, seed, position (finetuning tokens only)
-    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights
+    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights, seq
     bucket: Bucket = dataclasses.field(default=Bucket(0, 0), metadata=dict(static=True))
 
 
@@ -223,7 +224,6 @@ def build_step_inputs(
     page_size: int,
     batch: InputBatch,
     rows: Sequence[int],
-    store_rows_per_job: int = 0,
     prev_slots: Mapping[Hashable, int] | None = None,
 ) -> StepInputs:
     """NumPy inputs of one step.
@@ -235,7 +235,6 @@ def build_step_inputs(
         batch: the requests' persistent rows (:class:`~coserve_jax.engine.input_batch.InputBatch`),
             the plan already applied.
         rows: the row of ``batch`` of each inference chunk, in order (what :meth:`InputBatch.apply` returns).
-        store_rows_per_job: activation-store rows of one job (its ``max_seq_len``).
         prev_slots: request id -> its sequence slot in the previous step, for chunks that hold a
             :data:`~coserve_jax.sched.outputs.PENDING_TOKEN`.
     Returns:
@@ -250,11 +249,11 @@ def build_step_inputs(
     n_dec = len(d.request_ids)
     n_inf = n_dec + len(pre)
     ft = plan.finetune
-    n_seq = n_inf + (ft is not None)
+    n_seq = n_inf + len(ft)
     if not n_seq:
         return x
     positions = x.positions
-    if not pre and ft is None:  # decodes only (a busy server's usual step): one token each
+    if not pre and not ft:  # decodes only (a busy server's usual step): one token each
         return _decodes_only(x, r[:n_dec], d, page_size, prev_slots, plan.has_pending_tokens, batch)
     tok = list(d.token_ids)
     for c in pre:
@@ -262,10 +261,10 @@ def build_step_inputs(
     starts = d.starts + [c.start for c in pre]
     lens = [1] * n_dec + [len(c.token_ids) for c in pre]
     out_idx = d.output_index + [c.output_index for c in pre]
-    if ft is not None:  # the training chunk is the last sequence; its table travels whole
-        tok.extend(ft.token_ids)
-        starts.append(ft.start)
-        lens.append(ft.num_tokens)
+    for c in ft:  # the training chunks are the last sequences; their tables travel whole
+        tok.extend(c.token_ids)
+        starts.append(c.start)
+        lens.append(c.num_tokens)
         out_idx.append(0)
     n_tok = len(tok)
     start = np.asarray(starts, np.int32)
@@ -280,9 +279,9 @@ def build_step_inputs(
     x.sampling.sample_index[:n_seq] = out_idx
     adapter = np.empty(n_seq, np.int32)
     adapter[:n_inf] = batch.adapter[r[:n_inf]]
-    if ft is not None:
-        page_table[n_inf, : len(ft.page_table)] = ft.page_table
-        adapter[n_inf] = ft.adapter_index
+    for j, c in enumerate(ft, n_inf):
+        page_table[j, : len(c.page_table)] = c.page_table
+        adapter[j] = c.adapter_index
     x.adapter_ids[:n_tok] = adapter[tok_seq]
     p_tok = positions[:n_tok]
     x.attn.slot_mapping[:n_tok] = page_table[tok_seq, p_tok // page_size] * page_size + p_tok % page_size
@@ -294,17 +293,21 @@ def build_step_inputs(
     x.attn.num_seqs[...] = n_seq
     if x.dropout is not None:
         x.dropout.position[:] = positions
-        if ft is not None:
-            k = ft.num_tokens
-            off = n_tok - k
-            x.dropout.rate[off:n_tok] = ft.dropout_rate
-            x.dropout.seed[off:n_tok] = ft.dropout_seed
+        if ft:
             f = x.finetune
-            f.save_slots[:k] = np.arange(off, n_tok)
-            if not ft.forward_only:  # a validation chunk saves nothing (its rows stay dropped)
-                f.dest[:k] = ft.store_row * store_rows_per_job + np.arange(ft.start, ft.start + k)
-            f.targets[:k] = ft.targets
-            f.weights[:k] = ft.weights
+            off = n_inf_tok = n_tok - plan.num_finetune_tokens
+            for j, c in enumerate(ft, n_inf):
+                k = c.num_tokens
+                x.dropout.rate[off:off + k] = c.dropout_rate
+                x.dropout.seed[off:off + k] = c.dropout_seed
+                i = off - n_inf_tok
+                if c.store_row >= 0:  # a validation chunk saves nothing (its rows stay dropped)
+                    f.dest[i:i + k] = np.arange(c.store_row, c.store_row + k)
+                f.targets[i:i + k] = c.targets
+                f.weights[i:i + k] = c.weights
+                f.seq[i:i + k] = j
+                off += k
+            f.save_slots[: off - n_inf_tok] = np.arange(n_inf_tok, off)
     return x
 
 

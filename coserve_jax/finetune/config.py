@@ -99,6 +99,10 @@ class FinetuneConfig:
             "completion": "answer"}`` reads GSM8K).
         chat_template: render Alpaca / prompt-completion records as a one-turn conversation
             through the tokenizer's chat template (chat records always are).
+        packing: pack consecutive examples of an accumulation group into training sequences of
+            up to the engine's ``finetune_max_seq_len`` tokens (TRL's ``packing``, with attention
+            kept within each example as TRL's padding-free packing does, so the gradient is
+            exactly the unpacked one); ``False``: one example a sequence.
         truncation: a record longer than the engine's ``finetune_max_seq_len``:
             ``"keep_start"`` (truncated, keeping the start, and counted; TRL's
             ``truncation_mode``) or ``"error"`` (the data is refused).
@@ -131,6 +135,7 @@ class FinetuneConfig:
     train_on_prompt: bool = False
     columns: Mapping[str, str] | None = None
     chat_template: bool = False
+    packing: bool = True
     truncation: str = "keep_start"
     eval_steps: int | None = None
     checkpoint_dir: str | os.PathLike | None = None

@@ -40,12 +40,14 @@ class Evaluation:
         num_layers, layers_per_slice: the engine's (a sequence needs them; forward-only
             sequences run no backward).
         step: the optimizer step it evaluates (recorded).
+        pack_len: consecutive examples are packed into sequences of up to this many tokens
+            (attention within each example; 0: one example a sequence).
     Raises:
         ValueError: no examples, or no target token in them.
     """
 
     def __init__(self, eval_id: Hashable, examples: Sequence[TrainingExample], adapter_index: int,
-                 num_layers: int, layers_per_slice: int, step: int = 0):
+                 num_layers: int, layers_per_slice: int, step: int = 0, pack_len: int = 0):
         self.id = eval_id
         self.examples = list(examples)
         self.num_targets = sum(e.num_targets for e in self.examples)
@@ -55,6 +57,7 @@ class Evaluation:
         self.num_layers = num_layers
         self.layers_per_slice = layers_per_slice
         self.step = step
+        self.pack_len = pack_len
         self._next = 0
         self._finished = 0
         self._chunks: dict[tuple[int, int], list] = {}  # (sequence, restarts) -> device losses
@@ -66,19 +69,29 @@ class Evaluation:
         return self._finished == len(self.examples)
 
     def next_sequence(self) -> TrainingSequence | None:
-        """The next example as a forward-only sequence, or ``None`` once all were handed out."""
+        """The next examples (a pack of consecutive ones) as a forward-only sequence, or ``None``
+        once all were handed out."""
         k = self._next
         if k >= len(self.examples):
             return None
-        self._next += 1
-        ex = self.examples[k]
-        n = len(ex.token_ids)
         w = 1.0 / self.num_targets
+        ids, targets, weights, segments = [], [], [], []
+        while k < len(self.examples):
+            ex = self.examples[k]
+            n = len(ex.token_ids)
+            if segments and len(ids) + n > self.pack_len:
+                break
+            ids += ex.token_ids
+            targets += list(ex.token_ids[1:]) + [0]
+            weights += [w if ex.loss_mask[t + 1] else 0.0 for t in range(n - 1)] + [0.0]
+            segments.append(n)
+            k += 1
+        first, self._next = self._next, k
         return TrainingSequence(
-            job_id=self.id, store_row=0, adapter_index=self.adapter_index, token_ids=list(ex.token_ids),
-            targets=list(ex.token_ids[1:]) + [0], weights=[w if ex.loss_mask[t + 1] else 0.0 for t in range(n - 1)] + [0.0],
-            dropout_rate=0.0, dropout_seed=0, num_layers=self.num_layers, layers_per_slice=self.layers_per_slice,
-            index=k, forward_only=True,
+            job_id=self.id, grad_row=0, adapter_index=self.adapter_index, token_ids=ids, targets=targets,
+            weights=weights, dropout_rate=0.0, dropout_seed=0, num_layers=self.num_layers,
+            layers_per_slice=self.layers_per_slice, index=first, forward_only=True, segments=tuple(segments),
+            num_examples=len(segments),
         )
 
     def add_forward_loss(self, seq: TrainingSequence | FinetuneChunk, loss) -> None:
@@ -89,7 +102,7 @@ class Evaluation:
         """A sequence finished its forward (its last attempt's chunks count). Returns :attr:`done`."""
         self._losses.extend(self._chunks.pop((seq.index, seq.num_restarts), []))
         self._chunks = {k: v for k, v in self._chunks.items() if k[0] != seq.index}
-        self._finished += 1
+        self._finished += seq.num_examples
         return self.done
 
     def record(self, now: float) -> EvalRecord:

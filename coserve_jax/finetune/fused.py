@@ -2,17 +2,18 @@
 
 Token-level finetuning (:mod:`coserve_jax.finetune.token_level`) split over serving steps:
 
-* **In the fused step** (:func:`coserve_jax.engine.step.make_step_fn`), a training sequence's
-  forward chunk occupies token slots after the inference tokens, with its job's adapter index,
-  KV pages and LoRA dropout. The layer scan gathers those slots' residual stream at every layer
-  (``[L, C, H]``) and :func:`save_forward` scatters it into the job's rows of the
-  **activation store**, then runs the loss head on the chunk's final hidden states and stores
-  ``dL/dh_L`` (the head's backward is per token, so it needs no other chunk). The step returns the
-  chunk's weighted loss.
-* **The backward slice** (:func:`make_backward_fn`) recomputes ``layers_per_slice`` layers of the
-  whole sequence from the saved inputs and takes their VJP with respect to the residual stream
-  and the job's LoRA A/B, adding the slice's LoRA gradients into the job's gradient accumulator.
-  It is its own executable, one per sequence-length bucket, dispatched in the same engine step
+* **In the fused step** (:func:`coserve_jax.engine.step.make_step_fn`), training sequences'
+  forward chunks occupy token slots after the inference tokens, each a sequence of the step with
+  its job's adapter index, its example's KV pages and LoRA dropout. The layer scan gathers those
+  slots' residual stream at every layer (``[L, C, H]``) and :func:`save_forward` scatters it into
+  the sequences' rows of the **activation store**, then runs the loss head on the chunks' final
+  hidden states and stores ``dL/dh_L`` (the head's backward is per token, so it needs no other
+  chunk). The step returns each chunk's weighted loss.
+* **The backward** (:func:`make_backward_fn`) recomputes any number of layers (traced: one
+  executable per sequence-length bucket serves every count) of a whole training sequence, a pack
+  of examples with attention kept within each, from the saved inputs, and takes their VJP with
+  respect to the residual stream and the job's LoRA A/B, adding each layer's LoRA gradient into
+  the job's gradient accumulator. It is its own executable, dispatched in the same engine step
   right after the fused forward (the device runs the two back to back); compiling it into every
   step bucket instead would multiply start-up compile time by the number of step buckets for
   nothing, since XLA serializes the two anyway.
@@ -32,7 +33,8 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec as P
 
-from coserve_jax.finetune.token_level import BaseWeights, head_backward, slice_backward
+from coserve_jax.finetune.token_level import BaseWeights, backward_layers, token_losses
+from coserve_jax.lora.dropout import LoRADropout
 from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.parallel.rules import ShardingRules
@@ -43,17 +45,33 @@ class FinetuneLayout:
     """Static shapes of the finetuning buffers.
 
     Attributes:
-        max_jobs: jobs that can train at once (rows of the activation store).
-        max_seq_len: longest training sequence, in tokens (store rows per job).
-        layers_per_slice: decoder layers per backward slice (divides ``num_layers``).
+        max_jobs: jobs that can train at once (rows of the gradient accumulator).
+        max_seq_len: longest training sequence (a pack of examples), in tokens.
+        layers_per_slice: decoder layers of backward work per step while inference runs, when
+            the step policy does not size it (divides ``num_layers``).
         seq_buckets: sequence lengths the backward is compiled for (ascending; the last is
             ``max_seq_len``).
+        store_rows: token rows of the activation store, shared by the sequences in flight (at
+            least ``max_seq_len``).
     """
 
     max_jobs: int
     max_seq_len: int
     layers_per_slice: int
     seq_buckets: tuple[int, ...]
+    store_rows: int = 0
+
+    def __post_init__(self):
+        if not self.store_rows:
+            object.__setattr__(self, "store_rows", 2 * self.max_jobs * self.max_seq_len)
+        if self.store_rows < self.max_seq_len:
+            raise ValueError(f"the activation store's {self.store_rows} rows cannot hold one {self.max_seq_len}-token sequence")
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the store arrays: ``store_rows``, then ``max_seq_len`` rows never handed out
+        (a backward's slice that starts near the end reads them as padding)."""
+        return self.store_rows + self.max_seq_len
 
     def bucket_for(self, n: int) -> int:
         """The smallest backward bucket holding ``n`` tokens.
@@ -71,9 +89,10 @@ class FinetuneBuffers(NamedTuple):
     """Device state of token-level finetuning (donated to the step and the backward).
 
     Attributes:
-        acts: ``[L, max_jobs * max_seq_len, H]`` (model dtype): the saved input of every layer
-            for every token of each job's sequence in flight (row ``job * max_seq_len + pos``).
-        dh: float32 ``[max_jobs * max_seq_len, H]``: the gradient at the current slice boundary.
+        acts: ``[L, num_rows, H]`` (model dtype): the saved input of every layer for every token
+            of the training sequences in flight (each sequence's tokens in consecutive rows that
+            the scheduler handed it, :class:`~coserve_jax.sched.finetune.StoreAllocator`).
+        dh: float32 ``[num_rows, H]``: each token's gradient at its sequence's backward boundary.
         grads: ``{m: {"A": [max_jobs, partials, L, in, R], "B": [max_jobs, partials, L, R, out]}}``
             float32: the LoRA gradients accumulated since the job's last optimizer step (R = the
             pool's rank). ``partials`` is 1, or under tensor parallelism the ``tp`` per-device
@@ -92,7 +111,7 @@ def init_buffers(
 ) -> FinetuneBuffers:
     """Zeroed :class:`FinetuneBuffers` for ``layout``, placed by ``rules`` (default: one device,
     no partial-sum axis beyond size 1)."""
-    rows = layout.max_jobs * layout.max_seq_len
+    rows = layout.num_rows
     L, H, J, R = config.num_layers, config.hidden_size, layout.max_jobs, pool.max_lora_rank
     specs = buffer_specs(pool.target_modules, rules)
 
@@ -128,84 +147,107 @@ class FinetuneForward(NamedTuple):
     """The finetuning part of a step's inputs (``C`` = the bucket's finetuning slots).
 
     Attributes:
-        save_slots: int32 ``[C]``: token slots of the training chunk (padding: 0).
-        dest: int32 ``[C]``: store row of each (``job * max_seq_len + position``; padding: the
-            number of rows, which the scatter drops).
+        save_slots: int32 ``[C]``: token slots of the training chunks (padding: 0).
+        dest: int32 ``[C]``: store row of each (padding and forward-only chunks: the number of
+            rows, which the scatter drops).
         targets: int32 ``[C]``: the token each slot predicts.
         weights: float32 ``[C]``: its loss weight (``1 / normalizer`` or 0).
+        seq: int32 ``[C]``: its sequence slot in the step (padding: ``S``, dropped), to sum each
+            chunk's loss.
     """
 
     save_slots: jax.Array
     dest: jax.Array
     targets: jax.Array
     weights: jax.Array
+    seq: jax.Array
 
 
 def save_forward(
-    config: ModelConfig, head: BaseWeights, bufs: FinetuneBuffers, fwd: FinetuneForward, layer_inputs, final_hidden
+    config: ModelConfig, head: BaseWeights, bufs: FinetuneBuffers, fwd: FinetuneForward, layer_inputs, final_hidden,
+    num_seqs: int,
 ) -> tuple[FinetuneBuffers, jax.Array]:
-    """Store a training chunk's layer inputs and its loss head gradient.
+    """Store training chunks' layer inputs and their loss head gradient.
 
-    The loss head (the LM head over the chunk's ``C`` slots, forward and VJP: ``~6 C H V``
+    The loss head (the LM head over the ``C`` finetuning slots, forward and VJP: ``~4 C H V``
     FLOPs) runs only when some slot has a nonzero loss weight (a ``lax.cond``): a step without a
-    training chunk, or with a chunk of prompt tokens only, skips it and stores a zero gradient.
+    training chunk, or with chunks of prompt tokens only, skips it and stores a zero gradient.
     (``compiled.cost_analysis()`` counts both branches, so this shows in step time, not in the
     compiled FLOPs.)
 
     Args:
         head: the final norm and LM head (``norm``, ``lm_head`` used).
-        layer_inputs: ``[L, C, H]`` of the chunk's slots; final_hidden: ``[C, H]`` (pre-norm).
+        layer_inputs: ``[L, C, H]`` of the chunks' slots; final_hidden: ``[C, H]`` (pre-norm).
+        num_seqs: the step's sequence slots ``S``.
     Returns:
-        ``(bufs, loss)``: updated buffers and the chunk's ``sum(weights * CE)`` (float32).
+        ``(bufs, losses)``: updated buffers and float32 ``[S]``: each sequence slot's
+        ``sum(weights * CE)`` (0 for inference sequences).
     """
     acts = bufs.acts.at[:, fwd.dest].set(layer_inputs.astype(bufs.acts.dtype), mode="drop")
-    loss, dh = jax.lax.cond(
-        jnp.any(fwd.weights != 0),
-        lambda h: head_backward(config, head, h, fwd.targets, fwd.weights),
-        lambda h: (jnp.float32(0.0), jnp.zeros_like(h)),
+
+    def head_loss(h):
+        per_token, vjp = jax.vjp(lambda h: fwd.weights * token_losses(config, head, h, fwd.targets), h)
+        (dh,) = vjp(jnp.ones_like(per_token))
+        return per_token, dh
+
+    per_token, dh = jax.lax.cond(
+        jnp.any(fwd.weights != 0), head_loss, lambda h: (jnp.zeros(h.shape[0], jnp.float32), jnp.zeros_like(h)),
         final_hidden,
     )
     dh_store = bufs.dh.at[fwd.dest].set(dh.astype(jnp.float32), mode="drop")
-    return FinetuneBuffers(acts, dh_store, bufs.grads), loss
+    losses = jnp.zeros((num_seqs,), jnp.float32).at[fwd.seq].add(per_token, mode="drop")
+    return FinetuneBuffers(acts, dh_store, bufs.grads), losses
 
 
 class BackwardInputs(NamedTuple):
-    """One backward slice (scalars).
+    """One backward of a training sequence (scalars, then ``[N]`` rows of its length bucket).
 
     Attributes:
-        row: the job's store row (int32); adapter_index: its adapter index in the pool (int32,
-        >= 1); first_layer: the slice's lowest layer (int32); seq_len: tokens of the sequence
-        (int32); dropout_rate (float32), dropout_seed (uint32): its LoRA dropout.
+        store_row: its first activation-store row (int32); grad_row: its job's accumulator row
+        (int32); adapter_index: its adapter index in the pool (int32, >= 1); first_layer: the
+        lowest layer to run (int32); num_layers: layers to run, top down (int32);
+        dropout_rate: its LoRA dropout rate (float32);
+        positions: int32 ``[N]``: each row's position in its example; segment_ids: int32
+        ``[N]``: each row's example (``-1``: padding); dropout_seed: uint32 ``[N]``: each row's
+        example's LoRA dropout seed.
     """
 
-    row: jax.Array
+    store_row: jax.Array
+    grad_row: jax.Array
     adapter_index: jax.Array
     first_layer: jax.Array
-    seq_len: jax.Array
+    num_layers: jax.Array
     dropout_rate: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
     dropout_seed: jax.Array
 
 
-def abstract_backward_inputs(sharding: jax.sharding.Sharding | None = None) -> BackwardInputs:
-    """``ShapeDtypeStruct`` s of :class:`BackwardInputs` (placed with ``sharding``), for lowering."""
-    i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)
+def abstract_backward_inputs(length: int, sharding: jax.sharding.Sharding | None = None) -> BackwardInputs:
+    """``ShapeDtypeStruct`` s of :class:`BackwardInputs` for length bucket ``length`` (placed with
+    ``sharding``), for lowering."""
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    i32 = sds((), jnp.int32)
     return BackwardInputs(
-        i32, i32, i32, i32, jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding),
-        jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding),
+        i32, i32, i32, i32, i32, sds((), jnp.float32), sds((length,), jnp.int32), sds((length,), jnp.int32),
+        sds((length,), jnp.uint32),
     )
 
 
 def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, length: int, parallel: ShardingRules | None = None):
-    """The backward slice for sequences of up to ``length`` tokens, as a pure function
+    """The backward for sequences of up to ``length`` tokens, as a pure function
     ``(state, bufs, inputs: BackwardInputs) -> bufs`` (jit it with ``bufs`` donated).
 
-    Rows past ``seq_len`` are padding: their boundary gradient is zeroed, so (causal attention)
-    they contribute nothing to the real tokens' gradients. With ``parallel`` the slice runs as one
-    ``jax.shard_map`` over the tensor-parallel mesh: each device adds its gradient shard, or its
-    partial sum of a replicated LoRA weight, into its block of the accumulator (no collective on
-    LoRA gradients here).
+    It runs ``inputs.num_layers`` layers (traced: one executable for any count) on the store rows
+    ``store_row .. store_row + length - 1``; rows past the sequence (``segment_ids < 0``) are
+    padding: their boundary gradient is zeroed, they attend to nothing and nothing attends to them,
+    so they contribute nothing, and their stored gradient is left as it was (the rows may belong
+    to another sequence). With ``parallel`` the backward runs as one ``jax.shard_map`` over the
+    tensor-parallel mesh: each device adds its gradient shard, or its partial sum of a replicated
+    LoRA weight, into its block of the accumulator (no collective on LoRA gradients here).
     """
-    nl = layout.layers_per_slice
     tp = None if parallel is None else parallel.tensor_parallel
 
     def local(layers: dict, pool: dict, bufs: FinetuneBuffers, inp: BackwardInputs) -> FinetuneBuffers:
@@ -215,23 +257,23 @@ def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, leng
             for m, (a, b, _) in pool.items()
         }
         scaling = {m: jax.lax.dynamic_index_in_dim(s, slot, axis=1, keepdims=False) for m, (_, _, s) in pool.items()}
-        start = inp.row * layout.max_seq_len
+        start = inp.store_row
         li = jax.lax.dynamic_slice_in_dim(bufs.acts, start, length, axis=1)
-        dh = jax.lax.dynamic_slice_in_dim(bufs.dh, start, length, axis=0)
-        valid = jnp.arange(length) < inp.seq_len
-        dh = jnp.where(valid[:, None], dh, 0.0)
-        positions = jnp.arange(length, dtype=jnp.int32)
-        dh, g = slice_backward(
-            config, layers, lora, scaling, li, positions, dh, inp.first_layer, nl, inp.dropout_rate, inp.dropout_seed, tp
+        dh_old = jax.lax.dynamic_slice_in_dim(bufs.dh, start, length, axis=0)
+        valid = (inp.segment_ids >= 0)[:, None]
+        dh = jnp.where(valid, dh_old, 0.0)
+        acc = {m: {k: bufs.grads[m][k][inp.grad_row, 0] for k in ("A", "B")} for m in bufs.grads}
+        drop = LoRADropout(jnp.full((length,), inp.dropout_rate, jnp.float32), inp.dropout_seed, inp.positions)
+        dh, acc = backward_layers(
+            config, layers, lora, scaling, li, inp.positions, inp.segment_ids, dh, inp.first_layer, inp.num_layers,
+            acc, drop, tp,
         )
-        dh_store = jax.lax.dynamic_update_slice_in_dim(bufs.dh, dh.astype(jnp.float32), start, axis=0)
-        grads = {}
-        for m, acc in bufs.grads.items():
-            grads[m] = {}
-            for k in ("A", "B"):
-                idx = (inp.row, 0, inp.first_layer, 0, 0)
-                cur = jax.lax.dynamic_slice(acc[k], idx, (1, 1) + g[m][k].shape)
-                grads[m][k] = jax.lax.dynamic_update_slice(acc[k], cur + g[m][k][None, None], idx)
+        dh_new = jnp.where(valid, dh.astype(jnp.float32), dh_old)
+        dh_store = jax.lax.dynamic_update_slice_in_dim(bufs.dh, dh_new, start, axis=0)
+        grads = {
+            m: {k: jax.lax.dynamic_update_slice(g[k], acc[m][k][None, None], (inp.grad_row, 0, 0, 0, 0)) for k in ("A", "B")}
+            for m, g in bufs.grads.items()
+        }
         return FinetuneBuffers(bufs.acts, dh_store, grads)
 
     def backward(state, bufs: FinetuneBuffers, inp: BackwardInputs) -> FinetuneBuffers:

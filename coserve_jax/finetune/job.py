@@ -9,11 +9,17 @@ has the model runner run the optimizer step on the job's master weights and opti
 job's adapter slot, so inference requests naming the job's adapter get the latest optimizer
 step's weights.
 
-Data order: sequence ``k`` (counting across epochs) is example ``perm_e[k mod N]`` of epoch
+Data order: example ``k`` (counting across epochs) is example ``perm_e[k mod N]`` of epoch
 ``e = k div N``, with ``perm_e`` a shuffle seeded by ``(seed, e)``; optimizer step ``g`` uses
-sequences ``g * A .. (g + 1) * A - 1`` (``A = gradient_accumulation_steps``), and its loss is the
+examples ``g * A .. (g + 1) * A - 1`` (``A = gradient_accumulation_steps``), and its loss is the
 mean token cross-entropy over all their target tokens. Everything is a function of the step
-count, so a job resumed from a checkpoint continues with the same sequences.
+count, so a job resumed from a checkpoint continues with the same examples.
+
+Training sequences: with ``packing`` (the default), consecutive examples of one optimizer step
+are packed into sequences of up to ``pack_len`` tokens (attention stays within each example, so
+the gradient is the same); every sequence of the current optimizer step is handed out at once,
+so several are in flight (one's forward beside another's backward); the next step's wait for its
+optimizer step.
 
 Validation: with ``eval_examples``, after every ``eval_steps``-th optimizer step and after the
 last one the job hands out forward-only sequences of those examples
@@ -92,7 +98,8 @@ class FinetuneJob:
     job's adapter is loaded in the engine under ``adapter_name`` from the start and stays
     loaded after the job ends (unload it with ``engine.unload_adapter``).
 
-    Built by the engine; not constructed directly.
+    Built by the engine; not constructed directly (``grad_row``: its gradient-accumulator row;
+    ``pack_len``: the longest training sequence examples are packed into, 0 for no packing).
     """
 
     def __init__(
@@ -102,7 +109,7 @@ class FinetuneJob:
         adapter_name: str,
         examples: Sequence[TrainingExample],
         config: FinetuneConfig,
-        store_row: int,
+        grad_row: int,
         adapter_index: int,
         num_layers: int,
         layers_per_slice: int,
@@ -116,12 +123,14 @@ class FinetuneJob:
         eval_examples: Sequence[TrainingExample] | None = None,
         truncated_examples: int = 0,
         skipped_examples: int = 0,
+        pack_len: int = 0,
     ):
         self.id = job_id
         self.adapter_name = adapter_name
         self.config = config
         self.examples = list(examples)
-        self.store_row = store_row
+        self.grad_row = grad_row
+        self.pack_len = pack_len if config.packing else 0
         self.adapter_index = adapter_index
         self.num_layers = num_layers
         self.layers_per_slice = layers_per_slice
@@ -139,7 +148,8 @@ class FinetuneJob:
         self.created_at = time.time()
         self.finished_at: float | None = None
         self.trained_tokens = 0
-        self._next_seq = 0  # sequence counter of the next sequence to start
+        self._next_seq = 0  # the counter of the next example to hand out
+        self._group_done = 0  # examples of the current optimizer step whose backward is done
         self._perms: dict[int, list[int]] = {}
         self._seq_loss: dict[tuple[int, int], list] = {}  # (seq index, restarts) -> device losses
         self._group_loss: list = []
@@ -263,29 +273,37 @@ class FinetuneJob:
 
     def next_sequence(self) -> TrainingSequence | None:
         """The next sequence to run: a validation sequence while a validation pass is on, else
-        the next training sequence; ``None`` when everything has been handed out or the job is
-        paused."""
+        the next training sequence of the current optimizer step (a pack of its next examples);
+        ``None`` when the current step's sequences have all been handed out (the next step's
+        wait for its optimizer step), everything has been handed out, or the job is paused."""
         if not self.running:
             return None
         if self._evaluation is not None:
             self._evaluation.adapter_index = self.adapter_index  # (set by the engine after a resume)
             return self._evaluation.next_sequence()
         k = self._next_seq
-        if k >= self.total_sequences:
+        group = self._group(self.step)
+        if k >= self.total_sequences or k not in group:
             return None
-        acc = self.config.gradient_accumulation_steps
-        norm = self.normalizer(k // acc)
-        ex = self._example(k)
-        ids = list(ex.token_ids)
-        n = len(ids)
-        targets = ids[1:] + [0]
-        weights = [(1.0 / norm if ex.loss_mask[t + 1] else 0.0) for t in range(n - 1)] + [0.0]
-        self._next_seq += 1
+        norm = self.normalizer(self.step)
+        ids, targets, weights, segments, seeds = [], [], [], [], []
+        while k < group.stop:
+            ex = self._example(k)
+            n = len(ex.token_ids)
+            if segments and len(ids) + n > self.pack_len:
+                break
+            ids += ex.token_ids
+            targets += list(ex.token_ids[1:]) + [0]
+            weights += [(1.0 / norm if ex.loss_mask[t + 1] else 0.0) for t in range(n - 1)] + [0.0]
+            segments.append(n)
+            seeds.append(self.dropout_seed(k))
+            k += 1
+        first, self._next_seq = self._next_seq, k
         return TrainingSequence(
-            job_id=self.id, store_row=self.store_row, adapter_index=self.adapter_index, token_ids=ids,
+            job_id=self.id, grad_row=self.grad_row, adapter_index=self.adapter_index, token_ids=ids,
             targets=targets, weights=weights, dropout_rate=self.config.lora.lora_dropout,
-            dropout_seed=self.dropout_seed(k), num_layers=self.num_layers, layers_per_slice=self.layers_per_slice,
-            index=k,
+            dropout_seed=seeds[0], num_layers=self.num_layers, layers_per_slice=self.layers_per_slice,
+            index=first, segments=tuple(segments), dropout_seeds=tuple(seeds), num_examples=len(segments),
         )
 
     # ---- progress (called by the engine) --------------------------------------------------
@@ -313,7 +331,8 @@ class FinetuneJob:
         whether one started (``False``: no evaluation set, the job ended, or a pass is on)."""
         if self.done or not self.eval_examples or self._evaluation is not None:
             return False
-        self._evaluation = Evaluation(self.id, self.eval_examples, self.adapter_index, self.num_layers, self.layers_per_slice, self.step)
+        self._evaluation = Evaluation(
+            self.id, self.eval_examples, self.adapter_index, self.num_layers, self.layers_per_slice, self.step, self.pack_len)
         return True
 
     def _eval_due(self, step: int) -> bool:
@@ -322,7 +341,7 @@ class FinetuneJob:
 
     def sequence_done(self, seq: TrainingSequence) -> bool:
         """A sequence finished its backward (or, a validation sequence, its forward). Returns
-        whether its optimizer step's group is complete (always ``False`` for validation)."""
+        whether its optimizer step's examples are all done (always ``False`` for validation)."""
         if seq.forward_only:
             ev = self._evaluation
             if ev is not None and ev.sequence_done(seq):
@@ -334,7 +353,8 @@ class FinetuneJob:
         self._group_loss.extend(losses)
         self._group_tokens += seq.num_tokens
         self.trained_tokens += seq.num_tokens
-        return seq.index + 1 == self._group(self.step).stop
+        self._group_done += seq.num_examples
+        return self._group_done == len(self._group(self.step))
 
     def record_optimizer_step(self, params: dict, opt_state, grad_norm, lr) -> None:
         """Take the result of the optimizer step the model runner ran on this job's accumulated
@@ -346,7 +366,7 @@ class FinetuneJob:
         loss = float(sum(float(x) for x in self._group_loss))
         self.step += 1
         self.loss_history.append(LossRecord(self.step, loss, float(grad_norm), float(lr), self._group_tokens, time.time()))
-        self._group_loss, self._group_tokens = [], 0
+        self._group_loss, self._group_tokens, self._group_done = [], 0, 0
         if self._eval_due(self.step):
             self.request_evaluation()
         if self.checkpointer is not None:

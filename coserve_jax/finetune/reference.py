@@ -7,6 +7,9 @@
   gradient the chunked forward and sliced backward must reproduce.
 * :func:`sequence_gradient`: the token-level way in one jitted function (forward in chunks over
   the paged KV cache, backward in layer slices), as the fused step runs it across serving steps.
+* :func:`pack_gradient`: the backward of a pack of examples (attention within each) run in
+  pieces of any layer counts by the engine's backward (:func:`~coserve_jax.finetune.token_level.backward_layers`,
+  a traced count), after a dense forward that saves the layer inputs.
 
 Loss: token cross-entropy summed over the target tokens (``loss_mask``) divided by
 ``normalizer``, as in :mod:`coserve_jax.finetune.token_level`.
@@ -20,7 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.finetune.token_level import BaseWeights, LoRAParams, forward_chunk, head_backward, slice_backward
+from coserve_jax.finetune.token_level import (
+    BaseWeights, LoRAParams, _layer_lora, _layer_params, backward_layers, forward_chunk, head_backward, slice_backward,
+)
+from coserve_jax.models import rope
+from coserve_jax.models.decoder import decoder_layer
 from coserve_jax.kernels.paged_attention import AttentionMetadata
 from coserve_jax.lora import dropout as lora_dropout
 from coserve_jax.models.attention import dense_attention, packed_causal_mask
@@ -157,4 +164,69 @@ def sequence_gradient(
         )
         parts.append(g)
     grads = jax.tree.map(lambda *gs: jnp.concatenate(gs[::-1], axis=0), *parts)  # slices top-down -> layers
+    return loss, grads
+
+
+@functools.partial(jax.jit, static_argnames=("config", "segments"))
+def pack_gradient(
+    config: ModelConfig,
+    base: BaseWeights,
+    lora: LoRAParams,
+    scaling: dict,
+    tokens: jax.Array,
+    loss_mask: jax.Array,
+    normalizer: jax.Array,
+    *,
+    segments: tuple[int, ...],
+    layer_counts: jax.Array,
+    dropout_rate=0.0,
+    dropout_seeds: jax.Array | None = None,
+):
+    """Loss and LoRA gradient of a pack of examples, with the engine's backward run in pieces.
+
+    Args:
+        tokens: int32 ``[N]``: the examples back to back; loss_mask: bool ``[N]`` (token ``t`` is
+            a target predicted from the tokens before it in its example); normalizer: the summed
+            loss is divided by it.
+        segments: each example's length (adding up to ``N``).
+        layer_counts: int32 ``[pieces]``: the layers of each backward piece, top down (adding up
+            to ``num_layers``); traced, so each piece runs :func:`backward_layers` with a dynamic
+            trip count as the engine's backward does.
+        dropout_rate: LoRA dropout rate; dropout_seeds: uint32 ``[len(segments)]``, each example's seed.
+    Returns:
+        ``(loss, grads)``: float32 scalar and ``{m: {"A": [L, in, R], "B": [L, R, out]}}`` float32.
+    Raises:
+        ValueError: segments that do not add up to the tokens.
+    """
+    n, L = tokens.shape[0], config.num_layers
+    if sum(segments) != n:
+        raise ValueError(f"segments {segments} must add up to {n}")
+    seg = jnp.concatenate([jnp.full((k,), i, jnp.int32) for i, k in enumerate(segments)])
+    positions = jnp.concatenate([jnp.arange(k, dtype=jnp.int32) for k in segments])
+    seeds = jnp.zeros((len(segments),), jnp.uint32) if dropout_seeds is None else jnp.asarray(dropout_seeds, jnp.uint32)
+    drop = lora_dropout.LoRADropout(jnp.full((n,), dropout_rate, jnp.float32), seeds[seg], positions)
+    mask = packed_causal_mask(seg, positions)
+    scale = config.head_dim ** -0.5
+    h = jnp.take(base.embed, tokens, axis=0)
+    cos, sin = rope.cos_sin(config, positions, h.dtype)
+    onehot = jnp.ones((n, 1), jnp.float32)
+
+    def body(h, layer):
+        out = decoder_layer(
+            config, _layer_params(base, layer), _layer_lora(lora, scaling, layer), h, cos, sin, onehot,
+            lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(layer),
+        )
+        return out, h
+
+    final, inputs = jax.lax.scan(body, h, jnp.arange(L, dtype=jnp.int32))
+    last = jnp.cumsum(jnp.asarray(segments)) - 1
+    targets = jnp.roll(tokens, -1)  # token t predicts the next one of its example
+    weights = jnp.roll(loss_mask, -1).astype(jnp.float32).at[last].set(0.0) / normalizer
+    loss, dh = head_backward(config, base, final, targets, weights)
+    grads = {m: {k: jnp.zeros(w[k].shape, jnp.float32) for k in ("A", "B")} for m, w in lora.items()}
+    top = jnp.int32(L)
+    for i in range(layer_counts.shape[0]):
+        count = layer_counts[i]
+        top = top - count
+        dh, grads = backward_layers(config, base.layers, lora, scaling, inputs, positions, seg, dh, top, count, grads, drop)
     return loss, grads

@@ -138,62 +138,60 @@ def head_backward(config, base, final_hidden, targets, weights):
     return loss, dh
 
 
-def slice_backward(
+def backward_layers(
     config: ModelConfig,
     layers: dict,
     lora: LoRAParams,
     scaling: dict,
     layer_inputs: jax.Array,
     positions: jax.Array,
+    segment_ids: jax.Array,
     dh: jax.Array,
     first_layer: jax.Array,
-    num_layers: int,
-    dropout_rate=0.0,
-    dropout_seed=0,
+    num_layers: jax.Array | int,
+    grads: dict,
+    drop: lora_dropout.LoRADropout,
     tp=None,
 ):
-    """VJP of layers ``first_layer .. first_layer + num_layers - 1`` on the whole sequence.
+    """VJP of layers ``first_layer + num_layers - 1`` down to ``first_layer`` on a packed batch
+    of whole sequences, adding each layer's LoRA gradient into ``grads``.
+
+    ``num_layers`` may be traced (a ``lax.fori_loop`` with a dynamic trip count): one compiled
+    backward runs any number of layers, so a step can take as many layers as its time allows.
 
     Args:
         layers: the frozen decoder layers, :meth:`DecoderLayers.arrays` (``BaseWeights.layers``).
-        lora: the job's adapter ``{m: {"A": [L, in, R], "B": [L, R, out]}}``; scaling ``{m: [L]}``.
+        lora: the adapter ``{m: {"A": [L, in, R], "B": [L, R, out]}}``; scaling ``{m: [L]}``.
         layer_inputs: ``[L, N, H]`` saved by the chunked forward.
-        positions: int32 ``[N]``.
-        dh: ``[N, H]``, gradient w.r.t. the output of the slice's top layer.
-        first_layer: int32 scalar (traced: one executable serves every slice of this size).
-        num_layers: static slice size.
-        dropout_rate, dropout_seed: the sequence's LoRA dropout (same masks as its forward).
+        positions: int32 ``[N]``: each token's position in its sequence.
+        segment_ids: int32 ``[N]``: each token's sequence in the pack (attention stays within a
+            sequence, TRL's packing); negative for padding rows, which see nothing and are seen
+            by nothing.
+        dh: ``[N, H]``: gradient w.r.t. the output of layer ``first_layer + num_layers - 1``
+            (zero on padding rows).
+        first_layer: int32 scalar: the lowest layer to run.
+        num_layers: layers to run (int32 scalar, traced or static).
+        grads: ``{m: {"A": [L, in, R], "B": [L, R, out]}}`` float32 accumulators (all layers);
+            layer ``l``'s gradient is added at index ``l``.
+        drop: the batch's LoRA dropout (per-token rate, seed and position; the forward's masks).
         tp: run as one device's shard inside ``jax.shard_map``
-            (:class:`~coserve_jax.parallel.rules.TensorParallel`; ``layers`` and ``lora`` are then
-            this device's shards). The input gradient is all-reduced per layer as Megatron's
-            backward does; the gradients of replicated LoRA weights are *not*: each device
-            returns its partial sum (summed once per optimizer step).
+            (:class:`~coserve_jax.parallel.rules.TensorParallel`; ``layers``, ``lora`` and
+            ``grads`` are then this device's shards). The input gradient is all-reduced per
+            layer as Megatron's backward does; the gradients of replicated LoRA weights are
+            *not*: each device adds its partial sum (summed once per optimizer step).
     Returns:
-        ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` is
-        ``{m: {"A": [num_layers, in, R], "B": [num_layers, R, out]}}``, float32, the gradients of
-        the slice's layers (``grads[m]["A"][i]`` belongs to layer ``first_layer + i``).
+        ``(dh [N, H] w.r.t. the input of layer first_layer, grads)``.
     """
     n = positions.shape[0]
     cos, sin = rope.cos_sin(config, positions, layer_inputs.dtype)
-    mask = packed_causal_mask(jnp.zeros((n,), jnp.int32), positions)
+    mask = packed_causal_mask(segment_ids, positions)
     scale = config.head_dim ** -0.5
     onehot = jnp.ones((n, 1), jnp.float32)
-    drop = lora_dropout.LoRADropout(
-        jnp.full((n,), dropout_rate, jnp.float32), jnp.full((n,), dropout_seed, jnp.uint32), positions
-    )
-
-    def varying(x):  # every LoRA gradient is device-varying under tp (a shard or a partial sum)
-        return x if tp is None else jax.lax.pcast(x, tp.axis, to="varying")
-
-    grads = {
-        m: {k: varying(jnp.zeros((num_layers,) + w[k].shape[1:], jnp.float32)) for k in ("A", "B")}
-        for m, w in lora.items()
-    }
+    top = first_layer + num_layers - 1
 
     def body(i, carry):
         dh, grads = carry
-        local = num_layers - 1 - i
-        layer = first_layer + local
+        layer = top - i
         h_in = jax.lax.dynamic_index_in_dim(layer_inputs, layer, keepdims=False)
         ab = {m: (w["A"][layer], w["B"][layer]) for m, w in lora.items()}
         if tp is not None:
@@ -210,9 +208,53 @@ def slice_backward(
         _, vjp = jax.vjp(f, h_in, ab)
         dh_in, dab = vjp(dh.astype(h_in.dtype))
         grads = {
-            m: {"A": g["A"].at[local].set(dab[m][0].astype(jnp.float32)), "B": g["B"].at[local].set(dab[m][1].astype(jnp.float32))}
+            m: {"A": g["A"].at[layer].add(dab[m][0].astype(jnp.float32)), "B": g["B"].at[layer].add(dab[m][1].astype(jnp.float32))}
             for m, g in grads.items()
         }
         return dh_in.astype(dh.dtype), grads
 
     return jax.lax.fori_loop(0, num_layers, body, (dh, grads))
+
+
+def slice_backward(
+    config: ModelConfig,
+    layers: dict,
+    lora: LoRAParams,
+    scaling: dict,
+    layer_inputs: jax.Array,
+    positions: jax.Array,
+    dh: jax.Array,
+    first_layer: jax.Array,
+    num_layers: int,
+    dropout_rate=0.0,
+    dropout_seed=0,
+    tp=None,
+):
+    """VJP of layers ``first_layer .. first_layer + num_layers - 1`` on one whole sequence
+    (:func:`backward_layers` with a static slice size, its gradients returned apart).
+
+    Args:
+        layers, lora, scaling, layer_inputs, dh, tp: as :func:`backward_layers`.
+        positions: int32 ``[N]`` (one sequence).
+        first_layer: int32 scalar; num_layers: static slice size.
+        dropout_rate, dropout_seed: the sequence's LoRA dropout (same masks as its forward).
+    Returns:
+        ``(dh [N, H] w.r.t. the slice's input, grads)`` where ``grads`` is
+        ``{m: {"A": [num_layers, in, R], "B": [num_layers, R, out]}}``, float32, the gradients of
+        the slice's layers (``grads[m]["A"][i]`` belongs to layer ``first_layer + i``).
+    """
+    n = positions.shape[0]
+    drop = lora_dropout.LoRADropout(
+        jnp.full((n,), dropout_rate, jnp.float32), jnp.full((n,), dropout_seed, jnp.uint32), positions
+    )
+
+    def varying(x):  # every LoRA gradient is device-varying under tp (a shard or a partial sum)
+        return x if tp is None else jax.lax.pcast(x, tp.axis, to="varying")
+
+    acc = {m: {k: varying(jnp.zeros(w[k].shape, jnp.float32)) for k in ("A", "B")} for m, w in lora.items()}
+    dh, acc = backward_layers(
+        config, layers, lora, scaling, layer_inputs, positions, jnp.zeros((n,), jnp.int32), dh, first_layer, num_layers,
+        acc, drop, tp,
+    )
+    grads = jax.tree.map(lambda g: jax.lax.dynamic_slice_in_dim(g, first_layer, num_layers, axis=0), acc)
+    return dh, grads

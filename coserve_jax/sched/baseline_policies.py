@@ -5,8 +5,9 @@ scheduler and engine as :class:`~coserve_jax.sched.hybrid_policy.HybridPolicy`:
 
 * :class:`FixedBudgetPolicy`: FlexLLM's public-code policy (its released
   scheduler): every step has the same token budget, inference first, finetuning forward tokens
-  in what is left up to a fixed cap, and a backward slice every step. The budget is chosen offline
-  and does not look at the SLOs.
+  in what is left up to a fixed cap, and a backward slice every step (the scheduler's default
+  size: ``layers_per_slice`` while inference runs). The budget is chosen offline and does not
+  look at the SLOs.
 * :class:`TemporalPolicy`: temporal sharing, the way a cluster without co-serving shares a GPU:
   ``interval_steps`` inference-only steps, then one whole finetuning iteration (the forward and
   backward of ``sequences_per_iteration`` training sequences, i.e. one optimizer step when that
@@ -46,13 +47,13 @@ class TemporalPolicy:
     Args:
         interval_steps: inference steps between two finetuning iterations (``F``).
         max_tokens: token budget of every step (inference steps and finetuning steps).
-        sequences_per_iteration: training sequences (forward and whole backward) in one iteration.
+        sequences_per_iteration: training examples (forward and whole backward) in one iteration.
     Raises:
         ValueError: an interval or iteration below 1.
 
-    The policy counts a sequence as done when the backward work it was running disappears from
-    the :class:`Load` (the scheduler hands the next sequence in its forward phase), which holds for
-    one training sequence in flight, i.e. one job.
+    The policy counts the examples trained during an iteration with the scheduler's counter
+    (:attr:`Load.trained_examples`; a pack of examples counts each); a finetuning step runs whole
+    backwards.
     """
 
     def __init__(self, interval_steps: int, max_tokens: int, sequences_per_iteration: int = 1):
@@ -67,26 +68,21 @@ class TemporalPolicy:
         self.training = False
         self.iterations = 0
         self._steps = 0  # inference steps since the last iteration
-        self._sequences = 0  # sequences finished in the current iteration
-        self._in_backward = False
+        self._trained_at_start = 0  # the scheduler's sequence counter when the iteration began
 
     def decide(self, load: Load) -> StepBudget:
         finetune_pending = bool(load.finetune_tokens or load.backward_tokens)
         if self.training:
-            if load.backward_tokens:
-                self._in_backward = True
-            elif self._in_backward:
-                self._in_backward = False
-                self._sequences += 1
-            if self._sequences >= self.sequences_per_iteration or not finetune_pending:
+            done = load.trained_examples - self._trained_at_start
+            if done >= self.sequences_per_iteration or not finetune_pending:
                 self.training = False
                 self.iterations += 1
                 self._steps = 0
         elif finetune_pending:
             inference_pending = bool(load.decoding or load.prefill_tokens)
             if self._steps >= self.interval_steps or not inference_pending:
-                self.training, self._sequences, self._in_backward = True, 0, bool(load.backward_tokens)
+                self.training, self._trained_at_start = True, load.trained_examples
         if self.training:
-            return StepBudget(self.max_tokens, self.max_tokens, True, inference=False)
+            return StepBudget(self.max_tokens, self.max_tokens, True, inference=False, backward_layers=1 << 30)
         self._steps += 1
         return StepBudget(self.max_tokens, 0, False)

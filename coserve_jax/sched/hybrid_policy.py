@@ -17,9 +17,11 @@ scheduler). Here every step is sized from the latency model (:mod:`coserve_jax.s
    ``ttft_urgent_fraction`` of its TTFT SLO left) makes the step take the whole token budget for
    inference and none for finetuning.
 3. **Finetuning gets the rest**: the bucket's slots that inference leaves (which the device
-   computes anyway as padding), and a backward slice if the prediction with it still meets the
-   target, or whenever inference is idle (a slice longer than the idle target must still run). At peak load the prediction of inference alone already misses the target, so
-   finetuning gets nothing.
+   computes anyway as padding), and as many backward layers as the prediction allows within the
+   target (the latency model prices each layer); when inference is idle, the whole remaining
+   backward of a sequence in one step (a request that arrives meanwhile waits one step). When
+   not even one layer fits, forward tokens are traded for it. At peak load the prediction of
+   inference alone already misses the target, so finetuning gets nothing.
 
 Pure Python over plain data; no JAX, no NumPy.
 """
@@ -72,8 +74,9 @@ class HybridPolicy:
             return self.slo.idle_step_ms or self.slo.tpot_ms
         return self.slo.margin * min(allow)
 
-    def shape(self, load: Load, tokens: int, ft: int, backward: bool) -> StepShape:
-        """The step shape if ``tokens`` inference tokens and ``ft`` finetuning tokens run."""
+    def shape(self, load: Load, tokens: int, ft: int, backward: int) -> StepShape:
+        """The step shape if ``tokens`` inference tokens, ``ft`` finetuning tokens and
+        ``backward`` backward layers run."""
         n_dec = len(load.decoding)
         pre = max(tokens - n_dec, 0)
         attn = sum(kv for kv, *_ in load.decoding) + pre * (load.prefill_kv + (pre + 1) // 2)
@@ -85,6 +88,7 @@ class HybridPolicy:
             attn,
             (bucket_for(self.backward_buckets, load.backward_tokens) if self.backward_buckets else load.backward_tokens)
             if backward else 0,
+            max(backward, 1),
         )
 
     def decide(self, load: Load) -> StepBudget:
@@ -96,7 +100,7 @@ class HybridPolicy:
         urgent = any(left < self.slo.ttft_urgent_fraction * slo for left, slo in load.queued_deadlines)
         if urgent:
             inf = min(want_inf, self.max_num_batched_tokens)
-            pred = self.latency.predict(self.shape(load, inf, 0, False))
+            pred = self.latency.predict(self.shape(load, inf, 0, 0))
             return StepBudget(self.max_num_batched_tokens, 0, False, target, pred)
         best = None
         for t in reversed(self.token_buckets):
@@ -104,28 +108,29 @@ class HybridPolicy:
             if inf < floor:
                 break
             ft = min(load.finetune_tokens, t - inf)
-            pred = self.latency.predict(self.shape(load, inf, ft, False))
+            pred = self.latency.predict(self.shape(load, inf, ft, 0))
             if pred <= target:
                 best = (t, inf, ft, pred)
                 break
         if best is None:  # inference alone misses the target: the least it must do, no finetuning
             t = bucket_for(self.token_buckets, floor) if floor else self.token_buckets[0]
-            pred = self.latency.predict(self.shape(load, min(want_inf, t), 0, False))
+            pred = self.latency.predict(self.shape(load, min(want_inf, t), 0, 0))
             return StepBudget(t, 0, False, target, pred)
         t, inf, ft, pred = best
-        backward = False
-        if load.backward_tokens:
-            with_bwd = self.latency.predict(self.shape(load, inf, ft, True))
-            if with_bwd <= target or not (load.decoding or load.prefill_tokens):
-                # fits, or inference is idle: a slice longer than the idle target delays only a
-                # request that arrives during it, by one slice (else the job would never train)
-                backward, pred = True, with_bwd
-            elif ft:  # trade forward tokens for the backward slice (a sequence's forward is useless without it)
-                for f in (ft // 2, ft // 4, 0):
-                    p = self.latency.predict(self.shape(load, inf, f, True))
-                    if p <= target:
-                        ft, backward, pred = f, True, p
-                        break
-        return StepBudget(t, ft, backward, target, pred)
-
-
+        layers = 0
+        left = load.backward_layers or (1 if load.backward_tokens else 0)
+        if left:
+            if not (load.decoding or load.prefill_tokens):
+                # inference is idle: the whole backward now (a request arriving meanwhile waits
+                # for this one step; else a job would never train faster than one layer a step)
+                layers = left
+            else:
+                layers = self.latency.backward_layers_within(self.shape(load, inf, ft, 1), target, left)
+                if not layers and ft:  # trade forward tokens for a layer (a forward is useless without its backward)
+                    for f in (ft // 2, ft // 4, 0):
+                        if self.latency.predict(self.shape(load, inf, f, 1)) <= target:
+                            ft, layers = f, 1
+                            break
+            if layers:
+                pred = self.latency.predict(self.shape(load, inf, ft, layers))
+        return StepBudget(t, ft, layers > 0, target, pred, backward_layers=layers)

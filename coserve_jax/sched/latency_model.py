@@ -8,10 +8,10 @@ device computes, which is the *padded* shape:
   LM head scale with ``T`` and ``S``), plus attention, whose work is ``sum_i q_i * kv_i`` over
   the sequences (a decode token reads its whole KV; a prefill chunk of ``q`` tokens reads up to
   ``q * kv``);
-* a finetuning backward slice runs on its length bucket ``N``: its layers' linear work scales with
-  ``N`` and its dense attention with ``N^2``.
+* a finetuning backward runs ``l`` layers on its length bucket ``N``: each layer's linear work
+  scales with ``N`` and its dense attention with ``N^2``.
 
-So ``t = w . x`` with ``x = (1, T, S, attention_work, N_backward, N_backward^2)`` (ms). The
+So ``t = w . x`` with ``x = (1, T, S, attention_work, l N_backward, l N_backward^2)`` (ms). The
 weights are fitted by non-negative least squares to a short profile at start-up; measured steps
 then refine two multiplicative corrections (a global one and one per padded shape, exponential
 moving averages), so the model follows the device (clock, thermals, co-tenants) and each
@@ -27,7 +27,7 @@ import json
 import statistics
 from typing import Iterable, Sequence
 
-FEATURES = ("const", "tokens", "seqs", "attention_work", "backward_tokens", "backward_tokens_sq")
+FEATURES = ("const", "tokens", "seqs", "attention_work", "backward_layer_tokens", "backward_layer_tokens_sq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,19 +39,22 @@ class StepShape:
         num_seqs: the bucket's sequence slots ``S``.
         attention_work: ``sum_i q_i * kv_i`` over the step's sequences (query tokens times the KV
             length they attend to; padding excluded).
-        backward_tokens: the backward slice's length bucket ``N`` (0: no slice).
+        backward_tokens: the backward's length bucket ``N`` (0: no backward).
+        backward_layers: the layers the backward runs (``l``).
     """
 
     num_tokens: int = 0
     num_seqs: int = 0
     attention_work: int = 0
     backward_tokens: int = 0
+    backward_layers: int = 1
 
     def features(self) -> list[float]:
         """``x`` in :data:`FEATURES` order (scaled to keep the normal equations well conditioned)."""
         fwd = 1.0 if self.num_tokens else 0.0
         n = self.backward_tokens / 1024.0
-        return [fwd, self.num_tokens / 1024.0, self.num_seqs / 64.0, self.attention_work / 1e6, n, n * n]
+        layers = self.backward_layers
+        return [fwd, self.num_tokens / 1024.0, self.num_seqs / 64.0, self.attention_work / 1e6, layers * n, layers * n * n]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
@@ -107,6 +110,18 @@ class LatencyModel:
     @staticmethod
     def _key(shape: StepShape) -> tuple[int, int, int]:
         return (shape.num_tokens, shape.num_seqs, shape.backward_tokens)
+
+    def backward_layers_within(self, shape: StepShape, target_ms: float, max_layers: int) -> int:
+        """The most backward layers (``0 .. max_layers``) that keep ``shape`` (its other work as
+        given) within ``target_ms``, by :meth:`predict` (which grows with the layers)."""
+        lo, hi = 0, max_layers
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.predict(dataclasses.replace(shape, backward_layers=mid)) <= target_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     # ---- prediction -----------------------------------------------------------------------
     def base(self, shape: StepShape) -> float:

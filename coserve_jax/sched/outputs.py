@@ -86,24 +86,30 @@ class ScheduledChunk:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneChunk:
-    """Forward tokens of a training sequence in a step (they follow the inference tokens).
+    """Forward tokens of one example of a training sequence in a step (they follow the inference
+    tokens; each chunk is a sequence of the step). A pack's forward chunk that spans several
+    examples is one chunk per example.
 
     Attributes:
         job_id: the job (or validation pass) the sequence belongs to.
         index, num_restarts: the sequence's counter in its job and its attempt (a restarted
             forward's earlier chunks do not count).
-        start: position of the first token.
+        offset: the chunk's first token in the pack (the sequence's tokens computed before it).
+        start: the position of the first token in its example.
         token_ids: the tokens, positions ``start .. start + len - 1``.
-        page_table: the sequence's pages after this step's allocation.
-        adapter_index: the job's adapter; store_row: its activation-store row.
+        page_table: the example's pages after this step's allocation.
+        adapter_index: the job's adapter.
+        store_row: the activation-store row of the first token (the others follow; ``-1`` for a
+            forward-only chunk, which saves nothing).
         targets, weights: per token of the chunk, the token it predicts and the loss weight.
-        dropout_rate, dropout_seed: the sequence's LoRA dropout.
+        dropout_rate, dropout_seed: the example's LoRA dropout.
         forward_only: a validation chunk (loss only, nothing saved for a backward).
     """
 
     job_id: Hashable
     index: int
     num_restarts: int
+    offset: int
     start: int
     token_ids: list[int]
     page_table: tuple[int, ...]
@@ -122,22 +128,29 @@ class FinetuneChunk:
 
 @dataclasses.dataclass(frozen=True)
 class BackwardSlice:
-    """One backward slice of a training sequence in a step: layers ``first_layer ..
-    first_layer + layers_per_slice - 1``.
+    """Backward work of one training sequence in a step: layers ``first_layer + num_layers - 1``
+    down to ``first_layer``, on the whole sequence (all its examples, attention within each).
 
     Attributes:
-        job_id: the sequence's job; first_layer: the slice's lowest layer.
-        num_tokens: the sequence's length; store_row, adapter_index: its job's row and adapter.
-        dropout_rate, dropout_seed: the sequence's LoRA dropout.
+        job_id: the sequence's job; index: its counter in the job.
+        first_layer: the lowest layer of the slice; num_layers: layers in the slice.
+        num_tokens: the sequence's length; store_row: its first activation-store row.
+        grad_row: its job's gradient-accumulator row; adapter_index: the job's adapter.
+        segments: each example's length, in order.
+        dropout_rate: the job's LoRA dropout rate; dropout_seeds: each example's seed.
     """
 
     job_id: Hashable
+    index: int
     first_layer: int
+    num_layers: int
     num_tokens: int
     store_row: int
+    grad_row: int
     adapter_index: int
+    segments: tuple[int, ...]
     dropout_rate: float = 0.0
-    dropout_seed: int = 0
+    dropout_seeds: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -183,8 +196,8 @@ class DecodeChunks:
 @dataclasses.dataclass
 class SchedulerOutput:
     """One step's plan: the one-token chunks (``decodes``) first, then the chunks of several
-    tokens or of new requests (``prefills``), in batch order; then at most one finetuning forward
-    chunk (after the inference tokens) and one backward slice. The inference sequences of a step,
+    tokens or of new requests (``prefills``), in batch order; then the finetuning forward chunks
+    (after the inference tokens, each a sequence of the step) and at most one backward slice. The inference sequences of a step,
     in order, are ``decodes`` then ``prefills`` (:attr:`chunks` lists them as
     :class:`ScheduledChunk`).
 
@@ -195,7 +208,8 @@ class SchedulerOutput:
         preempted: ids of the requests preempted while planning.
         finished: ids of the requests that ended (finished, aborted) since the previous plan:
             their page tables can be dropped.
-        finetune: the training forward chunk, if any. backward: the backward slice, if any.
+        finetune: the training forward chunks, in order (empty: none). backward: the backward
+            slice, if any.
         has_pending_tokens: some decode holds a :data:`PENDING_TOKEN`.
         training_recorded: the scheduler has recorded the training progress of this plan
             (:meth:`~coserve_jax.sched.scheduler.Scheduler.update_training`).
@@ -205,7 +219,7 @@ class SchedulerOutput:
     prefills: list[ScheduledChunk] = dataclasses.field(default_factory=list)
     preempted: list[Hashable] = dataclasses.field(default_factory=list)
     finished: list[Hashable] = dataclasses.field(default_factory=list)
-    finetune: FinetuneChunk | None = None
+    finetune: list[FinetuneChunk] = dataclasses.field(default_factory=list)
     backward: BackwardSlice | None = None
     has_pending_tokens: bool = False
     training_recorded: bool = dataclasses.field(default=False, compare=False)
@@ -233,17 +247,22 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         """Token slots the step needs: inference and finetuning forward tokens."""
-        return self.num_inference_tokens + (self.finetune.num_tokens if self.finetune else 0)
+        return self.num_inference_tokens + self.num_finetune_tokens
+
+    @property
+    def num_finetune_tokens(self) -> int:
+        """Finetuning forward tokens of the step."""
+        return sum(len(c.token_ids) for c in self.finetune)
 
     @property
     def num_seqs(self) -> int:
-        """Sequence slots the step needs (a finetuning chunk takes one)."""
-        return self.num_inference_seqs + (1 if self.finetune else 0)
+        """Sequence slots the step needs (each finetuning chunk takes one)."""
+        return self.num_inference_seqs + len(self.finetune)
 
     @property
     def is_empty(self) -> bool:
         """Nothing to run (``finished`` ids still have to reach the page-table keeper)."""
-        return not self.decodes.request_ids and not self.prefills and self.finetune is None and self.backward is None
+        return not self.decodes.request_ids and not self.prefills and not self.finetune and self.backward is None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -276,11 +295,11 @@ class StepResult:
         logprobs: the sampled token's logprob per chunk (``None`` where not asked).
         top_logprobs: ``{token id: logprob}`` of the top ``num_logprobs`` per chunk (``None``
             where not asked).
-        finetune_loss: the finetuning chunk's summed weighted cross-entropy (nats), if the
-            step had one.
+        finetune_losses: per finetuning chunk of the plan, its summed weighted cross-entropy
+            (nats); ``None`` for a step without one.
     """
 
     sampled: list[int | None]
     logprobs: list[float | None] | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
-    finetune_loss: float | None = None
+    finetune_losses: list[float] | None = None

@@ -63,7 +63,10 @@ class StepBudget:
     Attributes:
         max_tokens: token budget of the step (inference and finetuning forward).
         max_finetune_tokens: most finetuning forward tokens.
-        allow_backward: whether a backward slice may run.
+        allow_backward: whether backward work may run.
+        backward_layers: how many backward layers may run (0: the scheduler's default, its
+            sequence's ``layers_per_slice`` while inference runs and every remaining layer when
+            inference is idle).
         target_ms: the step time aimed at; predicted_ms: the prediction of the chosen plan.
         inference: whether inference tokens may run (``False``: the step is finetuning's alone,
             as in temporal sharing).
@@ -75,6 +78,7 @@ class StepBudget:
     target_ms: float = 0.0
     predicted_ms: float = 0.0
     inference: bool = True
+    backward_layers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +95,11 @@ class Load:
             and its TTFT SLO in seconds.
         num_seqs: sequences the inference part would take.
         finetune_tokens: finetuning forward tokens available (0: none in forward).
-        finetune_kv: KV length the finetuning chunk starts at.
-        backward_tokens: the length bucket of the backward slice available (0: none).
+        finetune_kv: KV length the first finetuning chunk starts at.
+        backward_tokens: the length of the training sequence whose backward is next (0: none).
+        backward_layers: its backward layers left.
+        trained_examples: examples whose training sequence is done, since the scheduler started
+            (a counter; a pack counts each of its examples).
     """
 
     now: float
@@ -104,6 +111,8 @@ class Load:
     finetune_tokens: int = 0
     finetune_kv: int = 0
     backward_tokens: int = 0
+    backward_layers: int = 0
+    trained_examples: int = 0
 
 
 class StepPolicy(Protocol):
@@ -125,20 +134,21 @@ def bucket_for(buckets: Sequence[int], n: int) -> int:
 def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], backward_buckets: Sequence[int] = ()) -> StepShape:
     """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.outputs.SchedulerOutput`)
     runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
-    queries times the mean KV length they attend to) and its backward slice's length bucket."""
+    queries times the mean KV length they attend to) and its backward's length bucket and layers."""
     d = plan.decodes
     attn = sum(d.starts) + len(d.starts)  # a decode's query attends to start + 1 keys
     attn += sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.prefills)
-    if plan.finetune is not None:
-        f = plan.finetune
+    for f in plan.finetune:
         attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
     n = plan.num_tokens
-    bwd = 0
+    bwd = layers = 0
     if plan.backward is not None:
         length = plan.backward.num_tokens
         bwd = bucket_for(backward_buckets, length) if backward_buckets else length
+        layers = plan.backward.num_layers
     return StepShape(
-        bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd
+        bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd,
+        layers,
     )
 
 

@@ -21,12 +21,16 @@ request is admitted in a step that preempted.
 
 **Finetuning** (token-level, :mod:`coserve_jax.sched.finetune`) takes what inference leaves:
 
-4. **Forward chunk**: with budget and a sequence slot left, one training sequence in its forward
-   phase (round robin over the jobs) gets the next chunk of up to ``max_finetune_tokens`` tokens,
-   if its pages fit above the watermark. Inference that runs out of pages frees a training
-   sequence's pages before it preempts a request (the sequence's forward restarts later).
-5. **Backward slice**: one training sequence in its backward phase (round robin) gets its next
-   slice of layers; the backward work a step carries is bounded by that slice.
+4. **Forward chunks**: with budget and sequence slots left, training sequences in their forward
+   phase (the jobs in round robin, each job's sequences in order) get their next chunks, up to
+   ``max_finetune_tokens`` tokens in all, while their pages fit above the watermark and the
+   activation store has rows for them; a chunk of a pack is one sequence of the step per example
+   it touches. Inference that runs out of pages frees a training sequence's pages before it
+   preempts a request (the sequence's forward restarts later).
+5. **Backward**: one training sequence in its backward phase (round robin over the jobs, each
+   job's oldest first) gets its next layers, top down: as many as the step's policy allows, by
+   default ``layers_per_slice`` while inference runs and every remaining layer when inference is
+   idle (nothing running or waiting: the whole backward in one step).
 
 After the device ran the step, :meth:`Scheduler.update` appends the sampled tokens and applies
 the token-level stop conditions (EOS ids unless ``ignore_eos``, ``stop_token_ids``,
@@ -42,7 +46,7 @@ import collections
 import dataclasses
 from typing import Hashable, Iterable
 
-from coserve_jax.sched.finetune import TrainingPhase, TrainingSequence
+from coserve_jax.sched.finetune import StoreAllocator, TrainingPhase, TrainingSequence
 from coserve_jax.sched.outputs import (
     PENDING_TOKEN, BackwardSlice, DecodeChunks, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
 )
@@ -62,6 +66,8 @@ class SchedulerConfig:
         watermark_pages: free pages admission (and finetuning) leave for running requests to
             grow into.
         max_finetune_tokens: most finetuning forward tokens in one step (0: no finetuning).
+        store_rows: rows (tokens) of the activation store that training sequences' saved layer
+            inputs share (default: no limit).
     """
 
     max_num_seqs: int
@@ -69,6 +75,7 @@ class SchedulerConfig:
     max_model_len: int
     watermark_pages: int = 0
     max_finetune_tokens: int = 0
+    store_rows: int = 1 << 62
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -112,7 +119,10 @@ class Scheduler:
         self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
         self._plan_pending = False  # the plan being made holds a PENDING_TOKEN
         self.num_preemptions = 0
-        self.training: list[TrainingSequence] = []  # at most one per job
+        self.training: list[TrainingSequence] = []  # in the order they were added
+        self.store = StoreAllocator(config.store_rows)
+        """Rows of the activation store, given to training sequences when their forward starts."""
+        self.num_trained = 0  # examples whose training sequence is done, since start (forward-only ones included)
         self._rr_forward = 0
         self._rr_backward = 0
         self.policy = policy
@@ -185,83 +195,140 @@ class Scheduler:
 
     # ---- finetuning ----------------------------------------------------------------------
     def add_training_sequence(self, seq: TrainingSequence) -> None:
-        """Start a job's next training sequence.
+        """Queue a job's next training sequence (a job may have several in flight).
 
         Raises:
-            ValueError: finetuning is off (``max_finetune_tokens == 0``), the job already has a
-                sequence in flight, or the sequence cannot fit the KV cache or the context length.
+            ValueError: finetuning is off (``max_finetune_tokens == 0``), a sequence of the job
+                with the same counter is in flight, or the sequence cannot fit the KV cache, the
+                context length or the activation store.
         """
         if self.config.max_finetune_tokens < 1:
             raise ValueError("this scheduler has no finetuning budget (max_finetune_tokens=0)")
-        if any(s.job_id == seq.job_id for s in self.training):
-            raise ValueError(f"job {seq.job_id!r} already has a training sequence in flight")
-        if seq.num_tokens > self.config.max_model_len:
-            raise ValueError(f"training sequence of {seq.num_tokens} tokens exceeds max_model_len={self.config.max_model_len}")
-        if self.kv_cache.pages_for(seq.num_tokens) > self.kv_cache.capacity:
-            raise ValueError(f"training sequence needs {self.kv_cache.pages_for(seq.num_tokens)} KV pages; the cache has {self.kv_cache.capacity}")
+        if any(s.job_id == seq.job_id and s.index == seq.index for s in self.training):
+            raise ValueError(f"job {seq.job_id!r} already has training sequence {seq.index} in flight")
+        longest = max(seq.segments)
+        if longest > self.config.max_model_len:
+            raise ValueError(f"training sequence of {longest} tokens exceeds max_model_len={self.config.max_model_len}")
+        if self.kv_cache.pages_for(longest) > self.kv_cache.capacity:
+            raise ValueError(f"training sequence needs {self.kv_cache.pages_for(longest)} KV pages; the cache has {self.kv_cache.capacity}")
+        if not seq.forward_only and seq.num_tokens > self.store.capacity:
+            raise ValueError(f"training sequence of {seq.num_tokens} tokens exceeds the activation store's {self.store.capacity} rows")
         self.training.append(seq)
 
-    def remove_training(self, job_id: Hashable) -> TrainingSequence | None:
-        """Drop a job's sequence in flight (cancel) and free its pages."""
-        for seq in self.training:
-            if seq.job_id == job_id:
-                self.training.remove(seq)
-                if seq.kv_id in self.kv_cache:
-                    self.kv_cache.free(seq.kv_id)
-                return seq
-        return None
+    def training_sequences(self, job_id: Hashable) -> list[TrainingSequence]:
+        """A job's sequences in flight, oldest first."""
+        return [s for s in self.training if s.job_id == job_id]
 
-    def _round_robin(self, phase: TrainingPhase, start: int) -> list[TrainingSequence]:
-        seqs = [s for s in self.training if s.phase is phase]
-        if not seqs:
+    def remove_training(self, job_id: Hashable) -> list[TrainingSequence]:
+        """Drop a job's sequences in flight (cancel) and free their pages and store rows."""
+        gone = self.training_sequences(job_id)
+        for seq in gone:
+            self.training.remove(seq)
+            self._free_pages(seq)
+            self._free_store(seq)
+        return gone
+
+    def _free_pages(self, seq: TrainingSequence) -> bool:
+        freed = False
+        for i in range(len(seq.segments)):
+            if seq.kv_id(i) in self.kv_cache:
+                self.kv_cache.free(seq.kv_id(i))
+                freed = True
+        return freed
+
+    def _free_store(self, seq: TrainingSequence) -> None:
+        if seq.store_start is not None:
+            self.store.free(seq.store_start, seq.num_tokens)
+            seq.store_start = None
+
+    def _by_job(self, phase: TrainingPhase, start: int) -> list[TrainingSequence]:
+        """The sequences in ``phase``: the jobs in round robin from ``start``, each job's in order."""
+        jobs: dict[Hashable, list[TrainingSequence]] = {}
+        for s in self.training:
+            if s.phase is phase:
+                jobs.setdefault(s.job_id, []).append(s)
+        if not jobs:
             return []
-        k = start % len(seqs)
-        return seqs[k:] + seqs[:k]
+        order = list(jobs.values())
+        k = start % len(order)
+        return [s for seqs in order[k:] + order[:k] for s in seqs]
 
     def _preempt_training(self) -> bool:
         """Free the pages of a training sequence in its forward phase (it restarts later)."""
         for seq in reversed(self.training):
-            if seq.kv_id in self.kv_cache:
-                self.kv_cache.free(seq.kv_id)
+            if seq.phase is TrainingPhase.FORWARD and self._free_pages(seq):
                 seq.num_computed = 0
                 seq.num_restarts += 1
                 return True
         return False
 
-    def _schedule_finetune(
-        self, budget: int, num_chunks: int, cap: int, allow_backward: bool = True
-    ) -> tuple[FinetuneChunk | None, BackwardSlice | None]:
-        fwd = None
-        if budget > 0 and cap > 0 and num_chunks < self.config.max_num_seqs:
-            for seq in self._round_robin(TrainingPhase.FORWARD, self._rr_forward):
-                n = min(cap, budget, seq.num_tokens - seq.num_computed)
-                end = seq.num_computed + n
-                held = len(self.kv_cache.page_table(seq.kv_id)) if seq.kv_id in self.kv_cache else 0
-                need = self.kv_cache.pages_for(end) - held
-                if need + self.config.watermark_pages > self.kv_cache.num_free_pages:
-                    continue
-                if seq.kv_id in self.kv_cache:
-                    self.kv_cache.grow(seq.kv_id, end)
-                else:
-                    self.kv_cache.admit(seq.kv_id, end)
-                start = seq.num_computed
-                fwd = FinetuneChunk(
-                    job_id=seq.job_id, index=seq.index, num_restarts=seq.num_restarts, start=start,
-                    token_ids=seq.token_ids[start:end], page_table=self.kv_cache.page_table(seq.kv_id),
-                    adapter_index=seq.adapter_index, store_row=seq.store_row, targets=seq.targets[start:end],
-                    weights=seq.weights[start:end], dropout_rate=seq.dropout_rate, dropout_seed=seq.dropout_seed,
-                    forward_only=seq.forward_only,
-                )
-                self._rr_forward += 1
+    def _forward_chunks(self, seq: TrainingSequence, budget: int, slots: int) -> list[FinetuneChunk]:
+        """The next chunks of ``seq``'s forward (one per example touched), at most ``budget``
+        tokens and ``slots`` chunks, as far as pages above the watermark allow; allocates them."""
+        kv = self.kv_cache
+        chunks = []
+        pos = seq.num_computed
+        starts = seq.segment_starts
+        while budget > 0 and slots > 0 and pos < seq.num_tokens:
+            i = seq.segment_of(pos)
+            seg_start, seg_len = starts[i], seq.segments[i]
+            local = pos - seg_start
+            n = min(budget, seg_len - local)
+            kid = seq.kv_id(i)
+            held = len(kv.page_table(kid)) if kid in kv else 0
+            need = kv.pages_for(local + n) - held
+            if need + self.config.watermark_pages > kv.num_free_pages:
                 break
+            if kid in kv:
+                kv.grow(kid, local + n)
+            else:
+                kv.admit(kid, local + n)
+            chunks.append(FinetuneChunk(
+                job_id=seq.job_id, index=seq.index, num_restarts=seq.num_restarts, offset=pos, start=local,
+                token_ids=seq.token_ids[pos:pos + n], page_table=kv.page_table(kid), adapter_index=seq.adapter_index,
+                store_row=-1 if seq.forward_only else seq.store_start + pos, targets=seq.targets[pos:pos + n],
+                weights=seq.weights[pos:pos + n], dropout_rate=seq.dropout_rate, dropout_seed=seq.dropout_seeds[i],
+                forward_only=seq.forward_only,
+            ))
+            pos += n
+            budget -= n
+            slots -= 1
+        return chunks
+
+    def _schedule_finetune(
+        self, budget: int, num_chunks: int, cap: int, backward_layers: int, idle: bool
+    ) -> tuple[list[FinetuneChunk], BackwardSlice | None]:
+        fwd: list[FinetuneChunk] = []
+        budget = min(budget, cap)
+        slots = self.config.max_num_seqs - num_chunks
+        if budget > 0 and slots > 0:
+            for seq in self._by_job(TrainingPhase.FORWARD, self._rr_forward):
+                if seq.store_start is None and not seq.forward_only:
+                    seq.store_start = self.store.allocate(seq.num_tokens)
+                    if seq.store_start is None:
+                        continue  # the store is full: the sequences before it must finish first
+                chunks = self._forward_chunks(seq, budget, slots)
+                fwd += chunks
+                budget -= sum(c.num_tokens for c in chunks)
+                slots -= len(chunks)
+                if budget <= 0 or slots <= 0:
+                    break
+            if fwd:
+                self._rr_forward += 1
         bwd = None
-        for seq in self._round_robin(TrainingPhase.BACKWARD, self._rr_backward) if allow_backward else ():
-            bwd = BackwardSlice(
-                seq.job_id, seq.next_first_layer, seq.num_tokens, seq.store_row, seq.adapter_index,
-                seq.dropout_rate, seq.dropout_seed,
-            )
-            self._rr_backward += 1
-            break
+        if backward_layers:
+            for seq in self._by_job(TrainingPhase.BACKWARD, self._rr_backward):
+                n = seq.layers_left if backward_layers < 0 else min(backward_layers, seq.layers_left)
+                if n <= 0:
+                    continue
+                if backward_layers < 0 and not idle:
+                    n = min(seq.layers_per_slice, n)
+                bwd = BackwardSlice(
+                    seq.job_id, seq.index, seq.num_layers - seq.layers_done - n, n, seq.num_tokens, seq.store_start,
+                    seq.grad_row, seq.adapter_index, seq.segments, seq.dropout_rate, seq.dropout_seeds,
+                )
+                self._rr_backward += 1
+                break
         return fwd, bwd
 
     @property
@@ -291,14 +358,16 @@ class Scheduler:
             if r.first_token_time is None:
                 ttft = (r.ttft_slo_ms or (defaults.ttft_ms if defaults else 0.0)) / 1000.0
                 deadlines.append((r.arrival_time + ttft - now, ttft))
-        fwd = self._round_robin(TrainingPhase.FORWARD, self._rr_forward)
-        bwd = self._round_robin(TrainingPhase.BACKWARD, self._rr_backward)
+        fwd = self._by_job(TrainingPhase.FORWARD, self._rr_forward)
+        bwd = self._by_job(TrainingPhase.BACKWARD, self._rr_backward)
         return Load(
             now=now, decoding=decoding, prefill_tokens=prefill, prefill_kv=prefill_kv or 0,
             queued_deadlines=deadlines, num_seqs=min(len(self.running) + len(self.waiting), self.config.max_num_seqs),
-            finetune_tokens=(fwd[0].num_tokens - fwd[0].num_computed) if fwd else 0,
-            finetune_kv=fwd[0].num_computed if fwd else 0,
+            finetune_tokens=sum(s.num_tokens - s.num_computed for s in fwd),
+            finetune_kv=(fwd[0].num_computed - fwd[0].segment_starts[fwd[0].segment_of(fwd[0].num_computed)]) if fwd else 0,
             backward_tokens=bwd[0].num_tokens if bwd else 0,
+            backward_layers=bwd[0].layers_left if bwd else 0,
+            trained_examples=self.num_trained,
         )
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
@@ -308,14 +377,14 @@ class Scheduler:
             now: the clock (seconds); with a policy, the step is sized from the SLOs.
         """
         budget = self.config.max_num_batched_tokens
-        ft_cap, allow_backward, inference = self.config.max_finetune_tokens, True, True
+        ft_cap, backward_layers, inference = self.config.max_finetune_tokens, -1, True
         self.last_budget = None
         if self.policy is not None and now is not None:
-            self.last_budget = self.policy.decide(self.load(now))
-            budget = min(budget, self.last_budget.max_tokens)
-            ft_cap = min(ft_cap, self.last_budget.max_finetune_tokens)
-            allow_backward = self.last_budget.allow_backward
-            inference = self.last_budget.inference
+            self.last_budget = b = self.policy.decide(self.load(now))
+            budget = min(budget, b.max_tokens)
+            ft_cap = min(ft_cap, b.max_finetune_tokens)
+            backward_layers = (b.backward_layers or -1) if b.allow_backward else 0
+            inference = b.inference
         decodes = DecodeChunks()
         chunks: list[ScheduledChunk] = []
         preempted: list[Hashable] = []
@@ -341,9 +410,11 @@ class Scheduler:
                 self.running.append(req)
                 chunks.append(self._chunk(req, n, table))  # start 0: the whole table
                 budget -= n
-        fwd, bwd = (None, None)
+        fwd, bwd = [], None
         if self.training:
-            fwd, bwd = self._schedule_finetune(0 if preempted else budget, len(decodes) + len(chunks), ft_cap, allow_backward)
+            idle = not self.running and not self.waiting
+            fwd, bwd = self._schedule_finetune(
+                0 if preempted else budget, len(decodes) + len(chunks), ft_cap, backward_layers, idle)
         pending, self._plan_pending = self._plan_pending, False
         finished, self._ended = self._ended, []
         return SchedulerOutput(
@@ -548,45 +619,61 @@ class Scheduler:
                 finished.append(req)
         return finished
 
-    def training_sequence(self, job_id: Hashable) -> TrainingSequence | None:
-        """A job's sequence in flight, if any."""
+    def _sequence(self, job_id: Hashable, index: int) -> TrainingSequence | None:
         for seq in self.training:
-            if seq.job_id == job_id:
+            if seq.job_id == job_id and seq.index == index:
                 return seq
         return None
 
     def update_training(self, output: SchedulerOutput) -> None:
-        """Record the training progress of a dispatched plan (forward chunk computed, backward
-        slice done). It needs no result from the device, so an engine that overlaps steps records
-        it before planning the next step; :meth:`update` does it otherwise. Idempotent per plan."""
+        """Record the training progress of a dispatched plan (forward chunks computed, backward
+        layers done). It needs no result from the device, so an engine that overlaps steps records
+        it before planning the next step; :meth:`update` does it otherwise. Idempotent per plan.
+        An example whose forward is done gives its pages back (the backward needs no K/V); a
+        sequence that is done gives its store rows back (the device runs steps in order, so the
+        rows are reused only after its backward ran)."""
         if output.training_recorded:
             return
         output.training_recorded = True
-        c = output.finetune
-        seq = self.training_sequence(c.job_id) if c is not None else None
-        if seq is not None and seq.index == c.index and seq.num_restarts == c.num_restarts and seq.num_computed == c.start:
-            seq.num_computed = c.start + c.num_tokens
-            if seq.phase is not TrainingPhase.FORWARD and seq.kv_id in self.kv_cache:  # the backward needs no K/V
-                self.kv_cache.free(seq.kv_id)
+        for c in output.finetune:
+            seq = self._sequence(c.job_id, c.index)
+            if seq is None or seq.num_restarts != c.num_restarts or seq.num_computed != c.offset:
+                continue
+            seq.num_computed = end = c.offset + c.num_tokens
+            i = seq.segment_of(end - 1)
+            if end == seq.segment_starts[i] + seq.segments[i] and seq.kv_id(i) in self.kv_cache:
+                self.kv_cache.free(seq.kv_id(i))  # the example's forward is done
+            self._check_done(seq)
         b = output.backward
-        seq = self.training_sequence(b.job_id) if b is not None else None
-        if seq is not None and seq.phase is TrainingPhase.BACKWARD and b.first_layer == seq.next_first_layer:
-            seq.slices_done += 1
+        seq = self._sequence(b.job_id, b.index) if b is not None else None
+        if seq is not None and seq.phase is TrainingPhase.BACKWARD and b.first_layer + b.num_layers == seq.num_layers - seq.layers_done:
+            seq.layers_done += b.num_layers
+            self._check_done(seq)
+
+    def _check_done(self, seq: TrainingSequence) -> None:
+        if seq.phase is TrainingPhase.DONE:
+            self._free_store(seq)
+            self.num_trained += seq.num_examples
 
     def follow(self, output: SchedulerOutput) -> None:
         """Take a plan another process's scheduler made (multi-host: process 0 plans, the others
         run its plans). This scheduler then holds no inference requests, only the training
         sequences of the same jobs (fed by the same job logic); where the planner restarted a
-        sequence's forward (its pages were taken for inference), the plan's chunk says so, and
-        this copy follows before :meth:`update_training` records the chunk."""
-        c = output.finetune
-        seq = self.training_sequence(c.job_id) if c is not None else None
-        if seq is not None and seq.index == c.index:
-            seq.num_restarts = c.num_restarts
-            seq.num_computed = c.start
+        sequence's forward (its pages were taken for inference), or gave it store rows, the
+        plan's chunks say so, and this copy follows before :meth:`update_training` records them."""
+        for c in output.finetune:
+            seq = self._sequence(c.job_id, c.index)
+            if seq is not None and c.offset <= seq.num_tokens:
+                if seq.num_restarts != c.num_restarts or seq.num_computed > c.offset:
+                    seq.num_restarts = c.num_restarts
+                    seq.num_computed = c.offset
+                if not c.forward_only and seq.store_start is None:
+                    seq.store_start = c.store_row - c.offset
+                    self.store.allocate_at(seq.store_start, seq.num_tokens)
 
     def pop_trained(self) -> list[TrainingSequence]:
-        """Remove and return the training sequences whose backward is complete."""
+        """Remove and return the training sequences whose backward (or, forward-only, forward) is
+        complete, in the order they were added."""
         done = [s for s in self.training if s.phase is TrainingPhase.DONE]
         for s in done:
             self.training.remove(s)
