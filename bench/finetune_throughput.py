@@ -12,8 +12,9 @@ is reported per round and as min / median.
         --out bench/results/finetune_throughput_cpu.json
 
 The engine is built once (its compile time is reported apart, not counted); each engine round is
-a fresh job. ``--layers-per-slice`` sets the engine's backward slice (default 1: one decoder
-layer of backward per step, the engine's default; 30 gives the whole backward in one step).
+a fresh job. With no inference running, the engine runs a training sequence's whole backward in
+one step and packs short examples (``--no-packing`` turns that off);
+``--layers-per-slice`` only matters while inference runs.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ GGUF = "models/smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
 
 
-def engine_round(engine, examples, batch: int, seed: int) -> dict:
+def engine_round(engine, examples, batch: int, seed: int, packing: bool = True) -> dict:
     job = engine.create_finetuning_job(
         examples, lora=LORA, learning_rate=1e-4, gradient_accumulation_steps=batch, max_steps=len(examples) // batch,
         lr_scheduler_type="constant", max_grad_norm=None, shuffle=False, seed=seed, adapter_name=f"bench-{seed}",
+        packing=packing,
     )
     steps0 = engine.num_steps
     t0 = time.perf_counter()
@@ -44,6 +46,7 @@ def engine_round(engine, examples, batch: int, seed: int) -> dict:
     assert job.status.value == "succeeded", job.error
     out = {"wall_s": wall, "tokens": job.trained_tokens, "tokens_per_s": job.trained_tokens / wall,
            "engine_steps": engine.num_steps - steps0, "optimizer_steps": job.step,
+           "engine_steps_per_optimizer_step": (engine.num_steps - steps0) / job.step,
            "losses": [r.loss for r in job.loss_history]}
     engine.unload_adapter(job.adapter_name)
     return out
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--layers-per-slice", type=int, default=1)
+    p.add_argument("--no-packing", action="store_true", help="one example per training sequence")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     gguf = os.path.join(args.data_dir, GGUF)
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     engine = Engine(gguf, dtype="float32", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256,
                     token_buckets=(256,), seq_buckets=(4,), max_loras=2, max_lora_rank=16, finetune_max_seq_len=512,
-                    finetune_seq_buckets=(128, 256, 512), finetune_layers_per_slice=args.layers_per_slice)
+                    finetune_layers_per_slice=args.layers_per_slice)
     build_s = time.perf_counter() - t
     subset = os.path.join(os.path.dirname(os.path.abspath(args.out or "x")), ".gsm8k_subset.jsonl")
     with open(train) as f, open(subset, "w") as g:
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     os.remove(subset)
     rounds = []
     for r in range(args.rounds):
-        e = engine_round(engine, examples, args.batch, seed=r)
+        e = engine_round(engine, examples, args.batch, seed=r, packing=not args.no_packing)
         tr = torch_round(os.path.dirname(gguf), os.path.basename(gguf), examples, args.batch, seed=r)
         ratio = e["tokens_per_s"] / tr["tokens_per_s"]
         print(f"round {r + 1}: engine {e['tokens_per_s']:.1f} tokens/s ({e['engine_steps']} steps for "
@@ -128,7 +132,8 @@ def main(argv=None) -> int:
     result = {
         "command": "python bench/finetune_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": GGUF, "dtype": "float32", "examples": args.examples, "batch": args.batch, "lora": LORA,
-        "layers_per_slice": args.layers_per_slice, "engine_build_s": build_s,
+        "layers_per_slice": args.layers_per_slice, "packing": not args.no_packing,
+        "backward_buckets": list(engine.engine_config.backward_buckets), "engine_build_s": build_s,
         "tokens_per_example_mean": statistics.mean(len(e.token_ids) for e in examples),
         "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "rounds": rounds,
         "jax": jax.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),

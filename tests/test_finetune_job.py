@@ -269,8 +269,10 @@ def test_pause_and_resume_give_the_same_adapter_as_an_uninterrupted_job(engine):
     np.testing.assert_allclose([r.loss for r in paused.loss_history], [r.loss for r in straight.loss_history], rtol=1e-6)
     a, b = eng.adapter_weights(straight), eng.adapter_weights(paused)
     for m in a.modules:
-        np.testing.assert_allclose(b.modules[m].a, a.modules[m].a, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(b.modules[m].b, a.modules[m].b, rtol=1e-5, atol=1e-6)
+        # (AdamW's normalized steps turn float32 noise of a near-zero gradient entry into up to a
+        # few 1e-4 of a step of lr=2e-2)
+        np.testing.assert_allclose(b.modules[m].a, a.modules[m].a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.modules[m].b, a.modules[m].b, rtol=1e-5, atol=1e-5)
     eng.unload_adapter("straight")
     eng.unload_adapter("paused")
 

@@ -85,6 +85,13 @@ class FinetuneService:
         self._free_rows = list(range(config.finetune.max_jobs)) if config.finetune is not None else []
 
     @property
+    def pack_len(self) -> int:
+        """The longest pack of examples: ``min(finetune_max_seq_len, max_finetune_tokens)``, so an
+        idle step holds a whole pack's forward (longer packs cost more backward per token: the
+        attention grows with the square of the length)."""
+        return min(self.config.finetune.max_seq_len, self.config.max_finetune_tokens)
+
+    @property
     def num_free_slots(self) -> int:
         """Jobs that can start now (of ``max_finetune_jobs``)."""
         return len(self._free_rows)
@@ -159,7 +166,7 @@ class FinetuneService:
             checkpointer=checkpointer, base_model_name_or_path=self.model_path, cancel_fn=self.cancel_job,
             pause_fn=self.pause_job, resume_fn=self.resume_job,
             eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
-            skipped_examples=examples.skipped_examples, pack_len=layout.max_seq_len,
+            skipped_examples=examples.skipped_examples, pack_len=self.pack_len,
         )
         if cfg.resume:
             job.restore_latest()
@@ -228,7 +235,7 @@ class FinetuneService:
         index = self.runner.adapters.adapter_index(adapter) if adapter else 0
         examples = self.examples(data, config or FinetuneConfig())
         ev = Evaluation(eval_id or f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.model_config.num_layers,
-                        self.config.finetune.layers_per_slice, pack_len=self.config.finetune.max_seq_len)
+                        self.config.finetune.layers_per_slice, pack_len=self.pack_len)
         self.evaluations[ev.id] = ev
         self._feed(ev)
         return ev

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from coserve_jax.engine.sampler import SamplerOutput, apply_repetition_penalty, sample
-from coserve_jax.engine.step_inputs import Bucket, StepDims, StepInputs, abstract_inputs
+from coserve_jax.engine.step_inputs import Bucket, StepDims, StepInputs, abstract_inputs, head_sizes
 from coserve_jax.finetune.fused import FinetuneBuffers, save_forward
 from coserve_jax.finetune.token_level import base_weights
 from coserve_jax.kernels.paged_attention import AttentionMetadata, paged_attention
@@ -171,7 +171,8 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
         else:
             h, (k_cache, v_cache), (saved, final) = out
             ft_buffers, loss = save_forward(
-                model.config, base_weights(model), ft_buffers, ft, saved, final, inputs.logits_indices.shape[0])
+                model.config, base_weights(model), ft_buffers, ft, saved, final, inputs.logits_indices.shape[0],
+                head_sizes(ft.weights.shape[0]))
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
         sp, attn = inputs.sampling, inputs.attn
         seen, processed = jax.lax.cond(

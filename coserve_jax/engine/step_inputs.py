@@ -85,6 +85,8 @@ STEP_INPUT_TABLE: dict[str, FieldSpec] = {
     "finetune.targets": FieldSpec(("C",), "int32"),
     "finetune.weights": FieldSpec(("C",), "float32"),
     "finetune.seq": FieldSpec(("C",), "int32", "S"),
+    "finetune.head_index": FieldSpec(("C",), "int32", "C"),
+    "finetune.head_bucket": FieldSpec((), "int32"),
 }
 """Every array of :class:`StepInputs`, by dotted field name (``group.field``)."""
 
@@ -109,7 +111,7 @@ class StepInputs:
     logits_indices: jax.Array  # [S] int32: the token slot of each sequence's last token
     sampling: SamplingInputs  # [S] each: temperature, top_k, top_p, min_p, seed, sample_index, repetition_penalty, row
     dropout: LoRADropout | None = None  # [T] each: rate, seed, position (finetuning tokens only)
-    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights, seq
+    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights, seq, head_index; head_bucket []
     bucket: Bucket = dataclasses.field(default=Bucket(0, 0), metadata=dict(static=True))
 
 
@@ -308,7 +310,31 @@ def build_step_inputs(
                 f.seq[i:i + k] = j
                 off += k
             f.save_slots[: off - n_inf_tok] = np.arange(n_inf_tok, off)
+            heads = np.flatnonzero(f.weights)  # the loss head runs on the weighted tokens only
+            f.head_index[: len(heads)] = heads
+            f.head_bucket[...] = head_bucket(len(heads), len(f.weights))
     return x
+
+
+def head_sizes(c: int) -> tuple[int, ...]:
+    """The loss head's compiled sizes for ``C`` finetuning slots: powers of two from 16 below
+    ``C``, then ``C``."""
+    out, n = [], 16
+    while n < c:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (c,) if c else ()
+
+
+def head_bucket(n: int, c: int) -> int:
+    """The branch of the loss head for ``n`` weighted tokens of ``C = c`` slots: 0 (no head) for
+    none, else 1 + the index of the smallest of :func:`head_sizes` holding ``n``."""
+    if n == 0:
+        return 0
+    for i, size in enumerate(head_sizes(c), 1):
+        if size >= n:
+            return i
+    raise ValueError(f"{n} weighted tokens exceed the {c} finetuning slots")
 
 
 def _link_pending(x: StepInputs, d: DecodeChunks, prev_slots: Mapping[Hashable, int]) -> None:

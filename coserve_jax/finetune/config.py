@@ -100,7 +100,7 @@ class FinetuneConfig:
         chat_template: render Alpaca / prompt-completion records as a one-turn conversation
             through the tokenizer's chat template (chat records always are).
         packing: pack consecutive examples of an accumulation group into training sequences of
-            up to the engine's ``finetune_max_seq_len`` tokens (TRL's ``packing``, with attention
+            up to ``min(finetune_max_seq_len, max_finetune_tokens)`` tokens, the engine's (TRL's ``packing``, with attention
             kept within each example as TRL's padding-free packing does, so the gradient is
             exactly the unpacked one); ``False``: one example a sequence.
         truncation: a record longer than the engine's ``finetune_max_seq_len``:

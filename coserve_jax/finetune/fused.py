@@ -154,6 +154,10 @@ class FinetuneForward(NamedTuple):
         weights: float32 ``[C]``: its loss weight (``1 / normalizer`` or 0).
         seq: int32 ``[C]``: its sequence slot in the step (padding: ``S``, dropped), to sum each
             chunk's loss.
+        head_index: int32 ``[C]``: the slots with a nonzero loss weight, first (then ``C``).
+        head_bucket: int32 scalar: how many slots the loss head runs on: 0 none, ``k`` the
+            ``k``-th of :func:`~coserve_jax.engine.step_inputs.head_sizes` (the smallest that
+            holds every weighted slot).
     """
 
     save_slots: jax.Array
@@ -161,39 +165,54 @@ class FinetuneForward(NamedTuple):
     targets: jax.Array
     weights: jax.Array
     seq: jax.Array
+    head_index: jax.Array
+    head_bucket: jax.Array
 
 
 def save_forward(
     config: ModelConfig, head: BaseWeights, bufs: FinetuneBuffers, fwd: FinetuneForward, layer_inputs, final_hidden,
-    num_seqs: int,
+    num_seqs: int, head_sizes: tuple[int, ...],
 ) -> tuple[FinetuneBuffers, jax.Array]:
     """Store training chunks' layer inputs and their loss head gradient.
 
-    The loss head (the LM head over the ``C`` finetuning slots, forward and VJP: ``~4 C H V``
-    FLOPs) runs only when some slot has a nonzero loss weight (a ``lax.cond``): a step without a
-    training chunk, or with chunks of prompt tokens only, skips it and stores a zero gradient.
-    (``compiled.cost_analysis()`` counts both branches, so this shows in step time, not in the
-    compiled FLOPs.)
+    The loss head (the LM head, forward and VJP: ``~4 n H V`` FLOPs for ``n`` tokens) runs only
+    on the slots whose loss weight is nonzero (prompt tokens carry none), gathered into the
+    smallest of ``head_sizes`` that holds them (a ``lax.switch``: ``fwd.head_bucket`` picks the
+    size, 0 skips the head). A step without training chunks also skips the store's scatter (a
+    ``lax.cond``). (``compiled.cost_analysis()`` counts every branch, so this shows in step time,
+    not in the compiled FLOPs.)
 
     Args:
         head: the final norm and LM head (``norm``, ``lm_head`` used).
         layer_inputs: ``[L, C, H]`` of the chunks' slots; final_hidden: ``[C, H]`` (pre-norm).
         num_seqs: the step's sequence slots ``S``.
+        head_sizes: the loss head's sizes (:func:`~coserve_jax.engine.step_inputs.head_sizes` of ``C``).
     Returns:
         ``(bufs, losses)``: updated buffers and float32 ``[S]``: each sequence slot's
         ``sum(weights * CE)`` (0 for inference sequences).
     """
-    acts = bufs.acts.at[:, fwd.dest].set(layer_inputs.astype(bufs.acts.dtype), mode="drop")
-
-    def head_loss(h):
-        per_token, vjp = jax.vjp(lambda h: fwd.weights * token_losses(config, head, h, fwd.targets), h)
-        (dh,) = vjp(jnp.ones_like(per_token))
-        return per_token, dh
-
-    per_token, dh = jax.lax.cond(
-        jnp.any(fwd.weights != 0), head_loss, lambda h: (jnp.zeros(h.shape[0], jnp.float32), jnp.zeros_like(h)),
-        final_hidden,
+    c = final_hidden.shape[0]
+    acts = jax.lax.cond(
+        fwd.seq[0] < num_seqs,  # a training chunk is in the step
+        lambda a: a.at[:, fwd.dest].set(layer_inputs.astype(a.dtype), mode="drop"), lambda a: a, bufs.acts,
     )
+
+    def head_loss(size):
+        def run(h):
+            idx = fwd.head_index[:size]
+            hs = jnp.take(h, idx, axis=0, mode="fill", fill_value=0)
+            w = jnp.take(fwd.weights, idx, mode="fill", fill_value=0)
+            t = jnp.take(fwd.targets, idx, mode="fill", fill_value=0)
+            per_token, vjp = jax.vjp(lambda x: w * token_losses(config, head, x, t), hs)
+            (dh,) = vjp(jnp.ones_like(per_token))
+            loss = jnp.zeros((c,), jnp.float32).at[idx].add(per_token, mode="drop")
+            return loss, jnp.zeros_like(h).at[idx].add(dh, mode="drop")
+        return run
+
+    def no_head(h):
+        return jnp.zeros((c,), jnp.float32), jnp.zeros_like(h)
+
+    per_token, dh = jax.lax.switch(fwd.head_bucket, [no_head] + [head_loss(n) for n in head_sizes], final_hidden)
     dh_store = bufs.dh.at[fwd.dest].set(dh.astype(jnp.float32), mode="drop")
     losses = jnp.zeros((num_seqs,), jnp.float32).at[fwd.seq].add(per_token, mode="drop")
     return FinetuneBuffers(acts, dh_store, bufs.grads), losses

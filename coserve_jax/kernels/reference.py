@@ -10,7 +10,10 @@ Runs everywhere: it gathers every sequence's pages to the page table's width (me
 ``O(S * max_kv_len)``) and multiplies each sequence's query rows with its own keys
 (``jax.lax.ragged_dot``, a grouped matmul; for decode-like shapes, ``T <= 2 S``, each token's
 keys are indexed instead, ``O(T * max_kv_len)``, which is faster there), so it is for tests and CPU
-runs, not for speed.
+runs, not for speed. XLA's CPU ``ragged_dot`` costs a dense product per group, used or not, so
+the grouped form runs over only the first ``g`` sequence slots, ``g`` the smallest power of two
+(or ``S``) holding the step's sequences (a ``lax.switch``): a step of one long prefill or
+training chunk in a bucket of many sequence slots pays for one group, not ``S``.
 """
 
 from __future__ import annotations
@@ -63,11 +66,21 @@ def ragged_paged_attention_ref(
         ``[T, Hq, D]`` in ``q``'s dtype; softmax in float32; padding slots are zeros.
     """
     t, hq, d = q.shape
-    qg, k_seq, v_seq, seq, mask = gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer)
-    if t <= 2 * page_table.shape[0]:  # decode-like buckets: indexing the keys per token costs little, and is faster there
-        out = attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
-    else:
-        out = attend_grouped(qg, k_seq, v_seq, cu_q_lens, mask, scale)
+    s_max = page_table.shape[0]
+    if t <= 2 * s_max:  # decode-like buckets: indexing the keys per token costs little, and is faster there
+        qg, k_seq, v_seq, seq, mask = gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer)
+        return attend_per_token(qg, k_seq, v_seq, seq, mask, scale).reshape(t, hq, d)
+
+    def first(g: int):  # the grouped form over the first g sequence slots (num_seqs <= g)
+        def run():
+            qg, k_seq, v_seq, _, mask = gather_inputs(
+                q, k_pages, v_pages, kv_lens[:g], page_table[:g], cu_q_lens[: g + 1], num_seqs, layer)
+            return attend_grouped(qg, k_seq, v_seq, cu_q_lens[: g + 1], mask, scale)
+        return run
+
+    sizes = [1 << i for i in range(s_max.bit_length()) if 1 << i < s_max] + [s_max]
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), num_seqs, side="left")
+    out = jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), [first(g) for g in sizes])
     return out.reshape(t, hq, d)
 
 
