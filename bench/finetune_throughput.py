@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     engine = Engine(gguf, dtype="float32", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=256,
-                    token_buckets=(256,), seq_buckets=(4,), max_loras=2, max_lora_rank=16, finetune_max_seq_len=512,
+                    token_buckets=(64, 256), seq_buckets=(4,), max_loras=2, max_lora_rank=16, finetune_max_seq_len=512,
                     finetune_layers_per_slice=args.layers_per_slice)
     build_s = time.perf_counter() - t
     subset = os.path.join(os.path.dirname(os.path.abspath(args.out or "x")), ".gsm8k_subset.jsonl")

@@ -380,3 +380,38 @@ def test_validation_loss_and_truncation(engine):
     assert abs(eng.evaluate(held) - base_ref) < 1e-4 * max(1.0, base_ref)
     assert eng.scheduler.kv_cache.num_used_pages == 0 and not eng.scheduler.training
     eng.unload_adapter(job.adapter_name)
+
+
+def test_idle_train_step_equals_the_token_level_path(engine):
+    """With no inference running, a job's sequences run as whole train steps (forward, loss and
+    backward in one executable); the same job on the token-level path (forward chunks, saved
+    layer inputs, layer-sliced backward) ends with the same losses and adapter, and so does a
+    plain optax loop."""
+    import dataclasses
+
+    eng, hf, _ = engine
+    exs = examples(hf.config.vocab_size)
+    lora = LoRAConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "gate_proj"), lora_dropout=0.1)
+    kw = dict(lora=lora, optimizer="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=None,
+              gradient_accumulation_steps=2, max_steps=3, shuffle=False, seed=7)
+    runner, calls = eng.runner, []
+    run_train = runner.run_train
+    runner.run_train = lambda t: calls.append(t.num_tokens) or run_train(t)
+    config = eng.scheduler.config
+    try:
+        whole = eng.create_finetuning_job(exs, adapter_name="whole", **kw)
+        eng.wait_for(whole, use_tqdm=False)
+        n_whole = len(calls)
+        eng.scheduler.config = dataclasses.replace(config, idle_train_step=False)
+        chunked = eng.create_finetuning_job(exs, adapter_name="chunked", **kw)
+        eng.wait_for(chunked, use_tqdm=False)
+    finally:
+        eng.scheduler.config = config
+        del runner.run_train
+    assert n_whole >= 3 and len(calls) == n_whole, "the first job trained by train steps, the second never"
+    np.testing.assert_allclose([r.loss for r in whole.loss_history], [r.loss for r in chunked.loss_history], rtol=1e-5)
+    assert_params_close(whole.params, jax.tree.map(np.asarray, chunked.params), 1e-5)
+    ref = plain_optax_loop(eng, exs, lora, optax.sgd(0.5), 3, 2, seed=7, dropout_seed=whole.dropout_seed)
+    assert_params_close(whole.params, ref, 1e-5)
+    eng.unload_adapter("whole")
+    eng.unload_adapter("chunked")

@@ -100,7 +100,8 @@ class Engine(OfflineAPI):
             ``attention_impl``, ``compilation_cache_dir`` (default ``$COSERVE_JAX_CACHE_DIR``
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
             ``max_finetune_jobs``, ``finetune_max_seq_len``, ``max_finetune_tokens``,
-            ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``finetune_activation_bytes``, ``scheduling_policy``,
+            ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``finetune_activation_bytes``,
+            ``finetune_idle_train_step``, ``scheduling_policy``,
             ``policy_options``, ``slo``, ``measure_steps``, ``async_scheduling`` (on by
             default: the host plans step N+1 while the device runs step N),
             ``tensor_parallel_size``.
@@ -149,6 +150,7 @@ class Engine(OfflineAPI):
         finetune_layers_per_slice: int = 1,
         finetune_seq_buckets: Sequence[int] | None = None,
         finetune_activation_bytes: int | None = None,
+        finetune_idle_train_step: bool = True,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -516,6 +518,8 @@ class Engine(OfflineAPI):
                 self.finetuning.record_forward(plan, out.ft_loss)
             if plan.backward is not None:
                 self.runner.run_backward(plan.backward)
+            if plan.train is not None:
+                self.finetuning.record_train(plan.train, self.runner.run_train(plan.train))
             self.num_steps += 1
             if self.policy.measures:
                 self.policy.measure(plan, out, t_dispatch)

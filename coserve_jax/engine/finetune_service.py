@@ -40,16 +40,18 @@ MAX_IN_FLIGHT = 8
 
 
 class ChunkLoss:
-    """A forward chunk's summed weighted loss: its sequence slot of a step's per-slot losses, a
-    device array read only when ``float()`` is taken (the job sums them at its optimizer step)."""
+    """A forward chunk's summed weighted loss: its sequence slot of a step's per-slot losses (or,
+    ``slot`` ``None``, a train step's scalar loss), a device array read only when ``float()`` is
+    taken (the job sums them at its optimizer step)."""
 
     __slots__ = ("losses", "slot")
 
-    def __init__(self, losses, slot: int):
+    def __init__(self, losses, slot: int | None):
         self.losses, self.slot = losses, slot
 
     def __float__(self) -> float:
-        return float(np.asarray(self.losses)[self.slot])  # (a jax array keeps its host copy)
+        host = np.asarray(self.losses)  # (a jax array keeps its host copy)
+        return float(host if self.slot is None else host[self.slot])
 
 
 class FinetuneService:
@@ -278,6 +280,13 @@ class FinetuneService:
             owner = self.jobs.get(chunk.job_id) or self.evaluations.get(chunk.job_id)
             if owner is not None:
                 owner.add_forward_loss(chunk, ChunkLoss(ft_loss, j))
+
+    def record_train(self, train, loss) -> None:
+        """Give the owner of a train step's sequence (:class:`~coserve_jax.sched.outputs.TrainSequence`)
+        its loss (a device scalar; not synchronised here)."""
+        job = self.jobs.get(train.job_id)
+        if job is not None:
+            job.add_forward_loss(train, ChunkLoss(loss, None))
 
     def advance(self) -> None:
         """Act on the training sequences the scheduler finished: optimizer steps, next

@@ -27,12 +27,12 @@ from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, pick_bucket
 from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.sampler import init_seen_mask
-from coserve_jax.engine.step_inputs import build_step_inputs
+from coserve_jax.engine.step_inputs import build_step_inputs, head_bucket, head_sizes
 from coserve_jax.finetune import fused
 from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import ShardingRules
-from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput, StepResult
+from coserve_jax.sched.outputs import BackwardSlice, SchedulerOutput, StepResult, TrainSequence
 
 log = logging.getLogger("coserve_jax.engine")
 
@@ -83,6 +83,7 @@ class ModelRunner:
         self._last_tokens = self.step_fn.no_prev_tokens  # the last step's sampled tokens [M]
         self._last_plan: SchedulerOutput | None = None
         self.backward: dict[int, object] = {}
+        self.train: dict[int, object] = {}
         self._zero_row = None
         self.compile_seconds = 0.0
 
@@ -103,6 +104,13 @@ class ModelRunner:
                 ).compile()
                 log.info("compiled backward slice %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
                          length, time.perf_counter() - t)
+            if self.config.finetune_idle_train_step:
+                for i, length in enumerate(layout.seq_buckets, 1):
+                    t = time.perf_counter()
+                    fn = jax.jit(fused.make_train_fn(graphdef, self.model.config, length, head_sizes(length)), donate_argnums=1)
+                    self.train[length] = fn.lower(self.state, self.ft_buffers, fused.abstract_train_inputs(length)).compile()
+                    log.info("compiled idle train step %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
+                             length, time.perf_counter() - t)
             self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
             self.adapters.compile_writer()
         self.compile_seconds = time.perf_counter() - t0
@@ -172,6 +180,33 @@ class ModelRunner:
             np.int32(b.num_layers), np.float32(b.dropout_rate), positions, segment_ids, seeds,
         )
         self.ft_buffers = self.backward[length](self.state, self.ft_buffers, inputs)
+
+    def run_train(self, t: TrainSequence) -> jax.Array:
+        """Dispatch a whole training sequence's train step (its gradient added into its job's
+        row). Returns its summed weighted loss (a device scalar)."""
+        length = self.config.finetune.bucket_for(t.num_tokens)
+        n = t.num_tokens
+        tokens, targets = np.zeros(length, np.int32), np.zeros(length, np.int32)
+        weights = np.zeros(length, np.float32)
+        tokens[:n], targets[:n], weights[:n] = t.token_ids, t.targets, t.weights
+        positions = np.zeros(length, np.int32)
+        segment_ids = np.full(length, -1, np.int32)
+        seeds = np.zeros(length, np.uint32)
+        at = 0
+        for i, (k, seed) in enumerate(zip(t.segments, t.dropout_seeds)):
+            positions[at:at + k] = np.arange(k)
+            segment_ids[at:at + k] = i
+            seeds[at:at + k] = seed
+            at += k
+        heads = np.flatnonzero(weights)
+        head_index = np.full(length, length, np.int32)
+        head_index[: len(heads)] = heads
+        inputs = fused.TrainInputs(
+            tokens, targets, weights, positions, segment_ids, seeds, head_index, np.int32(head_bucket(len(heads), length)),
+            np.int32(t.grad_row), np.int32(t.adapter_index), np.float32(t.dropout_rate),
+        )
+        self.ft_buffers, loss = self.train[length](self.state, self.ft_buffers, inputs)
+        return loss
 
     def wait(self, out=None) -> None:
         """Block until the dispatched work (``out`` and the finetuning buffers) is done."""

@@ -18,7 +18,13 @@ Token-level finetuning (:mod:`coserve_jax.finetune.token_level`) split over serv
   step bucket instead would multiply start-up compile time by the number of step buckets for
   nothing, since XLA serializes the two anyway.
 
-The buffers (:class:`FinetuneBuffers`) are donated to both executables, so they are updated in
+* **The idle train step** (:func:`make_train_fn`): when no inference runs, a whole training
+  sequence (a pack) needs no token slots, KV pages or saved layer inputs: its forward, loss and
+  backward run as one executable (``jax.value_and_grad`` over a scan of the layers whose
+  ``jax.checkpoint`` policy keeps the matmul outputs, so the backward recomputes the attention
+  and the elementwise work but no linear layer), adding its gradient into the job's accumulator.
+
+The buffers (:class:`FinetuneBuffers`) are donated to every executable, so they are updated in
 place; their shapes never change, so no job, sequence length or slice recompiles anything.
 """
 
@@ -33,8 +39,11 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec as P
 
-from coserve_jax.finetune.token_level import BaseWeights, backward_layers, token_losses
+from coserve_jax.finetune.token_level import BaseWeights, backward_layers, base_weights, token_losses
 from coserve_jax.lora.dropout import LoRADropout
+from coserve_jax.models import rope
+from coserve_jax.models.attention import dense_attention, packed_causal_mask
+from coserve_jax.models.decoder import decoder_layer
 from coserve_jax.models.lora_pool import LoRAPoolConfig
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.parallel.rules import ShardingRules
@@ -305,6 +314,105 @@ def make_backward_fn(graphdef, config: ModelConfig, layout: FinetuneLayout, leng
         return jax.shard_map(local, mesh=parallel.mesh, in_specs=specs, out_specs=bspecs)(layers, pool, bufs, inp)
 
     return backward
+
+
+class TrainInputs(NamedTuple):
+    """One whole training sequence (a pack) for the idle train step (``[N]`` rows of its length
+    bucket, then scalars).
+
+    Attributes:
+        tokens, targets: int32 ``[N]``: the pack's tokens and the token each predicts;
+        weights: float32 ``[N]``: each prediction's loss weight (0 on prompt tokens and padding);
+        positions: int32 ``[N]``: each row's position in its example; segment_ids: int32 ``[N]``:
+        each row's example (``-1``: padding); dropout_seed: uint32 ``[N]``: each row's example's
+        LoRA dropout seed; head_index: int32 ``[N]``: the rows with a nonzero weight, first (then
+        ``N``); head_bucket: int32: the loss head's size (as :class:`FinetuneForward`);
+        grad_row, adapter_index: int32: the job's accumulator row and adapter; dropout_rate:
+        float32.
+    """
+
+    tokens: jax.Array
+    targets: jax.Array
+    weights: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    dropout_seed: jax.Array
+    head_index: jax.Array
+    head_bucket: jax.Array
+    grad_row: jax.Array
+    adapter_index: jax.Array
+    dropout_rate: jax.Array
+
+
+def abstract_train_inputs(length: int) -> TrainInputs:
+    """``ShapeDtypeStruct`` s of :class:`TrainInputs` for length bucket ``length``, for lowering."""
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    row = sds((length,), jnp.int32)
+    return TrainInputs(row, row, sds((length,), jnp.float32), row, row, sds((length,), jnp.uint32), row,
+                       sds((), jnp.int32), sds((), jnp.int32), sds((), jnp.int32), sds((), jnp.float32))
+
+
+def make_train_fn(graphdef, config: ModelConfig, length: int, head_sizes: tuple[int, ...]):
+    """The idle train step for sequences of up to ``length`` tokens, as a pure function
+    ``(state, bufs, inputs: TrainInputs) -> (bufs, loss)`` (jit it with ``bufs`` donated): the
+    pack's summed weighted loss (float32) and its LoRA gradient added into the job's row of
+    ``bufs.grads`` (single device: the tensor-parallel engine uses the token-level path).
+
+    The same gradient as the token-level forward and backward (the pack's examples attend within
+    themselves, dropout masks keyed the same way), computed as one ``jax.value_and_grad``: the
+    layers' scan is checkpointed with ``dots_with_no_batch_dims_saveable`` (the projections'
+    outputs are kept, attention and elementwise work recomputed), so no linear layer runs twice.
+    """
+
+    def train(state, bufs: FinetuneBuffers, inp: TrainInputs):
+        model = nnx.merge(graphdef, state)
+        base = base_weights(model)
+        pool = model.lora.layer_arrays()
+        slot = inp.adapter_index - 1
+        lora = {m: {"A": a[:, slot], "B": b[:, slot]} for m, (a, b, _) in pool.items()}
+        scaling = {m: s[:, slot] for m, (_, _, s) in pool.items()}
+        n = length
+        positions, seg = inp.positions, inp.segment_ids
+        drop = LoRADropout(jnp.full((n,), inp.dropout_rate, jnp.float32), inp.dropout_seed, positions)
+        mask = packed_causal_mask(seg, positions)
+        scale = config.head_dim ** -0.5
+        h0 = jnp.take(base.embed, inp.tokens, axis=0)
+        cos, sin = rope.cos_sin(config, positions, h0.dtype)
+        onehot = jnp.ones((n, 1), jnp.float32)
+
+        def layer_fn(h, xs):
+            p, lo, sc, layer = xs
+            lora_layer = {m: (lo[m]["A"][None], lo[m]["B"][None], jnp.reshape(sc[m], (1,))) for m in lo}
+            out = decoder_layer(config, p, lora_layer, h, cos, sin, onehot,
+                                lambda q, k, v: dense_attention(q, k, v, mask, scale), drop.at_layer(layer))
+            return out, None
+
+        body = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        def head_loss(size):
+            def run(h):
+                idx = inp.head_index[:size]
+                hs = jnp.take(h, idx, axis=0, mode="fill", fill_value=0)
+                w = jnp.take(inp.weights, idx, mode="fill", fill_value=0)
+                t = jnp.take(inp.targets, idx, mode="fill", fill_value=0)
+                return jnp.sum(w * token_losses(config, base, hs, t))
+            return run
+
+        def loss_fn(lora):
+            h, _ = jax.lax.scan(body, h0, (base.layers, lora, scaling, jnp.arange(config.num_layers, dtype=jnp.int32)))
+            return jax.lax.switch(inp.head_bucket, [lambda h: jnp.float32(0.0)] + [head_loss(k) for k in head_sizes], h)
+
+        loss, g = jax.value_and_grad(loss_fn)(lora)
+        grads = {
+            m: {k: jax.lax.dynamic_update_index_in_dim(
+                acc[k], acc[k][inp.grad_row] + g[m][k].astype(jnp.float32)[None], inp.grad_row, 0) for k in ("A", "B")}
+            for m, acc in bufs.grads.items()
+        }
+        return FinetuneBuffers(bufs.acts, bufs.dh, grads), loss
+
+    return train
 
 
 def zero_grads_row(grads: dict, row) -> dict:

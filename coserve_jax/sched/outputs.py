@@ -153,6 +153,44 @@ class BackwardSlice:
     dropout_seeds: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSequence:
+    """A whole training sequence (a pack) run as one train step while inference is idle: its
+    forward, loss and backward in one executable, its gradient added into its job's accumulator
+    (no token slots, KV pages or activation-store rows).
+
+    Attributes:
+        job_id: the sequence's job; index, num_restarts: its counter and attempt.
+        token_ids, targets, weights: the pack's tokens, the token each predicts and its loss weight.
+        segments: each example's length, in order.
+        grad_row: its job's gradient-accumulator row; adapter_index: the job's adapter.
+        num_layers: the model's layers (all of which the step runs).
+        dropout_rate: the job's LoRA dropout rate; dropout_seeds: each example's seed.
+    """
+
+    job_id: Hashable
+    index: int
+    num_restarts: int
+    token_ids: list[int]
+    targets: list[int]
+    weights: list[float]
+    segments: tuple[int, ...]
+    grad_row: int
+    adapter_index: int
+    num_layers: int
+    dropout_rate: float = 0.0
+    dropout_seeds: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def forward_only(self) -> bool:
+        """Never: a train step trains (validation runs as forward chunks)."""
+        return False
+
+
 @dataclasses.dataclass(slots=True)
 class DecodeChunks:
     """The one-token chunks of running requests in a step, in columns (vLLM v1's
@@ -209,7 +247,7 @@ class SchedulerOutput:
         finished: ids of the requests that ended (finished, aborted) since the previous plan:
             their page tables can be dropped.
         finetune: the training forward chunks, in order (empty: none). backward: the backward
-            slice, if any.
+            slice, if any. train: a whole training sequence's train step, if any (inference idle).
         has_pending_tokens: some decode holds a :data:`PENDING_TOKEN`.
         training_recorded: the scheduler has recorded the training progress of this plan
             (:meth:`~coserve_jax.sched.scheduler.Scheduler.update_training`).
@@ -221,6 +259,7 @@ class SchedulerOutput:
     finished: list[Hashable] = dataclasses.field(default_factory=list)
     finetune: list[FinetuneChunk] = dataclasses.field(default_factory=list)
     backward: BackwardSlice | None = None
+    train: TrainSequence | None = None
     has_pending_tokens: bool = False
     training_recorded: bool = dataclasses.field(default=False, compare=False)
 
@@ -262,7 +301,8 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         """Nothing to run (``finished`` ids still have to reach the page-table keeper)."""
-        return not self.decodes.request_ids and not self.prefills and not self.finetune and self.backward is None
+        return (not self.decodes.request_ids and not self.prefills and not self.finetune and self.backward is None
+                and self.train is None)
 
     @property
     def num_decode_tokens(self) -> int:

@@ -146,6 +146,10 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
         length = plan.backward.num_tokens
         bwd = bucket_for(backward_buckets, length) if backward_buckets else length
         layers = plan.backward.num_layers
+    elif plan.train is not None:  # (priced as a whole backward of its length)
+        length = plan.train.num_tokens
+        bwd = bucket_for(backward_buckets, length) if backward_buckets else length
+        layers = plan.train.num_layers
     return StepShape(
         bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd,
         layers,

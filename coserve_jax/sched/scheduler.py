@@ -27,10 +27,13 @@ request is admitted in a step that preempted.
    activation store has rows for them; a chunk of a pack is one sequence of the step per example
    it touches. Inference that runs out of pages frees a training sequence's pages before it
    preempts a request (the sequence's forward restarts later).
+   With ``idle_train_step``, a step with no inference work instead runs a sequence whose forward
+   has not started as one train step (:class:`~coserve_jax.sched.outputs.TrainSequence`:
+   forward, loss and backward in one executable; no pages or store rows).
 5. **Backward**: one training sequence in its backward phase (round robin over the jobs, each
    job's oldest first) gets its next layers, top down: as many as the step's policy allows, by
-   default ``layers_per_slice`` while inference runs and every remaining layer when inference is
-   idle (nothing running or waiting: the whole backward in one step).
+   default ``layers_per_slice`` while inference runs and every remaining layer when the step has
+   no inference work (the whole backward in one step).
 
 After the device ran the step, :meth:`Scheduler.update` appends the sampled tokens and applies
 the token-level stop conditions (EOS ids unless ``ignore_eos``, ``stop_token_ids``,
@@ -49,6 +52,7 @@ from typing import Hashable, Iterable
 from coserve_jax.sched.finetune import StoreAllocator, TrainingPhase, TrainingSequence
 from coserve_jax.sched.outputs import (
     PENDING_TOKEN, BackwardSlice, DecodeChunks, FinetuneChunk, SamplingRow, ScheduledChunk, SchedulerOutput, StepResult,
+    TrainSequence,
 )
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
 from coserve_jax.sched.kv_cache import KVCacheManager
@@ -68,6 +72,8 @@ class SchedulerConfig:
         max_finetune_tokens: most finetuning forward tokens in one step (0: no finetuning).
         store_rows: rows (tokens) of the activation store that training sequences' saved layer
             inputs share (default: no limit).
+        idle_train_step: a step with no inference work runs a training sequence whose forward
+            has not started as one train step (:class:`~coserve_jax.sched.outputs.TrainSequence`).
     """
 
     max_num_seqs: int
@@ -76,6 +82,7 @@ class SchedulerConfig:
     watermark_pages: int = 0
     max_finetune_tokens: int = 0
     store_rows: int = 1 << 62
+    idle_train_step: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -297,12 +304,25 @@ class Scheduler:
 
     def _schedule_finetune(
         self, budget: int, num_chunks: int, cap: int, backward_layers: int, idle: bool
-    ) -> tuple[list[FinetuneChunk], BackwardSlice | None]:
+    ) -> tuple[list[FinetuneChunk], BackwardSlice | None, TrainSequence | None]:
         fwd: list[FinetuneChunk] = []
         budget = min(budget, cap)
         slots = self.config.max_num_seqs - num_chunks
+        train = None
+        whole = idle and self.config.idle_train_step and cap > 0
+        if whole:
+            for seq in self._by_job(TrainingPhase.FORWARD, self._rr_forward):
+                if not seq.num_computed and not seq.forward_only:
+                    train = TrainSequence(
+                        seq.job_id, seq.index, seq.num_restarts, seq.token_ids, seq.targets, seq.weights, seq.segments,
+                        seq.grad_row, seq.adapter_index, seq.num_layers, seq.dropout_rate, seq.dropout_seeds,
+                    )
+                    self._rr_forward += 1
+                    break
         if budget > 0 and slots > 0:
             for seq in self._by_job(TrainingPhase.FORWARD, self._rr_forward):
+                if whole and not seq.num_computed and not seq.forward_only:
+                    continue  # its own train step comes in a later step without inference
                 if seq.store_start is None and not seq.forward_only:
                     seq.store_start = self.store.allocate(seq.num_tokens)
                     if seq.store_start is None:
@@ -329,7 +349,7 @@ class Scheduler:
                 )
                 self._rr_backward += 1
                 break
-        return fwd, bwd
+        return fwd, bwd, train
 
     @property
     def num_running(self) -> int:
@@ -410,16 +430,16 @@ class Scheduler:
                 self.running.append(req)
                 chunks.append(self._chunk(req, n, table))  # start 0: the whole table
                 budget -= n
-        fwd, bwd = [], None
+        fwd, bwd, train = [], None, None
         if self.training:
-            idle = not self.running and not self.waiting
-            fwd, bwd = self._schedule_finetune(
+            idle = not decodes.request_ids and not chunks  # no inference work in this step
+            fwd, bwd, train = self._schedule_finetune(
                 0 if preempted else budget, len(decodes) + len(chunks), ft_cap, backward_layers, idle)
         pending, self._plan_pending = self._plan_pending, False
         finished, self._ended = self._ended, []
         return SchedulerOutput(
             decodes=decodes, prefills=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd,
-            has_pending_tokens=pending,
+            train=train, has_pending_tokens=pending,
         )
 
     def _schedule_running(
@@ -648,6 +668,11 @@ class Scheduler:
         seq = self._sequence(b.job_id, b.index) if b is not None else None
         if seq is not None and seq.phase is TrainingPhase.BACKWARD and b.first_layer + b.num_layers == seq.num_layers - seq.layers_done:
             seq.layers_done += b.num_layers
+            self._check_done(seq)
+        t = output.train
+        seq = self._sequence(t.job_id, t.index) if t is not None else None
+        if seq is not None and seq.num_restarts == t.num_restarts and not seq.num_computed:
+            seq.num_computed, seq.layers_done = seq.num_tokens, seq.num_layers
             self._check_done(seq)
 
     def _check_done(self, seq: TrainingSequence) -> None:
