@@ -1,9 +1,14 @@
 """Adapter slots as a cache: unused adapters are parked on the host (LRU) when a slot is needed
 and come back when a request names them, with the same outputs; slots in use are never taken;
-finished jobs' adapters never exhaust the slots."""
+finished jobs' adapters never exhaust the slots.
+
+"The same outputs": the same tokens and logprobs to 1e-6 (float32 rounding: the reference
+attention's grouped product runs over as many sequence slots as the step uses, so a request's
+numbers move in the last bits with how many others share its step)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import random_sequences
 
@@ -39,7 +44,8 @@ def test_parked_adapters_come_back_with_the_same_outputs(engine):
     assert sorted(eng.list_adapters()) == ["a", "b", "c"] and list(eng.adapter_cache.parked) == ["a"]
     outs = eng.generate([prompt] * 3, GREEDY, adapter=["a", "c", None], use_tqdm=False)  # "a" back, "b" parked
     assert list(eng.adapter_cache.parked) == ["b"]
-    assert outs[0].token_ids == first.token_ids and outs[0].logprobs == first.logprobs
+    assert outs[0].token_ids == first.token_ids
+    np.testing.assert_allclose(outs[0].logprobs, first.logprobs, rtol=1e-6, atol=1e-6)
     assert outs[1].token_ids != outs[0].token_ids or outs[1].logprobs != outs[0].logprobs
     again = eng.generate([prompt], GREEDY, adapter="b", use_tqdm=False)[0]  # "b" back, parking "a" (used before "c")
     assert list(eng.adapter_cache.parked) == ["a"] and again.token_ids
@@ -70,7 +76,8 @@ def test_adapters_in_use_are_never_parked_and_a_request_waits_for_a_slot(engine)
     assert steps_before_x >= 10  # it waited for a request on "y" or "z" to finish
     assert all(len(finished[r].token_ids) == 12 for r in ids)
     out = finished[waiting]
-    assert out.token_ids == alone.token_ids and out.logprobs == alone.logprobs
+    assert out.token_ids == alone.token_ids
+    np.testing.assert_allclose(out.logprobs, alone.logprobs, rtol=1e-6, atol=1e-6)
     with pytest.raises(AdapterError, match="no adapter named|unknown|not loaded"):
         eng.add_request(prompt, GREEDY, adapter="nope")  # an unknown name is still an error
     for name in ("x", "y", "z"):
@@ -116,7 +123,8 @@ def test_max_cpu_loras_drops_host_copies_that_are_on_disk(engine, tmp_path):
         assert all(w is not None for n, w in eng.adapter_cache.parked.items() if n not in eng.adapter_cache.sources)
         for name in "defg":  # each back from host or disk, answering as before
             out = eng.generate([prompt], GREEDY, adapter=name, use_tqdm=False)[0]
-            assert out.token_ids == firsts[name].token_ids and out.logprobs == firsts[name].logprobs, name
+            assert out.token_ids == firsts[name].token_ids, name
+            np.testing.assert_allclose(out.logprobs, firsts[name].logprobs, rtol=1e-6, atol=1e-6, err_msg=name)
     finally:
         eng.adapter_cache.max_cpu_loras = None
         for name in list(eng.list_adapters()):
@@ -141,4 +149,4 @@ def test_more_jobs_than_slots_all_succeed_and_answer(engine):
     assert len({tuple(o.logprobs) for o in outs}) == 5
     # three adapters at once on two slots: the third request waits for a slot, then answers the same
     batch = eng.generate([prompt] * 3, GREEDY, adapter=["job0", "job1", "job2"], use_tqdm=False)
-    assert [o.logprobs for o in batch] == [o.logprobs for o in outs[:3]]
+    np.testing.assert_allclose([o.logprobs for o in batch], [o.logprobs for o in outs[:3]], rtol=1e-6, atol=1e-6)

@@ -16,8 +16,8 @@ TOKENS = [16, 32, 64, 128, 256, 512]
 SEQS = [4, 8, 16, 32]
 BWD = [128, 256, 512]
 # ms: 2 fixed, 40 per 1024 token slots, 2 per 64 sequence slots, 4 per 1e6 attention work,
-# 30 per 1024 backward tokens, 10 per 1024^2 (a 512-token slice: 17.5 ms).
-DEVICE = LatencyModel([2.0, 40.0, 2.0, 4.0, 30.0, 10.0])
+# 30 per 1024 backward tokens, 10 per 1024^2 (a 512-token layer: 17.5 ms), 0 for the loss head.
+DEVICE = LatencyModel([2.0, 40.0, 2.0, 4.0, 30.0, 10.0, 0.0])
 
 
 def shape_of(plan):

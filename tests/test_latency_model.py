@@ -8,7 +8,7 @@ import pytest
 
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
 
-TRUE = [0.8, 6.0, 0.5, 3.0, 4.0, 2.5]  # ms per feature unit
+TRUE = [0.8, 6.0, 0.5, 3.0, 4.0, 2.5, 5.0]  # ms per feature unit
 
 
 def truth(shape, scale=1.0):
@@ -21,7 +21,8 @@ def shapes(n, seed=0):
     for _ in range(n):
         t = rng.choice([16, 32, 64, 128, 256, 512])
         s = rng.choice([4, 8, 16, 32, 64])
-        out.append(StepShape(t, min(s, t), rng.randint(0, t * 2048), rng.choice([0, 0, 128, 256, 512, 1024])))
+        out.append(StepShape(t, min(s, t), rng.randint(0, t * 2048), rng.choice([0, 0, 128, 256, 512, 1024]),
+                             rng.choice([1, 1, 4, 30]), rng.choice([0, 0, 16, 64, min(t, 256)])))
     return out
 
 

@@ -102,7 +102,7 @@ class ModelRunner:
                 self.backward[length] = fn.lower(
                     self.state, self.ft_buffers, fused.abstract_backward_inputs(length, self.rules.replicated)
                 ).compile()
-                log.info("compiled backward slice %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
+                log.info("compiled backward %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
                          length, time.perf_counter() - t)
             if self.config.finetune_idle_train_step:
                 for i, length in enumerate(layout.seq_buckets, 1):

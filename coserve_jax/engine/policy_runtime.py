@@ -50,6 +50,7 @@ class PolicyRuntime:
         self.latency_model_cached = False
         self.last_step_ms: float | None = None
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1_000_000)
+        self._last_end: float | None = None  # perf_counter() when the last measured step ended
 
     @property
     def measures(self) -> bool:
@@ -86,17 +87,23 @@ class PolicyRuntime:
         dispatch), log it, and refine the latency model with it. This waits for the step, so it
         also waits out any overlap."""
         self.runner.wait(out)
-        self.last_step_ms = (time.perf_counter() - t_dispatch) * 1000.0
+        end = time.perf_counter()
+        self.last_step_ms = (end - t_dispatch) * 1000.0
+        if self._last_end is not None:
+            host = (t_dispatch - self._last_end) * 1000.0
+            if host < 4 * max(self.last_step_ms, 1.0):  # (longer: the engine was idle, not busy)
+                self.latency_model.update_host(host)
+        self._last_end = end
         ec = self.config
         shape = step_shape(plan, ec.token_buckets, ec.seq_buckets, ec.backward_buckets)
         predicted = self.latency_model.predict(shape)
-        self.latency_model.update(shape, self.last_step_ms)
+        if plan.train is None:  # (a train step runs only when inference is idle: nothing to learn for planning)
+            self.latency_model.update(shape, self.last_step_ms)
         decode = plan.num_decode_tokens
         self.step_log.append(StepRecord(
             end_time=time.monotonic(), bucket_tokens=shape.num_tokens, bucket_seqs=shape.num_seqs,
             prefill_tokens=plan.num_inference_tokens - decode, decode_tokens=decode,
             finetune_tokens=plan.num_finetune_tokens,
-            backward_tokens=plan.backward.num_tokens if plan.backward is not None else 0,
-            backward_layers=plan.backward.num_layers if plan.backward is not None else 0,
+            backward_tokens=shape.backward_tokens, backward_layers=shape.backward_layers if shape.backward_tokens else 0,
             attention_work=shape.attention_work, predicted_ms=predicted, measured_ms=self.last_step_ms,
         ))

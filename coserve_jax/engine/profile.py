@@ -1,7 +1,8 @@
 """Start-up profile of the compiled executables, to fit the step latency model.
 
 Every step bucket runs a synthetic batch (its ``S`` sequences share its ``T`` tokens, once
-attending to almost nothing and once to a long KV) and every backward bucket runs one layer and
+attending to almost nothing and once to a long KV, and, with finetuning, once as a training
+chunk of ``T`` weighted tokens, for the loss head) and every backward bucket runs one layer and
 all of them; the
 median of a few timed runs of each, after a warm-up run, is a ``(StepShape, ms)`` sample for
 :meth:`coserve_jax.sched.latency_model.LatencyModel.fit`. The synthetic batches write their
@@ -22,7 +23,7 @@ import time
 
 import jax
 
-from coserve_jax.sched.outputs import BackwardSlice, ScheduledChunk, SchedulerOutput
+from coserve_jax.sched.outputs import BackwardSlice, FinetuneChunk, ScheduledChunk, SchedulerOutput
 from coserve_jax.sched.policy import step_shape
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
 
@@ -37,7 +38,7 @@ def profile_key(runner) -> str:
         "num_devices": len(jax.devices()), "tensor_parallel_size": cfg.tensor_parallel_size,
         "buckets": [(b.num_tokens, b.num_seqs) for b in cfg.buckets],
         "finetune": None if layout is None else [layout.max_jobs, layout.max_seq_len, layout.layers_per_slice, list(layout.seq_buckets)],
-        "attention": cfg.attention_impl, "page_size": cfg.page_size, "jax": jax.__version__, "version": 3,
+        "attention": cfg.attention_impl, "page_size": cfg.page_size, "jax": jax.__version__, "version": 4,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -76,6 +77,10 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
                 runner.input_batch.release(plan.request_ids)
 
             samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
+        if layout is not None and t <= cfg.max_finetune_tokens:  # the loss head on a whole bucket of weighted tokens
+            chunk = FinetuneChunk("profile", 0, 0, 0, 0, [0] * t, (0,) * -(-t // cfg.page_size), 1, -1, [0] * t, [1.0] * t)
+            plan = SchedulerOutput(finetune=[chunk])
+            samples.append((step_shape(plan, token_b, seq_b), _time(lambda plan=plan: jax.block_until_ready(runner.execute(plan)), repeats)))
     if layout is not None:
         num_layers = runner.model.config.num_layers
         for length in layout.seq_buckets:

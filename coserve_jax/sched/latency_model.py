@@ -11,7 +11,10 @@ device computes, which is the *padded* shape:
 * a finetuning backward runs ``l`` layers on its length bucket ``N``: each layer's linear work
   scales with ``N`` and its dense attention with ``N^2``.
 
-So ``t = w . x`` with ``x = (1, T, S, attention_work, l N_backward, l N_backward^2)`` (ms). The
+* the loss head runs on a step's weighted finetuning tokens, padded to a power of two ``h``
+  (``4 h H V`` FLOPs: on a small model with a large vocabulary the largest part of a step).
+
+So ``t = w . x`` with ``x = (1, T, S, attention_work, l N_backward, l N_backward^2, h)`` (ms). The
 weights are fitted by non-negative least squares to a short profile at start-up; measured steps
 then refine two multiplicative corrections (a global one and one per padded shape, exponential
 moving averages), so the model follows the device (clock, thermals, co-tenants) and each
@@ -22,12 +25,13 @@ Pure Python over plain data; no JAX, no NumPy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import statistics
 from typing import Iterable, Sequence
 
-FEATURES = ("const", "tokens", "seqs", "attention_work", "backward_layer_tokens", "backward_layer_tokens_sq")
+FEATURES = ("const", "tokens", "seqs", "attention_work", "backward_layer_tokens", "backward_layer_tokens_sq", "head_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,8 @@ class StepShape:
             length they attend to; padding excluded).
         backward_tokens: the backward's length bucket ``N`` (0: no backward).
         backward_layers: the layers the backward runs (``l``).
+        head_tokens: the loss head's size ``h`` (0: no head), :func:`head_tokens` of the step's
+            weighted finetuning tokens.
     """
 
     num_tokens: int = 0
@@ -48,13 +54,26 @@ class StepShape:
     attention_work: int = 0
     backward_tokens: int = 0
     backward_layers: int = 1
+    head_tokens: int = 0
 
     def features(self) -> list[float]:
         """``x`` in :data:`FEATURES` order (scaled to keep the normal equations well conditioned)."""
         fwd = 1.0 if self.num_tokens else 0.0
         n = self.backward_tokens / 1024.0
         layers = self.backward_layers
-        return [fwd, self.num_tokens / 1024.0, self.num_seqs / 64.0, self.attention_work / 1e6, layers * n, layers * n * n]
+        return [fwd, self.num_tokens / 1024.0, self.num_seqs / 64.0, self.attention_work / 1e6, layers * n, layers * n * n,
+                self.head_tokens / 1024.0]
+
+
+def head_tokens(n: int) -> int:
+    """The loss head's size for ``n`` weighted finetuning tokens: 0 for none, else the next power
+    of two from 16 (the engine's head sizes, but for its largest, the step's finetuning slots)."""
+    if n <= 0:
+        return 0
+    size = 16
+    while size < n:
+        size *= 2
+    return size
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
@@ -106,6 +125,10 @@ class LatencyModel:
         self.global_ratio = 1.0
         self.shape_ratio: dict[tuple[int, int, int], float] = {}
         self.num_updates = 0
+        self.host_ms = 0.0
+        """The host's time between two steps (ms; an exponential moving average, :meth:`update_host`):
+        what a request waits per token besides the device's step."""
+        self._errors: collections.deque[float] = collections.deque(maxlen=256)  # measured / predicted, recent steps
 
     @staticmethod
     def _key(shape: StepShape) -> tuple[int, int, int]:
@@ -166,13 +189,29 @@ class LatencyModel:
         self.global_ratio, self.shape_ratio, self.num_updates = 1.0, {}, 0
         return self
 
+    def update_host(self, host_ms: float, rate: float = 0.1) -> None:
+        """Learn the host's time between two consecutive steps (ms, from one observation)."""
+        self.host_ms += rate * (max(host_ms, 0.0) - self.host_ms)
+
+    def error_quantile(self, q: float = 0.9) -> float:
+        """The ``q`` quantile of measured / predicted over the last 256 updates (1 before any):
+        a plan made to ``target / error_quantile(q)`` meets ``target`` in about ``q`` of the steps."""
+        if len(self._errors) < 16:
+            return 1.0
+        errs = sorted(self._errors)
+        return max(1.0, errs[min(len(errs) - 1, int(q * len(errs)))])
+
     def update(self, shape: StepShape, measured_ms: float) -> None:
         """Learn from one measured step (ms): move the global ratio and the shape's ratio
-        towards measured / predicted (ratios kept within [1/4, 4])."""
+        towards measured / predicted (ratios kept within [1/4, 4]), and keep the step's
+        measured / predicted for :meth:`error_quantile`."""
         self.num_updates += 1
         base = self.base(shape)
         if base <= 0.0 or measured_ms <= 0.0:
             return
+        predicted = self.predict(shape)
+        if predicted > 0.0:
+            self._errors.append(measured_ms / predicted)
         key = self._key(shape)
         local = self.shape_ratio.get(key, 1.0)
         a = 1.0 - self.forgetting

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence
 
-from coserve_jax.sched.latency_model import LatencyModel, StepShape
+from coserve_jax.sched.latency_model import LatencyModel, StepShape, head_tokens
 
 POLICY_NAMES = ("fixed", "hybrid", "fixed_budget", "temporal")
 """Names :func:`make_policy` takes."""
@@ -98,6 +98,8 @@ class Load:
         finetune_kv: KV length the first finetuning chunk starts at.
         backward_tokens: the length of the training sequence whose backward is next (0: none).
         backward_layers: its backward layers left.
+        finetune_target_fraction: the share of the next finetuning forward tokens that carry a
+            loss weight (the loss head runs on those).
         trained_examples: examples whose training sequence is done, since the scheduler started
             (a counter; a pack counts each of its examples).
     """
@@ -112,6 +114,7 @@ class Load:
     finetune_kv: int = 0
     backward_tokens: int = 0
     backward_layers: int = 0
+    finetune_target_fraction: float = 1.0
     trained_examples: int = 0
 
 
@@ -138,8 +141,10 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
     d = plan.decodes
     attn = sum(d.starts) + len(d.starts)  # a decode's query attends to start + 1 keys
     attn += sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.prefills)
+    weighted = 0
     for f in plan.finetune:
         attn += f.num_tokens * (f.start + (f.num_tokens + 1) // 2)
+        weighted += sum(1 for w in f.weights if w)
     n = plan.num_tokens
     bwd = layers = 0
     if plan.backward is not None:
@@ -152,7 +157,7 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
         layers = plan.train.num_layers
     return StepShape(
         bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd,
-        layers,
+        layers, head_tokens(weighted),
     )
 
 
