@@ -166,15 +166,7 @@ class ModelRunner:
     def run_backward(self, b: BackwardSlice) -> None:
         """Dispatch the backward layers of a training sequence (accumulates into its job's row)."""
         length = self.config.finetune.bucket_for(b.num_tokens)
-        positions = np.zeros(length, np.int32)
-        segment_ids = np.full(length, -1, np.int32)
-        seeds = np.zeros(length, np.uint32)
-        at = 0
-        for i, (n, seed) in enumerate(zip(b.segments, b.dropout_seeds)):
-            positions[at:at + n] = np.arange(n)
-            segment_ids[at:at + n] = i
-            seeds[at:at + n] = seed
-            at += n
+        positions, segment_ids, seeds = _pack_rows(b.segments, b.dropout_seeds, length)
         inputs = fused.BackwardInputs(
             np.int32(b.store_row), np.int32(b.grad_row), np.int32(b.adapter_index), np.int32(b.first_layer),
             np.int32(b.num_layers), np.float32(b.dropout_rate), positions, segment_ids, seeds,
@@ -189,15 +181,7 @@ class ModelRunner:
         tokens, targets = np.zeros(length, np.int32), np.zeros(length, np.int32)
         weights = np.zeros(length, np.float32)
         tokens[:n], targets[:n], weights[:n] = t.token_ids, t.targets, t.weights
-        positions = np.zeros(length, np.int32)
-        segment_ids = np.full(length, -1, np.int32)
-        seeds = np.zeros(length, np.uint32)
-        at = 0
-        for i, (k, seed) in enumerate(zip(t.segments, t.dropout_seeds)):
-            positions[at:at + k] = np.arange(k)
-            segment_ids[at:at + k] = i
-            seeds[at:at + k] = seed
-            at += k
+        positions, segment_ids, seeds = _pack_rows(t.segments, t.dropout_seeds, length)
         heads = np.flatnonzero(weights)
         head_index = np.full(length, length, np.int32)
         head_index[: len(heads)] = heads
@@ -311,3 +295,18 @@ class ModelRunner:
         optimizer state, made from them, follows."""
         rules = self.rules
         return jax.device_put(params, {m: {w: rules.named(rules.job_lora_spec(m, w)) for w in ws} for m, ws in params.items()})
+
+
+def _pack_rows(segments, dropout_seeds, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a sequence padded to ``length``: its position in its example (int32), its
+    example (int32, -1 for padding) and that example's dropout seed (uint32)."""
+    positions = np.zeros(length, np.int32)
+    segment_ids = np.full(length, -1, np.int32)
+    seeds = np.zeros(length, np.uint32)
+    at = 0
+    for i, (n, seed) in enumerate(zip(segments, dropout_seeds)):
+        positions[at:at + n] = np.arange(n)
+        segment_ids[at:at + n] = i
+        seeds[at:at + n] = seed
+        at += n
+    return positions, segment_ids, seeds

@@ -178,6 +178,14 @@ class FinetuneForward(NamedTuple):
     head_bucket: jax.Array
 
 
+def _head_rows(h, head_index, weights, targets, size: int):
+    """The first ``size`` of ``head_index`` (the weighted rows, then out-of-range padding) and
+    their hidden states, loss weights and targets (0 for padding)."""
+    idx = head_index[:size]
+    return (idx, jnp.take(h, idx, axis=0, mode="fill", fill_value=0), jnp.take(weights, idx, mode="fill", fill_value=0),
+            jnp.take(targets, idx, mode="fill", fill_value=0))
+
+
 def save_forward(
     config: ModelConfig, head: BaseWeights, bufs: FinetuneBuffers, fwd: FinetuneForward, layer_inputs, final_hidden,
     num_seqs: int, head_sizes: tuple[int, ...],
@@ -208,10 +216,7 @@ def save_forward(
 
     def head_loss(size):
         def run(h):
-            idx = fwd.head_index[:size]
-            hs = jnp.take(h, idx, axis=0, mode="fill", fill_value=0)
-            w = jnp.take(fwd.weights, idx, mode="fill", fill_value=0)
-            t = jnp.take(fwd.targets, idx, mode="fill", fill_value=0)
+            idx, hs, w, t = _head_rows(h, fwd.head_index, fwd.weights, fwd.targets, size)
             per_token, vjp = jax.vjp(lambda x: w * token_losses(config, head, x, t), hs)
             (dh,) = vjp(jnp.ones_like(per_token))
             loss = jnp.zeros((c,), jnp.float32).at[idx].add(per_token, mode="drop")
@@ -393,10 +398,7 @@ def make_train_fn(graphdef, config: ModelConfig, length: int, head_sizes: tuple[
 
         def head_loss(size):
             def run(h):
-                idx = inp.head_index[:size]
-                hs = jnp.take(h, idx, axis=0, mode="fill", fill_value=0)
-                w = jnp.take(inp.weights, idx, mode="fill", fill_value=0)
-                t = jnp.take(inp.targets, idx, mode="fill", fill_value=0)
+                _, hs, w, t = _head_rows(h, inp.head_index, inp.weights, inp.targets, size)
                 return jnp.sum(w * token_losses(config, base, hs, t))
             return run
 
