@@ -227,3 +227,13 @@ def test_scheduler_output_is_plain_data_that_pickles():
         assert all(isinstance(v, (int, float, str, bool, type(None))) for v in leaves(plan)), plan
         again = pickle.loads(pickle.dumps(plan))
         assert isinstance(again, SchedulerOutput) and again == plan
+
+
+def test_target_fraction_follows_the_forward():
+    ids = list(range(1, 11))
+    t = TrainingSequence("j", 0, 1, ids, ids[1:] + [0], [0.0] * 4 + [1.0] * 5 + [0.0], 0.0, 0, 4, 2)
+    assert t.target_fraction == 0.5
+    t.num_computed = 4
+    assert t.target_fraction == 5 / 6
+    t.num_computed = 10
+    assert t.target_fraction == 0.0

@@ -114,6 +114,9 @@ class TrainingSequence:
         self._starts = [0]
         for length in self.segments[:-1]:
             self._starts.append(self._starts[-1] + length)
+        self._weighted_after = [0] * (n + 1)  # weighted tokens from position t on
+        for t in range(n - 1, -1, -1):
+            self._weighted_after[t] = self._weighted_after[t + 1] + (self.weights[t] != 0)
 
     def kv_id(self, segment: int) -> tuple:
         """The id of example ``segment``'s pages in the KV-cache manager."""
@@ -139,6 +142,12 @@ class TrainingSequence:
         if not self.forward_only and self.layers_done < self.num_layers:
             return TrainingPhase.BACKWARD
         return TrainingPhase.DONE
+
+    @property
+    def target_fraction(self) -> float:
+        """The share of the forward tokens still to compute that carry a loss weight."""
+        rest = self.num_tokens - self.num_computed
+        return self._weighted_after[self.num_computed] / rest if rest > 0 else 0.0
 
     @property
     def layers_left(self) -> int:

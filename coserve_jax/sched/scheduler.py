@@ -387,15 +387,9 @@ class Scheduler:
             finetune_kv=(fwd[0].num_computed - fwd[0].segment_starts[fwd[0].segment_of(fwd[0].num_computed)]) if fwd else 0,
             backward_tokens=bwd[0].num_tokens if bwd else 0,
             backward_layers=bwd[0].layers_left if bwd else 0,
-            finetune_target_fraction=self._target_fraction(fwd[0]) if fwd else 1.0,
+            finetune_target_fraction=fwd[0].target_fraction if fwd else 1.0,
             trained_examples=self.num_trained,
         )
-
-    @staticmethod
-    def _target_fraction(seq: TrainingSequence) -> float:
-        """The share of a sequence's remaining forward tokens that carry a loss weight."""
-        rest = seq.weights[seq.num_computed:]
-        return sum(1 for w in rest if w) / len(rest) if rest else 0.0
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """Plan the next step (see the module docstring); allocates the pages it needs.
