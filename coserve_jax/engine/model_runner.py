@@ -16,6 +16,7 @@ what comes back is a :class:`~coserve_jax.engine.step.StepOutput` of device arra
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import jax
@@ -24,10 +25,11 @@ import numpy as np
 from flax import nnx
 
 from coserve_jax.engine.config import EngineConfig
-from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, pick_bucket
+from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, model_key, pick_bucket
 from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.sampler import init_seen_mask
 from coserve_jax.engine.step_inputs import build_step_inputs, head_bucket, head_sizes
+from coserve_jax.executable_cache import ExecutableCache, compile_ahead
 from coserve_jax.finetune import fused
 from coserve_jax.lora.manager import AdapterManager
 from coserve_jax.models.decoder import CausalLM
@@ -52,6 +54,8 @@ class ModelRunner:
             finetuning.
         adapters: the :class:`~coserve_jax.lora.manager.AdapterManager` of the pool, or ``None``.
         compile_seconds: seconds :meth:`compile` took (persistent-cache hits included).
+        executable_cache: the :class:`~coserve_jax.executable_cache.ExecutableCache` under
+            ``<compilation_cache_dir>/executables`` (one process only), or ``None``.
         optimizers: job id -> the job's compiled optimizer step (:meth:`compile_optimizer`).
     """
 
@@ -64,7 +68,11 @@ class ModelRunner:
         shape = (mc.num_layers, config.num_kv_pages, config.page_size, rules.kv_cache_heads, mc.head_dim)
         self.k_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
         self.v_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
-        self.adapters = AdapterManager(model) if model.lora is not None else None
+        self.executable_cache = None
+        if config.compilation_cache_dir is not None and jax.process_count() == 1:
+            devices = list(rules.mesh.devices.flat)
+            self.executable_cache = ExecutableCache(os.path.join(config.compilation_cache_dir, "executables"), devices)
+        self.adapters = AdapterManager(model, self.executable_cache) if model.lora is not None else None
         self.ft_buffers = None
         if config.finetune is not None:
             self.ft_buffers = fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules)
@@ -78,7 +86,7 @@ class ModelRunner:
         self.step_fn = CompiledStep(
             model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers, self.seen,
             finetune_tokens=config.max_finetune_tokens, num_store_rows=config.finetune_rows,
-            impl=config.attention_impl, max_logprobs=config.max_logprobs, parallel=rules,
+            impl=config.attention_impl, max_logprobs=config.max_logprobs, parallel=rules, cache=self.executable_cache,
         )
         self._last_tokens = self.step_fn.no_prev_tokens  # the last step's sampled tokens [M]
         self._last_plan: SchedulerOutput | None = None
@@ -94,26 +102,35 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.step_fn.compile_all()
         layout = self.config.finetune
+        cache = self.executable_cache
         if layout is not None:
             graphdef = self.step_fn.graphdef
+            model = f"{model_key(self.model, graphdef)} {layout!r}"
             for i, length in enumerate(layout.seq_buckets, 1):
                 t = time.perf_counter()
                 fn = jax.jit(fused.make_backward_fn(graphdef, self.model.config, layout, length, self.rules), donate_argnums=1)
-                self.backward[length] = fn.lower(
-                    self.state, self.ft_buffers, fused.abstract_backward_inputs(length, self.rules.replicated)
-                ).compile()
+                self.backward[length] = compile_ahead(
+                    cache, f"backward length={length} mesh={dict(self.rules.mesh.shape)} {model}", fn, self.state, self.ft_buffers,
+                    fused.abstract_backward_inputs(length, self.rules.replicated),
+                )
                 log.info("compiled backward %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
                          length, time.perf_counter() - t)
             if self.config.finetune_idle_train_step:
                 for i, length in enumerate(layout.seq_buckets, 1):
                     t = time.perf_counter()
                     fn = jax.jit(fused.make_train_fn(graphdef, self.model.config, length, head_sizes(length)), donate_argnums=1)
-                    self.train[length] = fn.lower(self.state, self.ft_buffers, fused.abstract_train_inputs(length)).compile()
+                    self.train[length] = compile_ahead(
+                        cache, f"train length={length} {model}", fn, self.state, self.ft_buffers,
+                        fused.abstract_train_inputs(length),
+                    )
                     log.info("compiled idle train step %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
                              length, time.perf_counter() - t)
-            self._zero_row = fused.zero_row.lower(self.ft_buffers.grads, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self._zero_row = compile_ahead(cache, "zero_row", fused.zero_row, self.ft_buffers.grads,
+                                           jax.ShapeDtypeStruct((), jnp.int32))
             self.adapters.compile_writer()
         self.compile_seconds = time.perf_counter() - t0
+        if cache is not None:
+            log.info("executables: %d loaded from %s, %d compiled", cache.hits, cache.path, cache.misses)
         return self.compile_seconds
 
     def refresh_state(self) -> None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coserve_jax.executable_cache import ExecutableCache, compile_ahead
 from coserve_jax.engine.sampler import SamplerOutput, apply_repetition_penalty, sample
 from coserve_jax.engine.step_inputs import Bucket, StepDims, StepInputs, abstract_inputs, head_sizes
 from coserve_jax.finetune.fused import FinetuneBuffers, save_forward
@@ -106,6 +107,13 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
         jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def model_key(model: CausalLM, graphdef: Any) -> str:
+    """The model's structure as text, for executable-cache keys: its configuration, its LoRA
+    pool's and its graph (the state's shapes and dtypes enter the keys separately)."""
+    pool = model.lora.config if model.lora is not None else None
+    return f"{model.config!r} {pool!r} {graphdef!r}"
 
 
 class StepOutput(NamedTuple):
@@ -203,6 +211,8 @@ class CompiledStep:
         finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
         num_store_rows: rows of the activation store (the padding destination of its scatter).
         impl, max_logprobs, parallel: see :func:`make_step_fn`.
+        cache: where compiled buckets are kept between processes
+            (:class:`~coserve_jax.executable_cache.ExecutableCache`), or ``None``.
     """
 
     def __init__(
@@ -220,8 +230,12 @@ class CompiledStep:
         impl: str,
         max_logprobs: int,
         parallel: ShardingRules | None = None,
+        cache: ExecutableCache | None = None,
     ):
         self.graphdef, state = nnx.split(model)
+        self.cache = cache
+        self._name = (f"step impl={impl} max_logprobs={max_logprobs} mesh={None if parallel is None else dict(parallel.mesh.shape)} "
+                      f"model={model_key(model, self.graphdef)}")
         self.parallel = parallel
         self.buckets = list(buckets)
         self.max_pages_per_seq = max_pages_per_seq
@@ -254,7 +268,7 @@ class CompiledStep:
             rep = None if self.parallel is None else self.parallel.replicated
             inputs = abstract_inputs(self.dims(b), rep)
             prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
-            self._compiled[b] = self._jitted.lower(state, k, v, ft, seen, prev, inputs).compile()
+            self._compiled[b] = compile_ahead(self.cache, self._name, self._jitted, state, k, v, ft, seen, prev, inputs)
             log.info("compiled step shape %d/%d (T=%d, S=%d) in %.1f s", i, len(todo), b.num_tokens, b.num_seqs,
                      time.perf_counter() - t)
         self._example = None

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coserve_jax.executable_cache import ExecutableCache, compile_ahead
 from coserve_jax.lora.peft_io import LoRAModule, LoRAWeights, module_path, read_peft, write_peft
 from coserve_jax.models.decoder import CausalLM
 from coserve_jax.parallel.rules import fetch
@@ -55,17 +56,20 @@ class AdapterManager:
 
     Args:
         model: a model built with a ``lora=LoRAPoolConfig(...)`` pool.
+        executable_cache: where the compiled weight writer is kept between processes
+            (:class:`~coserve_jax.executable_cache.ExecutableCache`), or ``None``.
     Raises:
         ValueError: the model has no LoRA pool.
     """
 
-    def __init__(self, model: CausalLM):
+    def __init__(self, model: CausalLM, executable_cache: ExecutableCache | None = None):
         if model.lora is None:
             raise ValueError("the model has no LoRA pool: build it with lora=LoRAPoolConfig(...)")
         self.model = model
         self.pool_config = model.lora.config
         self._slots: list[_SlotInfo | None] = [None] * self.pool_config.max_loras
         self._writer = None
+        self._cache = executable_cache
 
     @property
     def names(self) -> list[str]:
@@ -180,7 +184,8 @@ class AdapterManager:
             m: tuple(jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], x.dtype, sharding=_without_axis1(x.sharding, x.ndim - 1)) for x in ab)
             for m, ab in stacks.items()
         }
-        self._writer = _write_stacks.lower(stacks, jax.ShapeDtypeStruct((), jnp.int32), values).compile()
+        self._writer = compile_ahead(self._cache, "lora write_weights", _write_stacks, stacks,
+                                     jax.ShapeDtypeStruct((), jnp.int32), values)
 
     def get(self, name: str) -> LoRAWeights:
         """Read an adapter back from the device (current values, padding trimmed)."""

@@ -1,0 +1,124 @@
+"""The on-disk cache of compiled executables: a second process with the same engine neither
+traces nor compiles (every executable loads), produces the same tokens, and a broken or stale
+entry is compiled again instead of failing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import shared_data
+
+from coserve_jax.executable_cache import ExecutableCache, abstract_signature
+
+CHILD = r"""
+import json, sys, time
+from coserve_jax import Engine, SamplingParams
+from coserve_jax.compile_counter import CompileCounter
+kind, cache = sys.argv[1], sys.argv[2]
+if kind == "tiny":
+    from coserve_jax.models import ModelConfig, init_random
+    from coserve_jax.models.lora_pool import LoRAPoolConfig
+    cfg = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=256, max_position_embeddings=256, torch_dtype="float32"))
+    model = init_random(cfg, seed=0, dtype="float32", lora=LoRAPoolConfig(2, 8))
+with CompileCounter() as c:
+    if kind == "tiny":
+        e = Engine(model, max_num_seqs=4, max_num_batched_tokens=32, token_buckets=(32,), seq_buckets=(4,), num_kv_pages=32,
+                   compilation_cache_dir=cache, max_finetune_jobs=1, finetune_seq_buckets=(64,), finetune_max_seq_len=64)
+        prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    else:
+        e = Engine(kind, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(16,),
+                   seq_buckets=(4,), max_loras=0, max_finetune_jobs=0, compilation_cache_dir=cache)
+        prompts = [e.tokenizer.encode("The capital of France is"), e.tokenizer.encode("1, 2, 3,")]
+    outs = e.generate(prompts, SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)
+losses = []
+if kind == "tiny":  # a job's backward, train step and accumulator reset from the loaded executables
+    from coserve_jax.finetune.data import TrainingExample
+    exs = [TrainingExample(tuple(range(1 + i, 30 + 7 * i)), tuple([False] * 3 + [True] * (26 + 6 * i)), i) for i in range(4)]
+    job = e.create_finetuning_job(exs, learning_rate=1e-2, max_steps=2, gradient_accumulation_steps=2, shuffle=False,
+                                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    e.wait_for(job)
+    losses = [r.loss for r in job.loss_history]
+x = e.runner.executable_cache
+print(json.dumps(dict(requests=c.requests, compiles=c.count, hits=x.hits, misses=x.misses, tokens=[o.token_ids for o in outs],
+                      losses=losses)))
+"""
+
+
+def _run(kind: str, cache: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, cache], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_two_processes(kind: str, cache: str) -> tuple[dict, dict]:
+    cold = _run(kind, cache)
+    assert cold["misses"] > 0 and cold["hits"] == 0 and cold["compiles"] > 0
+    warm = _run(kind, cache)
+    # every executable loaded: no XLA compilation, and no persistent-cache miss either
+    assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
+    assert warm["compiles"] == 0
+    assert warm["tokens"] == cold["tokens"]
+    assert warm["losses"] == cold["losses"]
+    return cold, warm
+
+
+def test_second_process_loads_every_executable(tmp_path):
+    """The tiny model with finetuning (step, backward, train step, accumulator reset, adapter
+    writer); a job trains with the loaded executables to the same losses."""
+    cold, _ = _check_two_processes("tiny", str(tmp_path))
+    assert len(cold["losses"]) == 2
+
+
+def test_second_process_loads_every_executable_real_model(tmp_path):
+    """SmolLM2-135M from its GGUF file: two fresh processes, the second compiles nothing."""
+    path = shared_data("models", "smollm2_135m_instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    _check_two_processes(str(path), str(tmp_path))
+
+
+def _add(x, y):
+    return x + y
+
+
+def test_key_follows_shapes_and_names(tmp_path):
+    cache = ExecutableCache(tmp_path, jax.devices()[:1])
+    a = jax.ShapeDtypeStruct((4,), jnp.float32)
+    b = jax.ShapeDtypeStruct((8,), jnp.float32)
+    c = jax.ShapeDtypeStruct((4,), jnp.int32)
+    keys = {cache.key("add", (a, a)), cache.key("add", (b, b)), cache.key("add", (c, c)), cache.key("sub", (a, a))}
+    assert len(keys) == 4
+    placed = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert cache.key("add", (placed, placed)) == cache.key("add", (jnp.zeros(4), jnp.ones(4)))  # values do not count
+    assert cache.key("add", (a, a)) != cache.key("add", (placed, placed))  # placements do
+    assert abstract_signature((a, a)) != abstract_signature([a, a])  # the tree structure counts
+
+
+def test_broken_entry_is_compiled_again(tmp_path, caplog):
+    jitted = jax.jit(_add)
+    x = jnp.arange(4.0)
+    first = ExecutableCache(tmp_path, jax.devices()[:1])
+    first.compile("add", jitted, x, x)
+    [entry] = [p for p in tmp_path.iterdir() if p.suffix == ".exe"]
+    again = ExecutableCache(tmp_path, jax.devices()[:1])
+    np.testing.assert_array_equal(again.compile("add", jitted, x, x)(x, x), 2 * np.arange(4.0))
+    assert (again.hits, again.misses) == (1, 0)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated (a crash cannot do this: writes are renamed into place)
+    broken = ExecutableCache(tmp_path, jax.devices()[:1])
+    np.testing.assert_array_equal(broken.compile("add", jitted, x, x)(x, x), 2 * np.arange(4.0))
+    assert (broken.hits, broken.misses) == (0, 1)
+    assert "did not load" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_unwritable_directory_still_compiles(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = ExecutableCache(blocker / "sub", jax.devices()[:1])  # its parent is a file: nothing can be written
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(cache.compile("add", jax.jit(_add), x, x)(x, x), 2 * np.arange(3.0))
+    assert cache.misses == 1 and not os.path.isdir(blocker / "sub")
