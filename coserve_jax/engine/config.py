@@ -57,6 +57,8 @@ class EngineConfig:
         compilation_cache_dir: the persistent XLA compilation cache (``None``: off).
         finetune_idle_train_step: steps without inference run whole training sequences as one
             train step (finetuning on, one device).
+        compile_in_background: serve once the largest shapes are compiled, the rest compiling in
+            a background thread (one process only).
     """
 
     max_model_len: int
@@ -84,6 +86,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     max_cpu_loras: int | None = None
     finetune_idle_train_step: bool = False
+    compile_in_background: bool = False
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -151,6 +154,7 @@ class EngineConfig:
         finetune_seq_buckets: Sequence[int] | None = None,
         finetune_activation_bytes: int | None = None,
         finetune_idle_train_step: bool = True,
+        compile_in_background: bool = False,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -222,6 +226,13 @@ class EngineConfig:
                 (the same gradient, about a third less work than the token-level forward and
                 backward; one executable per ``finetune_seq_buckets`` length). Single device
                 only (under tensor parallelism the token-level path runs).
+            compile_in_background: start serving once the largest step bucket and the longest
+                backward are compiled (or loaded from the executable cache) and compile the other
+                shapes in a background thread; meanwhile a step runs in the smallest compiled
+                bucket that holds it (padded: slower, the same tokens) and idle steps train
+                token-level until the idle train step is compiled. ``Engine.wait_compiled``
+                waits for the rest. Ignored in a multi-process engine (every process must run
+                the same shapes).
             scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
                 (each step sized from the latency model and the requests' SLOs,
                 :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
@@ -332,4 +343,5 @@ class EngineConfig:
             compilation_cache_dir=None if compilation_cache_dir is None else os.fspath(compilation_cache_dir),
             max_cpu_loras=max_cpu_loras,
             finetune_idle_train_step=bool(finetune_idle_train_step and layout is not None and tensor_parallel_size == 1),
+            compile_in_background=bool(compile_in_background),
         )

@@ -101,7 +101,7 @@ class Engine(OfflineAPI):
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
             ``max_finetune_jobs``, ``finetune_max_seq_len``, ``max_finetune_tokens``,
             ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``finetune_activation_bytes``,
-            ``finetune_idle_train_step``, ``scheduling_policy``,
+            ``finetune_idle_train_step``, ``compile_in_background``, ``scheduling_policy``,
             ``policy_options``, ``slo``, ``measure_steps``, ``async_scheduling`` (on by
             default: the host plans step N+1 while the device runs step N),
             ``tensor_parallel_size``.
@@ -151,6 +151,7 @@ class Engine(OfflineAPI):
         finetune_seq_buckets: Sequence[int] | None = None,
         finetune_activation_bytes: int | None = None,
         finetune_idle_train_step: bool = True,
+        compile_in_background: bool = False,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -189,7 +190,12 @@ class Engine(OfflineAPI):
                  "compiling %d step shapes", self.model_path or "(built in code)", f"{config.num_params():,}",
                  jnp.dtype(self.model.dtype).name, ec.max_model_len, ec.num_kv_pages, ec.page_size, ec.kv_cache_bytes / 2**20,
                  len(ec.buckets))
-        self.compile_seconds = self.runner.compile()
+        background = ec.compile_in_background and jax.process_count() == 1
+        self.compile_seconds = self.runner.compile(background)
+        """Seconds the start-up compilation took (with ``compile_in_background``: its foreground part)."""
+        self._idle_train_pending = self.runner.compiling and ec.finetune_idle_train_step
+        if self._idle_train_pending:  # idle train steps once compiled
+            self.scheduler.config = dataclasses.replace(self.scheduler.config, idle_train_step=False)
         log.info("engine ready: compiled in %.1f s (attention: %s)", self.compile_seconds, ec.attention_impl)
         self.inputs = InputProcessor(self.tokenizer, config.vocab_size, ec.max_logprobs, self._adapter_index, self.eos_token_ids, seed)
         """Prompts into requests (:class:`~coserve_jax.engine.input_processor.InputProcessor`)."""
@@ -209,6 +215,26 @@ class Engine(OfflineAPI):
         if measure_steps:
             self.policy.ensure_latency_model()
         self.num_steps = 0
+
+    # ---- background compilation -----------------------------------------------------------
+    @property
+    def _warming_up(self) -> bool:
+        return self._idle_train_pending or self.runner.compiling
+
+    def _check_compiled(self) -> None:
+        """Turn the idle train step on once its executables are compiled."""
+        if self._idle_train_pending and self.runner.idle_train_ready:
+            self.scheduler.config = dataclasses.replace(self.scheduler.config, idle_train_step=True)
+            self._idle_train_pending = False
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the shapes that ``compile_in_background`` left to a background thread (at
+        once without it). Returns whether every executable is compiled (``False``: the timeout
+        passed, or the compilation failed and the engine serves with what it has; the error is
+        logged)."""
+        done = self.runner.wait_compiled(timeout)
+        self._check_compiled()
+        return done
 
     # ---- the resolved configuration and the policy's state, as attributes --------------------
     max_model_len = _attr("engine_config", "max_model_len", "Context length in tokens.")
@@ -501,6 +527,8 @@ class Engine(OfflineAPI):
             plan: a plan made by process 0's engine (multi-host followers, :meth:`follow`);
                 default: this engine's scheduler plans the step.
         """
+        if self._warming_up:
+            self._check_compiled()
         # 1. Schedule: the plan, as plain data (a token the device has not returned yet is
         #    pending). Multi-host: process 0 plans and publishes; the others run its plan.
         failed = self._place_adapters() if self._awaiting_slot and plan is None else []
@@ -521,7 +549,7 @@ class Engine(OfflineAPI):
             if plan.train is not None:
                 self.finetuning.record_train(plan.train, self.runner.run_train(plan.train))
             self.num_steps += 1
-            if self.policy.measures:
+            if self.policy.measures and not self._warming_up:  # (padded shapes, a compiling thread)
                 self.policy.measure(plan, out, t_dispatch)
         # 3. Train: training progress needs no device result; optimizer steps are dispatched
         #    after this step and before the next.

@@ -15,8 +15,10 @@ what comes back is a :class:`~coserve_jax.engine.step.StepOutput` of device arra
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -25,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from coserve_jax.engine.config import EngineConfig
-from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, model_key, pick_bucket
+from coserve_jax.engine.step import Bucket, CompiledStep, StepOutput, abstract, model_key, pick_bucket
 from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.sampler import init_seen_mask
 from coserve_jax.engine.step_inputs import build_step_inputs, head_bucket, head_sizes
@@ -46,6 +48,8 @@ class ModelRunner:
         model: the model, placed by ``rules`` (its LoRA pool, if any, is written in place).
         rules: the sharding rules of the engine's mesh.
         config: the engine's :class:`EngineConfig`.
+        abstract_only: ``model`` is abstract (:func:`~coserve_jax.models.loader.init_abstract`)
+            and nothing is allocated: only :meth:`compile` may be called (:func:`compile_abstract`).
 
     Attributes:
         k_cache, v_cache: ``[L, num_kv_pages, page_size, Hkv, D]`` of the model dtype, split over
@@ -59,15 +63,17 @@ class ModelRunner:
         optimizers: job id -> the job's compiled optimizer step (:meth:`compile_optimizer`).
     """
 
-    def __init__(self, model: CausalLM, rules: ShardingRules, config: EngineConfig):
+    def __init__(self, model: CausalLM, rules: ShardingRules, config: EngineConfig, *, abstract_only: bool = False):
         self.model = model
         self.rules = rules
         self.config = config
         mc = model.config
         dtype = model.dtype
         shape = (mc.num_layers, config.num_kv_pages, config.page_size, rules.kv_cache_heads, mc.head_dim)
-        self.k_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
-        self.v_cache = rules.zeros(shape, dtype, rules.kv_cache_spec())
+        # abstract_only: shapes, dtypes and placements, nothing allocated (compile-only use)
+        make = jax.eval_shape if abstract_only else (lambda f: f())
+        self.k_cache = make(lambda: rules.zeros(shape, dtype, rules.kv_cache_spec()))
+        self.v_cache = make(lambda: rules.zeros(shape, dtype, rules.kv_cache_spec()))
         self.executable_cache = None
         if config.compilation_cache_dir is not None and jax.process_count() == 1:
             devices = list(rules.mesh.devices.flat)
@@ -75,13 +81,13 @@ class ModelRunner:
         self.adapters = AdapterManager(model, self.executable_cache) if model.lora is not None else None
         self.ft_buffers = None
         if config.finetune is not None:
-            self.ft_buffers = fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules)
+            self.ft_buffers = make(lambda: fused.init_buffers(mc, model.lora.config, config.finetune, dtype, rules))
         self.state = nnx.state(model)
         self.optimizers: dict[str, jax.stages.Compiled] = {}
         self.input_batch = InputBatch(config.max_pages_per_seq, 2 * config.max_num_seqs)
         """The running requests' page tables and settings, kept between steps (plans carry increments)."""
         self.num_rows = len(self.input_batch.num_pages)
-        self.seen = jax.device_put(init_seen_mask(self.num_rows, mc.vocab_size), rules.replicated)
+        self.seen = make(lambda: jax.device_put(init_seen_mask(self.num_rows, mc.vocab_size), rules.replicated))
         """The repetition penalty's seen-token mask, bool ``[rows, V]`` by input-batch row."""
         self.step_fn = CompiledStep(
             model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers, self.seen,
@@ -93,45 +99,140 @@ class ModelRunner:
         self.backward: dict[int, object] = {}
         self.train: dict[int, object] = {}
         self._zero_row = None
+        self._backward_lengths: tuple[int, ...] = ()  # compiled so far, ascending
+        self._train_lengths: tuple[int, ...] = ()
+        # what the executables are compiled for (shapes and placements: the arrays get donated)
+        self._abstract_state = abstract((self.state, self.ft_buffers))
+        self._background: threading.Thread | None = None
+        self.background_error: BaseException | None = None
+        """What stopped a background compilation (``None``: nothing)."""
         self.compile_seconds = 0.0
 
     # ---- start-up ------------------------------------------------------------------------
-    def compile(self) -> float:
-        """Compile every executable ahead of time (loads from the persistent cache when it
-        holds them), so no serving step compiles. Returns the seconds it took."""
+    def compile(self, background: bool = False) -> float:
+        """Compile every executable ahead of time (loading those the executable cache or the
+        persistent compilation cache holds), so that no serving step compiles.
+
+        Args:
+            background: compile first only what serving needs to start (the largest step
+                bucket, the longest backward, the accumulator reset and the adapter writer) and
+                the rest in a background thread: until a smaller shape is compiled, plans run in
+                the smallest compiled one that holds them (padded), and steps without inference
+                run training sequences as forward chunks and backwards until the longest idle
+                train step is compiled. :meth:`wait_compiled` waits for the rest.
+        Returns:
+            the seconds it took (before returning: the foreground part).
+        """
         t0 = time.perf_counter()
-        self.step_fn.compile_all()
-        layout = self.config.finetune
-        cache = self.executable_cache
-        if layout is not None:
-            graphdef = self.step_fn.graphdef
-            model = f"{model_key(self.model, graphdef)} {layout!r}"
-            for i, length in enumerate(layout.seq_buckets, 1):
-                t = time.perf_counter()
-                fn = jax.jit(fused.make_backward_fn(graphdef, self.model.config, layout, length, self.rules), donate_argnums=1)
-                self.backward[length] = compile_ahead(
-                    cache, f"backward length={length} mesh={dict(self.rules.mesh.shape)} {model}", fn, self.state, self.ft_buffers,
-                    fused.abstract_backward_inputs(length, self.rules.replicated),
-                )
-                log.info("compiled backward %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
-                         length, time.perf_counter() - t)
-            if self.config.finetune_idle_train_step:
-                for i, length in enumerate(layout.seq_buckets, 1):
-                    t = time.perf_counter()
-                    fn = jax.jit(fused.make_train_fn(graphdef, self.model.config, length, head_sizes(length)), donate_argnums=1)
-                    self.train[length] = compile_ahead(
-                        cache, f"train length={length} {model}", fn, self.state, self.ft_buffers,
-                        fused.abstract_train_inputs(length),
-                    )
-                    log.info("compiled idle train step %d/%d (sequence length %d) in %.1f s", i, len(layout.seq_buckets),
-                             length, time.perf_counter() - t)
-            self._zero_row = compile_ahead(cache, "zero_row", fused.zero_row, self.ft_buffers.grads,
-                                           jax.ShapeDtypeStruct((), jnp.int32))
-            self.adapters.compile_writer()
+        first, rest = self._compile_tasks()
+        if not background:
+            first, rest = first + rest, []
+        for task in first:
+            task()
         self.compile_seconds = time.perf_counter() - t0
+        if rest:
+            log.info("serving with %d executables; compiling %d more in the background", len(first), len(rest))
+            self._background = threading.Thread(target=self._compile_rest, args=(rest, t0), name="coserve-compile", daemon=True)
+            self._background.start()
+        else:
+            self._log_cache()
+        return self.compile_seconds
+
+    def _compile_tasks(self) -> tuple[list, list]:
+        """The compilations to do, as ``(needed to serve, the rest)`` lists of callables, in order."""
+        buckets = list(self.config.buckets)
+        first = [functools.partial(self.step_fn.compile_bucket, buckets[-1])]
+        rest = [functools.partial(self.step_fn.compile_bucket, b) for b in buckets[:-1]]
+        layout = self.config.finetune
+        if layout is not None:
+            lengths = list(layout.seq_buckets)
+            first.append(functools.partial(self._compile_backward, lengths[-1]))
+            first.append(self._compile_small)
+            if self.config.finetune_idle_train_step:  # the longest first: then every sequence has one
+                rest.extend(functools.partial(self._compile_train, n) for n in lengths[::-1])
+            rest.extend(functools.partial(self._compile_backward, n) for n in lengths[:-1])
+        return first, rest
+
+    def _compile_rest(self, tasks: list, t0: float) -> None:
+        try:
+            for task in tasks:
+                task()
+        except BaseException as e:  # the engine goes on with what is compiled
+            self.background_error = e
+            log.exception("background compilation failed; serving goes on with the executables compiled so far")
+            return
+        log.info("background compilation done: every executable ready %.1f s after start-up began", time.perf_counter() - t0)
+        self._log_cache()
+
+    def _log_cache(self) -> None:
+        cache = self.executable_cache
         if cache is not None:
             log.info("executables: %d loaded from %s, %d compiled", cache.hits, cache.path, cache.misses)
-        return self.compile_seconds
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until a background compilation (:meth:`compile`) is done. Returns whether every
+        executable is compiled (``False``: the timeout passed, or the compilation failed:
+        :attr:`background_error`)."""
+        if self._background is not None:
+            self._background.join(timeout)
+            if self._background.is_alive():
+                return False
+        return self.background_error is None
+
+    @property
+    def compiling(self) -> bool:
+        """A background compilation is still running."""
+        return self._background is not None and self._background.is_alive()
+
+    def _model_name(self) -> str:
+        return f"{model_key(self.model, self.step_fn.graphdef)} {self.config.finetune!r}"
+
+    def _compile_backward(self, length: int) -> None:
+        t = time.perf_counter()
+        layout = self.config.finetune
+        fn = jax.jit(fused.make_backward_fn(self.step_fn.graphdef, self.model.config, layout, length, self.rules),
+                     donate_argnums=1)
+        state, buffers = self._abstract_state
+        self.backward[length] = compile_ahead(
+            self.executable_cache, f"backward length={length} mesh={dict(self.rules.mesh.shape)} {self._model_name()}",
+            fn, state, buffers, fused.abstract_backward_inputs(length, self.rules.replicated),
+        )
+        self._backward_lengths = tuple(sorted(self.backward))
+        log.info("compiled backward %d/%d (sequence length %d) in %.1f s", len(self.backward), len(layout.seq_buckets),
+                 length, time.perf_counter() - t)
+
+    def _compile_train(self, length: int) -> None:
+        t = time.perf_counter()
+        layout = self.config.finetune
+        fn = jax.jit(fused.make_train_fn(self.step_fn.graphdef, self.model.config, length, head_sizes(length)),
+                     donate_argnums=1)
+        state, buffers = self._abstract_state
+        self.train[length] = compile_ahead(
+            self.executable_cache, f"train length={length} {self._model_name()}", fn, state, buffers,
+            fused.abstract_train_inputs(length),
+        )
+        self._train_lengths = tuple(sorted(self.train))
+        log.info("compiled idle train step %d/%d (sequence length %d) in %.1f s", len(self.train),
+                 len(layout.seq_buckets), length, time.perf_counter() - t)
+
+    def _compile_small(self) -> None:
+        """The accumulator-row reset and the adapter pool's writer."""
+        self._zero_row = compile_ahead(self.executable_cache, "zero_row", fused.zero_row, self._abstract_state[1].grads,
+                                       jax.ShapeDtypeStruct((), jnp.int32))
+        self.adapters.compile_writer()
+
+    @property
+    def idle_train_ready(self) -> bool:
+        """An idle train step holds every training sequence (its longest length is compiled)."""
+        layout = self.config.finetune
+        return layout is not None and layout.seq_buckets[-1] in self.train
+
+    @staticmethod
+    def _smallest(lengths: tuple[int, ...], n: int, what: str) -> int:
+        for length in lengths:
+            if length >= n:
+                return length
+        raise RuntimeError(f"no compiled {what} holds {n} tokens (compiled: {list(lengths)})")
 
     def refresh_state(self) -> None:
         """Re-read the model's state after its adapter pool was written (the one place)."""
@@ -140,7 +241,7 @@ class ModelRunner:
     # ---- the step ------------------------------------------------------------------------
     def bucket_for(self, plan: SchedulerOutput) -> Bucket:
         """The compiled bucket a plan runs in."""
-        return pick_bucket(self.config.buckets, plan.num_tokens, plan.num_seqs)
+        return pick_bucket(self.step_fn.ready, plan.num_tokens, plan.num_seqs)
 
     def execute(self, plan: SchedulerOutput) -> StepOutput | None:
         """Apply a plan's page-table increments and dispatch its fused step (asynchronously:
@@ -182,7 +283,7 @@ class ModelRunner:
 
     def run_backward(self, b: BackwardSlice) -> None:
         """Dispatch the backward layers of a training sequence (accumulates into its job's row)."""
-        length = self.config.finetune.bucket_for(b.num_tokens)
+        length = self._smallest(self._backward_lengths, b.num_tokens, "backward")
         positions, segment_ids, seeds = _pack_rows(b.segments, b.dropout_seeds, length)
         inputs = fused.BackwardInputs(
             np.int32(b.store_row), np.int32(b.grad_row), np.int32(b.adapter_index), np.int32(b.first_layer),
@@ -193,7 +294,7 @@ class ModelRunner:
     def run_train(self, t: TrainSequence) -> jax.Array:
         """Dispatch a whole training sequence's train step (its gradient added into its job's
         row). Returns its summed weighted loss (a device scalar)."""
-        length = self.config.finetune.bucket_for(t.num_tokens)
+        length = self._smallest(self._train_lengths, t.num_tokens, "train step")
         n = t.num_tokens
         tokens, targets = np.zeros(length, np.int32), np.zeros(length, np.int32)
         weights = np.zeros(length, np.float32)
@@ -327,3 +428,40 @@ def _pack_rows(segments, dropout_seeds, length: int) -> tuple[np.ndarray, np.nda
         seeds[at:at + n] = seed
         at += n
     return positions, segment_ids, seeds
+
+
+def compile_abstract(model: CausalLM, knobs: dict, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Compile an engine's executables for an abstract model (no weights, caches or buffers
+    allocated), e.g. at Llama-3.1-8B shape on a machine that cannot hold it, on one device.
+
+    Args:
+        model: from :func:`~coserve_jax.models.loader.init_abstract` (with its LoRA pool).
+        knobs: the engine's knobs (``EngineConfig.resolve`` arguments); ``num_kv_pages``
+            defaults to 1024 (it sizes the KV cache arguments only).
+        cache_dir: the compilation cache directory (the executable cache goes beneath it), or
+            ``None``: no caches.
+    Returns:
+        ``{"step_buckets", "backward_buckets", "train_steps", "executables_loaded",
+        "executables_compiled"}`` (counts).
+    """
+    from coserve_jax.engine.step import configure_compilation_cache
+    from coserve_jax.parallel.mesh import make_mesh
+
+    configure_compilation_cache(cache_dir)
+    rules = ShardingRules(model.config, make_mesh(1))
+    pool = model.lora.config if model.lora is not None else None
+    knobs = dict(knobs)
+    knobs.setdefault("num_kv_pages", 1024)
+    if pool is not None:
+        knobs.update(max_loras=pool.max_loras, max_lora_rank=pool.max_lora_rank, lora_target_modules=pool.target_modules)
+    config = EngineConfig.resolve(
+        model.config, has_lora_pool=pool is not None, kv_cache_heads=rules.kv_cache_heads,
+        dtype_itemsize=jnp.dtype(model.dtype).itemsize, compilation_cache_dir=cache_dir, **knobs,
+    )
+    runner = ModelRunner(model, rules, config, abstract_only=True)
+    runner.compile()
+    cache = runner.executable_cache
+    return {
+        "step_buckets": len(runner.step_fn.ready), "backward_buckets": len(runner.backward), "train_steps": len(runner.train),
+        "executables_loaded": cache.hits if cache else 0, "executables_compiled": cache.misses if cache else None,
+    }

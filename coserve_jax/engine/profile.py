@@ -109,6 +109,8 @@ def fitted_latency_model(runner, cache_dir: str | os.PathLike | None, repeats: i
                     return LatencyModel.from_json(f.read()), True
             except (ValueError, KeyError, json.JSONDecodeError):
                 pass  # a stale or damaged file: profile again
+    if not runner.wait_compiled():  # the profile times every shape
+        raise RuntimeError(f"the start-up profile needs every executable; compilation failed: {runner.background_error!r}")
     model = LatencyModel().fit(profile_samples(runner, repeats))
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)

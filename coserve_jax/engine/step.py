@@ -109,6 +109,11 @@ def configure_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def abstract(tree: Any) -> Any:
+    """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct`` (shape, dtype, sharding)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def model_key(model: CausalLM, graphdef: Any) -> str:
     """The model's structure as text, for executable-cache keys: its configuration, its LoRA
     pool's and its graph (the state's shapes and dtypes enter the keys separately)."""
@@ -251,28 +256,42 @@ class CompiledStep:
         if parallel is not None:
             self.no_prev_tokens = jax.device_put(self.no_prev_tokens, parallel.replicated)
         self._compiled: dict[Bucket, Any] = {}
-        self._example = (state, k_cache, v_cache, ft_buffers, seen)
+        self._ready: tuple[Bucket, ...] = ()
+        # shapes, dtypes and placements only: the arrays themselves are donated by the steps
+        self._example = abstract((state, k_cache, v_cache, ft_buffers, seen))
         self.compile_seconds = 0.0
 
     def dims(self, bucket: Bucket) -> StepDims:
         """The sizes of :data:`~coserve_jax.engine.step_inputs.STEP_INPUT_TABLE`'s dimensions in ``bucket``."""
         return StepDims(bucket, self.max_pages_per_seq, self.max_num_seqs, self.finetune_tokens, self.num_store_rows)
 
-    def compile_all(self) -> float:
-        """Lower and compile every bucket (persistent-cache hits load instead). Returns seconds."""
-        t0 = time.perf_counter()
+    @property
+    def ready(self) -> tuple[Bucket, ...]:
+        """The buckets compiled so far, ascending (all of them after :meth:`compile_all`; fewer
+        while a background compilation runs)."""
+        return self._ready
+
+    def compile_bucket(self, bucket: Bucket) -> None:
+        """Lower and compile one bucket (an executable-cache or persistent-cache hit loads
+        instead); it is in :attr:`ready` once done. Safe to call from a background thread."""
+        if bucket in self._compiled:
+            return
+        t = time.perf_counter()
         state, k, v, ft, seen = self._example
-        todo = [b for b in self.buckets if b not in self._compiled]
-        for i, b in enumerate(todo, 1):
-            t = time.perf_counter()
-            rep = None if self.parallel is None else self.parallel.replicated
-            inputs = abstract_inputs(self.dims(b), rep)
-            prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
-            self._compiled[b] = compile_ahead(self.cache, self._name, self._jitted, state, k, v, ft, seen, prev, inputs)
-            log.info("compiled step shape %d/%d (T=%d, S=%d) in %.1f s", i, len(todo), b.num_tokens, b.num_seqs,
-                     time.perf_counter() - t)
-        self._example = None
-        self.compile_seconds += time.perf_counter() - t0
+        rep = None if self.parallel is None else self.parallel.replicated
+        inputs = abstract_inputs(self.dims(bucket), rep)
+        prev = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
+        self._compiled[bucket] = compile_ahead(self.cache, self._name, self._jitted, state, k, v, ft, seen, prev, inputs)
+        self._ready = tuple(sorted(self._compiled))
+        dt = time.perf_counter() - t
+        self.compile_seconds += dt
+        log.info("compiled step shape %d/%d (T=%d, S=%d) in %.1f s", len(self._ready), len(self.buckets),
+                 bucket.num_tokens, bucket.num_seqs, dt)
+
+    def compile_all(self) -> float:
+        """Lower and compile every bucket not compiled yet. Returns the seconds spent compiling."""
+        for b in self.buckets:
+            self.compile_bucket(b)
         return self.compile_seconds
 
     def __call__(self, state, k_cache, v_cache, ft_buffers, seen, prev_tokens, inputs: StepInputs):

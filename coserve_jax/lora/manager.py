@@ -179,7 +179,8 @@ class AdapterManager:
         """Compile :meth:`write_weights` ahead of time (the engine does at start-up, so that no
         serving step compiles it)."""
         pool = self.model.lora
-        stacks = {m: (pool.A[m][...], pool.B[m][...]) for m in self.pool_config.target_modules}
+        # (raw values: arrays, or an abstract model's ShapeDtypeStructs)
+        stacks = {m: (pool.A[m].get_raw_value(), pool.B[m].get_raw_value()) for m in self.pool_config.target_modules}
         values = {
             m: tuple(jax.ShapeDtypeStruct(x.shape[:1] + x.shape[2:], x.dtype, sharding=_without_axis1(x.sharding, x.ndim - 1)) for x in ab)
             for m, ab in stacks.items()

@@ -195,7 +195,7 @@ class CausalLM(nnx.Module):
     @property
     def dtype(self):
         """The parameters' dtype."""
-        return self.embed_tokens[...].dtype
+        return self.embed_tokens.get_raw_value().dtype  # (also of an abstract model's ShapeDtypeStruct)
 
     def hidden_states(
         self,

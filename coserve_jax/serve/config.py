@@ -37,6 +37,9 @@ MiB = 1 << 20
 # Engine arguments the server sets itself (from the model section).
 RESERVED_ENGINE_KEYS = ("model", "tokenizer", "dtype", "max_model_len")
 
+SERVER_ENGINE_DEFAULTS = dict(compile_in_background=True)
+"""Engine settings the server changes from the engine's defaults, for every model."""
+
 TINY_ENGINE_DEFAULTS = dict(
     max_num_seqs=16, max_num_batched_tokens=128, num_kv_pages=256, token_buckets=(32, 128), seq_buckets=(8, 16),
     max_loras=4, max_lora_rank=16, finetune_max_seq_len=512, finetune_seq_buckets=(128, 512), max_finetune_tokens=64,
@@ -143,9 +146,10 @@ class ServeConfig:
         return self.model.path is None
 
     def engine_kwargs(self) -> dict:
-        """Engine keyword arguments: the tiny model's defaults (for the tiny model) updated with
+        """Engine keyword arguments: the server's defaults (``compile_in_background``: answer
+        as soon as the largest shapes are compiled), the tiny model's (for the tiny model), then
         the ``engine`` section."""
-        return {**(TINY_ENGINE_DEFAULTS if self.is_tiny else {}), **self.engine}
+        return {**SERVER_ENGINE_DEFAULTS, **(TINY_ENGINE_DEFAULTS if self.is_tiny else {}), **self.engine}
 
 
 def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:

@@ -1,11 +1,13 @@
-"""The on-disk cache of compiled executables: a second process with the same engine neither
-traces nor compiles (every executable loads), produces the same tokens, and a broken or stale
-entry is compiled again instead of failing."""
+"""Fast start. The on-disk cache of compiled executables: a second process with the same engine
+neither traces nor compiles (every executable loads), produces the same tokens and losses, and a
+broken entry is compiled again instead of failing. Background compilation: serving starts with
+the largest shapes and gives the same results while the rest compile."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,12 @@ import numpy as np
 import pytest
 from conftest import shared_data
 
+from coserve_jax import Engine, SamplingParams
+from coserve_jax.compile_counter import CompileCounter
+from coserve_jax.engine.model_runner import ModelRunner
 from coserve_jax.executable_cache import ExecutableCache, abstract_signature
+from coserve_jax.finetune.data import TrainingExample
+from coserve_jax.finetune.job import JobStatus
 
 CHILD = r"""
 import json, sys, time
@@ -122,3 +129,74 @@ def test_unwritable_directory_still_compiles(tmp_path):
     x = jnp.arange(3.0)
     np.testing.assert_array_equal(cache.compile("add", jax.jit(_add), x, x)(x, x), 2 * np.arange(3.0))
     assert cache.misses == 1 and not os.path.isdir(blocker / "sub")
+
+
+# ---- compile_in_background ---------------------------------------------------------------------
+
+BG_KW = dict(
+    dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 32, 64), seq_buckets=(4, 8),
+    num_kv_pages=64, max_loras=2, max_lora_rank=8, compilation_cache_dir=None, finetune_max_seq_len=128,
+    finetune_seq_buckets=(64, 128), max_finetune_tokens=32,
+)
+
+
+def _job(engine, wait=True):
+    exs = [TrainingExample(tuple(range(1 + i, 30 + 9 * i)), tuple([False] * 3 + [True] * (26 + 9 * i)), i) for i in range(4)]
+    job = engine.create_finetuning_job(exs, learning_rate=1e-2, max_steps=2, gradient_accumulation_steps=2, shuffle=False,
+                                       lora={"r": 4, "target_modules": ["q_proj", "v_proj"]}, seed=3)
+    if wait:
+        engine.wait_for(job)
+    return job
+
+
+def test_background_compilation(hf_checkpoint, monkeypatch):
+    """Serving starts with the largest shapes only: requests run padded into them with the same
+    tokens, a job trains token-level until the idle train step is compiled; once the background
+    thread is done every shape is there and nothing compiles any more."""
+    path, hf = hf_checkpoint("llama31")
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 50))]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    full = Engine(path, **BG_KW)
+    want = [o.token_ids for o in full.generate(prompts, params, use_tqdm=False)]
+    want_losses = [r.loss for r in _job(full).loss_history]
+
+    gate = threading.Event()
+    rest = ModelRunner._compile_rest
+    monkeypatch.setattr(ModelRunner, "_compile_rest", lambda self, tasks, t0: (gate.wait(), rest(self, tasks, t0)))
+    eng = Engine(path, compile_in_background=True, **BG_KW)
+    assert eng.runner.compiling
+    assert eng.runner.step_fn.ready == (eng.buckets[-1],)  # the largest: it holds every plan
+    assert not eng.scheduler.config.idle_train_step and not eng.runner.train
+    assert [o.token_ids for o in eng.generate(prompts, params, use_tqdm=False)] == want
+    job = _job(eng)
+    assert job.status is JobStatus.SUCCEEDED
+    np.testing.assert_allclose([r.loss for r in job.loss_history], want_losses, rtol=1e-5)
+    assert not eng.wait_compiled(timeout=0.01)  # still held
+
+    gate.set()
+    assert eng.wait_compiled()
+    assert eng.runner.step_fn.ready == tuple(eng.buckets)
+    assert set(eng.runner.train) == set(eng.runner.backward) == {64, 128}
+    assert eng.scheduler.config.idle_train_step
+    job = _job(eng, wait=False)  # (a job compiles its optimizer step when created)
+    with CompileCounter() as compiles:
+        assert [o.token_ids for o in eng.generate(prompts, params, use_tqdm=False)] == want
+        eng.wait_for(job)
+    assert compiles.requests == 0
+    assert job.status is JobStatus.SUCCEEDED
+
+
+def test_background_compilation_failure_keeps_serving(hf_checkpoint, monkeypatch, caplog):
+    path, _ = hf_checkpoint("llama31")
+
+    def broken(self, length):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(ModelRunner, "_compile_train", broken)
+    eng = Engine(path, compile_in_background=True, **BG_KW)
+    assert not eng.wait_compiled()
+    assert "simulated" in str(eng.runner.background_error) and "background compilation failed" in caplog.text
+    assert not eng.scheduler.config.idle_train_step  # never compiled: training stays token-level
+    [out] = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out.token_ids) == 4
+    assert _job(eng).status is JobStatus.SUCCEEDED
