@@ -57,16 +57,19 @@ print(json.dumps(dict(requests=c.requests, compiles=c.count, hits=x.hits, misses
 """
 
 
-def _run(kind: str, cache: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, cache], capture_output=True, text=True, timeout=900)
+def _run(kind: str, cache: str, hash_seed: int) -> dict:
+    # a different string-hash seed in each process: set and dict orders that depend on it would
+    # change the keys (or the lowered programs) and show here as misses
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, cache], capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _check_two_processes(kind: str, cache: str) -> tuple[dict, dict]:
-    cold = _run(kind, cache)
+    cold = _run(kind, cache, 1)
     assert cold["misses"] > 0 and cold["hits"] == 0 and cold["compiles"] > 0
-    warm = _run(kind, cache)
+    warm = _run(kind, cache, 2)
     # every executable loaded: no XLA compilation, and no persistent-cache miss either
     assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
     assert warm["compiles"] == 0
