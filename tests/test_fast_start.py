@@ -203,3 +203,28 @@ def test_background_compilation_failure_keeps_serving(hf_checkpoint, monkeypatch
     [out] = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     assert len(out.token_ids) == 4
     assert _job(eng).status is JobStatus.SUCCEEDED
+
+
+def test_gguf_tokenizer_cache_gives_the_same_tokenizer(tmp_path):
+    """The converted tokenizer of a GGUF file is saved once and loaded after that: the same ids,
+    text, special tokens and chat template as converting the file again."""
+    from coserve_jax.tokenizer import load_tokenizer, render_chat
+
+    path = shared_data("models", "smollm2_135m_instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    direct = load_tokenizer(path)
+    first = load_tokenizer(path, cache_dir=tmp_path)
+    [entry] = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert (entry / "tokenizer_config.json").is_file()
+    again = load_tokenizer(path, cache_dir=tmp_path)  # from the saved entry
+    texts = ["Hello, world!", "  leading spaces\tand\nnewlines", "Ünïcödé 字符 🤖", "<|im_start|>user\nhi<|im_end|>", ""]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    for tok in (first, again):
+        assert [tok.encode(t) for t in texts] == [direct.encode(t) for t in texts]
+        ids = direct.encode(texts[2] + texts[3])
+        assert tok.decode(ids) == direct.decode(ids)
+        assert render_chat(tok, chat) == render_chat(direct, chat)
+        assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, len(tok)) == (
+            direct.eos_token_id, direct.bos_token_id, direct.pad_token_id, len(direct))
+        assert tok.all_special_tokens == direct.all_special_tokens
+    (entry / "tokenizer.json").write_text("{broken")  # a damaged entry: converted again
+    assert load_tokenizer(path, cache_dir=tmp_path).encode(texts[0]) == direct.encode(texts[0])

@@ -165,7 +165,7 @@ class Engine(OfflineAPI):
         self.mesh = make_mesh(tensor_parallel_size)
         loaded = load_engine_model(
             model, self.mesh, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
-            max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules,
+            max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules, cache_dir=compilation_cache_dir,
         )
         self.model, self.rules, self.model_path = loaded.model, loaded.rules, loaded.path
         self.tokenizer, self.eos_token_ids = loaded.tokenizer, loaded.eos_token_ids

@@ -53,10 +53,12 @@ def load_engine_model(
     max_loras: int = 4,
     max_lora_rank: int = 16,
     lora_target_modules: Sequence[str] = (),
+    cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load (or place) a model on ``mesh`` with an adapter pool of ``max_loras`` slots of rank
     ``max_lora_rank`` over ``lora_target_modules`` (none when ``max_loras`` is 0; a built model
-    keeps its own pool and dtype), and find its tokenizer and EOS ids.
+    keeps its own pool and dtype), and find its tokenizer and EOS ids. A GGUF file's converted
+    tokenizer is kept under ``cache_dir/tokenizers`` (``None``: not kept).
 
     Raises:
         FileNotFoundError, UnsupportedConfigError, CheckpointError: from loading the model.
@@ -71,17 +73,18 @@ def load_engine_model(
         lora = LoRAPoolConfig(max_loras, max_lora_rank, tuple(lora_target_modules)) if max_loras > 0 else None
         rules = ShardingRules(load_config(path, max_model_len=max_model_len), mesh)
         model = load_model(path, dtype=dtype, lora=lora, max_model_len=max_model_len, sharding=rules.sharding)
-    tok = resolve_tokenizer(tokenizer, path)
+    tok = resolve_tokenizer(tokenizer, path, None if cache_dir is None else os.path.join(os.fspath(cache_dir), "tokenizers"))
     return LoadedModel(model, rules, path, tok, eos_ids(path, model.config, tok))
 
 
-def resolve_tokenizer(tokenizer, path: str | None):
+def resolve_tokenizer(tokenizer, path: str | None, cache_dir: str | os.PathLike | None = None):
     """The tokenizer to use: ``tokenizer`` itself (a loaded one), or loaded from a directory or
-    ``.gguf`` file it names, or, when ``None``, the checkpoint's own if it has one (else ``None``)."""
+    ``.gguf`` file it names, or, when ``None``, the checkpoint's own if it has one (else ``None``).
+    A GGUF file's converted tokenizer is kept in ``cache_dir`` (``None``: not kept)."""
     if tokenizer is None and path is not None and is_gguf(path):
         from coserve_jax.models.gguf import load_gguf_tokenizer
 
-        return load_gguf_tokenizer(path)
+        return load_gguf_tokenizer(path, cache_dir=cache_dir)
     if tokenizer is None and path is not None:
         p = pathlib.Path(path)
         if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):

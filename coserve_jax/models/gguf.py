@@ -365,13 +365,16 @@ def load_gguf_weights(
     return placer.finish()
 
 
-def load_gguf_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None):
+def load_gguf_tokenizer(
+    path: str | os.PathLike, chat_template: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+):
     """The tokenizer (and chat template) in a GGUF file's metadata, converted by
     ``transformers`` (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``), or ``None`` when
     the file has no tokenizer.
 
     Args:
         chat_template: optional override (a Jinja string or ``.jinja`` file).
+        cache_dir: keep the converted tokenizer there (:func:`coserve_jax.tokenizer.load_tokenizer`).
     Raises:
         FileNotFoundError, CheckpointError: see :class:`GGUFFile`.
         ValueError: a tokenizer model ``transformers`` cannot convert (named).
@@ -381,4 +384,4 @@ def load_gguf_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLik
         return None
     from coserve_jax.tokenizer import load_tokenizer
 
-    return load_tokenizer(f.path, chat_template=chat_template)
+    return load_tokenizer(f.path, chat_template=chat_template, cache_dir=cache_dir)
