@@ -228,3 +228,37 @@ def test_gguf_tokenizer_cache_gives_the_same_tokenizer(tmp_path):
         assert tok.all_special_tokens == direct.all_special_tokens
     (entry / "tokenizer.json").write_text("{broken")  # a damaged entry: converted again
     assert load_tokenizer(path, cache_dir=tmp_path).encode(texts[0]) == direct.encode(texts[0])
+
+
+def test_stop_compiling_keeps_what_is_compiled(hf_checkpoint, monkeypatch):
+    path, _ = hf_checkpoint("llama31")
+    gate = threading.Event()
+    rest = ModelRunner._compile_rest
+    monkeypatch.setattr(ModelRunner, "_compile_rest", lambda self, tasks, t0: (gate.wait(), rest(self, tasks, t0)))
+    eng = Engine(path, compile_in_background=True, **BG_KW)
+    eng.runner._stop.set()  # (stop_compiling would wait for the held thread)
+    gate.set()
+    eng.runner.stop_compiling()
+    assert not eng.runner.compiling and eng.runner.step_fn.ready == (eng.buckets[-1],)
+    [out] = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out.token_ids) == 4
+
+
+EXIT_WHILE_COMPILING = r"""
+from coserve_jax import Engine
+from coserve_jax.models import ModelConfig, init_random
+from coserve_jax.models.lora_pool import LoRAPoolConfig
+cfg = ModelConfig.from_hf_dict(dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=1, vocab_size=256, max_position_embeddings=512, torch_dtype="float32"))
+e = Engine(init_random(cfg, seed=0, dtype="float32", lora=LoRAPoolConfig(2, 8)), max_num_seqs=8, max_num_batched_tokens=64,
+           num_kv_pages=64, compilation_cache_dir=None, compile_in_background=True)
+print("compiling at exit:", e.runner.compiling)
+"""
+
+
+def test_process_exits_cleanly_while_compiling():
+    """The interpreter's exit stops and joins the background thread (a daemon thread killed
+    inside XLA's compiler aborted a server's shutdown: 'terminate called ...', status -6)."""
+    out = subprocess.run([sys.executable, "-c", EXIT_WHILE_COMPILING], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiling at exit: True" in out.stdout

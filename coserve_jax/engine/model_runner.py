@@ -15,11 +15,13 @@ what comes back is a :class:`~coserve_jax.engine.step.StepOutput` of device arra
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,8 @@ class ModelRunner:
         # what the executables are compiled for (shapes and placements: the arrays get donated)
         self._abstract_state = abstract((self.state, self.ft_buffers))
         self._background: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._at_exit = None
         self.background_error: BaseException | None = None
         """What stopped a background compilation (``None``: nothing)."""
         self.compile_seconds = 0.0
@@ -132,6 +136,10 @@ class ModelRunner:
         self.compile_seconds = time.perf_counter() - t0
         if rest:
             log.info("serving with %d executables; compiling %d more in the background", len(first), len(rest))
+            # At interpreter exit the thread is stopped between executables and joined: a daemon
+            # thread killed inside XLA's compiler aborts the process.
+            self._at_exit = functools.partial(_stop_background, weakref.ref(self))
+            atexit.register(self._at_exit)
             self._background = threading.Thread(target=self._compile_rest, args=(rest, t0), name="coserve-compile", daemon=True)
             self._background.start()
         else:
@@ -156,13 +164,25 @@ class ModelRunner:
     def _compile_rest(self, tasks: list, t0: float) -> None:
         try:
             for task in tasks:
+                if self._stop.is_set():
+                    log.info("background compilation stopped")
+                    return
                 task()
         except BaseException as e:  # the engine goes on with what is compiled
             self.background_error = e
             log.exception("background compilation failed; serving goes on with the executables compiled so far")
             return
+        finally:
+            atexit.unregister(self._at_exit)
         log.info("background compilation done: every executable ready %.1f s after start-up began", time.perf_counter() - t0)
         self._log_cache()
+
+    def stop_compiling(self, timeout: float | None = None) -> None:
+        """Stop a background compilation after the executable in progress (waits for it, up to
+        ``timeout`` seconds); what is compiled stays usable."""
+        self._stop.set()
+        if self._background is not None:
+            self._background.join(timeout)
 
     def _log_cache(self) -> None:
         cache = self.executable_cache
@@ -413,6 +433,13 @@ class ModelRunner:
         optimizer state, made from them, follows."""
         rules = self.rules
         return jax.device_put(params, {m: {w: rules.named(rules.job_lora_spec(m, w)) for w in ws} for m, ws in params.items()})
+
+
+def _stop_background(ref: weakref.ref) -> None:
+    """At interpreter exit: stop and join a runner's background compilation (if it still exists)."""
+    runner = ref()
+    if runner is not None:
+        runner.stop_compiling()
 
 
 def _pack_rows(segments, dropout_seeds, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
