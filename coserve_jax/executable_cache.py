@@ -8,7 +8,13 @@ a key computed without tracing: the executable's name and static settings, the s
 shardings of its arguments, and everything else that decides the code (this package's source,
 jax and jaxlib versions, the backend and its devices, ``XLA_FLAGS``, numeric jax flags). A hit
 loads the executable (about 0.2 s for a step of the tiny test model); a miss lowers and compiles
-it (through the persistent compilation cache if one is configured) and saves it.
+it and saves it.
+
+A miss compiles with JAX's persistent compilation cache bypassed. On the CPU, an executable that
+was itself loaded from that cache serializes without the code of some of its kernels: it loads,
+then fails when run (``NOT_FOUND: Function ... fusion not found``). Only freshly compiled
+executables are saved, at the cost of a full compile when this cache misses but that one would
+have hit (the first start after an upgrade of this package).
 
 Entries are written atomically (a temporary file renamed), so concurrent processes and crashes
 leave whole entries or none; an entry that fails to load (truncated, from an incompatible
@@ -18,6 +24,7 @@ compilation cache itself: keep the directory private to the user (it is, under `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -25,6 +32,7 @@ import os
 import pathlib
 import pickle
 import tempfile
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -33,6 +41,29 @@ log = logging.getLogger("coserve_jax.engine")
 
 FORMAT_VERSION = 1
 """Bumped when the layout of an entry changes."""
+
+
+_PERSISTENT_CACHE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _persistent_cache_bypassed():
+    """JAX's persistent compilation cache off while in the block (process-wide: other threads'
+    compilations in the meantime compile rather than load; none is wrong)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    with _PERSISTENT_CACHE_LOCK:
+        enabled = jax.config.jax_enable_compilation_cache
+        if not enabled:
+            yield
+            return
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()  # (JAX decides once whether the cache is in use)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_compilation_cache", True)
+            compilation_cache.reset_cache()
 
 
 @functools.cache
@@ -120,7 +151,9 @@ class ExecutableCache:
                 log.warning("executable cache entry %s did not load (%s: %s); compiling again", file.name,
                             type(e).__name__, e)
                 file.unlink(missing_ok=True)
-        compiled = jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+        with _persistent_cache_bypassed():
+            compiled = lowered.compile()
         self.misses += 1
         self._save(file, compiled)
         return compiled

@@ -262,3 +262,33 @@ def test_process_exits_cleanly_while_compiling():
     out = subprocess.run([sys.executable, "-c", EXIT_WHILE_COMPILING], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compiling at exit: True" in out.stdout
+
+
+RESET_ROW = r"""
+import sys, jax, jax.numpy as jnp, numpy as np
+from coserve_jax.engine.step import configure_compilation_cache
+from coserve_jax.executable_cache import ExecutableCache
+from coserve_jax.finetune import fused
+configure_compilation_cache(sys.argv[1] + "/xla")
+grads = {"q_proj": {"A": jnp.ones((2, 1, 4, 64, 8)), "B": jnp.ones((2, 1, 4, 8, 64))}}
+cache = ExecutableCache(sys.argv[1] + "/executables", jax.devices()[:1])
+out = cache.compile("zero_row", fused.zero_row, grads, jax.ShapeDtypeStruct((), jnp.int32))(grads, np.int32(1))
+print(cache.hits, cache.misses, float(out["q_proj"]["A"].sum()))
+"""
+
+
+def test_entry_saved_after_a_persistent_cache_hit_runs(tmp_path):
+    """The executable cache misses while JAX's persistent cache would hit (its entries deleted,
+    as after an upgrade): an executable loaded from the persistent cache re-serializes without
+    some kernels on the CPU (it then fails when run: 'Function ... fusion not found'), so a miss
+    compiles afresh and the saved entry runs in the next process."""
+    def run():
+        out = subprocess.run([sys.executable, "-c", RESET_ROW, str(tmp_path)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    assert run() == ["0", "1", "2048.0"]  # (row 1 of 2 zeroed)
+    for p in (tmp_path / "executables").iterdir():
+        p.unlink()
+    assert run() == ["0", "1", "2048.0"]
+    assert run() == ["1", "0", "2048.0"]
