@@ -104,3 +104,17 @@ def test_engine_passes_every_knob_to_engine_config():
     assert engine.keys() == resolve.keys()
     differ = {k for k in engine if engine[k] != resolve[k]}
     assert differ == {"compilation_cache_dir"}  # the engine's default is the user cache directory
+
+
+@pytest.mark.parametrize("max_len", [64, 100, 512, 700, 2048, 8192])
+def test_finetune_length_buckets_bound_padding(max_len):
+    from coserve_jax.engine.config import finetune_length_buckets
+
+    b = finetune_length_buckets(max_len)
+    assert b == sorted(set(b)) and b[-1] == max_len and b[0] == min(64, max_len)
+    for n in range(b[0] + 1, max_len + 1):  # every length pads to at most 1.25x (1.5x above 512)
+        pad = next(x for x in b if x >= n)
+        assert pad <= (1.25 if n <= 512 else 1.5) * n, (n, pad)
+    assert len(b) <= 4 * 3 + 2 * max(0, (max_len - 1).bit_length() - 9) + 1
+    with pytest.raises(ValueError):
+        finetune_length_buckets(0)

@@ -1,6 +1,8 @@
 """The engine under the hybrid SLO policy: profiled latency model (cached), online refinement,
 the same tokens as transformers, finetuning still progressing."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import random_sequences
@@ -45,3 +47,12 @@ def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
         engine.set_scheduling_policy("round_robin")
     again = Engine(path, **kw)
     assert again.latency_model_cached  # the profile is not repeated
+    # a loaded model is rescaled to the device's speed now: same machine, about 1x; a model
+    # fitted on a 3x faster day is scaled up about 3x before any step is measured
+    assert 0.5 < again.latency_model.global_ratio < 2.0
+    (cached,) = (tmp_path / "cache" / "latency").glob("*.json")
+    data = json.loads(cached.read_text())
+    data["weights"] = [w / 3 for w in data["weights"]]
+    cached.write_text(json.dumps(data))
+    faster_day = Engine(path, **kw)
+    assert faster_day.latency_model_cached and 1.5 < faster_day.latency_model.global_ratio <= 4.0

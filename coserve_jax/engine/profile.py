@@ -10,13 +10,15 @@ K/V only into the scratch page 0 and their activations nowhere (the finetuning s
 them), so profiling leaves the engine's state untouched.
 
 The fitted model is cached as JSON, keyed by the model, the device, the buckets and the jax
-version, next to the compilation cache; a restart loads it instead of profiling again.
+version, next to the compilation cache; a restart loads it instead of profiling again, and
+rescales it to the device's speed of the day by timing two step buckets (:func:`calibrate`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -26,6 +28,8 @@ import jax
 from coserve_jax.sched.outputs import BackwardSlice, FinetuneChunk, ScheduledChunk, SchedulerOutput
 from coserve_jax.sched.policy import step_shape
 from coserve_jax.sched.latency_model import LatencyModel, StepShape
+
+log = logging.getLogger("coserve_jax.engine")
 
 
 def profile_key(runner) -> str:
@@ -53,14 +57,19 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
+def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = True) -> list[tuple[StepShape, float]]:
     """Time every compiled step bucket (two KV lengths) and backward bucket of a
-    :class:`~coserve_jax.engine.model_runner.ModelRunner`. Returns ``(shape, median ms)`` samples."""
+    :class:`~coserve_jax.engine.model_runner.ModelRunner`. Returns ``(shape, median ms)`` samples.
+
+    Args:
+        buckets: the step buckets to time (default: all of them).
+        backward: also time the backward buckets.
+    """
     samples = []
     cfg = runner.config
     token_b, seq_b = cfg.token_buckets, cfg.seq_buckets
     layout = cfg.finetune
-    for bucket in cfg.buckets:
+    for bucket in cfg.buckets if buckets is None else buckets:
         t, s = bucket.num_tokens, min(bucket.num_seqs, bucket.num_tokens)
         q = t // s
         last = t - q * (s - 1)
@@ -81,7 +90,7 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
             chunk = FinetuneChunk("profile", 0, 0, 0, 0, [0] * t, (0,) * -(-t // cfg.page_size), 1, -1, [0] * t, [1.0] * t)
             plan = SchedulerOutput(finetune=[chunk])
             samples.append((step_shape(plan, token_b, seq_b), _time(lambda plan=plan: jax.block_until_ready(runner.execute(plan)), repeats)))
-    if layout is not None:
+    if layout is not None and backward:
         num_layers = runner.model.config.num_layers
         for length in layout.seq_buckets:
             for layers in sorted({1, num_layers}):
@@ -97,18 +106,45 @@ def profile_samples(runner, repeats: int = 3) -> list[tuple[StepShape, float]]:
     return samples
 
 
+def calibrate(model: LatencyModel, runner, repeats: int = 3) -> float:
+    """Rescale a loaded latency model to the device as it is now: time the smallest compiled and
+    the largest step bucket (the largest alone in a multi-process engine, whose processes must
+    run the same steps) (two KV lengths each, as the profile does) and set the model's
+    global ratio to the median of measured / predicted (clamped to [1/4, 4], as online updates
+    are). A cached model was fitted on another day: the same machine under other load, clocks or
+    co-tenants runs the same steps at another speed, and whatever is planned or derived from the
+    model's predictions before the first measured steps (the benchmark's relative SLOs) should
+    see today's speed. Returns the ratio."""
+    largest = runner.config.buckets[-1]  # compiled before serving starts, in every process
+    ready = runner.step_fn.ready
+    picked = sorted({ready[0], largest}) if ready and jax.process_count() == 1 else [largest]
+    ratios = []
+    for shape, ms in profile_samples(runner, repeats, buckets=picked, backward=False):
+        base = model.base(shape)
+        if base > 0.0 and ms > 0.0:
+            ratios.append(ms / base)
+    if ratios:
+        model.global_ratio = min(4.0, max(0.25, statistics.median(ratios)))
+    return model.global_ratio
+
+
 def fitted_latency_model(runner, cache_dir: str | os.PathLike | None, repeats: int = 3) -> tuple[LatencyModel, bool]:
-    """The runner's step latency model: loaded from ``cache_dir/latency/<key>.json`` if present, else
-    profiled, fitted and saved there. Returns ``(model, loaded_from_cache)``."""
+    """The runner's step latency model: loaded from ``cache_dir/latency/<key>.json`` if present
+    (and rescaled to the device's speed now, :func:`calibrate`), else profiled, fitted and saved
+    there. Returns ``(model, loaded_from_cache)``."""
     path = None
     if cache_dir is not None:
         path = os.path.join(os.fspath(cache_dir), "latency", profile_key(runner) + ".json")
         if os.path.isfile(path):
             try:
                 with open(path) as f:
-                    return LatencyModel.from_json(f.read()), True
+                    model = LatencyModel.from_json(f.read())
             except (ValueError, KeyError, json.JSONDecodeError):
-                pass  # a stale or damaged file: profile again
+                model = None  # a stale or damaged file: profile again
+            if model is not None:
+                ratio = calibrate(model, runner, repeats)
+                log.info("latency model loaded from %s; steps now take %.2fx its predictions", path, ratio)
+                return model, True
     if not runner.wait_compiled():  # the profile times every shape
         raise RuntimeError(f"the start-up profile needs every executable; compilation failed: {runner.background_error!r}")
     model = LatencyModel().fit(profile_samples(runner, repeats))

@@ -10,7 +10,9 @@ integer hash (the ``lowbias32`` mixer, C. Wellons, "Prospecting for hash functio
 those counters, turned into a uniform in ``[0, 1)``. Inference tokens carry ``rate = 0``, for
 which the mask is exactly 1 (their LoRA input is unchanged bit for bit).
 
-Kept elements are scaled by ``1 / (1 - rate)`` (inverted dropout, as ``torch.nn.Dropout``).
+Kept elements are scaled by ``1 / (1 - rate)`` (inverted dropout, as ``torch.nn.Dropout``). When
+every token of a batch has rate 0 the hash is not computed at all (a ``lax.cond``): the result is
+the same, and a job without dropout pays nothing for it.
 """
 
 from __future__ import annotations
@@ -66,11 +68,17 @@ class LoRADropout(NamedTuple):
     def apply(self, x: jax.Array, layer, module: str, offset=0) -> jax.Array:
         """``dropout(x)`` of module ``module``'s input ``x [T, in]`` at decoder layer ``layer``
         (``x`` holds features ``offset ..`` of the input under tensor parallelism)."""
-        u = uniform(self.seed, self.position, layer, LINEAR_MODULES.index(module), x.shape[-1], offset)
-        rate = self.rate[:, None]
-        keep = u >= rate
-        scale = 1.0 / jnp.maximum(1.0 - rate, 1e-6)
-        return jnp.where(keep, x * scale.astype(x.dtype), jnp.zeros_like(x))
+
+        def dropped(x):
+            u = uniform(self.seed, self.position, layer, LINEAR_MODULES.index(module), x.shape[-1], offset)
+            rate = self.rate[:, None]
+            keep = u >= rate
+            scale = 1.0 / jnp.maximum(1.0 - rate, 1e-6)
+            return jnp.where(keep, x * scale.astype(x.dtype), jnp.zeros_like(x))
+
+        # With every rate 0 (inference-only batches, jobs without dropout) the mask is all ones
+        # and the hash is skipped: the same values, without its elementwise work.
+        return jax.lax.cond(jnp.any(self.rate > 0), dropped, lambda x: x, x)
 
     def at_layer(self, layer):
         """The callable ``decoder_layer`` takes: ``(x, module, offset) -> dropout(x)`` at ``layer``."""
