@@ -36,7 +36,7 @@ def finetune_length_buckets(max_len: int, dense_up_to: int = 512) -> list[int]:
     ``dense_up_to``, half-octave steps (``p, 1.5 p``) above it.
 
     A sequence pads to the next bucket: at most 1.25x its length where chat finetuning data
-    mostly lies (GSM8K chat examples: 132 to 468 tokens for SmolLM2's template), at most 1.5x above,
+    mostly lies (16 GSM8K chat examples in SmolLM2's template: 132 to 468 tokens), at most 1.5x above,
     so long contexts do not multiply the executables (each length compiles a backward and a
     train step). For 512: 13 buckets; for 2048: 17.
 
