@@ -3,6 +3,8 @@ SLOs held, finetuning gets the slack, nothing starves; a fixed budget (control) 
 
 import random
 
+import pytest
+
 from coserve_jax.sched.finetune import TrainingSequence
 from coserve_jax.sched.hybrid_policy import HybridPolicy
 from coserve_jax.sched.policy import Load, SLOConfig, step_shape
@@ -177,3 +179,16 @@ def test_backward_takes_as_many_layers_as_the_target_allows():
     assert policy.decide(idle).backward_layers == 5
     tight = Load(now=0.0, decoding=[(100, None, 0, 5.0)] * 4, num_seqs=4, backward_tokens=512, backward_layers=8)
     assert policy.decide(tight).backward_layers == 0
+
+
+def test_slack_cap_bounds_what_banked_slack_buys():
+    """A request far ahead of its TPOT SLO (banked slack) lets a step take up to ``slack_cap``
+    SLOs (default 2), never more; ``slack_cap=1`` spends none."""
+    ahead = Load(now=1.0, decoding=[(100, 0.0, 50, 40.0)], num_seqs=1)  # 50 tokens in 1 s: 1 s banked
+    for cap in (2.0, 1.0, 1.5):
+        policy = make_policy(SLOConfig(ttft_ms=3000, tpot_ms=40, slack_cap=cap, margin=1.0))
+        assert abs(policy.target_ms(ahead) - cap * 40.0) < 1e-9
+    behind = Load(now=10.0, decoding=[(100, 9.99, 1, 40.0)], num_seqs=1)  # 30 ms of its 40 ms left
+    assert abs(make_policy(SLOConfig(ttft_ms=3000, tpot_ms=40, margin=1.0)).target_ms(behind) - 30.0) < 1e-6
+    with pytest.raises(ValueError, match="slack_cap"):
+        SLOConfig(slack_cap=0.5)

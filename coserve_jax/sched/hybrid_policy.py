@@ -7,7 +7,7 @@ scheduler). Here every step is sized from the latency model (:mod:`coserve_jax.s
 1. **Target step time.** A running request that has produced ``k`` tokens since its first at
    ``t_0`` keeps its mean TPOT within its SLO after the next token if the step ends before
    ``t_0 + k * tpot_slo``; the target is ``margin`` times the tightest such allowance over the
-   decoding requests (at most ``2 * tpot_slo``, so banked slack never buys one long stall), less
+   decoding requests (at most ``slack_cap * tpot_slo``, default 2, so banked slack never buys one long stall), less
    the host's time between steps that the latency model has learnt, divided by the 90th
    percentile of its recent measured / predicted ratios (so a plan at the target ends within it
    about 9 times in 10, whatever the model's error). With
@@ -74,7 +74,7 @@ class HybridPolicy:
                 allow.append(slo)
                 continue
             banked = first + k * slo / 1000.0 - load.now
-            allow.append(min(max(banked * 1000.0, 0.0), 2 * slo))
+            allow.append(min(max(banked * 1000.0, 0.0), self.slo.slack_cap * slo))
         if not allow:
             return self.slo.idle_step_ms or self.slo.tpot_ms
         # planned against the model's recent error: a step predicted at the target then ends

@@ -40,6 +40,8 @@ class SLOConfig:
         min_prefill_tokens: prefill tokens a step always makes room for when requests wait.
         ttft_urgent_fraction: a queued request with less than this fraction of its TTFT SLO left
             takes the whole step budget.
+        slack_cap: the most one step may take, in TPOT SLOs, when a decoding request has banked
+            slack (earlier tokens faster than its SLO): 1 spends no banked slack.
     """
 
     ttft_ms: float = 5000.0
@@ -48,10 +50,13 @@ class SLOConfig:
     idle_step_ms: float | None = None
     min_prefill_tokens: int = 16
     ttft_urgent_fraction: float = 0.25
+    slack_cap: float = 2.0
 
     def __post_init__(self):
         if self.ttft_ms <= 0 or self.tpot_ms <= 0:
             raise ValueError("SLOs must be > 0 ms")
+        if self.slack_cap < 1:
+            raise ValueError(f"slack_cap must be >= 1, got {self.slack_cap}")
         if not 0 < self.margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {self.margin}")
 
