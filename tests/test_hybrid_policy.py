@@ -192,3 +192,29 @@ def test_slack_cap_bounds_what_banked_slack_buys():
     assert abs(make_policy(SLOConfig(ttft_ms=3000, tpot_ms=40, margin=1.0)).target_ms(behind) - 30.0) < 1e-6
     with pytest.raises(ValueError, match="slack_cap"):
         SLOConfig(slack_cap=0.5)
+
+
+def test_slack_ramp_spends_less_banked_slack_near_a_requests_end():
+    """With ``slack_ramp_tokens`` R, a request with ``r`` tokens left may take ``1 + (cap - 1) *
+    min(1, (r - 1) / R)`` SLOs of banked slack: its last token none."""
+    policy = make_policy(SLOConfig(ttft_ms=3000, tpot_ms=40, margin=1.0, slack_ramp_tokens=8))
+    for r, want in ((1, 40.0), (5, 60.0), (9, 80.0), (100, 80.0)):
+        ahead = Load(now=1.0, decoding=[(100, 0.0, 50, 40.0)], num_seqs=1, decoding_tokens_left=[r])
+        assert abs(policy.target_ms(ahead) - want) < 1e-9, r
+    unknown = Load(now=1.0, decoding=[(100, 0.0, 50, 40.0)], num_seqs=1)  # tokens left not given: the cap
+    assert abs(policy.target_ms(unknown) - 80.0) < 1e-9
+
+
+def test_scheduler_reports_tokens_left_of_decoding_requests():
+    sched = Scheduler(SchedulerConfig(8, 256, 128, 4, 0), KVCacheManager(64, 16), None)
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=10)))
+    sched.add_request(Request("b", list(range(1, 121)), SamplingParams(max_tokens=100)))  # the context binds
+    now = 0.0
+    for _ in range(3):
+        plan = sched.schedule(now)
+        now += 0.01
+        sched.update(plan, [1 if c.sample else None for c in plan.chunks], now)
+    load = sched.load(now)
+    left = dict(zip([kv for kv, *_ in load.decoding], load.decoding_tokens_left))
+    assert len(load.decoding) == 2
+    assert sorted(left.values()) == sorted([10 - 3, 128 - (120 + 3)])

@@ -106,7 +106,7 @@ def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = Tru
     return samples
 
 
-def calibrate(model: LatencyModel, runner, repeats: int = 3) -> float:
+def calibrate(model: LatencyModel, runner, repeats: int = 7) -> float:
     """Rescale a loaded latency model to the device as it is now: time the smallest compiled and
     the largest step bucket (the largest alone in a multi-process engine, whose processes must
     run the same steps) (two KV lengths each, as the profile does) and set the model's
@@ -142,7 +142,7 @@ def fitted_latency_model(runner, cache_dir: str | os.PathLike | None, repeats: i
             except (ValueError, KeyError, json.JSONDecodeError):
                 model = None  # a stale or damaged file: profile again
             if model is not None:
-                ratio = calibrate(model, runner, repeats)
+                ratio = calibrate(model, runner)
                 log.info("latency model loaded from %s; steps now take %.2fx its predictions", path, ratio)
                 return model, True
     if not runner.wait_compiled():  # the profile times every shape

@@ -7,11 +7,12 @@ scheduler). Here every step is sized from the latency model (:mod:`coserve_jax.s
 1. **Target step time.** A running request that has produced ``k`` tokens since its first at
    ``t_0`` keeps its mean TPOT within its SLO after the next token if the step ends before
    ``t_0 + k * tpot_slo``; the target is ``margin`` times the tightest such allowance over the
-   decoding requests (at most ``slack_cap * tpot_slo``, default 2, so banked slack never buys one long stall), less
-   the host's time between steps that the latency model has learnt, divided by the 90th
-   percentile of its recent measured / predicted ratios (so a plan at the target ends within it
-   about 9 times in 10, whatever the model's error). With
-   nothing decoding the target is ``idle_step_ms`` (finetuning takes the device, in steps short
+   decoding requests (at most ``slack_cap * tpot_slo``, default 2, so banked slack never buys
+   one long stall; less for a request within ``slack_ramp_tokens`` of its ``max_tokens``, and
+   one SLO for its last token, which no later step can make up for), less the host's time
+   between steps that the latency model has learnt, divided by the 90th percentile of its
+   recent measured / predicted ratios (so a plan at the target ends within it about 9 times in
+   10, whatever the model's error). With nothing decoding the target is ``idle_step_ms`` (finetuning takes the device, in steps short
    enough that a new request waits at most one of them).
 2. **Inference first.** The step's token bucket is the largest whose predicted time (decode
    tokens, then prefill, then finetuning in the bucket's remaining slots) meets the target, but
@@ -69,12 +70,17 @@ class HybridPolicy:
         tightest allowance times ``margin``, less the host's time between steps (a request's
         token waits for both)."""
         allow = []
-        for _, first, k, slo in load.decoding:
+        left = load.decoding_tokens_left or [None] * len(load.decoding)
+        ramp = self.slo.slack_ramp_tokens
+        for (_, first, k, slo), r in zip(load.decoding, left):
             if first is None or k < 1:
                 allow.append(slo)
                 continue
             banked = first + k * slo / 1000.0 - load.now
-            allow.append(min(max(banked * 1000.0, 0.0), self.slo.slack_cap * slo))
+            cap = self.slo.slack_cap
+            if ramp and r is not None:  # near its end a request cannot absorb an overshoot later
+                cap = 1.0 + (cap - 1.0) * min(1.0, max(r - 1, 0) / ramp)
+            allow.append(min(max(banked * 1000.0, 0.0), cap * slo))
         if not allow:
             return self.slo.idle_step_ms or self.slo.tpot_ms
         # planned against the model's recent error: a step predicted at the target then ends

@@ -42,6 +42,10 @@ class SLOConfig:
             takes the whole step budget.
         slack_cap: the most one step may take, in TPOT SLOs, when a decoding request has banked
             slack (earlier tokens faster than its SLO): 1 spends no banked slack.
+        slack_ramp_tokens: a request with ``r`` tokens left may spend ``1 + (slack_cap - 1) *
+            min(1, (r - 1) / slack_ramp_tokens)`` SLOs: less of its banked slack near its end,
+            and its last token none (an overshoot there has no later step to absorb it); 0
+            turns this off.
     """
 
     ttft_ms: float = 5000.0
@@ -51,6 +55,7 @@ class SLOConfig:
     min_prefill_tokens: int = 16
     ttft_urgent_fraction: float = 0.25
     slack_cap: float = 2.0
+    slack_ramp_tokens: int = 8
 
     def __post_init__(self):
         if self.ttft_ms <= 0 or self.tpot_ms <= 0:
@@ -107,6 +112,8 @@ class Load:
             loss weight (the loss head runs on those).
         trained_examples: examples whose training sequence is done, since the scheduler started
             (a counter; a pack counts each of its examples).
+        decoding_tokens_left: per entry of ``decoding``, the most tokens it may still generate
+            (``max_tokens`` or the context, less what it has; empty: not known).
     """
 
     now: float
@@ -121,6 +128,7 @@ class Load:
     backward_layers: int = 0
     finetune_target_fraction: float = 1.0
     trained_examples: int = 0
+    decoding_tokens_left: Sequence[int] = ()
 
 
 class StepPolicy(Protocol):

@@ -363,12 +363,13 @@ class Scheduler:
     def load(self, now: float) -> Load:
         """What the next step could carry, for the policy."""
         defaults = getattr(self.policy, "slo", None)
-        decoding, deadlines, prefill, prefill_kv = [], [], 0, None
+        decoding, deadlines, prefill, prefill_kv, tokens_left = [], [], 0, None, []
         for r in self.running:
             left = r.num_tokens - r.num_computed_tokens
             if left == 1 and r.num_output_tokens:
                 tpot = r.tpot_slo_ms or (defaults.tpot_ms if defaults else 0.0)
                 decoding.append((r.num_tokens, r.first_token_time, len(r.output_token_ids), tpot))
+                tokens_left.append(min(r.params.max_tokens - r.num_output_tokens, self.config.max_model_len - r.num_tokens))
             else:
                 prefill += left
                 if prefill_kv is None:
@@ -387,7 +388,7 @@ class Scheduler:
             finetune_kv=(fwd[0].num_computed - fwd[0].segment_starts[fwd[0].segment_of(fwd[0].num_computed)]) if fwd else 0,
             backward_tokens=bwd[0].num_tokens if bwd else 0,
             backward_layers=bwd[0].layers_left if bwd else 0,
-            finetune_target_fraction=fwd[0].target_fraction if fwd else 1.0,
+            finetune_target_fraction=fwd[0].target_fraction if fwd else 1.0, decoding_tokens_left=tokens_left,
             trained_examples=self.num_trained,
         )
 
