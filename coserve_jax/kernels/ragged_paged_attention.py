@@ -121,6 +121,11 @@ def query_blocks(cu_q_lens: jax.Array, num_seqs: jax.Array, num_blocks_max: int,
     return cu_nb[-1:], seq, start.astype(jnp.int32)
 
 
+TRITON_PARAMS = plt.CompilerParams(num_warps=4, num_stages=2)
+"""The kernel's Pallas Triton settings (Triton's defaults, made explicit: they also select the
+Triton backend on every jax in the supported range)."""
+
+
 def default_block_q(group: int) -> int:
     """Query tokens per block: 16 query rows per tile (the smallest Hopper MMA tile height)."""
     return max(1, 16 // pl.next_power_of_2(group))
@@ -180,6 +185,10 @@ def ragged_paged_attention(
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         grid=(nb_max, hkv),
         interpret=interpret,
+        # Explicitly Pallas Triton: without compiler_params, jax <= 0.11.1 picks Mosaic GPU for a
+        # GPU lowering, which this kernel's whole-array refs do not fit (its shared memory check
+        # fails at any real cache size).
+        compiler_params=TRITON_PARAMS,
         name="ragged_paged_attention",
     )(
         jnp.reshape(layer, (1,)).astype(jnp.int32),
