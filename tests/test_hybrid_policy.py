@@ -192,6 +192,8 @@ def test_slack_cap_bounds_what_banked_slack_buys():
     assert abs(make_policy(SLOConfig(ttft_ms=3000, tpot_ms=40, margin=1.0)).target_ms(behind) - 30.0) < 1e-6
     with pytest.raises(ValueError, match="slack_cap"):
         SLOConfig(slack_cap=0.5)
+    with pytest.raises(ValueError, match="slack_ramp_tokens"):
+        SLOConfig(slack_ramp_tokens=-1)
 
 
 def test_slack_ramp_spends_less_banked_slack_near_a_requests_end():

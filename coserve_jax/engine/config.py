@@ -29,7 +29,6 @@ sequence's pages to ``max_model_len`` width, so a checkpoint's long context (819
 131072 for Llama 3.1) would slow every step."""
 
 
-
 def finetune_length_buckets(max_len: int, dense_up_to: int = 512) -> list[int]:
     """The default training-sequence length buckets (tokens), ascending, ending at ``max_len``:
     from 64, quarter-octave steps (``p, 1.25 p, 1.5 p, 1.75 p`` for powers of two ``p``) up to

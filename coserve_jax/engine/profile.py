@@ -108,9 +108,9 @@ def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = Tru
 
 def calibrate(model: LatencyModel, runner, repeats: int = 7) -> float:
     """Rescale a loaded latency model to the device as it is now: time the smallest compiled and
-    the largest step bucket (the largest alone in a multi-process engine, whose processes must
-    run the same steps) (two KV lengths each, as the profile does) and set the model's
-    global ratio to the median of measured / predicted (clamped to [1/4, 4], as online updates
+    the largest step bucket at two KV lengths each, as the profile does (the largest alone in a
+    multi-process engine, whose processes must run the same steps), and set the model's global
+    ratio to the median of measured / predicted (clamped to [1/4, 4], as online updates
     are). A cached model was fitted on another day: the same machine under other load, clocks or
     co-tenants runs the same steps at another speed, and whatever is planned or derived from the
     model's predictions before the first measured steps (the benchmark's relative SLOs) should

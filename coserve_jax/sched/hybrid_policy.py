@@ -12,8 +12,9 @@ scheduler). Here every step is sized from the latency model (:mod:`coserve_jax.s
    one SLO for its last token, which no later step can make up for), less the host's time
    between steps that the latency model has learnt, divided by the 90th percentile of its
    recent measured / predicted ratios (so a plan at the target ends within it about 9 times in
-   10, whatever the model's error). With nothing decoding the target is ``idle_step_ms`` (finetuning takes the device, in steps short
-   enough that a new request waits at most one of them).
+   10, whatever the model's error). With nothing decoding the target is ``idle_step_ms``
+   (finetuning takes the device, in steps short enough that a new request waits at most one of
+   them).
 2. **Inference first.** The step's token bucket is the largest whose predicted time (decode
    tokens, then prefill, then finetuning in the bucket's remaining slots) meets the target, but
    never smaller than what carries every decode token plus ``min_prefill_tokens`` of prefill (so

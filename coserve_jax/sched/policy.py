@@ -44,7 +44,7 @@ class SLOConfig:
             slack (earlier tokens faster than its SLO): 1 spends no banked slack.
         slack_ramp_tokens: a request with ``r`` tokens left may spend ``1 + (slack_cap - 1) *
             min(1, (r - 1) / slack_ramp_tokens)`` SLOs: less of its banked slack near its end,
-            and its last token none (an overshoot there has no later step to absorb it); 0
+            one SLO for its last token (an overshoot there has no later step to absorb it); 0
             turns this off.
     """
 
@@ -62,6 +62,8 @@ class SLOConfig:
             raise ValueError("SLOs must be > 0 ms")
         if self.slack_cap < 1:
             raise ValueError(f"slack_cap must be >= 1, got {self.slack_cap}")
+        if self.slack_ramp_tokens < 0:
+            raise ValueError(f"slack_ramp_tokens must be >= 0, got {self.slack_ramp_tokens}")
         if not 0 < self.margin <= 1:
             raise ValueError(f"margin must be in (0, 1], got {self.margin}")
 
