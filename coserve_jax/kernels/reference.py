@@ -6,8 +6,11 @@ Sequence ``s`` owns pages ``page_table[s, :]`` in token order; its KV length aft
 ``q[cu_q_lens[s]:cu_q_lens[s+1]]``, the last ``q_len`` tokens of the sequence (one decode token
 or a prefill chunk). Slots past ``cu_q_lens[num_seqs]`` are padding and return zeros.
 
-Runs everywhere: it gathers every sequence's pages to the page table's width (memory
-``O(S * max_kv_len)``) and multiplies each sequence's query rows with its own keys
+Runs everywhere: it gathers each sequence's pages up to a width that covers the step's live
+context, the longest ``kv_lens`` rounded up to one of :func:`page_width_buckets` (widths a factor
+4 apart, from 512 tokens to the page table's width; a ``lax.switch``), so a step's memory and
+work follow the context in use, not ``max_model_len`` (memory ``O(S * live_kv_len)``), and
+multiplies each sequence's query rows with its own keys
 (``jax.lax.ragged_dot``, a grouped matmul; for decode-like shapes, ``T <= 2 S``, each token's
 keys are indexed instead, ``O(T * max_kv_len)``, which is faster there), so it is for tests and CPU
 runs, not for speed. XLA's CPU ``ragged_dot`` costs a dense product per group, used or not, so
@@ -66,22 +69,53 @@ def ragged_paged_attention_ref(
         ``[T, Hq, D]`` in ``q``'s dtype; softmax in float32; padding slots are zeros.
     """
     t, hq, d = q.shape
-    s_max = page_table.shape[0]
-    if t <= 2 * s_max:  # decode-like buckets: indexing the keys per token costs little, and is faster there
-        qg, k_seq, v_seq, seq, mask = gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer)
-        return attend_per_token(qg, k_seq, v_seq, seq, mask, scale).reshape(t, hq, d)
+    s_max, max_pages = page_table.shape
+    page = k_pages.shape[-3]
 
-    def first(g: int):  # the grouped form over the first g sequence slots (num_seqs <= g)
-        def run():
-            qg, k_seq, v_seq, _, mask = gather_inputs(
-                q, k_pages, v_pages, kv_lens[:g], page_table[:g], cu_q_lens[: g + 1], num_seqs, layer)
-            return attend_grouped(qg, k_seq, v_seq, cu_q_lens[: g + 1], mask, scale)
-        return run
+    def attend(table: jax.Array) -> jax.Array:  # over the first table.shape[1] pages of each sequence
+        if t <= 2 * s_max:  # decode-like buckets: indexing the keys per token costs little, and is faster there
+            qg, k_seq, v_seq, seq, mask = gather_inputs(q, k_pages, v_pages, kv_lens, table, cu_q_lens, num_seqs, layer)
+            return attend_per_token(qg, k_seq, v_seq, seq, mask, scale)
 
-    sizes = [1 << i for i in range(s_max.bit_length()) if 1 << i < s_max] + [s_max]
-    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), num_seqs, side="left")
-    out = jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), [first(g) for g in sizes])
+        def first(g: int):  # the grouped form over the first g sequence slots (num_seqs <= g)
+            def run():
+                qg, k_seq, v_seq, _, mask = gather_inputs(
+                    q, k_pages, v_pages, kv_lens[:g], table[:g], cu_q_lens[: g + 1], num_seqs, layer)
+                return attend_grouped(qg, k_seq, v_seq, cu_q_lens[: g + 1], mask, scale)
+            return run
+
+        sizes = [1 << i for i in range(s_max.bit_length()) if 1 << i < s_max] + [s_max]
+        branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), num_seqs, side="left")
+        return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), [first(g) for g in sizes])
+
+    widths = page_width_buckets(max_pages, page)
+    if len(widths) == 1:
+        out = attend(page_table)
+    else:
+        live = jnp.where(jnp.arange(s_max) < num_seqs, kv_lens, 0)
+        live_pages = (jnp.max(live) + page - 1) // page
+        branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), live_pages, side="left")
+        out = jax.lax.switch(jnp.minimum(branch, len(widths) - 1), [lambda w=w: attend(page_table[:, :w]) for w in widths])
     return out.reshape(t, hq, d)
+
+
+MIN_GATHER_TOKENS = 512
+"""The narrowest gather width of :func:`page_width_buckets`, in tokens."""
+
+
+def page_width_buckets(max_pages: int, page_size: int, factor: int = 4) -> tuple[int, ...]:
+    """The page-table widths the reference attention is compiled for, ascending: ``max_pages``,
+    then ``max_pages / factor``, ``/ factor**2`` ... (rounded up) while a width holds at least
+    :data:`MIN_GATHER_TOKENS` tokens. A step gathers the smallest width holding its longest live
+    sequence: at most ``factor`` times the pages in use (or 512 tokens' worth).
+
+    Example: 131072 tokens of pages of 16 (8192 pages) -> ``(32, 128, 512, 2048, 8192)``.
+    """
+    widths = [max_pages]
+    floor = -(-MIN_GATHER_TOKENS // page_size)
+    while widths[-1] // factor >= floor and widths[-1] > floor:
+        widths.append(-(-widths[-1] // factor))
+    return tuple(sorted(set(widths)))
 
 
 def gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer=None):
