@@ -41,15 +41,17 @@ def step_flops(model, knobs: dict, tokens: int, seqs: int, no_chunk: bool = Fals
     from coserve_jax.parallel.rules import ShardingRules
 
     rules = ShardingRules(model.config, make_mesh(1))
-    pool = model.lora.config
+    pool = model.lora.config if model.lora is not None else None
+    lora = {} if pool is None else dict(max_loras=pool.max_loras, max_lora_rank=pool.max_lora_rank,
+                                        lora_target_modules=pool.target_modules)
     config = EngineConfig.resolve(
-        model.config, has_lora_pool=True, kv_cache_heads=rules.kv_cache_heads, dtype_itemsize=jnp.dtype(model.dtype).itemsize,
-        max_loras=pool.max_loras, max_lora_rank=pool.max_lora_rank, lora_target_modules=pool.target_modules,
+        model.config, has_lora_pool=pool is not None, kv_cache_heads=rules.kv_cache_heads,
+        dtype_itemsize=jnp.dtype(model.dtype).itemsize, **lora,
         token_buckets=[tokens], seq_buckets=[seqs], max_num_batched_tokens=tokens, max_num_seqs=seqs, **knobs,
     )
     runner = ModelRunner(model, rules, config, abstract_only=True)
     step = make_step_fn(runner.step_fn.graphdef, scale=model.config.head_dim ** -0.5, impl=config.attention_impl,
-                        max_logprobs=config.max_logprobs)
+                        max_logprobs=config.max_logprobs, lora_groups=config.lora_groups)
 
     def fn(state, k, v, ft, seen, prev, inputs):
         f = inputs.finetune

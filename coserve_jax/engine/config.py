@@ -24,9 +24,11 @@ from coserve_jax.sched.scheduler import SchedulerConfig
 log = logging.getLogger("coserve_jax.engine")
 
 REFERENCE_DEFAULT_MAX_MODEL_LEN = 2048
-"""The default context length when the attention is the pure-JAX reference (CPU): it gathers each
-sequence's pages to ``max_model_len`` width, so a checkpoint's long context (8192 for SmolLM2,
-131072 for Llama 3.1) would slow every step."""
+"""The default context length when the attention is the pure-JAX reference (CPU). The reference
+gathers only the live context's pages (bucketed, :func:`~coserve_jax.kernels.reference.page_width_buckets`),
+but every factor of 4 of context adds a gather width to compile into every step, and a
+checkpoint's long context (8192 for SmolLM2, 131072 for Llama 3.1) sizes the default KV cache and
+each step's page table; pass ``max_model_len`` to go past it."""
 
 
 def finetune_length_buckets(max_len: int, dense_up_to: int = 512) -> list[int]:
@@ -66,6 +68,8 @@ class EngineConfig:
         kv_cache_bytes: bytes of K and V cache on each device.
         max_loras, max_lora_rank, lora_target_modules: the adapter pool (``max_loras`` 0: none).
         max_cpu_loras: most adapters' weights kept in host memory off the device slots (``None``: no limit).
+        max_loras_per_batch: most distinct adapters in one step (0 without a pool).
+        lora_impl: how the step applies adapters: ``"segmented"`` or ``"onehot"``.
         max_logprobs: most top logprobs a request may ask for (at most the vocabulary).
         buckets: the compiled step shapes, ascending.
         attention_impl: the attention implementation in use (never ``"auto"``).
@@ -110,6 +114,13 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     finetune_idle_train_step: bool = False
     compile_in_background: bool = False
+    max_loras_per_batch: int = 0
+    lora_impl: str = "segmented"
+
+    @property
+    def lora_groups(self) -> int:
+        """``G`` of the step's grouped LoRA GEMMs (0: the one-hot path, or no pool)."""
+        return self.max_loras_per_batch if self.lora_impl == "segmented" else 0
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -141,7 +152,7 @@ class EngineConfig:
         return SchedulerConfig(
             self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len, self.watermark_pages,
             self.max_finetune_tokens, self.finetune.store_rows if self.finetune is not None else 1 << 62,
-            self.finetune_idle_train_step,
+            self.finetune_idle_train_step, self.max_loras_per_batch if self.lora_impl == "segmented" else 0,
         )
 
     @classmethod
@@ -161,6 +172,8 @@ class EngineConfig:
         kv_cache_memory_fraction: float = 0.9,
         max_loras: int = 4,
         max_cpu_loras: int | None = None,
+        max_loras_per_batch: int | None = None,
+        lora_impl: str = "segmented",
         max_lora_rank: int = 16,
         lora_target_modules: Sequence[str] = LINEAR_MODULES,
         max_logprobs: int = 20,
@@ -211,6 +224,16 @@ class EngineConfig:
             max_cpu_loras: most adapters whose weights are kept in host memory while off the
                 device slots (vLLM's name; ``None``: no limit). Past it, adapters that have a
                 directory on disk are read back from it when needed; others always stay.
+            max_loras_per_batch: most distinct adapters in one step (SGLang's name; here the base
+                model is not counted). Default ``min(max_loras, 4)``. The scheduler admits a
+                request with an adapter no running request uses only while fewer than this many
+                are in use, and a finetuning chunk likewise; the step's LoRA GEMMs cost about
+                this many adapters' work where XLA expands grouped GEMMs densely (its CPU
+                backend), one adapter's on a grouped-GEMM backend, and never grow with ``max_loras``.
+            lora_impl: ``"segmented"`` (tokens grouped by adapter, grouped GEMMs over the step's
+                adapters: :func:`~coserve_jax.models.lora_pool.segmented_lora_delta`) or
+                ``"onehot"`` (a one-hot contraction over every slot, the reference:
+                :func:`~coserve_jax.models.lora_pool.lora_delta`; no per-step adapter limit).
             max_lora_rank: rank every slot is padded to.
             lora_target_modules: modules the pool covers (default: all seven linear layers).
             max_logprobs: most top logprobs a request may ask for.
@@ -292,6 +315,10 @@ class EngineConfig:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if max_cpu_loras is not None and max_cpu_loras < 0:
             raise ValueError(f"max_cpu_loras must be >= 0, got {max_cpu_loras}")
+        if lora_impl not in ("segmented", "onehot"):
+            raise ValueError(f"lora_impl must be 'segmented' or 'onehot', got {lora_impl!r}")
+        if max_loras_per_batch is not None and max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {max_loras_per_batch}")
         if max_finetune_jobs < 0:
             raise ValueError(f"max_finetune_jobs must be >= 0, got {max_finetune_jobs}")
         if scheduling_policy not in POLICY_OPTIONS:
@@ -302,8 +329,9 @@ class EngineConfig:
         ctx = min(max_model_len or model_config.max_model_len, model_config.max_model_len)
         if max_model_len is None and impl == "reference" and ctx > REFERENCE_DEFAULT_MAX_MODEL_LEN:
             log.warning(
-                "max_model_len defaults to %d, not the checkpoint's %d: the reference attention (CPU) gathers every "
-                "sequence's pages to max_model_len; pass max_model_len to choose", REFERENCE_DEFAULT_MAX_MODEL_LEN, ctx,
+                "max_model_len defaults to %d, not the checkpoint's %d, with the reference attention (CPU): a long "
+                "context adds compiled gather widths and KV cache; pass max_model_len to choose",
+                REFERENCE_DEFAULT_MAX_MODEL_LEN, ctx,
             )
             ctx = REFERENCE_DEFAULT_MAX_MODEL_LEN
         per_seq = -(-ctx // page_size)
@@ -367,4 +395,6 @@ class EngineConfig:
             max_cpu_loras=max_cpu_loras,
             finetune_idle_train_step=bool(finetune_idle_train_step and layout is not None and tensor_parallel_size == 1),
             compile_in_background=bool(compile_in_background),
+            max_loras_per_batch=min(max_loras, max_loras_per_batch or 4) if has_lora_pool and max_loras else 0,
+            lora_impl=lora_impl,
         )

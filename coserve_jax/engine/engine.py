@@ -95,7 +95,8 @@ class Engine(OfflineAPI):
             :meth:`EngineConfig.resolve <coserve_jax.engine.config.EngineConfig.resolve>`, under
             vLLM's names where vLLM has the knob: ``max_model_len``, ``max_num_seqs``,
             ``max_num_batched_tokens``, ``page_size``, ``num_kv_pages``,
-            ``kv_cache_memory_fraction``, ``max_loras``, ``max_cpu_loras``, ``max_lora_rank``,
+            ``kv_cache_memory_fraction``, ``max_loras``, ``max_cpu_loras``, ``max_loras_per_batch``
+            (SGLang's name), ``lora_impl``, ``max_lora_rank``,
             ``lora_target_modules``, ``max_logprobs``, ``token_buckets``, ``seq_buckets``,
             ``attention_impl``, ``compilation_cache_dir`` (default ``$COSERVE_JAX_CACHE_DIR``
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
@@ -135,6 +136,8 @@ class Engine(OfflineAPI):
         kv_cache_memory_fraction: float = 0.9,
         max_loras: int = 4,
         max_cpu_loras: int | None = None,
+        max_loras_per_batch: int | None = None,
+        lora_impl: str = "segmented",
         max_lora_rank: int = 16,
         lora_target_modules: Sequence[str] = LINEAR_MODULES,
         max_logprobs: int = 20,

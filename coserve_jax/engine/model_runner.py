@@ -95,6 +95,7 @@ class ModelRunner:
             model, config.buckets, config.max_pages_per_seq, self.k_cache, self.v_cache, self.ft_buffers, self.seen,
             finetune_tokens=config.max_finetune_tokens, num_store_rows=config.finetune_rows,
             impl=config.attention_impl, max_logprobs=config.max_logprobs, parallel=rules, cache=self.executable_cache,
+            lora_groups=config.lora_groups,
         )
         self._last_tokens = self.step_fn.no_prev_tokens  # the last step's sampled tokens [M]
         self._last_plan: SchedulerOutput | None = None

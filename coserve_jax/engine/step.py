@@ -137,7 +137,8 @@ class StepOutput(NamedTuple):
     last_tokens: jax.Array
 
 
-def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, parallel: ShardingRules | None = None):
+def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, parallel: ShardingRules | None = None,
+                 lora_groups: int = 0):
     """The step as a pure function
     ``(state, k_cache, v_cache, ft_buffers, seen, prev_tokens, inputs) -> (k_cache, v_cache, ft_buffers, seen, StepOutput)``.
 
@@ -156,6 +157,8 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
         scale: attention score scale (``head_dim ** -0.5``).
         impl: attention implementation (:data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`).
         max_logprobs: top logprobs returned per sequence.
+        lora_groups: ``G > 0``: adapters as grouped GEMMs over at most ``G`` distinct adapters a
+            step (the scheduler's ``max_loras_per_batch``); 0: the one-hot reference over every slot.
         parallel: tensor-parallel placement (:class:`~coserve_jax.parallel.rules.ShardingRules`):
             the decoder layers run as one ``shard_map``; the sampler's outputs and the loss come
             back replicated, readable by every process.
@@ -176,7 +179,7 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
         out = model.hidden_states(
             token_ids, inputs.positions, inputs.adapter_ids, attend, (k_cache, v_cache),
             save_indices=None if ft is None else ft.save_slots, dropout=inputs.dropout, parallel=parallel,
-            attend_inputs=inputs.attn,
+            attend_inputs=inputs.attn, lora_groups=lora_groups,
         )
         loss = jnp.zeros(inputs.logits_indices.shape, jnp.float32)
         if ft is None:
@@ -215,7 +218,7 @@ class CompiledStep:
         seen: the example seen-token mask (bool ``[rows, V]``).
         finetune_tokens: most finetuning forward tokens in a step (0 without finetuning).
         num_store_rows: rows of the activation store (the padding destination of its scatter).
-        impl, max_logprobs, parallel: see :func:`make_step_fn`.
+        impl, max_logprobs, parallel, lora_groups: see :func:`make_step_fn`.
         cache: where compiled buckets are kept between processes
             (:class:`~coserve_jax.executable_cache.ExecutableCache`), or ``None``.
     """
@@ -236,10 +239,12 @@ class CompiledStep:
         max_logprobs: int,
         parallel: ShardingRules | None = None,
         cache: ExecutableCache | None = None,
+        lora_groups: int = 0,
     ):
         self.graphdef, state = nnx.split(model)
         self.cache = cache
-        self._name = (f"step impl={impl} max_logprobs={max_logprobs} mesh={None if parallel is None else dict(parallel.mesh.shape)} "
+        self._name = (f"step impl={impl} max_logprobs={max_logprobs} lora_groups={lora_groups} "
+                      f"mesh={None if parallel is None else dict(parallel.mesh.shape)} "
                       f"model={model_key(model, self.graphdef)}")
         self.parallel = parallel
         self.buckets = list(buckets)
@@ -248,7 +253,8 @@ class CompiledStep:
         self.num_store_rows = num_store_rows
         self.max_num_seqs = max(b.num_seqs for b in self.buckets)
         fn = make_step_fn(
-            self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs, parallel=parallel
+            self.graphdef, scale=model.config.head_dim ** -0.5, impl=impl, max_logprobs=max_logprobs, parallel=parallel,
+            lora_groups=lora_groups,
         )
         self._jitted = jax.jit(fn, donate_argnums=(1, 2, 3, 4))
         self.no_prev_tokens = jnp.zeros(self.max_num_seqs, jnp.int32)

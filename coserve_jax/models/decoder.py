@@ -24,7 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coserve_jax.models.lora_pool import LoRAPool, LoRAPoolConfig, ParamInit, adapter_onehot, lora_delta
+from coserve_jax.models.lora_pool import (
+    LoRAPool, LoRAPoolConfig, LoRASegments, ParamInit, adapter_onehot, group_stacks, lora_delta, lora_segments,
+    segmented_lora_delta,
+)
 from coserve_jax.models import rope
 from coserve_jax.models.attention import dense_attention, packed_causal_mask
 from coserve_jax.models.config import LINEAR_MODULES, ModelConfig
@@ -113,7 +116,7 @@ def decoder_layer(
     h: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    onehot: jax.Array | None,
+    onehot: jax.Array | LoRASegments | None,
     attend: Attend,
     drop: Callable[..., jax.Array] | None = None,
     tp: "TensorParallel | None" = None,
@@ -122,10 +125,14 @@ def decoder_layer(
 
     Args:
         p: one layer's slice of :meth:`DecoderLayers.arrays` (this device's shard under ``tp``).
-        lora: ``{module: (A [S,in,R], B [S,R,out], scaling [S])}`` for this layer (may be empty).
+        lora: ``{module: (A [S,in,R], B [S,R,out], scaling [S])}`` for this layer (may be empty);
+            with :class:`~coserve_jax.models.lora_pool.LoRASegments` the step's ``G`` groups' slices
+            (``[G, ...]``, :func:`~coserve_jax.models.lora_pool.group_stacks`) instead of all slots.
         h: residual stream ``[T, H]`` (replicated under ``tp``).
         cos, sin: RoPE tables ``[T, head_dim]``.
-        onehot: ``[T, S]`` adapter selector, or ``None`` when there is no pool.
+        onehot: the adapter selector: a one-hot ``[T, S]`` (:func:`~coserve_jax.models.lora_pool.adapter_onehot`),
+            the step's :class:`~coserve_jax.models.lora_pool.LoRASegments` (grouped GEMMs), or
+            ``None`` when there is no pool.
         attend: the attention implementation (called with this device's heads under ``tp``).
         drop: optional LoRA dropout ``(x, module, feature_offset) -> dropout(x)`` applied to the
             LoRA branch's input only (PEFT ``lora.Linear``); see :mod:`coserve_jax.lora.dropout`.
@@ -142,7 +149,10 @@ def decoder_layer(
             xd = x
             if drop is not None:
                 xd = drop(x, m, 0 if tp is None else tp.feature_offset(m, x.shape[-1]))
-            y = y + lora_delta(xd, *lora[m], onehot)
+            if isinstance(onehot, LoRASegments):
+                y = y + segmented_lora_delta(xd, *lora[m], onehot)
+            else:
+                y = y + lora_delta(xd, *lora[m], onehot)
         if tp is not None and m in tp.row_modules:
             y = tp.reduce(y)  # partial sums of base and bypass together: one all-reduce
         if m in p["bias"]:
@@ -209,6 +219,7 @@ class CausalLM(nnx.Module):
         dropout: Any = None,
         parallel: "ShardingRules | None" = None,
         attend_inputs: Any = None,
+        lora_groups: int = 0,
     ):
         """Run embeddings, all decoder layers and the final norm.
 
@@ -224,6 +235,9 @@ class CausalLM(nnx.Module):
             dropout: optional :class:`~coserve_jax.lora.dropout.LoRADropout` of the batch.
             attend_inputs: a pytree handed to a :data:`CachedAttend` at every layer (replicated
                 under ``parallel``).
+            lora_groups: ``G > 0``: apply the adapters as grouped GEMMs over at most ``G``
+                distinct adapters of the batch (:func:`~coserve_jax.models.lora_pool.segmented_lora_delta`);
+                0: the one-hot reference over every slot (:func:`~coserve_jax.models.lora_pool.lora_delta`).
             parallel: run the decoder layers tensor-parallel on ``parallel.mesh`` (one
                 ``jax.shard_map`` around the scan over layers; ``attend`` then sees each device's
                 heads and its shard of a cache laid out by
@@ -239,8 +253,13 @@ class CausalLM(nnx.Module):
         cos, sin = rope.cos_sin(config, positions, h.dtype)
         args = {"h": h, "cos": cos, "sin": sin, "layers": self.layers.arrays(), "lora": {}}
         if self.lora is not None:
-            args["onehot"] = adapter_onehot(adapter_ids, self.lora.config.max_loras, jnp.float32)
-            args["lora"] = self.lora.layer_arrays()
+            slots = self.lora.config.max_loras
+            if lora_groups > 0:  # the layers read the step's G adapters' weights only
+                args["onehot"] = seg = lora_segments(adapter_ids, slots, min(lora_groups, slots))
+                args["lora"] = group_stacks(self.lora.layer_arrays(), seg)
+            else:
+                args["onehot"] = adapter_onehot(adapter_ids, slots, jnp.float32)
+                args["lora"] = self.lora.layer_arrays()
         for key, value in (("cache", cache), ("save", save_indices), ("dropout", dropout), ("attend_inputs", attend_inputs)):
             if value is not None:
                 args[key] = value

@@ -74,6 +74,9 @@ class SchedulerConfig:
             inputs share (default: no limit).
         idle_train_step: a step with no inference work runs a training sequence whose forward
             has not started as one train step (:class:`~coserve_jax.sched.outputs.TrainSequence`).
+        max_loras_per_batch: most distinct LoRA adapters (base model not counted) among the
+            running requests and a step's finetuning chunks (0: no limit). A waiting request
+            whose adapter no running request uses is passed over while the limit is reached.
     """
 
     max_num_seqs: int
@@ -83,6 +86,7 @@ class SchedulerConfig:
     max_finetune_tokens: int = 0
     store_rows: int = 1 << 62
     idle_train_step: bool = False
+    max_loras_per_batch: int = 0
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -320,9 +324,15 @@ class Scheduler:
                     self._rr_forward += 1
                     break
         if budget > 0 and slots > 0:
+            limit = self.config.max_loras_per_batch
+            in_use = {r.adapter_index for r in self.running if r.adapter_index > 0} if limit else None
             for seq in self._by_job(TrainingPhase.FORWARD, self._rr_forward):
                 if whole and not seq.num_computed and not seq.forward_only:
                     continue  # its own train step comes in a later step without inference
+                if in_use is not None and seq.adapter_index not in in_use:
+                    if len(in_use) >= limit:
+                        continue  # the step already holds max_loras_per_batch adapters
+                    in_use.add(seq.adapter_index)
                 if seq.store_start is None and not seq.forward_only:
                     seq.store_start = self.store.allocate(seq.num_tokens)
                     if seq.store_start is None:
@@ -414,10 +424,13 @@ class Scheduler:
             budget = self._schedule_running(budget, decodes, chunks, preempted)
         if not preempted and inference:
             skipped = 0  # requests at the front whose adapter waits for a slot (vLLM skips them too)
+            limit = self.config.max_loras_per_batch
+            in_use = {r.adapter_index for r in self.running if r.adapter_index > 0} if limit and self.waiting else None
             while len(self.waiting) > skipped and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[skipped]
-                if req.adapter_index < 0:
-                    skipped += 1
+                a = req.adapter_index
+                if a < 0 or (in_use is not None and a > 0 and a not in in_use and len(in_use) >= limit):
+                    skipped += 1  # its adapter waits for a slot, or the step holds max_loras_per_batch adapters
                     continue
                 if req.num_pending:
                     break  # preempted with a token still on the device: readmitted once it is known
@@ -425,6 +438,8 @@ class Scheduler:
                 if not self.kv_cache.can_admit(n, reserve_pages=self.config.watermark_pages):
                     break  # FCFS: whoever is first waits for pages; nobody overtakes
                 del self.waiting[skipped]
+                if in_use is not None and a > 0:
+                    in_use.add(a)
                 table = self.kv_cache.admit(req.request_id, n)
                 req.status = RequestStatus.RUNNING
                 if req.first_scheduled_time is None:
