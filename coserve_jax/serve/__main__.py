@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $COSERVE_API_KEY, else none)")
     p.add_argument("--output-dir", help="uploaded files, checkpoints and exported adapters (default coserve-output)")
+    p.add_argument("--database-url", help="SQLAlchemy URL of the server's state: files, jobs, events, keys "
+                   "(default: SQLite, OUTPUT_DIR/coserve.db; e.g. postgresql://user@host/db)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted, YAML value (e.g. --set engine.max_num_seqs=8); repeatable")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"),
@@ -87,7 +89,7 @@ def config_from_args(argv: list[str] | None = None) -> ServeConfig:
     flags = {
         "model.path": args.model, "model.tokenizer": args.tokenizer, "model.chat_template": args.chat_template,
         "served_model_name": args.served_model_name, "host": args.host, "port": args.port, "api_key": args.api_key,
-        "output_dir": args.output_dir, "log_level": args.log_level, "disable_log_requests": args.disable_log_requests,
+        "output_dir": args.output_dir, "database_url": args.database_url, "log_level": args.log_level, "disable_log_requests": args.disable_log_requests,
         "disable_log_stats": args.disable_log_stats,
     }
     flags.update({key: getattr(args, key) for _, key, _ in engine_flags()})

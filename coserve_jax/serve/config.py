@@ -7,6 +7,7 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
     api_key: null               # Bearer key for every endpoint but /health (or $COSERVE_API_KEY)
     served_model_name: null     # the base model's name in the API (default: the checkpoint dir's name)
     output_dir: coserve-output  # uploaded files, job checkpoints and exported adapters
+    database_url: null          # SQLAlchemy URL of the server's state (default: SQLite, <output_dir>/coserve.db)
     model:    {path, tokenizer, chat_template, dtype, max_model_len, seed}   # ModelSection
     engine:   {...}             # Engine keyword arguments (max_num_seqs, scheduling_policy, ...)
     limits:   {...}             # Limits
@@ -130,6 +131,7 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     output_dir: str = "coserve-output"
+    database_url: str | None = None
     model: ModelSection = ModelSection()
     engine: dict = dataclasses.field(default_factory=dict)
     limits: Limits = Limits()
@@ -140,6 +142,12 @@ class ServeConfig:
     log_stats_interval_s: float = 10.0
     timeout_graceful_shutdown_s: float = 10.0
     lora_modules: dict | None = None
+
+    def database(self) -> str:
+        """The SQLAlchemy URL of the server's database: ``database_url``, or SQLite in the output directory."""
+        from coserve_jax.serve.db import sqlite_url
+
+        return self.database_url or sqlite_url(os.path.join(self.output_dir, "coserve.db"))
 
     @property
     def is_tiny(self) -> bool:

@@ -28,6 +28,13 @@ so (``hyperparameters.truncation = "error"`` rejects such a file instead). A ``v
 (default: at the end only) and at the end, as ``metrics`` events with ``valid_loss`` in their
 data, in the checkpoints' ``metrics`` and in Prometheus.
 
+Durability: every job, its events and checkpoints are rows of the server's database
+(:mod:`coserve_jax.serve.db`), written in one transaction whenever they change. At start-up
+(:meth:`JobManager.restore`) every job comes back: succeeded, failed and cancelled jobs as they
+were (their exported adapters are loaded again by the server), queued, running and paused jobs
+queued again; a job that had checkpoints resumes from its newest one (its optimizer state, data
+order and loss history), a ``resumed`` event says so, and a paused job is paused again.
+
 Threads: records are created by HTTP handlers and advanced by the engine loop (:meth:`JobManager.sync`);
 a lock guards the record table, and handlers read records as plain data.
 """
@@ -35,17 +42,23 @@ a lock guards the record table, and handlers read records as plain data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
 import time
 from typing import Any
 
+from sqlalchemy import delete, select
+
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import DataValidationError, TrainingExample, load_dataset
 from coserve_jax.finetune.job import FinetuneJob, JobStatus
 from coserve_jax.serve.config import FinetuneDefaults
+from coserve_jax.serve.db import Database
+from coserve_jax.serve.db import schema as db
 from coserve_jax.serve.errors import APIError
+from coserve_jax.serve.files import DEFAULT_PROJECT
 from coserve_jax.serve.protocol import FinetuneJobCreate, new_id
 
 log = logging.getLogger("coserve_jax.serve")
@@ -143,8 +156,19 @@ class JobRecord:
     finished_at: int | None = None
     adapter_path: str | None = None
     events: list[dict] = dataclasses.field(default_factory=list)
+    project: str = DEFAULT_PROJECT
+    # progress as last saved (what the job object reports when no engine job is attached)
+    trained_tokens: int = 0
+    step: int = 0
+    total_steps: int | None = None
+    tokens_per_second: float = 0.0
+    valid_loss: float | None = None
+    pause_on_start: bool = False
     _metrics_seen: int = 0
     _evals_seen: int = 0
+    _events_saved: int = 0
+    _checkpoints_saved: tuple[int, ...] = ()
+    _checkpoint_evals: int = 0
 
     def event(self, message: str, level: str = "info", type_: str = "message", data: Any = None, t: float | None = None) -> None:
         """Add an event to the job's list (``GET .../events``) and log it (``coserve_jax.serve.jobs``)."""
@@ -154,27 +178,85 @@ class JobRecord:
             "created_at": int(t or time.time()), "level": level, "message": message, "data": data, "type": type_,
         })
 
+    @property
+    def shown_status(self) -> str:
+        """The status the API reports: a job paused before a restart and not started since is ``paused``."""
+        return "paused" if self.status == "queued" and self.pause_on_start else self.status
+
+    def progress(self) -> None:
+        """Copy the engine job's progress into the record (what is saved and reported)."""
+        job = self.engine_job
+        if job is None:
+            return
+        self.trained_tokens, self.step, self.total_steps = job.trained_tokens, job.step, job.total_steps
+        self.tokens_per_second = job.tokens_per_s
+        self.valid_loss = job.eval_history[-1].loss if job.eval_history else None
+
     def to_openai(self) -> dict:
+        self.progress()
         job = self.engine_job
         return {
             "object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
             "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
-            "organization_id": "org-coserve", "result_files": [], "status": self.status,
+            "organization_id": "org-coserve", "result_files": [], "status": self.shown_status,
             "validation_file": self.validation_file, "training_file": self.training_file, "hyperparameters": self.hyperparameters,
             "method": {"type": "supervised", "supervised": {"hyperparameters": self.hyperparameters}},
-            "trained_tokens": job.trained_tokens if job is not None else 0, "error": self.error, "seed": self.seed,
+            "trained_tokens": self.trained_tokens, "error": self.error, "seed": self.seed,
             "metadata": self.metadata, "integrations": [],
             "estimated_finish": int(job.estimated_finish) if job is not None and job.estimated_finish is not None else None,
             # extensions
-            "step": job.step if job is not None else 0,
-            "total_steps": job.total_steps if job is not None else None,
-            "tokens_per_second": job.tokens_per_s if job is not None else 0.0,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens_per_second": self.tokens_per_second,
             "adapter_path": self.adapter_path,
             "lora": dataclasses.asdict(self.config.lora),
             "truncated_examples": self.truncated_examples,
             "skipped_examples": self.skipped_examples,
-            "valid_loss": job.eval_history[-1].loss if job is not None and job.eval_history else None,
+            "valid_loss": self.valid_loss,
         }
+
+    def to_row(self) -> db.Job:
+        """The record as a :class:`~coserve_jax.serve.db.schema.Job` row."""
+        self.progress()
+        return db.Job(
+            id=self.id, project=self.project, model=self.model, training_file=self.training_file,
+            validation_file=self.validation_file, fine_tuned_model=self.fine_tuned_model, status=self.shown_status,
+            config=_config_json(self.config), hyperparameters=self.hyperparameters, seed=self.seed, suffix=self.suffix,
+            user_metadata=self.metadata, created_at=self.created_at, finished_at=self.finished_at, error=self.error,
+            adapter_path=self.adapter_path, trained_tokens=int(self.trained_tokens), step=int(self.step),
+            total_steps=self.total_steps, tokens_per_second=float(self.tokens_per_second), valid_loss=self.valid_loss,
+            truncated_examples=self.truncated_examples, skipped_examples=self.skipped_examples,
+        )
+
+    @classmethod
+    def from_row(cls, row: db.Job, events: list[db.JobEvent]) -> "JobRecord":
+        """A record from its row and events (no examples, no engine job)."""
+        rec = cls(
+            id=row.id, model=row.model, training_file=row.training_file, fine_tuned_model=row.fine_tuned_model,
+            config=FinetuneConfig.from_dict(row.config), hyperparameters=dict(row.hyperparameters), seed=row.seed,
+            suffix=row.suffix, metadata=row.user_metadata, created_at=row.created_at, examples=None,
+            validation_file=row.validation_file, truncated_examples=row.truncated_examples,
+            skipped_examples=row.skipped_examples, status=row.status, error=row.error, finished_at=row.finished_at,
+            adapter_path=row.adapter_path, project=row.project, trained_tokens=row.trained_tokens, step=row.step,
+            total_steps=row.total_steps, tokens_per_second=row.tokens_per_second, valid_loss=row.valid_loss,
+        )
+        rec.events = [{
+            "object": "fine_tuning.job.event", "id": f"ftevent-{row.id.removeprefix('ftjob-')}-{e.seq}",
+            "created_at": e.created_at, "level": e.level, "message": e.message, "data": e.data, "type": e.type,
+        } for e in events]
+        rec._events_saved = len(rec.events)
+        return rec
+
+
+def _config_json(cfg: FinetuneConfig) -> dict:
+    """``cfg`` as JSON-able data that :meth:`FinetuneConfig.from_dict` reads back."""
+    d = dataclasses.asdict(cfg)
+    d["lora"]["target_modules"] = list(cfg.lora.target_modules)
+    if d.get("checkpoint_dir") is not None:
+        d["checkpoint_dir"] = os.fspath(d["checkpoint_dir"])
+    if d.get("columns") is not None:
+        d["columns"] = dict(d["columns"])
+    return json.loads(json.dumps(d))
 
 
 class JobManager:
@@ -189,9 +271,12 @@ class JobManager:
         max_seq_len: the engine's ``finetune_max_seq_len`` (0: the engine cannot finetune).
         lora_pool: the engine's :class:`~coserve_jax.models.lora_pool.LoRAPoolConfig` (a job's adapter
             must fit it: rank, target modules).
+        db: the server's :class:`~coserve_jax.serve.db.Database` (jobs, events, checkpoints).
     """
 
-    def __init__(self, base_model: str, output_dir: str, defaults: FinetuneDefaults, tokenizer, max_seq_len: int, lora_pool=None):
+    def __init__(self, base_model: str, output_dir: str, defaults: FinetuneDefaults, tokenizer, max_seq_len: int,
+                 lora_pool=None, db: Database | None = None):
+        self.db = db
         self.base_model = base_model
         self.lora_pool = lora_pool
         self.output_dir = os.path.abspath(output_dir)
@@ -204,7 +289,7 @@ class JobManager:
 
     # ---- handlers' side ----------------------------------------------------------------------------
     def prepare(self, body: FinetuneJobCreate, data_path: str, filename: str,
-                validation: tuple[str, str] | None = None) -> JobRecord:
+                validation: tuple[str, str] | None = None, project: str = DEFAULT_PROJECT) -> JobRecord:
         """Validate and tokenize a job (blocking: run it in a worker thread); not yet queued.
 
         Args:
@@ -224,20 +309,8 @@ class JobManager:
         if missing:
             raise APIError(400, f"target_modules {missing} are not in this server's LoRA pool {list(pool.target_modules)}",
                            "lora.target_modules", "invalid_value")
-        def read(path, name, what):
-            try:
-                with self._tokenizer_lock:
-                    return load_dataset(
-                        path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
-                        max_seq_len=self.max_seq_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
-                    )
-            except DataValidationError as e:  # the same message, naming the uploaded file rather than our copy
-                raise APIError(400, f"{what} file {DataValidationError(name, e.errors)}", f"{what}_file", f"invalid_{what}_file") from None
-            except RecursionError:
-                raise APIError(400, f"{what} file {name}: a record is nested too deeply", f"{what}_file", f"invalid_{what}_file") from None
-
-        examples = read(data_path, filename, "training")
-        eval_examples = read(*validation, "validation") if validation is not None else None
+        examples = self._read(cfg, data_path, filename, "training")
+        eval_examples = self._read(cfg, *validation, "validation") if validation is not None else None
         suffix = body.suffix
         name = f"ft:{self.base_model}:{suffix + ':' if suffix else ''}{job_id}"
         return JobRecord(
@@ -245,8 +318,101 @@ class JobManager:
             hyperparameters=reported, seed=cfg.seed, suffix=suffix, metadata=body.metadata,
             created_at=int(time.time()), examples=examples, validation_file=body.validation_file,
             eval_examples=eval_examples, truncated_examples=examples.truncated_examples,
-            skipped_examples=examples.skipped_examples,
+            skipped_examples=examples.skipped_examples, project=project,
         )
+
+    def _read(self, cfg: FinetuneConfig, path: str, name: str, what: str):
+        """Tokenize a training or validation file with the job's settings.
+
+        Raises:
+            APIError: 400 naming the uploaded file and every bad record's line.
+        """
+        try:
+            with self._tokenizer_lock:
+                return load_dataset(
+                    path, self.tokenizer, train_on_prompt=cfg.train_on_prompt, columns=cfg.columns,
+                    max_seq_len=self.max_seq_len, chat_template=cfg.chat_template, truncation=cfg.truncation,
+                )
+        except DataValidationError as e:  # the same message, naming the uploaded file rather than our copy
+            raise APIError(400, f"{what} file {DataValidationError(name, e.errors)}", f"{what}_file", f"invalid_{what}_file") from None
+        except RecursionError:
+            raise APIError(400, f"{what} file {name}: a record is nested too deeply", f"{what}_file", f"invalid_{what}_file") from None
+
+    # ---- the database ------------------------------------------------------------------------------
+    def _save(self, rec: JobRecord, checkpoints: bool = False) -> None:
+        """Write the job's row, its new events and (``checkpoints``) its checkpoint rows, in one transaction."""
+        if self.db is None:
+            return
+        new_events = rec.events[rec._events_saved:]
+        steps, evals = rec._checkpoints_saved, rec._checkpoint_evals
+        job = rec.engine_job
+        if checkpoints and job is not None and job.checkpointer is not None:
+            steps, evals = tuple(job.checkpointer.all_steps()), len(job.eval_history)
+        with self.db.transaction() as s:
+            s.merge(rec.to_row())
+            for i, e in enumerate(new_events, start=rec._events_saved):
+                s.add(db.JobEvent(job_id=rec.id, seq=i, created_at=e["created_at"], level=e["level"], type=e["type"],
+                                  message=e["message"], data=e["data"]))
+            if (steps, evals) != (rec._checkpoints_saved, rec._checkpoint_evals):
+                # a step's validation loss may come after its checkpoint: every row is rewritten
+                losses = {r.step: r for r in job.loss_history}
+                valid = {r.step: r.loss for r in job.eval_history}
+                s.execute(delete(db.Checkpoint).where(db.Checkpoint.job_id == rec.id, db.Checkpoint.step.not_in(steps)))
+                for step in steps:
+                    r = losses.get(step)
+                    s.merge(db.Checkpoint(job_id=rec.id, step=step, created_at=int(r.time) if r else int(time.time()),
+                                          train_loss=r.loss if r else None, valid_loss=valid.get(step),
+                                          path=os.path.join(job.checkpointer.directory, str(step))))
+        rec._events_saved += len(new_events)
+        rec._checkpoints_saved, rec._checkpoint_evals = steps, evals
+
+    def restore(self, file_path) -> list[tuple[str, str]]:
+        """Bring back every job of the database (at start-up, before the engine loop runs).
+
+        Args:
+            file_path: ``file_id -> (local path, uploaded name)`` of a stored file, raising
+                :class:`APIError` for a file that no longer exists.
+        Returns:
+            ``(fine_tuned_model, adapter directory)`` of every ended job whose exported adapter
+            is on disk, for the server to load again.
+        """
+        if self.db is None:
+            return []
+        with self.db.session() as s:
+            rows = list(s.scalars(select(db.Job).order_by(db.Job.created_at, db.Job.id)))
+            events = {}
+            for e in s.scalars(select(db.JobEvent).order_by(db.JobEvent.job_id, db.JobEvent.seq)):
+                events.setdefault(e.job_id, []).append(e)
+            ckpts = {}
+            for c in s.scalars(select(db.Checkpoint)):
+                ckpts.setdefault(c.job_id, []).append(c.step)
+        adapters = []
+        for row in rows:
+            try:
+                rec = JobRecord.from_row(row, events.get(row.id, []))
+            except (TypeError, ValueError) as e:  # settings an older version wrote that this one rejects
+                log.error("job %s cannot be restored: %s", row.id, e)
+                continue
+            rec._checkpoints_saved = tuple(sorted(ckpts.get(row.id, [])))
+            with self._lock:
+                self._jobs[rec.id] = rec
+            if rec.status in ("queued", "running", "paused"):
+                was = rec.status
+                try:
+                    rec.examples = self._read(rec.config, *file_path(rec.training_file), "training")
+                    if rec.validation_file:
+                        rec.eval_examples = self._read(rec.config, *file_path(rec.validation_file), "validation")
+                except APIError as e:
+                    self._finish(rec, "failed", {"code": "resume_failed", "message": f"cannot resume: {e.message}", "param": None})
+                else:
+                    rec.status = "queued"
+                    rec.pause_on_start = was == "paused"
+                    rec.event(f"The server restarted; the {was} job was resumed and waits for a job slot",
+                              type_="message", data={"event": "resumed", "status_before": was, "step": rec.step})
+                self._save(rec)
+            elif rec.status in ("succeeded", "cancelled") and rec.adapter_path and os.path.isdir(rec.adapter_path):
+                adapters.append((rec.fine_tuned_model, rec.adapter_path))
+        return adapters
 
     def add(self, rec: JobRecord) -> None:
         with self._lock:
@@ -262,18 +428,23 @@ class JobManager:
                                     "max_seq_len": limit},
             )
 
-    def get(self, job_id: str) -> JobRecord:
-        """Raises: APIError 404 for an unknown id."""
+    def get(self, job_id: str, project: str | None = None) -> JobRecord:
+        """A job (``project``: only that project's; ``None``: any).
+
+        Raises:
+            APIError: 404 for an unknown id or another project's job.
+        """
         with self._lock:
             rec = self._jobs.get(job_id)
-        if rec is None:
+        if rec is None or (project is not None and rec.project != project):
             raise APIError(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
         return rec
 
-    def list(self) -> list[JobRecord]:
-        """Every job, newest first."""
+    def list(self, project: str | None = None) -> list[JobRecord]:
+        """Every job of ``project`` (``None``: all), newest first."""
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+            recs = [r for r in self._jobs.values() if project is None or r.project == project]
+        return sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)
 
     # ---- engine loop's side ------------------------------------------------------------------------
     def start_queued(self, engine) -> bool:
@@ -298,10 +469,20 @@ class JobManager:
         rec.examples = rec.eval_examples = None
         rec.status = "running"
         job = rec.engine_job
+        rec._metrics_seen, rec._evals_seen = len(job.loss_history), len(job.eval_history)  # (a resumed job's are reported)
         if job.base_model_name_or_path is None:  # a model built in code: its exports name the served model
             job.base_model_name_or_path = self.base_model
-        resumed = f", resumed from the checkpoint of step {job.resumed_from_step}" if job.resumed_from_step else ""
-        rec.event(f"Fine-tuning job started: {job.total_steps} optimizer steps, adapter {rec.fine_tuned_model}{resumed}")
+        if job.resumed_from_step:
+            rec.event(f"Fine-tuning job resumed from the checkpoint of step {job.resumed_from_step}: {job.total_steps} "
+                      f"optimizer steps, adapter {rec.fine_tuned_model}", data={"event": "resumed", "step": job.resumed_from_step})
+        else:
+            rec.event(f"Fine-tuning job started: {job.total_steps} optimizer steps, adapter {rec.fine_tuned_model}")
+        if rec.pause_on_start and not job.done:
+            job.pause()
+            rec.status = "paused"
+            rec.event("The job was paused (as it was before the restart)")
+        rec.pause_on_start = False
+        self._save(rec, checkpoints=True)
         if job.done:
             self.sync_one(engine, rec)
 
@@ -341,11 +522,16 @@ class JobManager:
 
     def _switch(self, job_id: str, current: str, new: str, verb: str) -> JobRecord:
         rec = self.get(job_id)
-        if rec.status != current:
-            raise APIError(400, f"job {job_id} is {rec.status}: only a {current} job can be {verb}d", "fine_tuning_job_id", "invalid_state")
-        getattr(rec.engine_job, verb)()
-        rec.status = new
+        if rec.shown_status != current:
+            raise APIError(400, f"job {job_id} is {rec.shown_status}: only a {current} job can be {verb}d",
+                           "fine_tuning_job_id", "invalid_state")
+        if rec.engine_job is not None:
+            getattr(rec.engine_job, verb)()
+            rec.status = new
+        else:  # paused before a restart and not started since: it now starts unpaused
+            rec.pause_on_start = False
         rec.event(f"The job was {verb}d")
+        self._save(rec)
         return rec
 
     def sync(self, engine) -> None:
@@ -373,15 +559,17 @@ class JobManager:
             )
         rec._evals_seen = len(job.eval_history)
         if not job.done:
+            if rec.events[rec._events_saved:] or job.step != rec.step or len(job.eval_history) != rec._checkpoint_evals:
+                self._save(rec, checkpoints=True)
             return
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED) and self.defaults.export_adapter:
+            path = os.path.join(self.output_dir, rec.id, "adapter")
+            try:
+                engine.export_adapter(job, path)
+                rec.adapter_path = path
+            except OSError as e:
+                rec.event(f"Could not export the adapter to {path}: {e}", level="warn")
         if job.status is JobStatus.SUCCEEDED:
-            if self.defaults.export_adapter:
-                path = os.path.join(self.output_dir, rec.id, "adapter")
-                try:
-                    engine.export_adapter(job, path)
-                    rec.adapter_path = path
-                except OSError as e:
-                    rec.event(f"Could not export the adapter to {path}: {e}", level="warn")
             self._finish(rec, "succeeded", None)
         elif job.status is JobStatus.CANCELLED:
             self._finish(rec, "cancelled", None)
@@ -396,6 +584,7 @@ class JobManager:
             status, f"The job failed: {error['message'] if error else ''}"
         )
         rec.event(message, level="error" if status == "failed" else "info")
+        self._save(rec, checkpoints=True)
 
     def checkpoint_running(self, engine) -> list[str]:
         """Write a checkpoint of every running job (engine thread; at shutdown). Returns the
@@ -409,26 +598,22 @@ class JobManager:
                 engine.save_job_checkpoint(job)
                 written.append(job.checkpointer.directory)
                 rec.event(f"Checkpoint of step {job.step} written at shutdown to {job.checkpointer.directory}")
+                self._save(rec, checkpoints=True)
                 log.info("job %s: checkpoint of step %d written to %s", rec.id, job.step, job.checkpointer.directory)
             except Exception as e:
                 log.error("job %s: checkpoint at shutdown failed: %s", rec.id, e)
         return written
 
     def checkpoints(self, rec: JobRecord) -> list[dict]:
-        """OpenAI checkpoint objects of the job's saved checkpoints, newest first."""
-        job = rec.engine_job
-        if job is None or job.checkpointer is None:
+        """OpenAI checkpoint objects of the job's saved checkpoints, newest first (from the database)."""
+        if self.db is None:
             return []
-        losses = {r.step: r for r in job.loss_history}
-        valid = {r.step: r.loss for r in job.eval_history}
-        out = []
-        for step in reversed(job.checkpointer.all_steps()):
-            r = losses.get(step)
-            out.append({
-                "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{rec.id.removeprefix('ftjob-')}-{step}",
-                "created_at": int(r.time) if r else rec.created_at, "fine_tuning_job_id": rec.id, "step_number": step,
-                "fine_tuned_model_checkpoint": f"{rec.fine_tuned_model}:ckpt-step-{step}",
-                "metrics": {"step": step, "train_loss": r.loss if r else None, "valid_loss": valid.get(step)},
-                "path": os.path.join(job.checkpointer.directory, str(step)),
-            })
-        return out
+        with self.db.session() as s:
+            rows = list(s.scalars(select(db.Checkpoint).where(db.Checkpoint.job_id == rec.id).order_by(db.Checkpoint.step.desc())))
+        return [{
+            "object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{rec.id.removeprefix('ftjob-')}-{c.step}",
+            "created_at": c.created_at, "fine_tuning_job_id": rec.id, "step_number": c.step,
+            "fine_tuned_model_checkpoint": f"{rec.fine_tuned_model}:ckpt-step-{c.step}",
+            "metrics": {"step": c.step, "train_loss": c.train_loss, "valid_loss": c.valid_loss},
+            "path": c.path,
+        } for c in rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 from typing import Any
 
@@ -13,12 +14,15 @@ from fastapi import Request
 
 from coserve_jax.engine import Engine
 from coserve_jax.serve.config import ServeConfig
+from coserve_jax.serve.db import Database, schema
 from coserve_jax.serve.engine_loop import EngineLoop
 from coserve_jax.serve.errors import APIError, model_not_found
 from coserve_jax.serve.files import FileStore
 from coserve_jax.serve.jobs import JobManager
 from coserve_jax.serve.metrics import ServerMetrics
 from coserve_jax.serve.stat_logger import StatLogger
+
+log = logging.getLogger("coserve_jax.serve")
 
 
 class ServerState:
@@ -45,17 +49,61 @@ class ServerState:
         self.metrics = ServerMetrics(served_model_name)
         self.metrics.watch(engine)
         out = os.path.abspath(config.output_dir)
-        self.files = FileStore(os.path.join(out, "files"))
+        self.db = Database(config.database())
+        self.files = FileStore(os.path.join(out, "files"), self.db)
         layout = engine.finetune_layout
         self.jobs = JobManager(
             served_model_name, os.path.join(out, "jobs"), config.finetune,
             copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None,
             layout.max_seq_len if layout is not None and engine.tokenizer is not None else 0,
             engine.model.lora.config if engine.model.lora is not None else None,
+            db=self.db,
         )
+        self.restored_adapters = self._restore()
         self.stats = None if config.disable_log_stats else StatLogger(config.log_stats_interval_s)
         self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
         self.shutting_down = False
+
+    def _file_path(self, file_id: str) -> tuple[str, str]:
+        obj = self.files.get(file_id)
+        return self.files.path(file_id), obj["filename"]
+
+    def _restore(self) -> list[str]:
+        """Bring back what the database holds (before the engine loop starts): every job, the
+        adapters of ended jobs and the adapters loaded through the API. Returns the adapter
+        names loaded; one that cannot be loaded is logged and skipped."""
+        from sqlalchemy import select
+
+        from coserve_jax.lora.manager import AdapterError
+        from coserve_jax.lora.peft_io import AdapterFormatError
+
+        pending = self.jobs.restore(self._file_path) if self.engine.model.lora is not None else []
+        with self.db.session() as s:
+            pending += [(a.name, a.path) for a in s.scalars(select(schema.Adapter).order_by(schema.Adapter.created_at))]
+        loaded = []
+        for name, path in pending:
+            if name in self.engine.list_adapters():
+                continue
+            try:
+                self.engine.load_adapter(name, path)
+                loaded.append(name)
+            except (AdapterError, AdapterFormatError, OSError, ValueError) as e:
+                log.error("adapter %r from %s was not loaded again: %s", name, path, e)
+        return loaded
+
+    def remember_adapter(self, name: str, path: str, project: str = "default") -> None:
+        """Record an adapter loaded through the API (loaded again after a restart)."""
+        import time
+
+        with self.db.transaction() as s:
+            s.merge(schema.Adapter(name=name, project=project, path=os.path.abspath(path), created_at=int(time.time())))
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop an unloaded adapter's record (an ended job's adapter stays with its job)."""
+        with self.db.transaction() as s:
+            row = s.get(schema.Adapter, name)
+            if row is not None:
+                s.delete(row)
 
     def _on_step(self, engine: Engine, outputs, seconds: float) -> None:
         self.metrics.observe_step(engine, seconds)

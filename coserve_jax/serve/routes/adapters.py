@@ -30,6 +30,7 @@ async def load_lora_adapter(body: P.LoadLoRAAdapterRequest, state: ServerState =
         await state.loop.call(lambda e: e.load_adapter(name, weights))
     except AdapterError as e:
         raise APIError(400, str(e), "lora_name", "invalid_value") from None
+    await asyncio.to_thread(state.remember_adapter, name, body.lora_path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -46,4 +47,5 @@ async def unload_lora_adapter(body: P.UnloadLoRAAdapterRequest, state: ServerSta
         await state.loop.call(unload)
     except AdapterError as e:
         raise APIError(400, str(e), "lora_name", "adapter_in_use") from None
+    await asyncio.to_thread(state.forget_adapter, name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -28,7 +28,7 @@ async def list_files(purpose: str | None = None, limit: int = 10000, order: str 
     ``asc``), a cursor ``after`` a file id and ``limit`` (1..10000)."""
     if order not in ("asc", "desc"):
         raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", "order", "invalid_value")
-    items = state.files.list()  # newest first
+    items = await asyncio.to_thread(state.files.list)  # newest first
     if purpose is not None:
         items = [f for f in items if f["purpose"] == purpose]
     if order == "asc":
@@ -38,17 +38,17 @@ async def list_files(purpose: str | None = None, limit: int = 10000, order: str 
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, state: ServerState = Depends(server_state)):
-    return state.files.get(file_id)
+    return await asyncio.to_thread(state.files.get, file_id)
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, state: ServerState = Depends(server_state)):
-    return state.files.delete(file_id)
+    return await asyncio.to_thread(state.files.delete, file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, state: ServerState = Depends(server_state)):
-    state.files.get(file_id)
+    await asyncio.to_thread(state.files.get, file_id)
     data = await asyncio.to_thread(_read_bytes, state.files.path(file_id))
     return Response(data, media_type="application/octet-stream")
 
