@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $COSERVE_API_KEY, else none)")
+    p.add_argument("--api-keys-file", help="YAML or JSON list of {key, project, admin}: several keys, one project "
+                   "(tenant) each; keys can also be kept in the database (python -m coserve_jax.serve.keys)")
     p.add_argument("--output-dir", help="uploaded files, checkpoints and exported adapters (default coserve-output)")
     p.add_argument("--database-url", help="SQLAlchemy URL of the server's state: files, jobs, events, keys "
                    "(default: SQLite, OUTPUT_DIR/coserve.db; e.g. postgresql://user@host/db)")
@@ -89,7 +91,7 @@ def config_from_args(argv: list[str] | None = None) -> ServeConfig:
     flags = {
         "model.path": args.model, "model.tokenizer": args.tokenizer, "model.chat_template": args.chat_template,
         "served_model_name": args.served_model_name, "host": args.host, "port": args.port, "api_key": args.api_key,
-        "output_dir": args.output_dir, "database_url": args.database_url, "log_level": args.log_level, "disable_log_requests": args.disable_log_requests,
+        "api_keys_file": args.api_keys_file, "output_dir": args.output_dir, "database_url": args.database_url, "log_level": args.log_level, "disable_log_requests": args.disable_log_requests,
         "disable_log_stats": args.disable_log_stats,
     }
     flags.update({key: getattr(args, key) for _, key, _ in engine_flags()})
@@ -111,6 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if cfg.api_keys_file:
+        from coserve_jax.serve.auth import read_keys_file
+
+        try:
+            read_keys_file(cfg.api_keys_file)  # checked before the engine is built
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"error: api_keys_file: {e}", file=sys.stderr)
+            return 2
+
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from coserve_jax.serve.db import Database
+
+    try:  # reachable and at the newest schema, before the engine is built
+        Database(cfg.database()).close()
+    except (ArgumentError, SQLAlchemyError, ImportError, OSError) as e:
+        print(f"error: database {cfg.database_url or cfg.database()!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
     from coserve_jax.logging_config import configure_logging
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                auth = " (API key required)" if cfg.api_key else ""
+                auth = " (API key required)" if state.keys.required else ""
                 print(f"coserve-jax: serving {name!r} at {url}{auth}; ready. Ctrl-C stops "
                       "(running fine-tuning jobs are checkpointed).", flush=True)
 

@@ -4,7 +4,8 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
 
     host: 127.0.0.1
     port: 8000
-    api_key: null               # Bearer key for every endpoint but /health (or $COSERVE_API_KEY)
+    api_key: null               # Bearer key for every endpoint but /health (or $COSERVE_API_KEY): project "default", admin
+    api_keys_file: null         # YAML/JSON list of {key, project, admin}: one project (tenant) per key
     served_model_name: null     # the base model's name in the API (default: the checkpoint dir's name)
     output_dir: coserve-output  # uploaded files, job checkpoints and exported adapters
     database_url: null          # SQLAlchemy URL of the server's state (default: SQLite, <output_dir>/coserve.db)
@@ -129,6 +130,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_keys_file: str | None = None
     served_model_name: str | None = None
     output_dir: str = "coserve-output"
     database_url: str | None = None

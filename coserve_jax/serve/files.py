@@ -22,6 +22,7 @@ import uuid
 from sqlalchemy import select
 
 from coserve_jax.finetune.data import DataValidationError, read_records
+from coserve_jax.serve.auth import DEFAULT_PROJECT
 from coserve_jax.serve.db import Database
 from coserve_jax.serve.db.schema import File
 from coserve_jax.serve.errors import APIError
@@ -30,8 +31,6 @@ log = logging.getLogger("coserve_jax.serve")
 
 PURPOSES = ("fine-tune",)
 _ID = re.compile(r"^file-[0-9a-f]{24}$")
-DEFAULT_PROJECT = "default"
-"""The project of a server with one API key (or none), and of files made before projects existed."""
 
 
 def _to_openai(row: File) -> dict:

@@ -58,7 +58,7 @@ from coserve_jax.serve.config import FinetuneDefaults
 from coserve_jax.serve.db import Database
 from coserve_jax.serve.db import schema as db
 from coserve_jax.serve.errors import APIError
-from coserve_jax.serve.files import DEFAULT_PROJECT
+from coserve_jax.serve.auth import DEFAULT_PROJECT
 from coserve_jax.serve.protocol import FinetuneJobCreate, new_id
 
 log = logging.getLogger("coserve_jax.serve")
@@ -439,6 +439,14 @@ class JobManager:
         if rec is None or (project is not None and rec.project != project):
             raise APIError(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id", "job_not_found")
         return rec
+
+    def project_of_model(self, name: str) -> str | None:
+        """The project of the job whose ``fine_tuned_model`` is ``name`` (``None``: no such job)."""
+        with self._lock:
+            for r in self._jobs.values():
+                if r.fine_tuned_model == name:
+                    return r.project
+        return None
 
     def list(self, project: str | None = None) -> list[JobRecord]:
         """Every job of ``project`` (``None``: all), newest first."""

@@ -1,11 +1,11 @@
-"""The ASGI guard in front of every route: API key and body-size limits."""
+"""The ASGI guard in front of every route: API key (which sets the request's project) and
+body-size limits."""
 
 from __future__ import annotations
 
-import secrets
-
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from coserve_jax.serve.auth import OPEN
 from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.state import ServerState
 
@@ -15,27 +15,31 @@ OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
 
 
 class GuardMiddleware:
-    """API key (``Authorization: Bearer``) on every path but :data:`OPEN_PATHS`, and the body-size
-    limits (413 above ``limits.max_body_bytes``, ``limits.max_upload_bytes`` for uploads)."""
+    """API key (``Authorization: Bearer``) on every path but :data:`OPEN_PATHS` whenever a key is
+    configured (:class:`~coserve_jax.serve.auth.KeyRing`); the key's
+    :class:`~coserve_jax.serve.auth.Principal` goes into the request's state. Body-size limits:
+    413 above ``limits.max_body_bytes`` (``limits.max_upload_bytes`` for uploads)."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
         self.state = state
-        self.api_key = state.config.api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and path not in OPEN_PATHS:
+        who = OPEN
+        if path not in OPEN_PATHS and self.state.keys.required:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not token:
+            if scheme.lower() != "bearer" or not token.strip():
                 return await self._reject(scope, receive, send, APIError(
                     401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.", None, "missing_api_key"))
-            if not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            who = self.state.keys.authenticate(token.strip())
+            if who is None:
                 return await self._reject(scope, receive, send, APIError(401, "Incorrect API key provided.", None, "invalid_api_key"))
+        scope.setdefault("state", {})["principal"] = who
         limit = self.state.config.limits.max_upload_bytes if path == "/v1/files" else self.state.config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:

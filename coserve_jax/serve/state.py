@@ -13,6 +13,7 @@ import jax
 from fastapi import Request
 
 from coserve_jax.engine import Engine
+from coserve_jax.serve.auth import DEFAULT_PROJECT, OPEN, SHARED, KeyRing, Principal, hash_key, read_keys_file
 from coserve_jax.serve.config import ServeConfig
 from coserve_jax.serve.db import Database, schema
 from coserve_jax.serve.engine_loop import EngineLoop
@@ -50,6 +51,13 @@ class ServerState:
         self.metrics.watch(engine)
         out = os.path.abspath(config.output_dir)
         self.db = Database(config.database())
+        static = read_keys_file(config.api_keys_file) if config.api_keys_file else {}
+        if config.api_key:
+            static[hash_key(config.api_key)] = Principal(DEFAULT_PROJECT, admin=True, key_id="api-key")
+        self.keys = KeyRing(static, self.db)
+        self.owners: dict[str, str] = {name: SHARED for name in (config.lora_modules or {})}
+        """Adapter name -> the project that loaded it (:data:`~coserve_jax.serve.auth.SHARED`: every
+        project's); a fine-tuning job's model belongs to the job's project."""
         self.files = FileStore(os.path.join(out, "files"), self.db)
         layout = engine.finetune_layout
         self.jobs = JobManager(
@@ -79,7 +87,9 @@ class ServerState:
 
         pending = self.jobs.restore(self._file_path) if self.engine.model.lora is not None else []
         with self.db.session() as s:
-            pending += [(a.name, a.path) for a in s.scalars(select(schema.Adapter).order_by(schema.Adapter.created_at))]
+            for a in s.scalars(select(schema.Adapter).order_by(schema.Adapter.created_at)):
+                pending.append((a.name, a.path))
+                self.owners[a.name] = a.project
         loaded = []
         for name, path in pending:
             if name in self.engine.list_adapters():
@@ -91,15 +101,18 @@ class ServerState:
                 log.error("adapter %r from %s was not loaded again: %s", name, path, e)
         return loaded
 
-    def remember_adapter(self, name: str, path: str, project: str = "default") -> None:
-        """Record an adapter loaded through the API (loaded again after a restart)."""
+    def remember_adapter(self, name: str, path: str, owner: str = SHARED) -> None:
+        """Record an adapter loaded through the API by ``owner`` (a project, or
+        :data:`~coserve_jax.serve.auth.SHARED`), loaded again after a restart."""
         import time
 
+        self.owners[name] = owner
         with self.db.transaction() as s:
-            s.merge(schema.Adapter(name=name, project=project, path=os.path.abspath(path), created_at=int(time.time())))
+            s.merge(schema.Adapter(name=name, project=owner, path=os.path.abspath(path), created_at=int(time.time())))
 
     def forget_adapter(self, name: str) -> None:
         """Drop an unloaded adapter's record (an ended job's adapter stays with its job)."""
+        self.owners.pop(name, None)
         with self.db.transaction() as s:
             row = s.get(schema.Adapter, name)
             if row is not None:
@@ -149,14 +162,35 @@ class ServerState:
         async with self._tok_lock:
             return await asyncio.to_thread(fn, *args)
 
-    async def resolve_adapter(self, model: str) -> str | None:
-        """``None`` for the base model, else the adapter name. Raises: APIError 404."""
+    def owner_of(self, name: str) -> str:
+        """The project an adapter belongs to (:data:`~coserve_jax.serve.auth.SHARED`: every project's)."""
+        if name in self.owners:
+            return self.owners[name]
+        project = self.jobs.project_of_model(name)
+        return project if project is not None else SHARED
+
+    async def visible_adapters(self, who: Principal) -> list[str]:
+        """The loaded adapters ``who`` may see and use, in the engine's order."""
+        names = await self.loop.call(lambda e: e.list_adapters())
+        return [n for n in names if who.sees(self.owner_of(n))]
+
+    async def resolve_adapter(self, model: str, who: Principal = OPEN) -> str | None:
+        """``None`` for the base model, else the adapter name.
+
+        Raises:
+            APIError: 404 for an unknown model, or another project's.
+        """
         if model == self.model_name:
             return None
-        names = await self.loop.call(lambda e: e.list_adapters())
-        if model in names:
+        if model in await self.visible_adapters(who):
             return model
         raise model_not_found(model)
+
+
+def principal(request: Request) -> Principal:
+    """Who sent the request (a FastAPI dependency: ``who = Depends(principal)``), as the guard
+    middleware authenticated it."""
+    return getattr(request.state, "principal", OPEN)
 
 
 def server_state(request: Request) -> ServerState:

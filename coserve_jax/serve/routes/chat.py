@@ -13,18 +13,20 @@ from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.generate import (
     CLIENT_CLOSED, Choice, EventStream, collect, openai_finish_reason, prepare, sse, stream, submit,
 )
-from coserve_jax.serve.state import ServerState, server_state
+from coserve_jax.serve.auth import Principal
+from coserve_jax.serve.state import ServerState, principal, server_state
 from coserve_jax.tokenizer import encode_chat
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(server_state)):
+async def chat_completions(body: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(server_state),
+                           who: Principal = Depends(principal)):
     arrival = time.monotonic()
     cfg = state.config
     body.check_supported(cfg.limits.max_n, cfg.limits.max_stop)
-    adapter = await state.resolve_adapter(body.model)
+    adapter = await state.resolve_adapter(body.model, who)
     conversation = body.conversation()
     tok = state.tokenizer
     if tok is not None and not getattr(tok, "chat_template", None):

@@ -13,20 +13,22 @@ from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.generate import (
     CLIENT_CLOSED, Choice, EventStream, collect, openai_finish_reason, prepare, sse, stream, submit,
 )
-from coserve_jax.serve.state import ServerState, server_state
+from coserve_jax.serve.auth import Principal
+from coserve_jax.serve.state import ServerState, principal, server_state
 
 router = APIRouter()
 
 
 @router.post("/v1/completions")
-async def completions(body: P.CompletionRequest, request: Request, state: ServerState = Depends(server_state)):
+async def completions(body: P.CompletionRequest, request: Request, state: ServerState = Depends(server_state),
+                      who: Principal = Depends(principal)):
     arrival = time.monotonic()
     cfg = state.config
     body.check_supported(cfg.limits.max_n, cfg.limits.max_stop)
     prompts = body.prompts()
     if len(prompts) > cfg.limits.max_n:
         raise APIError(400, f"at most {cfg.limits.max_n} prompts per request", "prompt", "invalid_value")
-    adapter = await state.resolve_adapter(body.model)
+    adapter = await state.resolve_adapter(body.model, who)
     texts = [p for p in prompts if isinstance(p, str)]
     if texts:
         tok = state.tokenizer

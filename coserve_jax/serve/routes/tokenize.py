@@ -15,7 +15,8 @@ import coserve_jax
 from coserve_jax.serve import protocol as P
 from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.routes.models import health
-from coserve_jax.serve.state import ServerState, server_state
+from coserve_jax.serve.auth import Principal
+from coserve_jax.serve.state import ServerState, principal, server_state
 from coserve_jax.tokenizer import render_chat
 
 router = APIRouter()
@@ -32,10 +33,10 @@ async def ping(state: ServerState = Depends(server_state)):
 
 
 @router.post("/tokenize")
-async def tokenize(body: P.TokenizeRequest, state: ServerState = Depends(server_state)):
+async def tokenize(body: P.TokenizeRequest, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
     body.check()
     if body.model is not None:
-        await state.resolve_adapter(body.model)  # an unknown model is a 404, as elsewhere
+        await state.resolve_adapter(body.model, who)  # an unknown model is a 404, as elsewhere
     tok = state.tokenizer
     if body.messages is not None:
         if tok is not None and not getattr(tok, "chat_template", None):
@@ -70,9 +71,9 @@ async def tokenize(body: P.TokenizeRequest, state: ServerState = Depends(server_
 
 
 @router.post("/detokenize")
-async def detokenize(body: P.DetokenizeRequest, state: ServerState = Depends(server_state)):
+async def detokenize(body: P.DetokenizeRequest, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
     if body.model is not None:
-        await state.resolve_adapter(body.model)
+        await state.resolve_adapter(body.model, who)
     bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
     if bad:
         raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", "tokens", "invalid_value")
