@@ -6,11 +6,14 @@ What alpha makes (a file, a fine-tuning job and its model, an adapter it loads) 
 beta over every route: lists leave it out, ids and model names answer 404, and beta cannot
 generate with, unload or cancel it. What the admin loads is shared, and only an admin may unload
 it. A key created with ``python -m coserve_jax.serve.keys`` works at once and is refused once revoked.
+Adapters load only from under ``--lora-root`` (neither ``..`` nor a symbolic link gets out: 403),
+and each malformed adapter is a 400 naming its problem, the server carrying on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,7 +35,8 @@ def server(tmp_path_factory):
     keys = tmp / "keys.yaml"
     keys.write_text(json.dumps([{"key": KEYS["alpha"], "project": "alpha"}, {"key": KEYS["beta"], "project": "beta"},
                                 {"key": KEYS["ops"], "project": "ops", "admin": True}]))
-    srv = ServerProcess(["--output-dir", str(tmp / "out"), "--api-keys-file", str(keys)],
+    (tmp / "adapters").mkdir()
+    srv = ServerProcess(["--output-dir", str(tmp / "out"), "--api-keys-file", str(keys), "--lora-root", str(tmp / "adapters")],
                         env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
     srv.tmp = tmp
     yield srv
@@ -94,7 +98,7 @@ def test_projects_are_isolated_over_every_route(server, tmp_path):
 
         # an admin's adapter is shared; only an admin unloads it
         with http(server, KEYS["ops"]) as hops:
-            r = hops.post("/v1/load_lora_adapter", json={"lora_name": "shared-one", "lora_path": adapter_dir(tmp_path / "s", 1)})
+            r = hops.post("/v1/load_lora_adapter", json={"lora_name": "shared-one", "lora_path": adapter_dir(server.tmp / "adapters" / "s", 1)})
             assert r.status_code == 200, r.text
         assert "shared-one" in {m.id for m in b.models.list().data} and "shared-one" in {m.id for m in a.models.list().data}
         assert b.chat.completions.create(model="shared-one", messages=CHAT, max_tokens=2).choices
@@ -132,3 +136,34 @@ def test_keys_are_required_and_database_keys_work_until_revoked(server):
                    capture_output=True)
     with pytest.raises(openai.AuthenticationError):
         g.models.list()
+
+
+def test_adapters_load_only_from_under_the_root_and_malformed_ones_are_400(server, tmp_path):
+    from tests.test_adapter_files import MALFORMED, good_adapter
+
+    root = server.tmp / "adapters"
+    b = client(server, "beta")
+    with http(server, KEYS["alpha"]) as ha:
+        def load(name, path):
+            return ha.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+
+        r = load("alpha-own", adapter_dir(root / "own", 2))
+        assert r.status_code == 200, r.text
+        assert "alpha-own" in {m.id for m in client(server, "alpha").models.list().data}
+        assert "alpha-own" not in {m.id for m in b.models.list().data}  # a project's own adapter
+        outside = adapter_dir(tmp_path / "outside", 3)
+        assert load("escape-dots", f"{root}/../../{os.path.relpath(outside, root.parent.parent)}").status_code == 403
+        os.symlink(outside, root / "link")
+        r = load("escape-link", root / "link")
+        assert r.status_code == 403 and "outside" in r.json()["error"]["message"]
+        for i, (case, (make, reason)) in enumerate(MALFORMED.items()):
+            d = good_adapter(root / f"bad{i}")
+            make(d)
+            r = load(f"bad{i}", d)
+            assert r.status_code == 400 and reason in r.json()["error"]["message"], (case, r.text)
+        d = good_adapter(root / "cfglink")
+        os.unlink(os.path.join(d, "adapter_config.json"))
+        os.symlink("/etc/passwd", os.path.join(d, "adapter_config.json"))
+        r = load("cfglink", d)
+        assert r.status_code == 400 and "outside the adapter directory" in r.text
+        assert ha.get("/v1/models").status_code == 200  # the server carries on

@@ -43,6 +43,116 @@ class AdapterFormatError(ValueError):
     """A PEFT adapter directory that cannot be read, or uses a feature we do not implement."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest ``adapter_config.json`` read (bytes)."""
+MAX_HEADER_BYTES = 100 << 20
+"""Largest safetensors header read (bytes; safetensors' own limit is 100 MB)."""
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLimits:
+    """What an adapter must fit, checked before any tensor data is read: at most ``max_rank``,
+    layers ``< num_layers``, and each module's ``(in, out)`` from ``module_dims``."""
+
+    max_rank: int
+    num_layers: int
+    module_dims: dict
+
+
+def _read_config(cfg_file: str) -> dict:
+    size = os.path.getsize(cfg_file)
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"adapter_config.json is {size} bytes (at most {MAX_CONFIG_BYTES})")
+    with open(cfg_file, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterFormatError(f"adapter_config.json is not UTF-8 text (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterFormatError(f"adapter_config.json is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"adapter_config.json must hold a JSON object, got a {type(cfg).__name__}")
+
+    def positive(name, value, kind):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int) and value > 0
+        if not ok:
+            raise AdapterFormatError(f"adapter_config.json field '{name}' must be a positive {kind.__name__}, got {value!r}")
+
+    positive("r", cfg.get("r", 8), int)
+    positive("lora_alpha", cfg.get("lora_alpha", 8), float)
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = cfg.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterFormatError(f"adapter_config.json field '{field}' must be an object")
+        for k, v in pattern.items():
+            positive(f"{field}.{k}", v, kind)
+    tm = cfg.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+        raise AdapterFormatError(f"adapter_config.json field 'target_modules' must be a string or a list of strings, got {tm!r}")
+    return cfg
+
+
+def check_safetensors_header(w_file: str, limits: PeftLimits | None = None) -> dict:
+    """Read and check a safetensors file's header without reading tensor data: the header length
+    and JSON, every tensor's dtype, shape and byte range against the file's size, and (with
+    ``limits``) its name, layer and shape against the pool. Returns the header.
+
+    Raises:
+        AdapterFormatError: naming the tensor or the field at fault.
+    """
+    size = os.path.getsize(w_file)
+    with open(w_file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{WEIGHTS_NAME} is {size} bytes: too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise AdapterFormatError(f"{WEIGHTS_NAME}: header length {n} exceeds the file ({size} bytes) or {MAX_HEADER_BYTES}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: the header is not JSON: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{WEIGHTS_NAME}: the header is not a JSON object")
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+            raise AdapterFormatError(f"tensor {key!r}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise AdapterFormatError(f"tensor {key!r}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data):
+            raise AdapterFormatError(f"tensor {key!r}: data_offsets {offsets!r} lie outside the file's {data} data bytes")
+        nbytes = math.prod(shape) * _ST_DTYPES[info["dtype"]]
+        if offsets[1] - offsets[0] != nbytes:
+            raise AdapterFormatError(f"tensor {key!r}: shape {shape} of {info['dtype']} needs {nbytes} bytes, "
+                                     f"data_offsets give {offsets[1] - offsets[0]}")
+        if limits is None:
+            continue
+        m = _KEY.match(key)
+        if not m or m.group(3) not in limits.module_dims:
+            raise AdapterFormatError(f"tensor {key!r}: not a LoRA weight of a module this server's pool covers "
+                                     f"({', '.join(limits.module_dims)})")
+        layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
+        if layer >= limits.num_layers:
+            raise AdapterFormatError(f"tensor {key!r}: layer {layer}, the model has {limits.num_layers}")
+        d_in, d_out = limits.module_dims[module]
+        if len(shape) != 2 or (ab == "A" and shape[1] != d_in) or (ab == "B" and shape[0] != d_out):
+            want = f"[r, {d_in}]" if ab == "A" else f"[{d_out}, r]"
+            raise AdapterFormatError(f"tensor {key!r}: shape {shape}, expected {want}")
+        r = shape[0] if ab == "A" else shape[1]
+        if r > limits.max_rank:
+            raise AdapterFormatError(f"tensor {key!r}: rank {r} exceeds this server's max_lora_rank={limits.max_rank}")
+    return header
+
+
 def module_path(layer: int, module: str) -> str:
     """PEFT's name of a target module relative to the base model: ``model.layers.{i}.self_attn.q_proj``."""
     block = "mlp" if module in _MLP else "self_attn"
@@ -119,22 +229,33 @@ _UNSUPPORTED = {
 }
 
 
-def read_peft(path: str | os.PathLike) -> LoRAWeights:
-    """Read a PEFT LoRA adapter directory.
+def read_peft(path: str | os.PathLike, limits: PeftLimits | None = None) -> LoRAWeights:
+    """Read a PEFT LoRA adapter directory. Its two files must lie in the directory (a symbolic
+    link out of it is refused); the config and the safetensors header are checked before any
+    tensor data is read (:func:`check_safetensors_header`).
 
+    Args:
+        path: the adapter directory.
+        limits: what the adapter must fit (rank, layers, module shapes), checked on the header.
     Raises:
         FileNotFoundError: ``adapter_config.json`` or ``adapter_model.safetensors`` is absent.
-        AdapterFormatError: not a LoRA adapter, an unsupported feature (DoRA, ``modules_to_save``,
-            bias, ...), a tensor on a module other than the seven linear ones, an ``A`` without
-            its ``B``, or a rank that disagrees with the config; each names the field or tensor.
+        AdapterFormatError: a file linked from outside the directory, a config that is not a
+            UTF-8 JSON object with valid fields, a malformed safetensors header, not a LoRA
+            adapter, an unsupported feature (DoRA, ``modules_to_save``, bias, ...), a tensor on
+            a module other than the seven linear ones, an ``A`` without its ``B``, a rank that
+            disagrees with the config, or (``limits``) a tensor that does not fit; each names the
+            field or tensor.
     """
     path = os.fspath(path)
     cfg_file, w_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    real_dir = os.path.realpath(path)
     for f in (cfg_file, w_file):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"PEFT adapter {path!r} has no {os.path.basename(f)}")
-    with open(cfg_file, encoding="utf-8") as f:
-        cfg = json.load(f)
+        if os.path.dirname(os.path.realpath(f)) != real_dir:
+            raise AdapterFormatError(f"{os.path.basename(f)} is a link to a file outside the adapter directory")
+    cfg = _read_config(cfg_file)
+    check_safetensors_header(w_file, limits)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"adapter_config.json field 'peft_type': {cfg.get('peft_type')!r} is not 'LORA'")
     for field, why in _UNSUPPORTED.items():

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no access-log line per HTTP request (vLLM's flag)")
     p.add_argument("--disable-log-stats", action="store_true", default=None,
                    help="no periodic stats line (throughput, queue, KV cache, finetuning; vLLM's flag)")
+    p.add_argument("--lora-root", action="append", default=None, metavar="DIR",
+                   help="a directory POST /v1/load_lora_adapter may read adapters from (repeatable; symbolic links "
+                   "out of it are refused); without one, only admin keys may load adapters, from anywhere")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="PEFT adapters to load at start-up, served under NAME (vLLM's flag)")
     knobs = p.add_argument_group("model and engine (vLLM's names; each sets the config key it names)")
@@ -95,6 +98,8 @@ def config_from_args(argv: list[str] | None = None) -> ServeConfig:
         "disable_log_stats": args.disable_log_stats,
     }
     flags.update({key: getattr(args, key) for _, key, _ in engine_flags()})
+    if args.lora_root is not None:
+        flags["lora_roots"] = list(args.lora_root)
     if args.lora_modules is not None:
         modules = {}
         for item in args.lora_modules:

@@ -19,6 +19,7 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
     log_stats_interval_s: 10    # seconds between stats lines while there is work
     timeout_graceful_shutdown_s: 10
     lora_modules: {name: path}  # PEFT adapters loaded at start-up (vLLM's --lora-modules)
+    lora_roots: [dir, ...]      # where POST /v1/load_lora_adapter may read (none: admin keys only, anywhere)
 
 Precedence: defaults < the YAML file < command-line flags (``--port``, ``--model`` ...) <
 ``--set KEY=VALUE`` overrides (:func:`coserve_jax.configfile.apply_overrides`).
@@ -144,6 +145,7 @@ class ServeConfig:
     log_stats_interval_s: float = 10.0
     timeout_graceful_shutdown_s: float = 10.0
     lora_modules: dict | None = None
+    lora_roots: list | None = None
 
     def database(self) -> str:
         """The SQLAlchemy URL of the server's database: ``database_url``, or SQLite in the output directory."""
@@ -202,6 +204,8 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
         isinstance(cfg.lora_modules, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.lora_modules.items())
     ):
         raise ConfigError(f"{where}: lora_modules is a mapping of adapter names to PEFT directories")
+    if cfg.lora_roots is not None and not (isinstance(cfg.lora_roots, list) and all(isinstance(r, str) and r for r in cfg.lora_roots)):
+        raise ConfigError(f"{where}: lora_roots is a list of directories")
     if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
         raise ConfigError(f"{where}: port must be an integer in [0, 65536), got {cfg.port!r}")
     return cfg

@@ -55,6 +55,13 @@ class ServerState:
         if config.api_key:
             static[hash_key(config.api_key)] = Principal(DEFAULT_PROJECT, admin=True, key_id="api-key")
         self.keys = KeyRing(static, self.db)
+        self.peft_limits = None
+        """What an adapter loaded through the API must fit (checked before its tensors are read)."""
+        if engine.model.lora is not None:
+            from coserve_jax.lora.peft_io import PeftLimits
+
+            mc, pool = engine.model.config, engine.model.lora.config
+            self.peft_limits = PeftLimits(pool.max_lora_rank, mc.num_layers, {m: mc.module_dims(m) for m in pool.target_modules})
         self.owners: dict[str, str] = {name: SHARED for name in (config.lora_modules or {})}
         """Adapter name -> the project that loaded it (:data:`~coserve_jax.serve.auth.SHARED`: every
         project's); a fine-tuning job's model belongs to the job's project."""

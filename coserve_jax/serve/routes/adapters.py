@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
@@ -25,16 +26,40 @@ async def load_lora_adapter(body: P.LoadLoRAAdapterRequest, state: ServerState =
     name = body.lora_name
     if name == state.model_name:
         raise APIError(400, f"{name!r} is the base model's name", "lora_name", "invalid_value")
+    path = allowed_path(state.config.lora_roots, who, body.lora_path)
     try:
-        weights = await asyncio.to_thread(read_peft, body.lora_path)
-    except (FileNotFoundError, AdapterFormatError, OSError) as e:
+        weights = await asyncio.to_thread(read_peft, path, state.peft_limits)
+    except (FileNotFoundError, AdapterFormatError, OSError, ValueError) as e:
         raise APIError(400, f"cannot load LoRA adapter {name!r} from {body.lora_path!r}: {e}", "lora_path", "invalid_value") from None
     try:
         await state.loop.call(lambda e: e.load_adapter(name, weights))
     except AdapterError as e:
         raise APIError(400, str(e), "lora_name", "invalid_value") from None
-    await asyncio.to_thread(state.remember_adapter, name, body.lora_path, SHARED if who.admin else who.project)
+    await asyncio.to_thread(state.remember_adapter, name, path, SHARED if who.admin else who.project)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+def allowed_path(roots: list[str] | None, who: Principal, path: str) -> str:
+    """``path`` resolved (symbolic links followed), if ``who`` may read it: inside one of
+    ``roots``, or anywhere for an admin key when no roots are configured.
+
+    Raises:
+        APIError: 403 outside the roots (after following links, so ``..`` and links cannot
+            escape), or no roots and not an admin key.
+    """
+    if "\0" in path:
+        raise APIError(400, "lora_path holds a NUL character", "lora_path", "invalid_value")
+    if not roots:
+        if not who.admin:
+            raise APIError(403, "loading an adapter from a path needs an admin key or a server started with --lora-root",
+                           "lora_path", "permission_denied")
+        return os.path.realpath(path)
+    real = os.path.realpath(path)
+    for root in roots:
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return real
+    raise APIError(403, f"lora_path {path!r} is outside this server's --lora-root directories", "lora_path", "permission_denied")
 
 
 @router.post("/v1/unload_lora_adapter")
