@@ -456,6 +456,12 @@ def test_files_list_pages_orders_and_filters(client, tmp_path):
         client.files.list(order="sideways")
 
 
+def test_completions_max_tokens_omitted_or_null_is_openais_16(http):
+    for extra in ({}, {"max_tokens": None}):
+        r = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "ignore_eos": True, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+
+
 def test_unknown_sampling_fields_are_400_and_min_p_and_repetition_penalty_work(client, http):
     """A sampling option the server does not implement is a 400 naming it, never silently ignored."""
     for extra in ({"guided_json": {"type": "object"}}, {"use_beam_search": True}, {"repetition_penalty": 0}):

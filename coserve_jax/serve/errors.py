@@ -7,6 +7,8 @@ converted from FastAPI's request validation (malformed JSON, wrong types, out-of
 
 from __future__ import annotations
 
+import json
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -45,7 +47,15 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return SafeJSONResponse(self.body(), status_code=self.status)
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response written in ASCII (``\\uXXXX`` escapes), so text that is not valid
+    Unicode (a lone surrogate a client sent, echoed in an error message) cannot fail to encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def model_not_found(name: str) -> APIError:

@@ -14,15 +14,43 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.serve.errors import APIError
 
 
+def invalid_unicode_at(data: Any) -> str | None:
+    """The path (``messages.0.content``) of the first string in ``data`` (JSON values) that is not
+    valid Unicode (a lone UTF-16 surrogate, which JSON's ``\\uD800`` escapes allow), or ``None``."""
+    stack = [(data, "")]
+    while stack:
+        x, path = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((k, path))
+                stack.append((v, f"{path}.{k}" if path else str(k)))
+        elif isinstance(x, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(x))
+    return None
+
+
 class _Body(BaseModel):
     # Unknown fields are kept (model_extra); a request that samples rejects them itself.
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = invalid_unicode_at(data)
+        if where is not None:
+            raise ValueError(f"{where}: not valid Unicode text (a lone UTF-16 surrogate)")
+        return data
 
 
 NO_EFFECT_FIELDS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -95,7 +123,7 @@ class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions`` (OpenAI's legacy completions)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None (omitted or null): 16, OpenAI's default
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None

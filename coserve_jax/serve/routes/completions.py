@@ -34,7 +34,9 @@ async def completions(body: P.CompletionRequest, request: Request, state: Server
         tok = state.tokenizer
         encoded = iter(await state.encode(lambda: [list(tok(t)["input_ids"]) for t in texts]))
         prompts = [next(encoded) if isinstance(p, str) else p for p in prompts]
-    params = prepare(state, body, prompts, body.max_tokens, body.logprobs)
+    # OpenAI's completions default is 16 tokens, for an omitted max_tokens and for null alike (within the limit)
+    max_tokens = min(16, cfg.limits.max_tokens) if body.max_tokens is None else body.max_tokens
+    params = prepare(state, body, prompts, max_tokens, body.logprobs)
     rid = P.new_id("cmpl")
     q, index = await submit(state, rid, prompts, params, adapter, arrival)
     n_prompt = sum(len(p) for p in prompts)
