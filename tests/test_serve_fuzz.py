@@ -56,9 +56,11 @@ IDS = ["", "x", "file-" + "0" * 24, "ftjob-..%2F..%2Fetc", "%00", "%ff%fe", "a" 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(["--output-dir", str(tmp_path_factory.mktemp("out")), "--set", "limits.max_tokens=8",
+    out = tmp_path_factory.mktemp("out")
+    srv = ServerProcess(["--output-dir", str(out), "--set", "limits.max_tokens=8", "--set", "timeout_header_s=2",
                          "--set", "limits.max_body_bytes=65536", "--set", "limits.max_upload_bytes=65536"],
                         env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
+    srv.out = out
     yield srv
     srv.stop()
 
@@ -151,3 +153,32 @@ def test_invalid_unicode_is_a_400_naming_the_field(server):
         r = h.post("/v1/chat/completions", content=b'{"model": "coserve-tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
                    headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "messages.0.content" in r.json()["error"]["message"], r.text
+
+
+def test_a_connection_that_sends_no_complete_headers_is_closed(server):
+    """Slowloris: a silent connection and one that sends half a request line are closed by the
+    header-read timeout (2 s here); a normal request is served meanwhile."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    socks = [socket.create_connection((u.hostname, u.port)) for _ in range(2)]
+    socks[1].sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
+    t = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        _healthy(h)
+    for s in socks:
+        s.settimeout(30)
+        assert s.recv(1024) == b""  # closed by the server
+        s.close()
+    assert time.monotonic() - t < 20
+
+
+def test_uploads_leave_no_temporary_files(server):
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for content in (b"[" * 30_000 + b"]" * 30_000 + b"\n", b"\xff\xfe", b"not json\n"):
+            r = h.post("/v1/files", files={"file": ("f.jsonl", content)}, data={"purpose": "fine-tune"})
+            assert r.status_code == 400, r.text
+    leftovers = [p.name for p in (server.out / "files").iterdir()]
+    assert not [n for n in leftovers if n.endswith(".tmp")], leftovers

@@ -1,4 +1,6 @@
-"""The server's state survives a crash: ``kill -9`` in the middle of a fine-tuning job, then a
+"""Stopping and crashing the server. SIGTERM with requests open ends every one cleanly within
+the grace period: a stream gets a final chunk (``finish_reason: "abort"``) and ``[DONE]``, a
+waiting request a 503 in OpenAI's error shape. And the server's state survives a crash: ``kill -9`` in the middle of a fine-tuning job, then a
 restart on the same output directory (the real server, ``python -m coserve_jax.serve``, on its
 built-in tiny model; nothing downloaded).
 
@@ -99,3 +101,42 @@ def test_kill_9_mid_job_then_restart_resumes_it_and_keeps_everything(tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+
+
+def test_sigterm_ends_open_streams_with_done_and_answers_waiting_requests_503(tmp_path):
+    import threading
+    import time
+
+    import httpx
+
+    srv = ServerProcess(["--output-dir", str(tmp_path / "out"), "--set", "timeout_graceful_shutdown_s=2"],
+                        env={"COSERVE_JAX_CACHE_DIR": str(tmp_path / "xla")})
+    body = {"model": BASE, "prompt": "go", "max_tokens": 1000, "ignore_eos": True}  # longer than the test waits
+    got: dict = {}
+
+    def streamed():
+        with httpx.Client(base_url=srv.url, timeout=120) as h, h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            got["stream_status"] = r.status_code
+            got["lines"] = [line for line in r.iter_lines() if line]
+
+    def waiting():
+        with httpx.Client(base_url=srv.url, timeout=120) as h:
+            r = h.post("/v1/completions", json=body)
+            got["plain"] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=waiting)]
+    for t in threads:
+        t.start()
+    time.sleep(2)  # both are generating
+    t0 = time.monotonic()
+    code = srv.stop(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert code == 0, srv.output
+    assert time.monotonic() - t0 < 30
+    assert got["stream_status"] == 200 and got["lines"][-1] == "data: [DONE]"
+    last = json.loads(got["lines"][-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "abort"
+    status, err = got["plain"]
+    assert status == 503 and err["error"]["code"] == "aborted", err
+    assert 1 < len(got["lines"]) < 1000  # cut short, not run to the end

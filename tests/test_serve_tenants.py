@@ -167,3 +167,63 @@ def test_adapters_load_only_from_under_the_root_and_malformed_ones_are_400(serve
         r = load("cfglink", d)
         assert r.status_code == 400 and "outside the adapter directory" in r.text
         assert ha.get("/v1/models").status_code == 200  # the server carries on
+
+
+def _timed_chat(c, results: dict, key: str, **kw) -> None:
+    import time
+
+    t = time.monotonic()
+    c.chat.completions.create(model=BASE, messages=CHAT, **kw)
+    results[key] = time.monotonic() - t
+
+
+def test_a_big_request_of_one_project_does_not_starve_another(server):
+    """alpha asks for 4 prompts x n=16 (64 sequences, 4 batches of the engine's 16); beta's small
+    request, sent just after, waits behind at most one batch of alpha's, not all four."""
+    import threading
+    import time
+
+    a, b = client(server, "alpha"), client(server, "beta")
+    big = {}
+
+    def alpha_big():
+        t = time.monotonic()
+        a.completions.create(model=BASE, prompt=["one", "two", "three", "four"], n=16, max_tokens=48,
+                             extra_body={"ignore_eos": True})
+        big["alpha"] = time.monotonic() - t
+
+    th = threading.Thread(target=alpha_big)
+    th.start()
+    time.sleep(0.5)
+    small: dict = {}
+    _timed_chat(b, small, "beta", max_tokens=4)
+    th.join(300)
+    assert small["beta"] < 0.6 * big["alpha"], (small, big)
+
+
+def test_a_huge_chat_body_does_not_hold_up_small_requests(server):
+    """A 3.7 MB chat of 110k tiny messages is refused (more than limits.max_messages) without
+    holding the tokenizers; small requests meanwhile take at most twice as long as alone."""
+    import threading
+
+    b = client(server, "beta")
+    alone: dict = {}
+    for i in range(3):
+        _timed_chat(b, alone, f"alone{i}", max_tokens=4)
+    base = sorted(alone.values())[1]
+    huge = {"model": BASE, "messages": [{"role": "user", "content": "hi"}] * 110_000, "max_tokens": 4}
+    answer = {}
+
+    def send_huge():
+        with http(server, KEYS["alpha"]) as h:
+            r = h.post("/v1/chat/completions", json=huge)
+            answer["huge"] = (r.status_code, r.text[:200])
+
+    th = threading.Thread(target=send_huge)
+    th.start()
+    during: dict = {}
+    for i in range(3):
+        _timed_chat(b, during, f"during{i}", max_tokens=4)
+    th.join(120)
+    assert answer["huge"][0] == 400 and "messages" in answer["huge"][1], answer
+    assert sorted(during.values())[1] <= 2 * base + 0.1, (during, alone)

@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{cfg.host}:{port}/v1"
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.begin_shutdown(cfg.timeout_graceful_shutdown_s)
+            super().handle_exit(sig, frame)
+
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
@@ -210,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"coserve-jax: serving {name!r} at {url}{auth}; ready. Ctrl-C stops "
                       "(running fine-tuning jobs are checkpointed).", flush=True)
 
+    from coserve_jax.serve.protocol_timeouts import h11_with_header_timeout
+
     server = Server(uvicorn.Config(
         app, log_config=log_config, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.timeout_graceful_shutdown_s,
-        access_log=not cfg.disable_log_requests,
+        access_log=not cfg.disable_log_requests, http=h11_with_header_timeout(cfg.timeout_header_s),
+        timeout_keep_alive=cfg.timeout_keep_alive_s,
     ))
     # uvicorn handles SIGINT / SIGTERM during run() and re-raises the signal once shut down; a
     # no-op handler then lets the process end normally (exit 0) after a graceful shutdown.

@@ -18,8 +18,11 @@ Layout (every key optional; see ``configs/serve/tiny.yaml``)::
     disable_log_stats: false    # true: no periodic stats line (vLLM's flag)
     log_stats_interval_s: 10    # seconds between stats lines while there is work
     timeout_graceful_shutdown_s: 10
+    timeout_header_s: 10        # a connection's request headers must arrive within this (slowloris)
+    timeout_keep_alive_s: 5     # an idle keep-alive connection is closed after this (uvicorn's)
     lora_modules: {name: path}  # PEFT adapters loaded at start-up (vLLM's --lora-modules)
     lora_roots: [dir, ...]      # where POST /v1/load_lora_adapter may read (none: admin keys only, anywhere)
+    tokenizer_workers: 4        # tokenizer copies: requests tokenize in parallel, one slow request holds one
 
 Precedence: defaults < the YAML file < command-line flags (``--port``, ``--model`` ...) <
 ``--set KEY=VALUE`` overrides (:func:`coserve_jax.configfile.apply_overrides`).
@@ -89,6 +92,10 @@ class Limits:
             requests that give none, capped by the context left).
         max_prompt_tokens: longest prompt in tokens (default: the context length - 1).
         max_n: most choices (``n``) per request, and most prompts per completion request.
+        max_messages: most messages in a chat request.
+        max_seqs_per_request: most sequences one request makes (``n`` x prompts).
+        max_seqs_per_project: most sequences of one project in the engine at once; its other
+            requests wait in the server (default ``None``: the engine's ``max_num_seqs``).
         max_stop: most stop strings per request.
     """
 
@@ -98,11 +105,16 @@ class Limits:
     max_prompt_tokens: int | None = None
     max_n: int = 16
     max_stop: int = 8
+    max_messages: int = 4096
+    max_seqs_per_request: int = 64
+    max_seqs_per_project: int | None = None
 
     def __post_init__(self):
-        for k in ("max_body_bytes", "max_upload_bytes", "max_tokens", "max_n", "max_stop"):
+        for k in ("max_body_bytes", "max_upload_bytes", "max_tokens", "max_n", "max_stop", "max_messages", "max_seqs_per_request"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"limits.{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.max_seqs_per_project is not None and (not isinstance(self.max_seqs_per_project, int) or self.max_seqs_per_project < 1):
+            raise ValueError(f"limits.max_seqs_per_project must be an integer >= 1, got {self.max_seqs_per_project!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"limits.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
 
@@ -144,8 +156,11 @@ class ServeConfig:
     disable_log_stats: bool = False
     log_stats_interval_s: float = 10.0
     timeout_graceful_shutdown_s: float = 10.0
+    timeout_header_s: float = 10.0
+    timeout_keep_alive_s: float = 5.0
     lora_modules: dict | None = None
     lora_roots: list | None = None
+    tokenizer_workers: int = 4
 
     def database(self) -> str:
         """The SQLAlchemy URL of the server's database: ``database_url``, or SQLite in the output directory."""
@@ -206,6 +221,12 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> ServeConfig:
         raise ConfigError(f"{where}: lora_modules is a mapping of adapter names to PEFT directories")
     if cfg.lora_roots is not None and not (isinstance(cfg.lora_roots, list) and all(isinstance(r, str) and r for r in cfg.lora_roots)):
         raise ConfigError(f"{where}: lora_roots is a list of directories")
+    if not isinstance(cfg.tokenizer_workers, int) or isinstance(cfg.tokenizer_workers, bool) or cfg.tokenizer_workers < 1:
+        raise ConfigError(f"{where}: tokenizer_workers must be an integer >= 1, got {cfg.tokenizer_workers!r}")
+    for k in ("timeout_header_s", "timeout_keep_alive_s", "timeout_graceful_shutdown_s"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"{where}: {k} must be a number > 0, got {v!r}")
     if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
         raise ConfigError(f"{where}: port must be an integer in [0, 65536), got {cfg.port!r}")
     return cfg

@@ -135,16 +135,19 @@ class EngineLoop:
         """Run ``fn(engine)`` in the loop thread and return its result (or raise its exception)."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    async def add(self, add_fn: Callable[[Engine], list[str]]) -> asyncio.Queue:
+    async def add(self, add_fn: Callable[[Engine], list[str]], q: asyncio.Queue | None = None) -> asyncio.Queue:
         """Run ``add_fn(engine)``, which queues requests and returns their ids, and register one
         output queue for all of them, atomically (no step runs in between).
 
+        Args:
+            q: the queue to deliver to (default: a new one).
         Returns:
             an ``asyncio.Queue`` that receives every :class:`Delta` of those requests; each
             request's last one has ``finished=True``.
         """
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Delta] = asyncio.Queue()
+        if q is None:
+            q = asyncio.Queue()
 
         def _add(engine: Engine) -> asyncio.Queue:
             for rid in add_fn(engine):
@@ -164,6 +167,16 @@ class EngineLoop:
 
         if not self._stop.is_set():
             self.submit(_abort_all)
+
+    def abort_all(self) -> None:
+        """Abort every open request (shutdown): each handler gets its ``finish_reason="abort"``
+        delta, so a stream ends with a final chunk and ``[DONE]`` and a waiting request answers 503."""
+        def _abort_everything(engine: Engine) -> None:
+            for rid in list(self._streams):
+                self._abort(rid)
+
+        if not self._stop.is_set():
+            self.submit(_abort_everything)
 
     def _abort(self, rid: str) -> None:
         out = self.engine.abort(rid)

@@ -90,24 +90,35 @@ class FileStore:
         """The local path of a file's bytes."""
         return os.path.join(self.directory, file_id)
 
-    def create(self, data: bytes, filename: str, purpose: str, project: str = DEFAULT_PROJECT) -> dict:
+    def create(self, data, filename: str, purpose: str, project: str = DEFAULT_PROJECT) -> dict:
         """Store an upload and return its file object.
 
+        Args:
+            data: the bytes, or a binary file object read in 1 MiB chunks (an upload is copied
+                to disk as it is read, never held in memory whole).
         Raises:
             APIError: 400 for an unsupported purpose or (``fine-tune``) a file that is not JSONL
-                of objects, with every bad line's number.
+                of objects, with every bad line's number; the temporary copy is removed whatever
+                goes wrong.
         """
         if purpose not in PURPOSES:
             raise APIError(400, f"purpose {purpose!r} is not supported; use one of {list(PURPOSES)}", "purpose", "invalid_value")
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         tmp = os.path.join(self.directory, f".{file_id}.tmp")
         try:
+            size = 0
             with open(tmp, "wb") as f:
-                f.write(data)
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                    size = len(data)
+                else:
+                    while chunk := data.read(1 << 20):
+                        f.write(chunk)
+                        size += len(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             self._validate(tmp, filename)
-            row = File(id=file_id, project=project, filename=filename, purpose=purpose, bytes=len(data),
+            row = File(id=file_id, project=project, filename=filename, purpose=purpose, bytes=size,
                        created_at=int(time.time()), status="processed")
             os.replace(tmp, self.path(file_id))
         except BaseException:

@@ -18,6 +18,7 @@ from coserve_jax.engine import Engine
 from coserve_jax.lora.manager import AdapterError
 from coserve_jax.serve import protocol as P
 from coserve_jax.serve.engine_loop import Delta
+from coserve_jax.serve.auth import DEFAULT_PROJECT
 from coserve_jax.serve.errors import APIError, model_not_found
 from coserve_jax.serve.state import ServerState
 
@@ -73,7 +74,11 @@ class Choice:
 
 
 def openai_finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+    """OpenAI's ``finish_reason``: ``stop``, ``length``, or vLLM's ``abort`` for a request the
+    server ended (shutdown)."""
+    if reason is None:
+        return None
+    return reason if reason in ("length", "abort") else "stop"
 
 
 def prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
@@ -112,36 +117,75 @@ def prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[list[int]], params: list[list], adapter: str | None,
-                  arrival: float) -> tuple[asyncio.Queue, dict[str, int]]:
-    """Queue every (prompt, choice) in the engine at once. Returns the delta queue and
-    ``{engine request id: choice index}``."""
-    index = {f"{request_id}-{i}-{j}": i * len(params[i]) + j for i in range(len(prompts)) for j in range(len(params[i]))}
+                  arrival: float, project: str = DEFAULT_PROJECT) -> tuple[asyncio.Queue, dict[str, int]]:
+    """Queue every (prompt, choice) in the engine as ``project`` may (:meth:`ServerState.admit`):
+    up to ``max_seqs_per_project`` at once, the rest as earlier ones finish (a task that
+    :func:`collect` and :func:`stream` cancel when they end). Returns the delta queue and
+    ``{engine request id: choice index}``.
 
-    def add(engine: Engine) -> list[str]:
-        if adapter is not None and adapter not in engine.list_adapters():
-            raise model_not_found(adapter)
-        added = []
-        try:
-            for i, ids in enumerate(prompts):
-                for j, sp in enumerate(params[i]):
-                    rid = f"{request_id}-{i}-{j}"
-                    engine.add_request(ids, sp, adapter, request_id=rid, index=index[rid], arrival_time=arrival)
+    Raises:
+        APIError: 503 shutting down, 404 an adapter gone, 400 a request the engine refuses.
+    """
+    seqs = [(f"{request_id}-{i}-{j}", i * len(params[i]) + j, ids, sp)
+            for i, ids in enumerate(prompts) for j, sp in enumerate(params[i])]
+    index = {rid: k for rid, k, _, _ in seqs}
+
+    def adder(batch):
+        def add(engine: Engine) -> list[str]:
+            if adapter is not None and adapter not in engine.list_adapters():
+                raise model_not_found(adapter)
+            added = []
+            try:
+                for rid, k, ids, sp in batch:
+                    engine.add_request(ids, sp, adapter, request_id=rid, index=k, arrival_time=arrival)
                     added.append(rid)
-        except Exception:
-            for rid in added:  # all or nothing
-                engine.abort(rid)
+            except Exception:
+                for rid in added:  # all or nothing
+                    engine.abort(rid)
+                raise
+            return added
+        return add
+
+    async def add_batch(batch, q=None) -> asyncio.Queue:
+        ids = [rid for rid, _, _, _ in batch]
+        await state.admit(project, ids)
+        try:
+            if state.shutting_down:
+                raise APIError(503, "the server is shutting down", None, "shutting_down")
+            return await state.loop.add(adder(batch), q)
+        except AdapterError as e:
+            state.release(ids)
+            raise APIError(404, str(e), "model", "model_not_found") from None
+        except ValueError as e:
+            state.release(ids)
+            raise APIError(400, str(e), None, "invalid_value") from None
+        except BaseException:
+            state.release(ids)
             raise
-        return added
 
     if state.shutting_down or not state.loop.alive:
         raise APIError(503, "the server is shutting down", None, "shutting_down")
-    try:
-        q = await state.loop.add(add)
-    except AdapterError as e:
-        raise APIError(404, str(e), "model", "model_not_found") from None
-    except ValueError as e:
-        raise APIError(400, str(e), None, "invalid_value") from None
+    cap = state.max_seqs_per_project
+    q = await add_batch(seqs[:cap])
+    if len(seqs) > cap:
+        async def feed():
+            for at in range(cap, len(seqs), cap):
+                batch = seqs[at:at + cap]
+                try:
+                    await add_batch(batch, q)
+                except APIError:  # (shutting down, the adapter unloaded) the rest end at once, as aborted
+                    for rid, _, ids, _ in seqs[at:]:
+                        q.put_nowait(Delta(rid, [], "", None, None, None, True, "abort", len(ids), 0))
+                    return
+
+        q.feeder = asyncio.get_running_loop().create_task(feed())
     return q, index
+
+
+def _stop_feeding(q: asyncio.Queue) -> None:
+    feeder = getattr(q, "feeder", None)
+    if feeder is not None:
+        feeder.cancel()
 
 
 async def collect(request: Request, state: ServerState, q: asyncio.Queue, index: dict[str, int]) -> list[Choice] | None:
@@ -165,6 +209,7 @@ async def collect(request: Request, state: ServerState, q: asyncio.Queue, index:
             if d.finished:
                 pending.discard(d.request_id)
     finally:
+        _stop_feeding(q)
         if pending:
             state.loop.abort(pending)
     out = sorted(choices.values(), key=lambda c: c.index)
@@ -186,5 +231,6 @@ async def stream(state: ServerState, q: asyncio.Queue, index: dict[str, int]) ->
                 pending.discard(d.request_id)
             yield c, d
     finally:
+        _stop_feeding(q)
         if pending:
             state.loop.abort(pending)

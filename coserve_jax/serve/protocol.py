@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,10 +43,15 @@ def invalid_unicode_at(data: Any) -> str | None:
 class _Body(BaseModel):
     # Unknown fields are kept (model_extra); a request that samples rejects them itself.
     model_config = ConfigDict(extra="allow")
+    max_messages: ClassVar[int] = 4096
+    """Most ``messages`` a body may hold, checked before the messages are validated (validating
+    100k of them takes the event loop's thread for a second); the server sets ``limits.max_messages``."""
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("messages"), list) and len(data["messages"]) > _Body.max_messages:
+            raise ValueError(f"messages: {len(data['messages'])} messages, at most {_Body.max_messages} per request")
         where = invalid_unicode_at(data)
         if where is not None:
             raise ValueError(f"{where}: not valid Unicode text (a lone UTF-16 surrogate)")

@@ -39,14 +39,20 @@ class ServerState:
         self.config = config
         self.engine = engine
         self.model_name = served_model_name
+        from coserve_jax.serve import protocol
+
+        protocol._Body.max_messages = config.limits.max_messages  # checked before the messages are validated
         self.max_model_len = engine.max_model_len
         self.max_prompt_tokens = min(config.limits.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
         self.vocab_size = engine.config.vocab_size
         self.max_logprobs = engine.max_logprobs
         # The engine thread detokenizes with engine.tokenizer; handlers' worker threads encode
-        # with this copy (one Rust tokenizer must not be used from two threads at once).
+        # with copies of it, one request at a time each (a Rust tokenizer must not be used from
+        # two threads at once), so one slow request holds one copy, not every request.
         self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
-        self._tok_lock = asyncio.Lock()
+        self._tokenizers: asyncio.Queue | None = None
+        self._tokenizer_copies = [self.tokenizer] + [copy.deepcopy(self.tokenizer) for _ in range(config.tokenizer_workers - 1)] \
+            if self.tokenizer is not None else []
         self.metrics = ServerMetrics(served_model_name)
         self.metrics.watch(engine)
         out = os.path.abspath(config.output_dir)
@@ -78,6 +84,10 @@ class ServerState:
         self.stats = None if config.disable_log_stats else StatLogger(config.log_stats_interval_s)
         self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
         self.shutting_down = False
+        self._in_flight: dict[str, int] = {}  # project -> its sequences in the engine
+        self._project_of: dict[str, str] = {}  # engine request id -> project
+        self._admission: asyncio.Condition | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     def _file_path(self, file_id: str) -> tuple[str, str]:
         obj = self.files.get(file_id)
@@ -132,7 +142,50 @@ class ServerState:
         self.jobs.sync(engine)
         self.jobs.start_queued(engine)
 
+    # ---- per-project admission ---------------------------------------------------------------------
+    @property
+    def max_seqs_per_project(self) -> int:
+        """Most sequences one project has in the engine at once (``limits.max_seqs_per_project``,
+        default the engine's ``max_num_seqs``): the rest of its requests wait here, so another
+        project's request queues in the engine behind at most this many, not behind all of them."""
+        return self.config.limits.max_seqs_per_project or self.engine.engine_config.max_num_seqs
+
+    async def admit(self, project: str, request_ids: list[str]) -> None:
+        """Wait until ``project`` may put ``len(request_ids)`` more sequences into the engine
+        (always, when it has none there), then count them as in flight until each finishes."""
+        if self._admission is None:
+            self._admission = asyncio.Condition()
+            self._event_loop = asyncio.get_running_loop()
+        k, cap = len(request_ids), self.max_seqs_per_project
+        async with self._admission:
+            def room() -> bool:
+                n = self._in_flight.get(project, 0)
+                return n == 0 or n + k <= cap
+
+            await self._admission.wait_for(room)
+            self._in_flight[project] = self._in_flight.get(project, 0) + k
+            for rid in request_ids:
+                self._project_of[rid] = project
+
+    def release(self, request_ids) -> None:
+        """Sequences that finished or never reached the engine (any thread)."""
+        projects = [self._project_of.pop(rid, None) for rid in request_ids]
+        projects = [p for p in projects if p is not None]
+        if not projects or self._event_loop is None:
+            return
+
+        async def _release():
+            async with self._admission:
+                for p in projects:
+                    self._in_flight[p] -= 1
+                    if self._in_flight[p] <= 0:
+                        del self._in_flight[p]
+                self._admission.notify_all()
+
+        asyncio.run_coroutine_threadsafe(_release(), self._event_loop)
+
     def _on_finished(self, o) -> None:
+        self.release([o.request_id])
         self.metrics.observe_finished(
             len(o.prompt_token_ids), len(o.token_ids), o.finish_reason, o.arrival_time, o.first_token_time,
             o.finish_time or o.arrival_time, o.first_scheduled_time,
@@ -142,6 +195,21 @@ class ServerState:
         self.loop.start()
         if self.stats is not None:
             self.stats.start(self.engine)
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """A stop signal arrived: refuse new requests (503) at once, and abort what is still open
+        shortly before uvicorn's grace period ends (``grace_s - 1``, or half of a shorter one), so
+        every open request ends cleanly (streams: a final chunk and ``[DONE]``; others: a 503 in
+        OpenAI's error shape) rather than being cut off. Thread-safe; later calls do nothing."""
+        import threading
+
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        delay = grace_s - 1.0 if grace_s >= 2.0 else grace_s / 2
+        t = threading.Timer(max(0.0, delay), self.loop.abort_all)
+        t.daemon = True
+        t.start()
 
     def stop(self) -> list[str]:
         """Checkpoint running jobs, abort open requests, stop the engine loop. Returns the
@@ -162,12 +230,24 @@ class ServerState:
         return written
 
     # ---- shared request helpers ------------------------------------------------------------------
-    async def encode(self, fn, *args) -> Any:
-        """Run a tokenizer function in a worker thread (one at a time on this tokenizer)."""
+    async def encode(self, fn) -> Any:
+        """Run ``fn(tokenizer)`` in a worker thread on one of ``tokenizer_workers`` tokenizer
+        copies (waiting for a free one).
+
+        Raises:
+            APIError: 400 when the server has no tokenizer.
+        """
         if self.tokenizer is None:
             raise APIError(400, "this server has no tokenizer: send prompts as token ids", "prompt", "no_tokenizer")
-        async with self._tok_lock:
-            return await asyncio.to_thread(fn, *args)
+        if self._tokenizers is None:  # made on the event loop's thread
+            self._tokenizers = asyncio.Queue()
+            for t in self._tokenizer_copies:
+                self._tokenizers.put_nowait(t)
+        tok = await self._tokenizers.get()
+        try:
+            return await asyncio.to_thread(fn, tok)
+        finally:
+            self._tokenizers.put_nowait(tok)
 
     def owner_of(self, name: str) -> str:
         """The project an adapter belongs to (:data:`~coserve_jax.serve.auth.SHARED`: every project's)."""

@@ -26,6 +26,8 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request, stat
     arrival = time.monotonic()
     cfg = state.config
     body.check_supported(cfg.limits.max_n, cfg.limits.max_stop)
+    if len(body.messages) > cfg.limits.max_messages:
+        raise APIError(400, f"{len(body.messages)} messages: at most {cfg.limits.max_messages} per request", "messages", "invalid_value")
     adapter = await state.resolve_adapter(body.model, who)
     conversation = body.conversation()
     tok = state.tokenizer
@@ -34,7 +36,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request, stat
                        "with model.chat_template", "messages", "no_chat_template")
     kwargs = dict(body.chat_template_kwargs or {})
 
-    def render():
+    def render(tok):
         return encode_chat(tok, conversation, add_generation_prompt=body.add_generation_prompt, **kwargs)
 
     try:
@@ -49,7 +51,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request, stat
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = prepare(state, body, [ids], max_tokens, logprobs)
     rid = P.new_id("chatcmpl")
-    q, index = await submit(state, rid, [ids], params, adapter, arrival)
+    q, index = await submit(state, rid, [ids], params, adapter, arrival, who.project)
     created = P.now()
 
     def logprobs_of(c: Choice, start: int):

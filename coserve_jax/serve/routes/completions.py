@@ -28,17 +28,19 @@ async def completions(body: P.CompletionRequest, request: Request, state: Server
     prompts = body.prompts()
     if len(prompts) > cfg.limits.max_n:
         raise APIError(400, f"at most {cfg.limits.max_n} prompts per request", "prompt", "invalid_value")
+    if len(prompts) * body.n > cfg.limits.max_seqs_per_request:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} sequences: at most "
+                       f"{cfg.limits.max_seqs_per_request} per request", "n", "invalid_value")
     adapter = await state.resolve_adapter(body.model, who)
     texts = [p for p in prompts if isinstance(p, str)]
     if texts:
-        tok = state.tokenizer
-        encoded = iter(await state.encode(lambda: [list(tok(t)["input_ids"]) for t in texts]))
+        encoded = iter(await state.encode(lambda tok: [list(tok(t)["input_ids"]) for t in texts]))
         prompts = [next(encoded) if isinstance(p, str) else p for p in prompts]
     # OpenAI's completions default is 16 tokens, for an omitted max_tokens and for null alike (within the limit)
     max_tokens = min(16, cfg.limits.max_tokens) if body.max_tokens is None else body.max_tokens
     params = prepare(state, body, prompts, max_tokens, body.logprobs)
     rid = P.new_id("cmpl")
-    q, index = await submit(state, rid, prompts, params, adapter, arrival)
+    q, index = await submit(state, rid, prompts, params, adapter, arrival, who.project)
     n_prompt = sum(len(p) for p in prompts)
     created = P.now()
 

@@ -19,8 +19,8 @@ router = APIRouter()
 @router.post("/v1/files")
 async def upload_file(file: UploadFile = File(...), purpose: str = Form(...), state: ServerState = Depends(server_state),
                       who: Principal = Depends(principal)):
-    data = await file.read()
-    return await asyncio.to_thread(state.files.create, data, file.filename or "upload.jsonl", purpose, who.project)
+    # the upload is already spooled to a temporary file by the multipart parser: copy it in chunks
+    return await asyncio.to_thread(state.files.create, file.file, file.filename or "upload.jsonl", purpose, who.project)
 
 
 @router.get("/v1/files")

@@ -37,6 +37,8 @@ async def tokenize(body: P.TokenizeRequest, state: ServerState = Depends(server_
     body.check()
     if body.model is not None:
         await state.resolve_adapter(body.model, who)  # an unknown model is a 404, as elsewhere
+    if body.messages is not None and len(body.messages) > state.config.limits.max_messages:
+        raise APIError(400, f"at most {state.config.limits.max_messages} messages per request", "messages", "invalid_value")
     tok = state.tokenizer
     if body.messages is not None:
         if tok is not None and not getattr(tok, "chat_template", None):
@@ -45,17 +47,17 @@ async def tokenize(body: P.TokenizeRequest, state: ServerState = Depends(server_
         kwargs = dict(body.chat_template_kwargs or {})
         special = bool(body.add_special_tokens)
 
-        def encode():
+        def encode(tok):
             text = render_chat(tok, conversation, add_generation_prompt=body.add_generation_prompt, **kwargs)
             return text, tok.encode(text, add_special_tokens=special)
     else:
         special = body.add_special_tokens is not False
 
-        def encode():
+        def encode(tok):
             return body.prompt, tok.encode(body.prompt, add_special_tokens=special)
 
-    def run():
-        _, ids = encode()
+    def run(tok):
+        _, ids = encode(tok)
         return ids, (tok.convert_ids_to_tokens(ids) if body.return_token_strs else None)
 
     try:
@@ -77,5 +79,5 @@ async def detokenize(body: P.DetokenizeRequest, state: ServerState = Depends(ser
     bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
     if bad:
         raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {state.vocab_size})", "tokens", "invalid_value")
-    text = await state.encode(lambda: state.tokenizer.decode(body.tokens))
+    text = await state.encode(lambda tok: tok.decode(body.tokens))
     return {"prompt": text}
