@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import httpx
 import pytest
@@ -54,10 +55,25 @@ POST_IDS = ["/v1/fine_tuning/jobs/{x}/cancel", "/v1/fine_tuning/jobs/{x}/pause",
 IDS = ["", "x", "file-" + "0" * 24, "ftjob-..%2F..%2Fetc", "%00", "%ff%fe", "a" * 3000, "%ED%A0%80"]
 
 
+def _step_memory() -> int:
+    """A budget the tiny model's largest step (128 tokens, 16 sequences) fits at a 1024-token
+    gather width and not at the longer context the server is given."""
+    from coserve_jax.kernels.reference import scratch_bytes
+    from coserve_jax.models.tiny import tiny_config
+
+    c = tiny_config()
+    return scratch_bytes(128, 16, 1024, c.num_heads, c.num_kv_heads, c.head_dim, 4)
+
+
+STEP_MEMORY = _step_memory()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     srv = ServerProcess(["--output-dir", str(out), "--set", "limits.max_tokens=8", "--set", "timeout_header_s=2",
+                         "--set", f"limits.step_memory_bytes={STEP_MEMORY}", "--max-model-len", "4096",
+                         "--set", "model.hf_overrides={max_position_embeddings: 4096}",
                          "--set", "limits.max_body_bytes=65536", "--set", "limits.max_upload_bytes=65536"],
                         env={"COSERVE_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))})
     srv.out = out
@@ -182,3 +198,16 @@ def test_uploads_leave_no_temporary_files(server):
             assert r.status_code == 400, r.text
     leftovers = [p.name for p in (server.out / "files").iterdir()]
     assert not [n for n in leftovers if n.endswith(".tmp")], leftovers
+
+
+def test_a_request_whose_steps_would_not_fit_in_memory_is_refused(server):
+    """limits.step_memory_bytes lets the reference attention gather at most 1024 tokens of
+    context, less than the server's context: a longer request is a 400 saying how much fits; one
+    within that is served."""
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        r = h.post("/v1/completions", json={"model": BASE, "prompt": "a" * 1500, "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "insufficient_memory", r.text
+        fits = int(re.search(r"fits (\d+)", r.json()["error"]["message"]).group(1))
+        assert 256 <= fits <= 1024
+        r = h.post("/v1/completions", json={"model": BASE, "prompt": "a" * (fits - 20), "max_tokens": 4})
+        assert r.status_code == 200, r.text

@@ -118,6 +118,21 @@ def page_width_buckets(max_pages: int, page_size: int, factor: int = 4) -> tuple
     return tuple(sorted(set(widths)))
 
 
+def scratch_bytes(num_tokens: int, num_seqs: int, width: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                  itemsize: int) -> int:
+    """Bytes of the temporaries one layer's reference attention makes for a step of
+    ``num_tokens`` token and ``num_seqs`` sequence slots gathering ``width`` tokens of context:
+    each sequence's K and V pages (``[S, W, Hkv, D]`` twice), for decode-like shapes
+    (``T <= 2 S``) each token's K and V (``[T, W, Hkv, D]`` twice), the float32 scores and
+    probabilities (``[T, Hq, W]`` twice) and the mask (``[T, W]``). The layers run one after
+    another (a scan), so this is the step's attention scratch, not per layer times layers.
+    """
+    kv = 2 * num_seqs * width * num_kv_heads * head_dim * itemsize
+    if num_tokens <= 2 * num_seqs:
+        kv += 2 * num_tokens * width * num_kv_heads * head_dim * itemsize
+    return kv + 2 * num_tokens * num_heads * width * 4 + num_tokens * width
+
+
 def gather_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, layer=None):
     """What both attention formulations take (arguments as :func:`ragged_paged_attention_ref`).
 

@@ -96,6 +96,9 @@ class Limits:
         max_seqs_per_request: most sequences one request makes (``n`` x prompts).
         max_seqs_per_project: most sequences of one project in the engine at once; its other
             requests wait in the server (default ``None``: the engine's ``max_num_seqs``).
+        step_memory_bytes: with the reference attention (CPU), the attention scratch a step may
+            take: a request whose prompt + ``max_tokens`` would need a wider gather is a 400
+            (default ``None``: half the memory free when the server started).
         max_stop: most stop strings per request.
     """
 
@@ -108,6 +111,7 @@ class Limits:
     max_messages: int = 4096
     max_seqs_per_request: int = 64
     max_seqs_per_project: int | None = None
+    step_memory_bytes: int | None = None
 
     def __post_init__(self):
         for k in ("max_body_bytes", "max_upload_bytes", "max_tokens", "max_n", "max_stop", "max_messages", "max_seqs_per_request"):
@@ -115,6 +119,8 @@ class Limits:
                 raise ValueError(f"limits.{k} must be an integer >= 1, got {getattr(self, k)!r}")
         if self.max_seqs_per_project is not None and (not isinstance(self.max_seqs_per_project, int) or self.max_seqs_per_project < 1):
             raise ValueError(f"limits.max_seqs_per_project must be an integer >= 1, got {self.max_seqs_per_project!r}")
+        if self.step_memory_bytes is not None and (not isinstance(self.step_memory_bytes, int) or self.step_memory_bytes < 1):
+            raise ValueError(f"limits.step_memory_bytes must be an integer >= 1, got {self.step_memory_bytes!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"limits.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
 

@@ -103,6 +103,11 @@ def prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int
         raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
                        f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion).",
                        "max_tokens", "context_length_exceeded")
+    limit = state.memory_context_limit
+    if limit is not None and longest + max_tokens > limit:
+        raise APIError(400, f"This request needs {longest + max_tokens} tokens of context ({longest} in the prompt, "
+                       f"{max_tokens} in the completion); this server's memory for attention scratch fits {limit} "
+                       "(limits.step_memory_bytes).", "max_tokens", "insufficient_memory")
     if logprobs is not None and logprobs > state.max_logprobs:
         raise APIError(400, f"at most {state.max_logprobs} logprobs per token", "logprobs", "invalid_value")
     for p in prompts:

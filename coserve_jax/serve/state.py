@@ -1,5 +1,6 @@
-"""What the HTTP handlers share: :class:`ServerState` (config, engine loop, tokenizer, files,
-jobs, metrics), reached from a handler through :func:`server_state`."""
+"""What the HTTP handlers share: :class:`ServerState` (config, database, keys, engine loop,
+tokenizers, files, jobs, adapter owners, per-project admission, metrics), reached from a handler
+through :func:`server_state`; who sent a request through :func:`principal`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import asyncio
 import copy
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import jax
+import numpy as np
 from fastapi import Request
+from sqlalchemy import select
 
 from coserve_jax.engine import Engine
 from coserve_jax.serve.auth import DEFAULT_PROJECT, OPEN, SHARED, KeyRing, Principal, hash_key, read_keys_file
@@ -27,12 +32,17 @@ log = logging.getLogger("coserve_jax.serve")
 
 
 class ServerState:
-    """What the handlers share: config, engine loop, a tokenizer of their own, files, jobs, metrics.
+    """What the handlers share: config, database, keys, engine loop, tokenizer copies, files, jobs,
+    adapter owners, per-project admission, metrics. Building it opens (and migrates) the database
+    and restores every job and API-loaded adapter it holds (:meth:`_restore`).
 
     Args:
         config: the server config.
         engine: a built engine; from :meth:`start` on only the engine loop's thread uses it.
         served_model_name: the base model's name in the API.
+    Raises:
+        ConfigError, FileNotFoundError: a bad ``api_keys_file``; sqlalchemy errors: the database
+        cannot be opened.
     """
 
     def __init__(self, config: ServeConfig, engine: Engine, served_model_name: str):
@@ -45,6 +55,9 @@ class ServerState:
         self.max_model_len = engine.max_model_len
         self.max_prompt_tokens = min(config.limits.max_prompt_tokens or engine.max_model_len - 1, engine.max_model_len - 1)
         self.vocab_size = engine.config.vocab_size
+        self.memory_context_limit = memory_context_limit(engine, config.limits.step_memory_bytes)
+        """With the reference attention: the longest prompt + completion (tokens) whose steps'
+        attention scratch fits the memory budget (``None``: no such limit)."""
         self.max_logprobs = engine.max_logprobs
         # The engine thread detokenizes with engine.tokenizer; handlers' worker threads encode
         # with copies of it, one request at a time each (a Rust tokenizer must not be used from
@@ -97,8 +110,6 @@ class ServerState:
         """Bring back what the database holds (before the engine loop starts): every job, the
         adapters of ended jobs and the adapters loaded through the API. Returns the adapter
         names loaded; one that cannot be loaded is logged and skipped."""
-        from sqlalchemy import select
-
         from coserve_jax.lora.manager import AdapterError
         from coserve_jax.lora.peft_io import AdapterFormatError
 
@@ -121,8 +132,6 @@ class ServerState:
     def remember_adapter(self, name: str, path: str, owner: str = SHARED) -> None:
         """Record an adapter loaded through the API by ``owner`` (a project, or
         :data:`~coserve_jax.serve.auth.SHARED`), loaded again after a restart."""
-        import time
-
         self.owners[name] = owner
         with self.db.transaction() as s:
             s.merge(schema.Adapter(name=name, project=owner, path=os.path.abspath(path), created_at=int(time.time())))
@@ -201,8 +210,6 @@ class ServerState:
         shortly before uvicorn's grace period ends (``grace_s - 1``, or half of a shorter one), so
         every open request ends cleanly (streams: a final chunk and ``[DONE]``; others: a 503 in
         OpenAI's error shape) rather than being cut off. Thread-safe; later calls do nothing."""
-        import threading
-
         if self.shutting_down:
             return
         self.shutting_down = True
@@ -272,6 +279,48 @@ class ServerState:
         if model in await self.visible_adapters(who):
             return model
         raise model_not_found(model)
+
+
+def memory_available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (bytes), or ``None`` where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_context_limit(engine: Engine, budget: int | None = None) -> int | None:
+    """The longest context (tokens) a request may reach so that every step's reference-attention
+    scratch (:func:`~coserve_jax.kernels.reference.scratch_bytes` at the largest step bucket)
+    fits ``budget`` bytes (default: half of :func:`memory_available_bytes`). A step gathers the
+    smallest width bucket holding its longest sequence, so the limit is a bucket width. ``None``:
+    not the reference attention, every width fits, or nothing is known of the memory."""
+    from coserve_jax.kernels.reference import page_width_buckets, scratch_bytes
+
+    ec, mc = engine.engine_config, engine.config
+    if ec.attention_impl != "reference":
+        return None
+    if budget is None:
+        free = memory_available_bytes()
+        if free is None:
+            return None
+        budget = free // 2
+    t, s = max(b.num_tokens for b in ec.buckets), max(b.num_seqs for b in ec.buckets)
+    item = np.dtype(engine.model.dtype).itemsize
+    widths = [w * ec.page_size for w in page_width_buckets(ec.max_pages_per_seq, ec.page_size)]
+    fits = [w for w in widths if scratch_bytes(t, s, w, mc.num_heads, mc.num_kv_heads, mc.head_dim, item) <= budget]
+    if fits and fits[-1] == widths[-1]:
+        return None
+    if not fits:
+        log.warning("even the narrowest attention gather (%d tokens) of the largest step needs more than the %d-byte "
+                    "budget (limits.step_memory_bytes); requests up to it are served anyway", widths[0], budget)
+    limit = min(fits[-1] if fits else widths[0], ec.max_model_len)
+    log.info("attention scratch budget %d bytes: requests up to %d tokens of context (of %d)", budget, limit, ec.max_model_len)
+    return limit
 
 
 def principal(request: Request) -> Principal:
