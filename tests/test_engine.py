@@ -247,28 +247,3 @@ def test_text_prompts_streaming_and_stop_strings(text_engine):
     assert o2.text == text[: cut + len(stop)]
     streamed = "".join(x.delta_text for x in engine.stream([prompts[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])))
     assert streamed == text[:cut]
-
-
-def test_pallas_kernel_in_the_step(hf_checkpoint):
-    """The whole engine with the Pallas kernel (interpreted on CPU) generates what transformers does."""
-    path, hf = hf_checkpoint("llama32")
-    kw = {**ENGINE_KW, "token_buckets": (32,), "seq_buckets": (8,), "max_num_batched_tokens": 32, "max_num_seqs": 8}
-    engine = Engine(path, **kw, attention_impl="pallas_interpret")
-    prompts = random_sequences([1, 17, 40, 70, 5, 33], hf.config.vocab_size, seed=9)
-    outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
-    for p, o in zip(prompts, outs):
-        assert o.token_ids == hf_greedy(hf, p, 6)
-
-
-def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
-    """A second engine with the same model and buckets loads its step from the cache directory."""
-    path, _ = hf_checkpoint("qwen2")
-    kw = {**ENGINE_KW, "max_num_batched_tokens": 16, "max_num_seqs": 4, "token_buckets": None, "seq_buckets": None,
-          "compilation_cache_dir": tmp_path / "xla"}
-    Engine(path, **kw)
-    assert any((tmp_path / "xla").iterdir()), "nothing was written to the compilation cache"
-    with CompileCounter() as compiles:
-        engine = Engine(path, **kw)
-    # every executable (step buckets, backward slices of finetuning) is a cache hit
-    assert compiles.count == 0 and compiles.cache_hits == compiles.requests >= len(engine.buckets) + len(engine.runner.backward)
-    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids

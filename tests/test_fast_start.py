@@ -292,3 +292,19 @@ def test_entry_saved_after_a_persistent_cache_hit_runs(tmp_path):
         p.unlink()
     assert run() == ["0", "1", "2048.0"]
     assert run() == ["1", "0", "2048.0"]
+
+
+def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
+    """A second engine with the same model and buckets loads its step from the cache directory."""
+    from tests.test_engine import ENGINE_KW
+
+    path, _ = hf_checkpoint("qwen2")
+    kw = {**ENGINE_KW, "max_num_batched_tokens": 16, "max_num_seqs": 4, "token_buckets": None, "seq_buckets": None,
+          "compilation_cache_dir": tmp_path / "xla"}
+    Engine(path, **kw)
+    assert any((tmp_path / "xla").iterdir()), "nothing was written to the compilation cache"
+    with CompileCounter() as compiles:
+        engine = Engine(path, **kw)
+    # every executable (step buckets, backward slices of finetuning) is a cache hit
+    assert compiles.count == 0 and compiles.cache_hits == compiles.requests >= len(engine.buckets) + len(engine.runner.backward)
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids

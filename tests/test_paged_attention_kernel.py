@@ -103,3 +103,18 @@ def test_bf16_and_new_kv_written():
     assert out.dtype == jnp.bfloat16
     ref = ragged_paged_attention_ref(qb.astype(jnp.float32), kc[0].astype(jnp.float32), vc[0].astype(jnp.float32), *args, d**-0.5)
     np.testing.assert_allclose(np.asarray(out[:n_tok], np.float32), np.asarray(ref[:n_tok]), atol=3e-2, rtol=3e-2)
+
+
+def test_pallas_kernel_in_the_step(hf_checkpoint):
+    """The whole engine with the Pallas kernel (interpreted on CPU) generates what transformers does."""
+    path, hf = hf_checkpoint("llama32")
+    from coserve_jax import Engine, SamplingParams
+    from tests.conftest import random_sequences
+    from tests.test_engine import ENGINE_KW, hf_greedy
+
+    kw = {**ENGINE_KW, "token_buckets": (32,), "seq_buckets": (8,), "max_num_batched_tokens": 32, "max_num_seqs": 8}
+    engine = Engine(path, **kw, attention_impl="pallas_interpret")
+    prompts = random_sequences([1, 17, 40, 70, 5, 33], hf.config.vocab_size, seed=9)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 6)

@@ -460,6 +460,11 @@ def test_completions_max_tokens_omitted_or_null_is_openais_16(http):
     for extra in ({}, {"max_tokens": None}):
         r = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello", "ignore_eos": True, **extra})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+    nulls = {k: None for k in ("n", "stream", "logprobs", "top_logprobs", "temperature", "top_p", "stop", "seed",
+                                "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "user")}
+    r = http.post("/v1/chat/completions", json={"model": BASE, "messages": CHAT, "max_tokens": 3, **nulls})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text  # null is OpenAI's default for each
+    assert http.post("/v1/chat/completions", json={"model": None, "messages": CHAT}).status_code == 400  # required
 
 
 def test_unknown_sampling_fields_are_400_and_min_p_and_repetition_penalty_work(client, http):

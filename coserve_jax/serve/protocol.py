@@ -52,6 +52,10 @@ class _Body(BaseModel):
     def _valid_unicode(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("messages"), list) and len(data["messages"]) > _Body.max_messages:
             raise ValueError(f"messages: {len(data['messages'])} messages, at most {_Body.max_messages} per request")
+        if isinstance(data, dict):  # null is the default, as OpenAI reads it (`"n": null` is n = 1)
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items()
+                    if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)}
         where = invalid_unicode_at(data)
         if where is not None:
             raise ValueError(f"{where}: not valid Unicode text (a lone UTF-16 surrogate)")
