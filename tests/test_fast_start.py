@@ -299,7 +299,8 @@ def test_persistent_compilation_cache(hf_checkpoint, tmp_path):
     from tests.test_engine import ENGINE_KW
 
     path, _ = hf_checkpoint("qwen2")
-    kw = {**ENGINE_KW, "max_num_batched_tokens": 16, "max_num_seqs": 4, "token_buckets": None, "seq_buckets": None,
+    kw = {**ENGINE_KW, "max_num_batched_tokens": 16, "max_num_seqs": 4, "token_buckets": (16,), "seq_buckets": (4,),
+          "finetune_max_seq_len": 64, "finetune_seq_buckets": (64,),
           "compilation_cache_dir": tmp_path / "xla"}
     Engine(path, **kw)
     assert any((tmp_path / "xla").iterdir()), "nothing was written to the compilation cache"

@@ -112,7 +112,8 @@ def test_pallas_kernel_in_the_step(hf_checkpoint):
     from tests.conftest import random_sequences
     from tests.test_engine import ENGINE_KW, hf_greedy
 
-    kw = {**ENGINE_KW, "token_buckets": (32,), "seq_buckets": (8,), "max_num_batched_tokens": 32, "max_num_seqs": 8}
+    kw = {**ENGINE_KW, "token_buckets": (32,), "seq_buckets": (8,), "max_num_batched_tokens": 32, "max_num_seqs": 8,
+          "max_finetune_jobs": 0}  # generation only
     engine = Engine(path, **kw, attention_impl="pallas_interpret")
     prompts = random_sequences([1, 17, 40, 70, 5, 33], hf.config.vocab_size, seed=9)
     outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
