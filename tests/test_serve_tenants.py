@@ -202,28 +202,30 @@ def test_a_big_request_of_one_project_does_not_starve_another(server):
 
 
 def test_a_huge_chat_body_does_not_hold_up_small_requests(server):
-    """A 3.7 MB chat of 110k tiny messages is refused (more than limits.max_messages) without
-    holding the tokenizers; small requests meanwhile take at most twice as long as alone."""
+    """A 3.7 MB chat of 110k tiny messages (sent three times) is refused (more than
+    limits.max_messages) without holding the tokenizers or the event loop; small requests
+    meanwhile take at most twice as long as alone (medians of five)."""
+    import statistics
     import threading
 
     b = client(server, "beta")
     alone: dict = {}
-    for i in range(3):
-        _timed_chat(b, alone, f"alone{i}", max_tokens=4)
-    base = sorted(alone.values())[1]
-    huge = {"model": BASE, "messages": [{"role": "user", "content": "hi"}] * 110_000, "max_tokens": 4}
-    answer = {}
+    for i in range(5):
+        _timed_chat(b, alone, f"alone{i}", max_tokens=16)
+    huge = json.dumps({"model": BASE, "messages": [{"role": "user", "content": "hi"}] * 110_000, "max_tokens": 4}).encode()
+    answers = []
 
-    def send_huge():
+    def send_huge():  # the body is encoded beforehand: the client's own work does not slow the timed requests
         with http(server, KEYS["alpha"]) as h:
-            r = h.post("/v1/chat/completions", json=huge)
-            answer["huge"] = (r.status_code, r.text[:200])
+            for _ in range(3):
+                r = h.post("/v1/chat/completions", content=huge, headers={"Content-Type": "application/json"})
+                answers.append((r.status_code, r.text[:200]))
 
     th = threading.Thread(target=send_huge)
     th.start()
     during: dict = {}
-    for i in range(3):
-        _timed_chat(b, during, f"during{i}", max_tokens=4)
+    for i in range(5):
+        _timed_chat(b, during, f"during{i}", max_tokens=16)
     th.join(120)
-    assert answer["huge"][0] == 400 and "messages" in answer["huge"][1], answer
-    assert sorted(during.values())[1] <= 2 * base + 0.1, (during, alone)
+    assert answers and all(code == 400 and "messages" in text for code, text in answers), answers
+    assert statistics.median(during.values()) <= 2 * statistics.median(alone.values()) + 0.05, (during, alone)
