@@ -51,8 +51,10 @@ def unrolled_scans():
         yield
 
 
-def step_cost(model, knobs: dict, batch: int, kernel_as_zeros: bool = False) -> dict:
-    """``cost_analysis()`` (flops, bytes accessed) of the decode bucket ``(batch, batch)``."""
+def step_cost(model, knobs: dict, batch: int, kernel_as_zeros: bool = False, seqs: int | None = None) -> dict:
+    """``cost_analysis()`` (flops, bytes accessed) of the bucket ``(batch, seqs)`` (default
+    ``seqs = batch``: a decode bucket)."""
+    seqs = batch if seqs is None else seqs
     from coserve_jax.engine.config import EngineConfig
     from coserve_jax.engine.model_runner import ModelRunner
     from coserve_jax.engine.step import Bucket, abstract, make_step_fn
@@ -64,18 +66,18 @@ def step_cost(model, knobs: dict, batch: int, kernel_as_zeros: bool = False) -> 
     rules = ShardingRules(model.config, make_mesh(1))
     config = EngineConfig.resolve(
         model.config, has_lora_pool=False, kv_cache_heads=rules.kv_cache_heads,
-        dtype_itemsize=jnp.dtype(model.dtype).itemsize, token_buckets=[batch], seq_buckets=[batch],
-        max_num_batched_tokens=batch, max_num_seqs=batch, max_finetune_jobs=0, **knobs,
+        dtype_itemsize=jnp.dtype(model.dtype).itemsize, token_buckets=[batch], seq_buckets=[seqs],
+        max_num_batched_tokens=batch, max_num_seqs=seqs, max_finetune_jobs=0, **knobs,
     )
     runner = ModelRunner(model, rules, config, abstract_only=True)
     step = make_step_fn(runner.step_fn.graphdef, scale=model.config.head_dim ** -0.5, impl=config.attention_impl,
                         max_logprobs=config.max_logprobs)
     args = abstract((runner.state, runner.k_cache, runner.v_cache, runner.ft_buffers, runner.seen))
-    prev = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    prev = jax.ShapeDtypeStruct((seqs,), jnp.int32)
     zeros = lambda q, *a, **k: jnp.zeros_like(q)  # noqa: E731
     patch = mock.patch.object(paged_attention, "ragged_paged_attention", zeros) if kernel_as_zeros else contextlib.nullcontext()
     with patch, unrolled_scans():
-        compiled = jax.jit(step).lower(*args, prev, abstract_inputs(runner.step_fn.dims(Bucket(batch, batch)))).compile()
+        compiled = jax.jit(step).lower(*args, prev, abstract_inputs(runner.step_fn.dims(Bucket(batch, seqs)))).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
@@ -103,7 +105,7 @@ def reference_gather_bytes(model, knobs: dict, batch: int, context: int) -> int:
     runner = ModelRunner(model, rules, config, abstract_only=True)
     args = abstract((runner.state, runner.k_cache, runner.v_cache, runner.ft_buffers, runner.seen))
     text = runner.step_fn._jitted.lower(*args, jax.ShapeDtypeStruct((batch,), jnp.int32),
-                                        abstract_inputs(runner.step_fn.dims(Bucket(batch, batch)))).as_text()
+                                        abstract_inputs(runner.step_fn.dims(Bucket(batch, seqs)))).as_text()
     sizes = {"bf16": 2, "f32": 4}
     wide = {str(context), str(context // config.page_size)}
     total = 0

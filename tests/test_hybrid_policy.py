@@ -16,6 +16,7 @@ from coserve_jax.sched.scheduler import Scheduler, SchedulerConfig
 
 TOKENS = [16, 32, 64, 128, 256, 512]
 SEQS = [4, 8, 16, 32]
+BUCKETS = sorted({(t, s) for t in TOKENS for s in SEQS if s <= t} | {(t, min(t, 32)) for t in TOKENS})  # the engine's grid
 BWD = [128, 256, 512]
 # ms: 2 fixed, 40 per 1024 token slots, 2 per 64 sequence slots, 4 per 1e6 attention work,
 # 30 per 1024 backward tokens, 10 per 1024^2 (a 512-token layer: 17.5 ms), 0 for the loss head.
@@ -23,7 +24,7 @@ DEVICE = LatencyModel([2.0, 40.0, 2.0, 4.0, 30.0, 10.0, 0.0])
 
 
 def shape_of(plan):
-    return step_shape(plan, TOKENS, SEQS, BWD)
+    return step_shape(plan, BUCKETS, BWD)
 
 
 def training_seq(k, n=400):
@@ -94,7 +95,7 @@ def slo_report(done, times, slo):
 
 
 def make_policy(slo):
-    return HybridPolicy(DEVICE, slo, TOKENS, SEQS, 512, BWD)
+    return HybridPolicy(DEVICE, slo, BUCKETS, 512, BWD)
 
 
 def test_slos_held_and_finetuning_gets_the_slack():

@@ -4,12 +4,14 @@ equal inputs built naively from every request's whole page table and settings; t
 
 import jax
 import numpy as np
+import pytest
 
 from coserve_jax.engine.input_batch import InputBatch
 from coserve_jax.engine.step import make_buckets, pick_bucket
 from coserve_jax.engine.step_inputs import STEP_INPUT_TABLE, StepDims, StepInputs, abstract_inputs, build_step_inputs
 from coserve_jax.sched.finetune import TrainingSequence
 from coserve_jax.sched.outputs import SamplingRow
+from coserve_jax.sched.policy import fit_bucket
 from coserve_jax.sched.kv_cache import KVCacheManager
 from coserve_jax.sched.request import Request
 from coserve_jax.sched.sampling_params import SamplingParams
@@ -116,7 +118,8 @@ def test_incremental_inputs_equal_naive_inputs():
 def test_one_shape_table():
     """Every field of the abstract inputs has the shape and dtype of the real inputs, and both
     follow STEP_INPUT_TABLE; StepInputs is a pytree whose one static field is the bucket."""
-    buckets = make_buckets(BUDGET, SEQS)
+    buckets = make_buckets(BUDGET, SEQS, seq_buckets=(2, 4, SEQS))  # (the grid: (T, S) with S < min(T, SEQS) too)
+    assert buckets[3].num_seqs < min(buckets[3].num_tokens, SEQS)
     batch = InputBatch(MAX_PAGES)
     for ft in (0, 8):
         dims = StepDims(buckets[3], MAX_PAGES, SEQS, ft, 128)
@@ -129,3 +132,25 @@ def test_one_shape_table():
             assert a.shape == r.shape and a.dtype == r.dtype
         assert real.bucket == dims.bucket and isinstance(real, StepInputs)
         assert jax.tree.flatten(abstract_inputs(StepDims(buckets[0], MAX_PAGES, SEQS, ft, 128)))[1] != a_tree  # bucket is static
+
+
+def test_bucket_sets_and_the_policy_fit():
+    """Default: one derived S = min(T, max_num_seqs) per token bucket (|T| executables); with
+    seq_buckets the T x S grid. Every batch that fits the budget has a bucket, and the host-side
+    policies' fit_bucket (pure Python) picks the same bucket the engine does."""
+    derived = make_buckets(512, 64)
+    assert [(b.num_tokens, b.num_seqs) for b in derived] == [(16, 16), (32, 32), (64, 64), (128, 64), (256, 64), (512, 64)]
+    grid = make_buckets(512, 64, seq_buckets=(4, 16, 64))
+    assert len(grid) == 6 + 6 + 4 + 1 and set(derived) <= set(grid)
+    for buckets in (derived, grid):
+        pairs = [(b.num_tokens, b.num_seqs) for b in buckets]
+        for tokens in range(1, 513, 7):
+            for seqs in range(1, min(tokens, 64) + 1, 3):
+                b = pick_bucket(buckets, tokens, seqs)
+                assert b.num_tokens >= tokens and b.num_seqs >= seqs
+                assert fit_bucket(pairs, tokens, seqs) == (b.num_tokens, b.num_seqs)
+    assert fit_bucket([(16, 16)], 0, 0) == (0, 0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        make_buckets(512, 64, token_buckets=(16, 256))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        make_buckets(512, 64, seq_buckets=(4, 16))

@@ -133,6 +133,12 @@ class EngineConfig:
         return tuple(sorted({b.num_tokens for b in self.buckets}))
 
     @property
+    def bucket_shapes(self) -> tuple[tuple[int, int], ...]:
+        """The compiled step shapes as plain ``(T, S)`` pairs, ascending (what the host-side
+        policies plan with)."""
+        return tuple((b.num_tokens, b.num_seqs) for b in self.buckets)
+
+    @property
     def seq_buckets(self) -> tuple[int, ...]:
         """The compiled sequence-slot counts, ascending."""
         return tuple(sorted({b.num_seqs for b in self.buckets}))
@@ -237,8 +243,9 @@ class EngineConfig:
             max_lora_rank: rank every slot is padded to.
             lora_target_modules: modules the pool covers (default: all seven linear layers).
             max_logprobs: most top logprobs a request may ask for.
-            token_buckets, seq_buckets: step shapes to compile (default: powers of two; see
-                :func:`coserve_jax.engine.step.make_buckets`).
+            token_buckets, seq_buckets: step shapes to compile (default: powers of two of
+                ``T``, each with ``S = min(T, max_num_seqs)``; ``seq_buckets`` given: the ``T x S``
+                grid; see :func:`coserve_jax.engine.step.make_buckets`).
             attention_impl: ``"auto"`` (Pallas on GPU, the pure-JAX reference elsewhere), or one of
                 :data:`coserve_jax.kernels.paged_attention.IMPLEMENTATIONS`.
             compilation_cache_dir: persistent XLA compilation cache (``None``: off; ``Engine``'s

@@ -77,7 +77,7 @@ class PolicyRuntime:
         cfg, ec = self.scheduler.config, self.config
         self.scheduler.policy = make_policy(
             name, options, max_num_batched_tokens=cfg.max_num_batched_tokens, max_finetune_tokens=cfg.max_finetune_tokens,
-            latency_model=self.latency_model, slo=ec.slo, token_buckets=ec.token_buckets, seq_buckets=ec.seq_buckets,
+            latency_model=self.latency_model, slo=ec.slo, buckets=ec.bucket_shapes,
             backward_buckets=ec.backward_buckets,
         )
         self.name, self.options = name, dict(options)
@@ -95,7 +95,7 @@ class PolicyRuntime:
                 self.latency_model.update_host(host)
         self._last_end = end
         ec = self.config
-        shape = step_shape(plan, ec.token_buckets, ec.seq_buckets, ec.backward_buckets)
+        shape = step_shape(plan, ec.bucket_shapes, ec.backward_buckets)
         predicted = self.latency_model.predict(shape)
         if plan.train is None:  # (a train step runs only when inference is idle: nothing to learn for planning)
             self.latency_model.update(shape, self.last_step_ms)

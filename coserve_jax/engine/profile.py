@@ -67,7 +67,7 @@ def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = Tru
     """
     samples = []
     cfg = runner.config
-    token_b, seq_b = cfg.token_buckets, cfg.seq_buckets
+    shapes = cfg.bucket_shapes
     layout = cfg.finetune
     for bucket in cfg.buckets if buckets is None else buckets:
         t, s = bucket.num_tokens, min(bucket.num_seqs, bucket.num_tokens)
@@ -85,11 +85,11 @@ def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = Tru
                 jax.block_until_ready(runner.execute(plan))
                 runner.input_batch.release(plan.request_ids)
 
-            samples.append((step_shape(plan, token_b, seq_b), _time(run, repeats)))
+            samples.append((step_shape(plan, shapes), _time(run, repeats)))
         if layout is not None and t <= cfg.max_finetune_tokens:  # the loss head on a whole bucket of weighted tokens
             chunk = FinetuneChunk("profile", 0, 0, 0, 0, [0] * t, (0,) * -(-t // cfg.page_size), 1, -1, [0] * t, [1.0] * t)
             plan = SchedulerOutput(finetune=[chunk])
-            samples.append((step_shape(plan, token_b, seq_b), _time(lambda plan=plan: jax.block_until_ready(runner.execute(plan)), repeats)))
+            samples.append((step_shape(plan, shapes), _time(lambda plan=plan: jax.block_until_ready(runner.execute(plan)), repeats)))
     if layout is not None and backward:
         num_layers = runner.model.config.num_layers
         for length in layout.seq_buckets:
@@ -101,7 +101,7 @@ def profile_samples(runner, repeats: int = 3, buckets=None, backward: bool = Tru
                     runner.run_backward(backward)
                     runner.wait()
 
-                samples.append((step_shape(plan, token_b, seq_b, layout.seq_buckets), _time(run_bwd, repeats)))
+                samples.append((step_shape(plan, shapes, layout.seq_buckets), _time(run_bwd, repeats)))
         runner.zero_grad_row(0)  # the profile's backward added into row 0's accumulator
     return samples
 

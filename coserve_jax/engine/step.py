@@ -3,8 +3,8 @@
 A step takes ``T`` token slots (decode tokens and prefill chunks of up to ``S`` sequences, packed
 back to back, then padding) and the paged KV cache, runs the model once, writes the new K/V into
 the pages, and samples one token for the last position of every sequence. Shapes are padded to a
-small grid of buckets ``(T, S)`` (powers of two up to the step's limits), each compiled ahead of
-time at start-up; the KV cache arguments are donated so XLA updates them in place. Calling a
+few buckets ``(T, S)`` (by default powers of two of ``T`` up to the step's limit, each with
+``S = min(T, max_num_seqs)``: :func:`make_buckets`), each compiled ahead of time at start-up; the KV cache arguments are donated so XLA updates them in place. Calling a
 compiled bucket never traces or compiles again, which :class:`~coserve_jax.compile_counter.CompileCounter`
 lets tests check.
 
@@ -55,25 +55,29 @@ def make_buckets(
     token_buckets: Sequence[int] | None = None,
     seq_buckets: Sequence[int] | None = None,
 ) -> list[Bucket]:
-    """The bucket grid: every ``(T, S)`` with ``S <= T`` from the two lists (defaults: powers of
-    two from 16 tokens / 4 sequences up to the limits), plus ``S = min(T, max_num_seqs)`` for each
-    ``T`` so any batch that fits ``T`` has a bucket.
+    """The compiled step shapes ``(T, S)``.
+
+    Token slots ``T``: ``token_buckets`` (default powers of two from 16 up to
+    ``max_num_batched_tokens``). Sequence slots: without ``seq_buckets``, each ``T`` gets one
+    derived ``S = min(T, max_num_seqs)`` (the most sequences ``T`` tokens can hold, since every
+    sequence of a step has at least one token), so there are ``|T|`` executables and any batch
+    that fits ``T`` tokens fits its bucket; the price is padding: a prefill step of few
+    sequences samples ``S`` rows (the LM head on ``S`` rows, small beside the body's ``T``). With
+    ``seq_buckets``, the grid: every ``(T, S)`` with ``S <= T`` from the two lists, plus
+    ``S = min(T, max_num_seqs)`` for each ``T`` (``|T| x |S|`` executables, less padding).
 
     Raises:
         ValueError: a bucket list whose largest entry is not the limit.
     """
     tb = sorted(set(token_buckets or powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens)))
-    sb = sorted(set(seq_buckets or powers_of_two(min(4, max_num_seqs), max_num_seqs)))
     if tb[-1] != max_num_batched_tokens:
         raise ValueError(f"the largest token bucket must be max_num_batched_tokens={max_num_batched_tokens}, got {tb}")
-    if sb[-1] != max_num_seqs:
-        raise ValueError(f"the largest sequence bucket must be max_num_seqs={max_num_seqs}, got {sb}")
-    out = set()
-    for t in tb:
-        for s in sb:
-            if s <= t:
-                out.add(Bucket(t, s))
-        out.add(Bucket(t, min(t, max_num_seqs)))
+    out = {Bucket(t, min(t, max_num_seqs)) for t in tb}
+    if seq_buckets:
+        sb = sorted(set(seq_buckets))
+        if sb[-1] != max_num_seqs:
+            raise ValueError(f"the largest sequence bucket must be max_num_seqs={max_num_seqs}, got {sb}")
+        out |= {Bucket(t, s) for t in tb for s in sb if s <= t}
     return sorted(out)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from coserve_jax.sched.latency_model import LatencyModel, StepShape, head_tokens
-from coserve_jax.sched.policy import Load, SLOConfig, StepBudget, bucket_for
+from coserve_jax.sched.policy import Load, SLOConfig, StepBudget, bucket_for, fit_bucket
 
 
 class HybridPolicy:
@@ -45,7 +45,7 @@ class HybridPolicy:
     Args:
         latency: the step latency model (ms).
         slo: SLO defaults and knobs.
-        token_buckets, seq_buckets: the engine's compiled step shapes (ascending).
+        buckets: the engine's compiled step shapes, ``(T, S)`` pairs.
         max_num_batched_tokens: the largest step.
         backward_buckets: the backward slice's compiled lengths (empty: the sequence length).
     """
@@ -54,16 +54,15 @@ class HybridPolicy:
         self,
         latency: LatencyModel,
         slo: SLOConfig,
-        token_buckets: Sequence[int],
-        seq_buckets: Sequence[int],
+        buckets: Sequence[tuple[int, int]],
         max_num_batched_tokens: int,
         backward_buckets: Sequence[int] = (),
     ):
         self.backward_buckets = sorted(backward_buckets)
         self.latency = latency
         self.slo = slo
-        self.token_buckets = sorted(b for b in token_buckets if b <= max_num_batched_tokens)
-        self.seq_buckets = sorted(seq_buckets)
+        self.buckets = sorted((int(t), int(s)) for t, s in buckets)
+        self.token_buckets = sorted({t for t, _ in self.buckets if t <= max_num_batched_tokens})
         self.max_num_batched_tokens = max_num_batched_tokens
 
     def target_ms(self, load: Load) -> float:
@@ -97,8 +96,7 @@ class HybridPolicy:
         attn += ft * (load.finetune_kv + (ft + 1) // 2)
         seqs = load.num_seqs + (1 if ft else 0)
         return StepShape(
-            bucket_for(self.token_buckets, tokens + ft) if tokens + ft else 0,
-            bucket_for(self.seq_buckets, seqs) if tokens + ft else 0,
+            *fit_bucket(self.buckets, tokens + ft, seqs),
             attn,
             (bucket_for(self.backward_buckets, load.backward_tokens) if self.backward_buckets else load.backward_tokens)
             if backward else 0,

@@ -149,10 +149,28 @@ def bucket_for(buckets: Sequence[int], n: int) -> int:
     return buckets[-1]
 
 
-def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], backward_buckets: Sequence[int] = ()) -> StepShape:
+def fit_bucket(buckets: Sequence[tuple[int, int]], num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """The compiled step shape ``(T, S)`` a step of ``num_tokens`` tokens and ``num_seqs``
+    sequences pads to: the fewest token slots, then the fewest sequence slots, that hold it (the
+    engine's choice); the largest shape if none does. ``(0, 0)`` for an empty step.
+
+    Args:
+        buckets: the compiled ``(T, S)`` pairs, in any order.
+    """
+    if not num_tokens:
+        return 0, 0
+    ordered = sorted(buckets)
+    for t, s in ordered:
+        if t >= num_tokens and s >= num_seqs:
+            return t, s
+    return ordered[-1]
+
+
+def step_shape(plan, buckets: Sequence[tuple[int, int]], backward_buckets: Sequence[int] = ()) -> StepShape:
     """The :class:`StepShape` a planned step (:class:`~coserve_jax.sched.outputs.SchedulerOutput`)
-    runs at, for the latency model: the buckets it pads to, its attention work (each chunk's
-    queries times the mean KV length they attend to) and its backward's length bucket and layers."""
+    runs at, for the latency model: the compiled ``(T, S)`` shape it pads to (of ``buckets``,
+    :func:`fit_bucket`), its attention work (each chunk's queries times the mean KV length they
+    attend to) and its backward's length bucket and layers."""
     d = plan.decodes
     attn = sum(d.starts) + len(d.starts)  # a decode's query attends to start + 1 keys
     attn += sum(c.num_tokens * (c.start + (c.num_tokens + 1) // 2) for c in plan.prefills)
@@ -170,10 +188,7 @@ def step_shape(plan, token_buckets: Sequence[int], seq_buckets: Sequence[int], b
         length = plan.train.num_tokens
         bwd = bucket_for(backward_buckets, length) if backward_buckets else length
         layers = plan.train.num_layers
-    return StepShape(
-        bucket_for(sorted(token_buckets), n) if n else 0, bucket_for(sorted(seq_buckets), plan.num_seqs) if n else 0, attn, bwd,
-        layers, head_tokens(weighted),
-    )
+    return StepShape(*fit_bucket(buckets, n, plan.num_seqs), attn, bwd, layers, head_tokens(weighted))
 
 
 def make_policy(
@@ -184,8 +199,7 @@ def make_policy(
     max_finetune_tokens: int,
     latency_model: LatencyModel | None = None,
     slo: SLOConfig | None = None,
-    token_buckets: Sequence[int] = (),
-    seq_buckets: Sequence[int] = (),
+    buckets: Sequence[tuple[int, int]] = (),
     backward_buckets: Sequence[int] = (),
 ) -> StepPolicy | None:
     """The policy called ``name`` with its ``options`` (``None`` for ``"fixed"``: the
@@ -200,8 +214,8 @@ def make_policy(
             ``interval_steps`` (default 64), ``sequences_per_iteration`` (default 1)).
         options: the policy's options, as above.
         max_num_batched_tokens, max_finetune_tokens: the engine's step budgets (tokens).
-        latency_model, slo, token_buckets, seq_buckets, backward_buckets: what ``"hybrid"``
-            plans with (the compiled bucket grids, ascending).
+        latency_model, slo, buckets, backward_buckets: what ``"hybrid"`` plans with (the
+            compiled ``(T, S)`` step shapes and backward lengths).
     Raises:
         ValueError: an unknown policy or option, a bad option value, or ``"hybrid"`` without a
             latency model.
@@ -226,4 +240,4 @@ def make_policy(
         return TemporalPolicy(options.get("interval_steps", 64), max_num_batched_tokens, options.get("sequences_per_iteration", 1))
     if latency_model is None:
         raise ValueError("the 'hybrid' policy needs a latency model")
-    return HybridPolicy(latency_model, slo or SLOConfig(), token_buckets, seq_buckets, max_num_batched_tokens, backward_buckets)
+    return HybridPolicy(latency_model, slo or SLOConfig(), buckets, max_num_batched_tokens, backward_buckets)

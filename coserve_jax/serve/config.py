@@ -47,7 +47,7 @@ SERVER_ENGINE_DEFAULTS = dict(compile_in_background=True)
 """Engine settings the server changes from the engine's defaults, for every model."""
 
 TINY_ENGINE_DEFAULTS = dict(
-    max_num_seqs=16, max_num_batched_tokens=128, num_kv_pages=256, token_buckets=(32, 128), seq_buckets=(8, 16),
+    max_num_seqs=16, max_num_batched_tokens=128, num_kv_pages=256, token_buckets=(32, 128),
     max_loras=4, max_lora_rank=16, finetune_max_seq_len=512, finetune_seq_buckets=(128, 512), max_finetune_tokens=64,
 )
 """Engine settings of the built-in tiny model (small step shapes: quick to compile on a CPU)."""
