@@ -162,3 +162,24 @@ def test_relative_slo_config_is_checked():
     for bad in ({"tpot": 0}, {"ttft": "fast"}, {"batch_size": 0}, {"tpot_ms": 3}):
         with pytest.raises(ConfigError, match="relative_slo"):
             parse_config({**base, "relative_slo": bad})
+
+
+def test_mooncake_block_prompts_repeat_as_the_hash_ids_and_the_bound_counts_whole_blocks():
+    from coserve_jax.bench.workload import PrefixRequest, block_prompts, multi_turn_sessions, prefix_hit_bound
+
+    reqs = [
+        PrefixRequest(0.0, 1024, 10, (0, 1)),        # system block 0, session 1
+        PrefixRequest(1.0, 1536, 10, (0, 1, 2)),     # session 1, turn 2: reuses blocks 0, 1
+        PrefixRequest(2.0, 700, 10, (0, 5)),         # another session: reuses block 0
+        PrefixRequest(3.0, 1300, 10, (0, 1, 2, 3)),  # cut to 1300 / 16 = 81 tokens of 4 blocks of 32
+    ]
+    prompts = block_prompts(reqs, 32, vocab_size=100, seed=1)
+    assert [len(p) for p in prompts] == [64, 96, 44, 81]  # 700 x 32 / 512 = 43.75 -> 44
+    assert prompts[1][:64] == prompts[0] and prompts[3] == prompts[1][:81]
+    assert prompts[2][:32] == prompts[0][:32] and prompts[2][32:44] != prompts[1][32:44]
+    assert all(1 <= t < 100 for p in prompts for t in p)
+    # hits: 0; 64 (blocks 0, 1); 32 (block 0); 80 (blocks 0, 1, 2 = 96 tokens, capped at the 5 full
+    # pages before the last token)
+    assert abs(prefix_hit_bound(reqs, prompts, 32, 16) - (0 + 64 + 32 + 80) / (64 + 96 + 44 + 81)) < 1e-12
+    sessions = multi_turn_sessions(reqs, 10, min_turns=2)
+    assert sessions == [reqs[0], reqs[1], reqs[3]]  # session 1 has three turns; session 5 only one

@@ -38,8 +38,8 @@ def test_server_logging_config_carries_uvicorn_and_ours():
         logging_config("loud")
 
 
-def _engine(running=2, waiting=1, used=3, jobs=()):
-    kv = types.SimpleNamespace(num_used_pages=used, capacity=12)
+def _engine(running=2, waiting=1, used=3, jobs=(), queries=80, hits=20):
+    kv = types.SimpleNamespace(num_used_pages=used, capacity=12, prefix_cache_queries=queries, prefix_cache_hits=hits)
     sched = types.SimpleNamespace(num_running=running, num_waiting=waiting, kv_cache=kv, num_preemptions=0)
     return types.SimpleNamespace(scheduler=sched, finetuning_jobs=list(jobs))
 
@@ -63,7 +63,7 @@ def test_stats_line_reports_the_window(caplog):
         line = stats.flush(engine)
     # prompts counted once each (40 tokens), 4 tokens generated, 200 trained, over 10 s
     assert line == ("Avg prompt throughput: 4.0 tokens/s, Avg generation throughput: 0.4 tokens/s, Running: 2 reqs, "
-                    "Waiting: 1 reqs, KV cache usage: 25.0%, Preemptions: 0, Finetuning: 20.0 tokens/s "
+                    "Waiting: 1 reqs, KV cache usage: 25.0%, Preemptions: 0, Prefix cache hit rate: 25.0%, Finetuning: 20.0 tokens/s "
                     "(ftjob-x step 1/4, loss 2.5000)")
     assert caplog.records[-1].getMessage() == line
     now[0] = 25.0  # an idle window logs nothing

@@ -197,3 +197,28 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_prefix_caching_shares_within_a_step_and_keys_by_adapter_version():
+    kv = KVCacheManager(64, 16, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(8, 256, 512), kv)
+    s.adapter_versions = [0, 5]
+    prompt = list(range(1, 51))  # 3 full pages before the page of the last token
+    s.add_request(Request("a", prompt, SamplingParams(max_tokens=2)))
+    s.add_request(Request("b", list(prompt), SamplingParams(max_tokens=2)))  # same step: shares a's pages
+    s.add_request(Request("p", list(prompt), SamplingParams(max_tokens=2, repetition_penalty=1.2)))  # never matches
+    s.add_request(Request("x", list(prompt), SamplingParams(max_tokens=2), adapter_index=1))  # another adapter
+    plan = s.schedule()
+    starts = {c.request_id: c.start for c in plan.prefills}
+    assert starts == {"a": 0, "b": 48, "p": 0, "x": 0}
+    tables = {c.request_id: c.new_pages for c in plan.prefills}
+    assert tables["b"][:3] == tables["a"][:3] and set(tables["b"][3:]).isdisjoint(tables["a"])
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (200, 48)
+    assert s.num_prefill_tokens == 50 + 2 + 50 + 50
+    s.update(plan, [7 if c.sample else None for c in plan.chunks])
+    s.add_request(Request("x2", list(prompt), SamplingParams(max_tokens=2), adapter_index=1))
+    s.adapter_versions[1] = 6  # the adapter's weights changed: x's pages are not x2's
+    s.add_request(Request("a2", prompt + [9] * 30, SamplingParams(max_tokens=2)))  # a longer prompt: a's 3 pages
+    plan = s.schedule()
+    assert {c.request_id: c.start for c in plan.prefills} == {"x2": 0, "a2": 48}
+    kv.check_invariants()

@@ -581,6 +581,27 @@ def test_metrics_parse_and_move_with_traffic(http, client):
     assert metric(http, "vllm:request_queue_time_seconds_count") >= 1
 
 
+def test_n_choices_share_the_prompt_pages_in_the_prefix_cache(http, client, hf_tokenizer):
+    """The n choices of a request are n sequences seeded seed + i that share the prompt's full KV
+    pages; the hits show in vLLM's prefix-cache counters."""
+    q0, h0 = metric(http, "vllm:prefix_cache_queries_total"), metric(http, "vllm:prefix_cache_hits_total")
+    prompt = "Prefix caching test: " + " ".join(f"item{i}" for i in range(30))
+    n_tok = len(hf_tokenizer(prompt)["input_ids"])
+    shared = (n_tok - 1) // 16 * 16  # the full 16-token pages before the page of the last token
+    assert shared >= 32
+    out = client.completions.create(model=BASE, prompt=prompt, max_tokens=5, n=3, seed=11, temperature=1.0,
+                                    extra_body={"ignore_eos": True})
+    assert len(out.choices) == 3
+    # (the counters move after the step that admitted the choices)
+    wait_until(lambda: metric(http, "vllm:prefix_cache_queries_total") - q0 == 3 * n_tok, timeout=10)
+    assert metric(http, "vllm:prefix_cache_hits_total") - h0 == 2 * shared  # choices 1 and 2 reuse choice 0's pages
+    assert "coserve:kv_cache_pages_cached" in {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
+    # the same as three requests seeded 11, 12, 13
+    alone = [client.completions.create(model=BASE, prompt=prompt, max_tokens=5, seed=11 + i, temperature=1.0,
+                                       extra_body={"ignore_eos": True}).choices[0].text for i in range(3)]
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == alone
+
+
 def test_client_disconnect_aborts_the_request_and_frees_its_pages(server, http):
     aborted0 = metric(http, "vllm:request_success_total", finished_reason="abort")
     body = {"model": BASE, "prompt": "a long story", "max_tokens": 256, "stream": True, "ignore_eos": True}

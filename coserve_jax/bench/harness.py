@@ -87,6 +87,8 @@ class RunResult:
         eval_loss_after: validation loss of the run's adapter at its end (``None``: no job or
             no ``finetune.eval_data``).
         sample_answers: ``[(question, answer)]`` of the run's adapter (when asked for).
+        prefix_cache_queries, prefix_cache_hits: prompt tokens looked up in the prefix cache
+            during the run, and found (each run starts with an empty cache).
     """
 
     policy: str
@@ -99,6 +101,8 @@ class RunResult:
     engine_policy: str = ""
     eval_loss_after: float | None = None
     sample_answers: list | None = None
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 def training_examples(cfg: BenchConfig, tokenizer, vocab_size: int, max_seq_len: int) -> list[TrainingExample]:
@@ -269,7 +273,11 @@ def replay(
     """Replay ``requests`` against the wall clock under ``policy`` (the engine's policy must be
     set), with a finetuning job on ``examples`` if given. Requests still unfinished
     ``drain_timeout_s`` after the last arrival are aborted. After the run (not timed), the job's
-    adapter is evaluated on ``evals`` and answers ``questions``."""
+    adapter is evaluated on ``evals`` and answers ``questions``. The prefix cache is emptied first,
+    so that no run reuses another's pages."""
+    engine.reset_prefix_cache()
+    kv = engine.scheduler.kv_cache
+    q0, h0 = kv.prefix_cache_queries, kv.prefix_cache_hits
     job = _job(engine, cfg, examples, f"bench-{policy}-{rate:g}") if examples is not None else None
     queue = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
     meta: dict[str, tuple[BenchRequest, float]] = {}
@@ -319,7 +327,7 @@ def replay(
         records.append(RequestRecord(rid, arrival - t0, first - t0, finish - t0, len(r.prompt_token_ids), n_out, r.max_tokens, done))
     steps = [dataclasses.replace(s, end_time=s.end_time - t0) for s in list(engine.step_log)[log0:]]
     return RunResult(policy, rate, records, steps, end - t0, ft_tokens, engine.num_steps - steps0, engine.scheduling_policy,
-                     loss_after, answers)
+                     loss_after, answers, kv.prefix_cache_queries - q0, kv.prefix_cache_hits - h0)
 
 
 def finetune_only(engine: Engine, cfg: BenchConfig, examples: list[TrainingExample], on_step=None, evals=None) -> RunResult:

@@ -47,7 +47,8 @@ def latency_model_error(steps) -> float | None:
 
 def summarize(result: RunResult, slo: SLOConfig, finetune_only_tokens_per_s: float | None) -> dict:
     """One ``summary.json`` row: :data:`SUMMARY_KEYS`, then the request and step counts, the
-    latency model's median relative error, and the mean step time (ms)."""
+    latency model's median relative error, the mean step time (ms) and the prefix cache's hit
+    rate (hit / queried prompt tokens; ``None`` without lookups)."""
     reqs = result.requests
     ok = sum(attains(r, slo) for r in reqs)
     dur = max(result.duration_s, 1e-9)
@@ -71,5 +72,6 @@ def summarize(result: RunResult, slo: SLOConfig, finetune_only_tokens_per_s: flo
         "finetune_tokens": result.finetune_tokens,
         "mean_step_ms": float(np.mean([s.measured_ms for s in result.steps])) if result.steps else None,
         "latency_model_median_rel_error": latency_model_error(result.steps),
+        "prefix_cache_hit_rate": result.prefix_cache_hits / result.prefix_cache_queries if result.prefix_cache_queries else None,
     }
     return row

@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import pathlib
+from typing import Sequence
 
 import numpy as np
 
@@ -307,3 +308,104 @@ def build_workload(
     else:
         prompts = [tuple(int(t) for t in rng.integers(0, vocab_size, m)) for m in prompt_len]
     return [BenchRequest(float(a), p, int(o)) for a, p, o in zip(arrivals, prompts, output_len)]
+
+
+MOONCAKE_BLOCK_TOKENS = 512
+"""Tokens per ``hash_ids`` block in the Mooncake traces."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixRequest:
+    """A Mooncake request with its prefix blocks (``hash_ids``: equal ids, equal 512-token
+    blocks, and a block's id names its whole prefix).
+
+    Attributes:
+        arrival_s: seconds after the trace's first request.
+        prompt_tokens, output_tokens: lengths in tokens.
+        hash_ids: the prompt's blocks, in order.
+    """
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    hash_ids: tuple[int, ...]
+
+
+def load_mooncake_prefix_trace(path: str | os.PathLike) -> list[PrefixRequest]:
+    """A Mooncake trace with its ``hash_ids``, by arrival.
+
+    Raises:
+        ValueError: a malformed line (with its number).
+    """
+    out = []
+    with open(path) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+                out.append(PrefixRequest(float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"]),
+                                         tuple(int(h) for h in rec["hash_ids"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{os.fspath(path)} line {line}: {e!r}") from None
+    t0 = min((r.arrival_s for r in out), default=0.0)
+    return sorted((dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
+
+
+def multi_turn_sessions(trace: Sequence[PrefixRequest], num_requests: int, min_turns: int = 3) -> list[PrefixRequest]:
+    """The first ``num_requests`` requests (by arrival) of the trace's multi-turn sessions: a
+    session is the requests whose second block (the first after the shared system prompt) is
+    the same, kept when it has at least ``min_turns`` requests, taken whole in order of its first
+    request until ``num_requests`` are gathered. A short window of the trace alone shares little
+    beyond the system prompt, its conversations' turns being minutes apart; this keeps the
+    trace's sharing structure, sessions and arrival order."""
+    sessions: dict[int, list[int]] = {}
+    for i, r in enumerate(trace):
+        if len(r.hash_ids) > 1:
+            sessions.setdefault(r.hash_ids[1], []).append(i)
+    chosen: list[int] = []
+    for members in sorted(sessions.values(), key=lambda m: m[0]):
+        if len(members) >= min_turns:
+            chosen += members
+        if len(chosen) >= num_requests:
+            break
+    return [trace[i] for i in sorted(chosen)[:num_requests]]
+
+
+def block_prompts(requests: Sequence[PrefixRequest], block_tokens: int, vocab_size: int, seed: int = 0,
+                  max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Prompts whose blocks repeat exactly as the ``hash_ids`` do: block id ``h`` is the same
+    ``block_tokens`` random token ids wherever it appears (ids ``>= 1``), the prompt is the
+    request's blocks cut to its length scaled by ``block_tokens / 512`` (and to
+    ``max_prompt_tokens``)."""
+    cache: dict[int, list[int]] = {}
+
+    def block(h: int) -> list[int]:
+        if h not in cache:
+            cache[h] = np.random.default_rng([seed, h]).integers(1, vocab_size, block_tokens).tolist()
+        return cache[h]
+
+    out = []
+    for r in requests:
+        n = max(1, round(r.prompt_tokens * block_tokens / MOONCAKE_BLOCK_TOKENS))
+        n = min(n, len(r.hash_ids) * block_tokens, max_prompt_tokens or n)
+        ids = [t for h in r.hash_ids[: -(-n // block_tokens)] for t in block(h)]
+        out.append(ids[:n])
+    return out
+
+
+def prefix_hit_bound(requests: Sequence[PrefixRequest], prompts: Sequence[Sequence[int]], block_tokens: int,
+                     page_size: int) -> float:
+    """The prefix-cache hit rate an unbounded cache allows, in prompt tokens: request ``i``
+    can reuse its leading blocks that an earlier request's prompt held whole, up to the full
+    pages before its last token (which is always computed). Returns hit tokens / prompt tokens."""
+    whole: set[int] = set()
+    hit = total = 0
+    for r, p in zip(requests, prompts):
+        m = 0
+        while m < len(r.hash_ids) and r.hash_ids[m] in whole:
+            m += 1
+        hit += min(m * block_tokens, (len(p) - 1) // page_size * page_size)
+        total += len(p)
+        whole.update(r.hash_ids[: len(p) // block_tokens])
+    return hit / max(total, 1)

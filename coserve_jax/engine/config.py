@@ -86,6 +86,8 @@ class EngineConfig:
             train step (finetuning on, one device).
         compile_in_background: serve once the largest shapes are compiled, the rest compiling in
             a background thread (one process only).
+        enable_prefix_caching: share the KV pages of repeated prompt prefixes
+            (:mod:`coserve_jax.sched.kv_cache`).
     """
 
     max_model_len: int
@@ -114,6 +116,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     finetune_idle_train_step: bool = False
     compile_in_background: bool = False
+    enable_prefix_caching: bool = True
     max_loras_per_batch: int = 0
     lora_impl: str = "segmented"
 
@@ -197,6 +200,7 @@ class EngineConfig:
         finetune_activation_bytes: int | None = None,
         finetune_idle_train_step: bool = True,
         compile_in_background: bool = False,
+        enable_prefix_caching: bool = True,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -287,6 +291,11 @@ class EngineConfig:
                 token-level until the idle train step is compiled. ``Engine.wait_compiled``
                 waits for the rest. Ignored in a multi-process engine (every process must run
                 the same shapes).
+            enable_prefix_caching: automatic prefix caching (vLLM's knob, on by default): full
+                KV pages are named by content, adapter and adapter version, a new request shares
+                the longest cached chain and prefills the rest, and freed pages stay cached until
+                evicted (LRU); an adapter's every load, unload and optimizer step gives its pages
+                new names (:mod:`coserve_jax.sched.kv_cache`).
             scheduling_policy: ``"fixed"`` (the step budgets above, every step), ``"hybrid"``
                 (each step sized from the latency model and the requests' SLOs,
                 :mod:`coserve_jax.sched.hybrid_policy`; the model is fitted from a start-up profile,
@@ -402,6 +411,7 @@ class EngineConfig:
             max_cpu_loras=max_cpu_loras,
             finetune_idle_train_step=bool(finetune_idle_train_step and layout is not None and tensor_parallel_size == 1),
             compile_in_background=bool(compile_in_background),
+            enable_prefix_caching=bool(enable_prefix_caching),
             max_loras_per_batch=min(max_loras, max_loras_per_batch or 4) if has_lora_pool and max_loras else 0,
             lora_impl=lora_impl,
         )

@@ -102,7 +102,8 @@ class Engine(OfflineAPI):
             or ``~/.cache/coserve_jax/xla``), ``seed``, ``watermark_pages``,
             ``max_finetune_jobs``, ``finetune_max_seq_len``, ``max_finetune_tokens``,
             ``finetune_layers_per_slice``, ``finetune_seq_buckets``, ``finetune_activation_bytes``,
-            ``finetune_idle_train_step``, ``compile_in_background``, ``scheduling_policy``,
+            ``finetune_idle_train_step``, ``compile_in_background``, ``enable_prefix_caching``
+            (on by default), ``scheduling_policy``,
             ``policy_options``, ``slo``, ``measure_steps``, ``async_scheduling`` (on by
             default: the host plans step N+1 while the device runs step N),
             ``tensor_parallel_size``.
@@ -155,6 +156,7 @@ class Engine(OfflineAPI):
         finetune_activation_bytes: int | None = None,
         finetune_idle_train_step: bool = True,
         compile_in_background: bool = False,
+        enable_prefix_caching: bool = True,
         scheduling_policy: str = "fixed",
         policy_options: dict | None = None,
         slo: SLOConfig | dict | None = None,
@@ -186,8 +188,11 @@ class Engine(OfflineAPI):
             **knobs,
         )
         """Every resolved limit, bucket grid and layout (:class:`~coserve_jax.engine.config.EngineConfig`)."""
-        self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(ec.num_kv_pages, ec.page_size))
+        self.scheduler = Scheduler(ec.scheduler_config(), KVCacheManager(
+            ec.num_kv_pages, ec.page_size, enable_prefix_caching=ec.enable_prefix_caching))
         self.runner = ModelRunner(self.model, self.rules, ec)
+        if self.runner.adapters is not None:  # (a plain list the adapter manager bumps on every slot write)
+            self.scheduler.adapter_versions = self.runner.adapters.versions
         """The device owner (:class:`~coserve_jax.engine.model_runner.ModelRunner`)."""
         log.info("model %s: %s parameters, %s, context %d tokens; KV cache %d pages of %d tokens (%.1f MiB a device); "
                  "compiling %d step shapes", self.model_path or "(built in code)", f"{config.num_params():,}",
@@ -487,6 +492,9 @@ class Engine(OfflineAPI):
                 slot being pinned by unfinished requests, jobs or evaluations, is no error: the
                 request waits until a slot frees up.)
         """
+        params = params or SamplingParams()
+        if params.n > 1:
+            return self._add_parallel(prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time)
         req, text = self.inputs.process(
             prompt, params, adapter, request_id=request_id, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
             arrival_time=arrival_time,
@@ -497,12 +505,54 @@ class Engine(OfflineAPI):
             self._awaiting_slot.append(req)
         return req.request_id
 
+    def _add_parallel(self, prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time) -> str:
+        """Fork a request with ``params.n > 1`` into ``n`` child requests ``"{i}_{request_id}"``
+        (vLLM's names), child ``i`` seeded ``seed + i`` when a seed is given; all or none are
+        queued. The children share the prompt's full pages through the prefix cache (the first
+        one's pages are named when its prefill is planned; the others, admitted in the same
+        step or later, match them)."""
+        parent_id = request_id if request_id is not None else self.inputs.new_id()
+        if parent_id in self.outputs.children or parent_id in self.scheduler.requests:
+            raise ValueError(f"request id {parent_id!r} is in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children, text = [], None
+        try:
+            for i in range(params.n):
+                seed = None if params.seed is None else (params.seed + i) % 2**32
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+                req, t = self.inputs.process(
+                    prompt if i == 0 else children[0].prompt_token_ids, child_params, adapter, request_id=f"{i}_{parent_id}",
+                    ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, arrival_time=arrival)
+                text = t if i == 0 else text
+                self.scheduler.add_request(req)
+                children.append(req)
+        except Exception:
+            for req in children:
+                self.scheduler.abort(req.request_id)
+            raise
+        self.outputs.add_parent(parent_id, children, text, index, adapter)
+        self._awaiting_slot.extend(r for r in children if r.adapter_index == ADAPTER_PENDING)
+        return parent_id
+
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request and free its pages. Returns its final output (``finish_reason="abort"``)."""
+        """Cancel a request (a parallel-sampling one: every unfinished completion) and free its
+        pages. Returns its final output (``finish_reason="abort"``), ``None`` for an unknown or
+        ended request."""
+        children = self.outputs.children.get(request_id)
+        if children is not None:  # a parallel-sampling request: all its completions
+            now = time.monotonic()
+            ended = [self.outputs.finalize(r, now) for r in map(self.scheduler.abort, children) if r is not None]
+            folded = self.outputs.fold(ended)
+            return folded[0] if folded else None
         req = self.scheduler.abort(request_id)
         if req is None:
             return None
         return self.outputs.finalize(req, time.monotonic())
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached KV page (vLLM's ``LLM.reset_prefix_cache``): later requests match
+        nothing computed before. Running requests keep their pages. Returns the pages forgotten."""
+        return self.scheduler.kv_cache.reset_prefix_cache()
 
     @property
     def has_unfinished(self) -> bool:
@@ -511,6 +561,12 @@ class Engine(OfflineAPI):
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens computed in prefill chunks since start (recomputation included; tokens found in
+        the prefix cache are not computed, so not counted)."""
+        return self.scheduler.num_prefill_tokens
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self, plan: SchedulerOutput | None = None) -> list[RequestOutput]:

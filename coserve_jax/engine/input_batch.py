@@ -83,7 +83,7 @@ class InputBatch:
             self._append_pages(int(rows[i]), d.request_ids[i], new)
         for j, c in enumerate(plan.prefills, n):
             row = rows_of.get(c.request_id)
-            if row is None or c.start == 0:  # a new request, or one readmitted: a fresh row
+            if row is None or c.start == 0:  # a new request, or one readmitted (start: its cached prefix): a fresh row
                 if row is None:
                     row = rows_of[c.request_id] = self._take()
                 self.page_table[row] = 0

@@ -71,7 +71,7 @@ class InputProcessor:
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} is above max_logprobs={self.max_logprobs}")
         adapter_index = self.adapter_index(adapter) if adapter else 0
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        rid = request_id if request_id is not None else self.new_id()
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
         req = Request(
             request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, lora_name=adapter or None, seed=seed,
@@ -79,6 +79,10 @@ class InputProcessor:
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
         )
         return req, text
+
+    def new_id(self) -> str:
+        """A fresh request id (``"req-<k>"``)."""
+        return f"req-{next(self._ids)}"
 
     @staticmethod
     def batch(prompts, params, adapter) -> list[tuple[Prompt, SamplingParams, str | None]]:

@@ -6,6 +6,28 @@ import dataclasses
 
 
 @dataclasses.dataclass
+class CompletionOutput:
+    """One completion of a request (vLLM's ``CompletionOutput``): the request's own fields
+    for ``n = 1``, one sequence of a parallel-sampling request otherwise.
+
+    Attributes:
+        index: which of the request's ``n`` completions (``0 .. n - 1``).
+        token_ids, text, logprobs, top_logprobs, finish_reason, finished, delta_token_ids,
+        delta_text: as :class:`RequestOutput`'s fields of the same names.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    finished: bool = False
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    delta_text: str = ""
+
+
+@dataclasses.dataclass
 class RequestOutput:
     """The state of one request's generation (a snapshot; the streaming form fills the deltas).
 
@@ -27,6 +49,10 @@ class RequestOutput:
         num_preemptions: times the request was preempted and recomputed.
         arrival_time, first_scheduled_time, first_token_time, finish_time: ``time.monotonic()``
             seconds (first scheduled: first admitted into a step; arrival to it is the queue time).
+        completions: the ``n`` completions of a parallel-sampling request (``SamplingParams.n
+            > 1``), else ``None``; read them as :attr:`outputs`. With ``n > 1`` the fields above
+            describe completion 0, ``finished`` is whether all ``n`` are, the times span them
+            all and ``num_preemptions`` adds theirs up.
     """
 
     request_id: str
@@ -47,6 +73,16 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     first_scheduled_time: float | None = None
+    completions: list[CompletionOutput] | None = None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """The request's completions (vLLM's ``RequestOutput.outputs``): ``n`` of them, or for
+        ``n = 1`` one made of this output's own fields."""
+        if self.completions is not None:
+            return self.completions
+        return [CompletionOutput(0, self.token_ids, self.text, self.logprobs, self.top_logprobs, self.finish_reason,
+                                 self.finished, self.delta_token_ids, self.delta_text)]
 
     @property
     def ttft_ms(self) -> float | None:

@@ -68,6 +68,11 @@ class AdapterManager:
         self.model = model
         self.pool_config = model.lora.config
         self._slots: list[_SlotInfo | None] = [None] * self.pool_config.max_loras
+        self.versions: list[int] = [0] * (self.pool_config.max_loras + 1)
+        """Per adapter index (slot + 1; index 0 the base model, always 0): a number that changes
+        with every write to the slot (load, unload, :meth:`write_weights`), unique over the
+        manager's life; the prefix cache keys K/V pages by it."""
+        self._writes = 0
         self._writer = None
         self._cache = executable_cache
 
@@ -165,6 +170,11 @@ class AdapterManager:
         for m, (a, b) in self._writer(stacks, np.int32(slot), dict(weights)).items():
             pool.A[m].set_value(a)
             pool.B[m].set_value(b)
+        self._bump(slot)
+
+    def _bump(self, slot: int) -> None:
+        self._writes += 1
+        self.versions[slot + 1] = self._writes
 
     def slot_shardings(self) -> dict[str, tuple[jax.sharding.Sharding, jax.sharding.Sharding]]:
         """``{module: (A, B)}``: where one slot's weights (``[L, in, R]``, ``[L, R, out]``)
@@ -246,6 +256,7 @@ class AdapterManager:
                 current = var[...]
                 placed = jax.device_put(value, _without_axis1(current.sharding, value.ndim))
                 var.set_value(_write_slot(current, index, placed))
+        self._bump(slot)
 
 
 def _without_axis1(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:

@@ -51,13 +51,15 @@ class ScheduledChunk:
     """The tokens of one request in a step.
 
     Page tables travel as increments (vLLM v1's ``new_block_ids``): a chunk carries only the
-    pages this plan added to its request; a chunk with ``start == 0`` (a new request, or one
-    readmitted after preemption) carries its whole table. Whoever keeps the device's page tables
+    pages this plan added to its request; the first chunk of a request new to the batch (admitted,
+    or readmitted after preemption; its ``start`` is 0, or the tokens found in the prefix cache)
+    carries its whole table. Whoever keeps the device's page tables
     (:class:`~coserve_jax.engine.input_batch.InputBatch`) applies every plan in order.
 
     Attributes:
         request_id: the request's id.
-        start: position of the first token (= tokens already in the KV cache).
+        start: position of the first token (= tokens already in the KV cache, shared cached
+            pages included).
         token_ids: the tokens to compute, positions ``start .. start + len - 1``.
         new_pages: the pages this step's allocation added to the request's table, in token order.
         sample: whether this chunk reaches the last known token, so a new token is sampled.

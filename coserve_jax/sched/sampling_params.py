@@ -11,6 +11,11 @@ class SamplingParams:
     """How to sample and when to stop, for one request (field names and meaning as in vLLM).
 
     Attributes:
+        n: completions to generate from the prompt (parallel sampling, vLLM's ``n``): the
+            engine forks the request into ``n`` sequences that share the prompt's KV pages
+            through the prefix cache; sequence ``i`` samples with ``seed + i`` when ``seed`` is
+            given, else with a seed of its own; the results come back as one output's
+            ``outputs`` list.
         max_tokens: most tokens to generate (>= 1).
         temperature: softmax temperature; ``0`` is greedy decoding.
         top_k: keep the ``top_k`` most likely tokens; ``0`` or ``-1`` keeps all.
@@ -55,6 +60,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    n: int = 1
 
     def __post_init__(self):
         # Accept a single string and any sequence for the tuple fields (a frozen dataclass, so
@@ -66,6 +72,7 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0", self.temperature)
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1: off)", self.top_k)

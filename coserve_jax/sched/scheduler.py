@@ -13,6 +13,15 @@ Each call of :meth:`Scheduler.schedule` plans one step under two limits, a token
    LoRA adapter waits for a device slot (``adapter_index`` :data:`~coserve_jax.sched.request.ADAPTER_PENDING`)
    is passed over, as vLLM passes over requests beyond ``max_loras``, until the engine places it.
 
+**Prefix caching** (with the cache's ``enable_prefix_caching``): an admitted request first takes
+the longest chain of its full pages already cached (named by content, adapter and adapter
+version, :func:`~coserve_jax.sched.kv_cache.page_hash`) and prefills only the rest; its own full
+pages are named as soon as a planned chunk computes them, so a request admitted later, in the
+same step or after, shares them (within a step every K/V write of a layer precedes that layer's
+attention). At least the last token is always computed, in a page of its own, so a shared page is
+never written. A request with a repetition penalty computes its whole prompt (its seen-token mask
+is built from the tokens its steps pass through) but still names its pages.
+
 Pages come from :class:`~coserve_jax.sched.kv_cache.KVCacheManager`. When a running request needs
 a page and none is free, the most recently admitted request not yet planned in this step is
 **preempted by recomputation** (vLLM's default): its pages are freed and it goes back to the
@@ -55,7 +64,7 @@ from coserve_jax.sched.outputs import (
     TrainSequence,
 )
 from coserve_jax.sched.policy import Load, StepBudget, StepPolicy
-from coserve_jax.sched.kv_cache import KVCacheManager
+from coserve_jax.sched.kv_cache import KVCacheManager, page_hash
 from coserve_jax.sched.request import FinishReason, Request, RequestStatus
 
 
@@ -110,6 +119,11 @@ class Scheduler:
             request could then never finish).
     """
 
+    adapter_versions: list[int] | None = None
+    """Per adapter index, the version of its slot's weights (index 0, the base model, stays 0):
+    part of every page's name, so pages computed with older weights are never matched. The
+    engine hands in a list it bumps on every write to a slot; ``None``: every version 0."""
+
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, policy: StepPolicy | None = None):
         need = kv_cache.pages_for(config.max_model_len)
         if need > kv_cache.capacity:
@@ -130,6 +144,9 @@ class Scheduler:
         self._ended: list[Hashable] = []  # requests ended since the last plan (SchedulerOutput.finished)
         self._plan_pending = False  # the plan being made holds a PENDING_TOKEN
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0
+        """Prompt (and recomputed) tokens planned in prefill chunks since start: what the prefix
+        cache saves shows here."""
         self.training: list[TrainingSequence] = []  # in the order they were added
         self.store = StoreAllocator(config.store_rows)
         """Rows of the activation store, given to training sequences when their forward starts."""
@@ -138,6 +155,7 @@ class Scheduler:
         self._rr_backward = 0
         self.policy = policy
         self.last_budget: StepBudget | None = None
+        self._names: dict[Hashable, list[bytes]] = {}  # per running request: its named full pages, in order
 
     # ---- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -197,6 +215,7 @@ class Scheduler:
         self._rows.pop(req.request_id, None)
         self._stops.pop(req.request_id, None)
         self._asks.pop(req.request_id, None)
+        self._names.pop(req.request_id, None)
         self._ended.append(req.request_id)
 
     @property
@@ -434,18 +453,22 @@ class Scheduler:
                     continue
                 if req.num_pending:
                     break  # preempted with a token still on the device: readmitted once it is known
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.kv_cache.can_admit(n, reserve_pages=self.config.watermark_pages):
+                cached = self._match(req)
+                hit = len(cached) * self.kv_cache.page_size
+                n = min(req.num_tokens - hit, budget)
+                if not self.kv_cache.can_admit(hit + n, reserve_pages=self.config.watermark_pages, cached=cached):
                     break  # FCFS: whoever is first waits for pages; nobody overtakes
                 del self.waiting[skipped]
                 if in_use is not None and a > 0:
                     in_use.add(a)
-                table = self.kv_cache.admit(req.request_id, n)
+                table = self.kv_cache.admit(req.request_id, hit + n, cached)
+                self.kv_cache.count_query(req.num_tokens, hit)
+                req.num_computed_tokens = hit
                 req.status = RequestStatus.RUNNING
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 self.running.append(req)
-                chunks.append(self._chunk(req, n, table))  # start 0: the whole table
+                chunks.append(self._chunk(req, n, table))  # a new row: the whole table
                 budget -= n
         fwd, bwd, train = [], None, None
         if self.training:
@@ -565,15 +588,58 @@ class Scheduler:
         end = start + n
         sample = end == req.num_tokens
         req.num_computed_tokens = end
+        if self.kv_cache.enable_prefix_caching:
+            self._name_pages(req, min(end, len(req.prompt_token_ids) + len(req.output_token_ids)))
         out = req.num_output_tokens
         if req.num_pending:  # its input token is the one still on the device
             self._plan_pending = True
         if sample:
             req.num_pending += 1
+        decode = n == 1 and start >= len(req.prompt_token_ids)
+        if not decode:
+            self.num_prefill_tokens += n
         return ScheduledChunk(
             req.request_id, start, req.token_ids(start, end), new_pages, sample, req.adapter_index,
-            self._rows[req.request_id], out, n == 1 and start >= len(req.prompt_token_ids),
+            self._rows[req.request_id], out, decode,
         )
+
+    def _adapter_key(self, req: Request) -> tuple[int, int]:
+        a = req.adapter_index
+        versions = self.adapter_versions
+        return (a, versions[a] if versions is not None and a > 0 else 0)
+
+    def _page_names(self, req: Request, first: int, count: int, parent: bytes | None) -> list[bytes]:
+        page, key, out = self.kv_cache.page_size, self._adapter_key(req), []
+        for i in range(first, first + count):
+            parent = page_hash(parent, req.token_ids(i * page, (i + 1) * page), key)
+            out.append(parent)
+        return out
+
+    def _match(self, req: Request) -> list[int]:
+        """The cached pages a request being admitted can share (none without prefix caching,
+        or for a request with a repetition penalty); their names start the request's list of
+        named pages (:meth:`_name_pages`)."""
+        kv = self.kv_cache
+        if not kv.enable_prefix_caching:
+            return []
+        self._names[req.request_id] = []
+        if req.params.repetition_penalty != 1.0:
+            return []
+        # every full page but the one holding the last token, which is always computed
+        names = self._page_names(req, 0, (req.num_tokens - 1) // kv.page_size, None)
+        pages = kv.match(names)
+        self._names[req.request_id] = names[: len(pages)]  # (the rest are named as chunks compute them)
+        return pages
+
+    def _name_pages(self, req: Request, known: int) -> None:
+        """Name the full pages of ``req`` within its first ``known`` tokens (computed by planned
+        chunks, their token ids known) that are not named yet."""
+        names = self._names.setdefault(req.request_id, [])
+        full = known // self.kv_cache.page_size
+        if full > len(names):
+            first = len(names)
+            names += self._page_names(req, first, full - first, names[-1] if names else None)
+            self.kv_cache.register(req.request_id, first, names[first:])
 
     def _pick_victim(self, current: Request, decodes: DecodeChunks, chunks: list[ScheduledChunk]) -> Request:
         """The most recently admitted running request not yet planned this step (else ``current``)."""
@@ -586,6 +652,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req.request_id)
+        self._names.pop(req.request_id, None)
         self.running.remove(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0

@@ -20,6 +20,8 @@ current).
 | ``vllm:num_preemptions_total`` | counter | preemptions (recomputation) |
 | ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` | gauge | requests |
 | ``vllm:kv_cache_usage_perc`` | gauge | used / total KV pages (0 to 1) |
+| ``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total`` | counter | prompt tokens looked up in the prefix cache at admission, and found there |
+| ``coserve:kv_cache_pages_cached`` | gauge | pages the prefix cache can match (held or evictable) |
 | ``coserve:kv_cache_pages_used``, ``coserve:kv_cache_pages_total`` | gauge | pages |
 | ``coserve:step_time_seconds`` | histogram | s, host time of one engine step |
 | ``coserve:finetune_tokens_total`` | counter | training tokens (forward + backward of whole sequences) |
@@ -49,6 +51,7 @@ VLLM_METRICS = (
     "vllm:request_queue_time_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
     "vllm:request_success", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions",
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
 )
 """The vLLM metric families this server exposes (counters without their ``_total`` suffix)."""
 
@@ -82,6 +85,12 @@ class ServerMetrics:
         self.running = Gauge("vllm:num_requests_running", "Requests being prefilled or decoded.", m, registry=r).labels(model_name)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for admission.", m, registry=r).labels(model_name)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache pages in use (0 to 1).", m, registry=r).labels(model_name)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m,
+                                      registry=r).labels(model_name)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m,
+                                   registry=r).labels(model_name)
+        self.pages_cached = Gauge("coserve:kv_cache_pages_cached", "KV cache pages the prefix cache can match.", m,
+                                  registry=r).labels(model_name)
         self.pages_used = Gauge("coserve:kv_cache_pages_used", "KV cache pages in use.", m, registry=r).labels(model_name)
         self.pages_total = Gauge("coserve:kv_cache_pages_total", "KV cache pages that requests can use.", m, registry=r).labels(model_name)
         self.step_time = hist("coserve:step_time_seconds", "Host time of one engine step, seconds.", STEP_BUCKETS).labels(model_name)
@@ -95,6 +104,7 @@ class ServerMetrics:
         self._window_s = window_s
         self._trained: dict[str, int] = {}
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # (queries, hits) counted so far
         self._samples: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens trained)
         self.ft_rate.set_function(self._finetune_rate)
 
@@ -132,6 +142,7 @@ class ServerMetrics:
         self.pages_used.set_function(lambda: kv.num_used_pages)
         self.pages_total.set_function(lambda: kv.capacity)
         self.kv_usage.set_function(lambda: kv.num_used_pages / max(kv.capacity, 1))
+        self.pages_cached.set_function(lambda: kv.num_cached_pages)
 
     def observe_step(self, engine, seconds: float) -> None:
         """After a step: its time, and finetuning progress."""
@@ -140,6 +151,12 @@ class ServerMetrics:
         if preemptions > self._preemptions_seen:
             self.preemptions.inc(preemptions - self._preemptions_seen)
             self._preemptions_seen = preemptions
+        kv = engine.scheduler.kv_cache
+        queries, hits = kv.prefix_cache_queries, kv.prefix_cache_hits
+        if (queries, hits) != self._prefix_seen:
+            self.prefix_queries.inc(queries - self._prefix_seen[0])
+            self.prefix_hits.inc(hits - self._prefix_seen[1])
+            self._prefix_seen = (queries, hits)
         now = time.monotonic()
         for job in engine.finetuning_jobs:
             before = self._trained.get(job.id)

@@ -80,6 +80,8 @@ class StatLogger:
                 f"Running: {sched.num_running} reqs, Waiting: {sched.num_waiting} reqs, "
                 f"KV cache usage: {100.0 * kv.num_used_pages / max(kv.capacity, 1):.1f}%, "
                 f"Preemptions: {sched.num_preemptions}")
+        if kv.prefix_cache_queries:
+            line += f", Prefix cache hit rate: {100.0 * kv.prefix_cache_hits / kv.prefix_cache_queries:.1f}%"
         active = [j for j in engine.finetuning_jobs if not j.done]
         if active or trained:
             line += f", Finetuning: {trained / elapsed:.1f} tokens/s"
