@@ -99,8 +99,9 @@ def test_kill_9_mid_job_then_restart_resumes_it_and_keeps_everything(tmp_path):
         assert srv.stop() == 0, srv.output
     a, b = _adapter(out, first.id), _adapter(out, second.id)
     assert a.keys() == b.keys() and a
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+    for k in a:  # to float32 rounding: where the steps cut the sequences into chunks depends on timing,
+        # and with it the order in which per-token gradients are summed (seen: 7e-6 relative on one entry)
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
 def test_sigterm_ends_open_streams_with_done_and_answers_waiting_requests_503(tmp_path):
