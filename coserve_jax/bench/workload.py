@@ -185,18 +185,7 @@ def load_mooncake_trace(path: str | os.PathLike) -> list[TraceRequest]:
     Raises:
         ValueError: a malformed line (with its number).
     """
-    out = []
-    with open(path) as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-                out.append(TraceRequest(float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{os.fspath(path)} line {line}: {e!r}") from None
-    t0 = min((r.arrival_s for r in out), default=0.0)
-    return sorted((dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
+    return [TraceRequest(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in load_mooncake_prefix_trace(path)]
 
 
 def load_trace(name_or_path: str, data_dir: str | os.PathLike | None = None) -> list[TraceRequest]:
@@ -332,7 +321,7 @@ class PrefixRequest:
 
 
 def load_mooncake_prefix_trace(path: str | os.PathLike) -> list[PrefixRequest]:
-    """A Mooncake trace with its ``hash_ids``, by arrival.
+    """A Mooncake trace with its ``hash_ids`` (empty where a line has none), by arrival.
 
     Raises:
         ValueError: a malformed line (with its number).
@@ -345,7 +334,7 @@ def load_mooncake_prefix_trace(path: str | os.PathLike) -> list[PrefixRequest]:
             try:
                 rec = json.loads(text)
                 out.append(PrefixRequest(float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"]),
-                                         tuple(int(h) for h in rec["hash_ids"])))
+                                         tuple(int(h) for h in rec.get("hash_ids", ()))))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{os.fspath(path)} line {line}: {e!r}") from None
     t0 = min((r.arrival_s for r in out), default=0.0)
