@@ -17,6 +17,7 @@ from coserve_jax.lora.manager import AdapterError
 ENGINE_KW = dict(
     dtype="float32", max_num_seqs=16, max_num_batched_tokens=64, page_size=16, num_kv_pages=40,
     token_buckets=(16, 64), seq_buckets=(4, 16), max_loras=2, max_lora_rank=8, compilation_cache_dir=None,
+    max_finetune_jobs=0,  # (inference only: no finetuning executables to compile)
 )
 MAX_TOKENS = 12
 

@@ -15,7 +15,7 @@ from test_engine import ENGINE_KW, hf_greedy
 def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint("llama31")
     kw = {**ENGINE_KW, "compilation_cache_dir": tmp_path / "cache", "scheduling_policy": "hybrid",
-          "slo": {"tpot_ms": 50.0, "ttft_ms": 5000.0}, "finetune_seq_buckets": (128, 512)}
+          "slo": {"tpot_ms": 50.0, "ttft_ms": 5000.0}, "max_finetune_jobs": 1, "finetune_seq_buckets": (128, 512)}
     engine = Engine(path, **kw)
     assert not engine.latency_model_cached
     assert (tmp_path / "cache" / "latency").is_dir()
