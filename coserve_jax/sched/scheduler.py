@@ -156,6 +156,7 @@ class Scheduler:
         self.policy = policy
         self.last_budget: StepBudget | None = None
         self._names: dict[Hashable, list[bytes]] = {}  # per running request: its named full pages, in order
+        self._query_names: dict[Hashable, tuple] = {}  # per waiting request: (adapter key, its pages' names)
 
     # ---- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -216,6 +217,7 @@ class Scheduler:
         self._stops.pop(req.request_id, None)
         self._asks.pop(req.request_id, None)
         self._names.pop(req.request_id, None)
+        self._query_names.pop(req.request_id, None)
         self._ended.append(req.request_id)
 
     @property
@@ -462,6 +464,7 @@ class Scheduler:
                 if in_use is not None and a > 0:
                     in_use.add(a)
                 table = self.kv_cache.admit(req.request_id, hit + n, cached)
+                self._query_names.pop(req.request_id, None)
                 self.kv_cache.count_query(req.num_tokens, hit)
                 req.num_computed_tokens = hit
                 req.status = RequestStatus.RUNNING
@@ -625,8 +628,15 @@ class Scheduler:
         self._names[req.request_id] = []
         if req.params.repetition_penalty != 1.0:
             return []
-        # every full page but the one holding the last token, which is always computed
-        names = self._page_names(req, 0, (req.num_tokens - 1) // kv.page_size, None)
+        # every full page but the one holding the last token, which is always computed; kept
+        # while the request waits at the head of the queue (not hashed again every step)
+        key, count = self._adapter_key(req), (req.num_tokens - 1) // kv.page_size
+        held = self._query_names.get(req.request_id)
+        if held is not None and held[0] == key and len(held[1]) == count:
+            names = held[1]
+        else:
+            names = self._page_names(req, 0, count, None)
+            self._query_names[req.request_id] = (key, names)
         pages = kv.match(names)
         self._names[req.request_id] = names[: len(pages)]  # (the rest are named as chunks compute them)
         return pages
