@@ -50,7 +50,8 @@ from coserve_jax.engine.policy_runtime import PolicyRuntime
 from coserve_jax.engine.step import Bucket, configure_compilation_cache
 from coserve_jax.finetune.config import FinetuneConfig
 from coserve_jax.finetune.data import TrainingExample
-from coserve_jax.finetune.job import FinetuneJob
+from coserve_jax.finetune.job import FinetuneError, FinetuneJob
+from coserve_jax.finetune.training_run import TrainingRun
 from coserve_jax.lora.manager import AdapterError, AdapterManager
 from coserve_jax.lora.peft_io import LoRAWeights
 from coserve_jax.models.config import LINEAR_MODULES
@@ -422,6 +423,46 @@ class Engine(OfflineAPI):
             training_data, config, adapter_name=adapter_name, job_id=job_id, eval_dataset=eval_dataset, **settings
         )
 
+    def create_training_run(
+        self, *, rank: int = 32, seed: int | None = None, train_attn: bool = True, train_mlp: bool = True,
+        train_unembed: bool = False, lora_alpha: float = 32.0, adapter_name: str | None = None,
+        run_id: str | None = None,
+    ) -> TrainingRun:
+        """Start a Tinker training run (``ServiceClient.create_lora_training_client``): a LoRA
+        adapter trained by its calls (:meth:`TrainingRun.forward_backward`,
+        :meth:`TrainingRun.optim_step`, :meth:`TrainingRun.forward`) inside the serving steps.
+
+        Args:
+            rank: the LoRA rank (at most ``max_lora_rank``).
+            seed: seeds the initial A (PEFT's Kaiming-uniform; B = 0); default: random.
+            train_attn: adapt q/k/v/o_proj; train_mlp: adapt gate/up/down_proj (those the
+                engine's pool holds; both must be in it).
+            train_unembed: adapt the LM head (not supported yet: must be ``False``).
+            lora_alpha: alpha (scaling ``alpha / rank``).
+            adapter_name: the name inference requests use for it (default: the run id); it
+                serves the latest optimizer step's weights.
+            run_id: an id of your own (default ``run-<12 hex>``).
+        Raises:
+            FinetuneError: finetuning is off, all ``max_finetune_jobs`` slots are busy, a
+                duplicate id, ``train_unembed``, or neither attention nor MLP is trained.
+            AdapterError: the rank or modules do not fit the pool, or the name is taken.
+        """
+        if train_unembed:
+            raise FinetuneError("LoRA on the LM head (train_unembed=True) is not supported yet: pass train_unembed=False")
+        modules = (("q_proj", "k_proj", "v_proj", "o_proj") if train_attn else ()) + (
+            ("gate_proj", "up_proj", "down_proj") if train_mlp else ())
+        if not modules:
+            raise FinetuneError("a training run needs train_attn or train_mlp")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        return self.finetuning.create_run(rank=rank, seed=seed, target_modules=modules, lora_alpha=lora_alpha,
+                                          adapter_name=adapter_name, run_id=run_id)
+
+    @property
+    def training_runs(self) -> list[TrainingRun]:
+        """Every training run of this engine, oldest first."""
+        return list(self.finetuning.runs.values())
+
     def adapter_weights(self, job: FinetuneJob) -> LoRAWeights:
         """A job's current adapter weights on the host (:meth:`FinetuneJob.lora_weights`)."""
         return self.finetuning.adapter_weights(job)
@@ -602,11 +643,11 @@ class Engine(OfflineAPI):
         out = self.runner.execute(plan)  # None for a plan without tokens
         if not plan.is_empty:
             if out is not None:
-                self.finetuning.record_forward(plan, out.ft_loss)
+                self.finetuning.record_forward(plan, out.ft_loss, out.ft_logprobs)
             if plan.backward is not None:
                 self.runner.run_backward(plan.backward)
             if plan.train is not None:
-                self.finetuning.record_train(plan.train, self.runner.run_train(plan.train))
+                self.finetuning.record_train(plan.train, *self.runner.run_train(plan.train))
             self.num_steps += 1
             if self.policy.measures and not self._warming_up:  # (padded shapes, a compiling thread)
                 self.policy.measure(plan, out, t_dispatch)

@@ -25,11 +25,12 @@ import numpy as np
 from coserve_jax.engine.config import EngineConfig
 from coserve_jax.engine.model_runner import ModelRunner
 from coserve_jax.finetune.checkpoint import JobCheckpointer
-from coserve_jax.finetune.config import FinetuneConfig
+from coserve_jax.finetune.config import FinetuneConfig, LoRAConfig
 from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
 from coserve_jax.finetune.evaluation import Evaluation
 from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
 from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
+from coserve_jax.finetune.training_run import TrainingRun, make_run_optimizer
 from coserve_jax.lora.manager import AdapterError
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.sched.outputs import SchedulerOutput
@@ -52,6 +53,20 @@ class ChunkLoss:
     def __float__(self) -> float:
         host = np.asarray(self.losses)  # (a jax array keeps its host copy)
         return float(host if self.slot is None else host[self.slot])
+
+
+class ChunkLogprobs:
+    """A forward chunk's target logprobs: ``length`` entries from ``start`` of a step's
+    per-slot logprobs (a device array, read only when :meth:`numpy` is called)."""
+
+    __slots__ = ("logprobs", "start", "length")
+
+    def __init__(self, logprobs, start: int, length: int):
+        self.logprobs, self.start, self.length = logprobs, start, length
+
+    def numpy(self) -> np.ndarray:
+        """float32 ``[length]``."""
+        return np.asarray(self.logprobs)[self.start:self.start + self.length]
 
 
 class FinetuneService:
@@ -79,6 +94,8 @@ class FinetuneService:
         self.jobs: dict[str, FinetuneJob] = {}
         """Every job, oldest first."""
         self.evaluations: dict[str, Evaluation] = {}  # passes of Engine.evaluate in flight
+        self.runs: dict = {}
+        """Training runs (:class:`~coserve_jax.finetune.training_run.TrainingRun`) by id."""
         self.adapter_cache = None  # the engine's AdapterCache (set by the engine): parks unused adapters for a new job
         self.publish = None
         """Multi-host (process 0): a callable ``publish(kind, *args)`` that tells the other
@@ -102,7 +119,8 @@ class FinetuneService:
 
     @property
     def has_active_jobs(self) -> bool:
-        return any(not j.done for j in self.jobs.values())
+        """A job is unfinished or a training run has calls queued or running."""
+        return any(not j.done for j in self.jobs.values()) or any(r.busy for r in self.runs.values() if not r.closed)
 
     def _require_finetuning(self) -> None:
         if self.config.finetune is None:
@@ -133,19 +151,13 @@ class FinetuneService:
             job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
             self.publish("create_job", training_data, cfg, adapter_name, job_id, eval_dataset)
         lora = cfg.lora
-        pool = self.runner.model.lora.config
-        if lora.r > pool.max_lora_rank:
-            raise AdapterError(f"LoRA rank r={lora.r} exceeds the engine's max_lora_rank={pool.max_lora_rank}")
-        missing = [m for m in lora.target_modules if m not in pool.target_modules]
-        if missing:
-            raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
+        self._check_lora(lora)
         job_id = job_id or f"ftjob-{uuid.uuid4().hex[:12]}"
         if job_id in self.jobs:
             raise FinetuneError(f"a finetuning job with id {job_id!r} exists")
         name = adapter_name or job_id
+        self._check_name(name)
         adapters = self.runner.adapters
-        if name in (self.adapter_cache.names if self.adapter_cache is not None else adapters.names):
-            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
         layout = self.config.finetune
         examples = self.examples(training_data, cfg)
         eval_examples = self.examples(eval_dataset, cfg) if eval_dataset is not None else None
@@ -155,12 +167,7 @@ class FinetuneService:
         tx = make_optimizer(cfg, total_steps)
         schedule = learning_rate_schedule(cfg, total_steps)
         mc = self.model_config
-        shapes = {}
-        for m in pool.target_modules:
-            d_in, d_out = mc.module_dims(m)
-            shapes[m] = ((mc.num_layers, d_in, pool.max_lora_rank), (mc.num_layers, pool.max_lora_rank, d_out))
-        dtype = self.runner.model.dtype
-        update = make_update_fn(tx, schedule, lora.r, pool.max_lora_rank, dtype, shapes)
+        update = self._update_fn(tx, schedule, lora.r)
         checkpointer = JobCheckpointer(cfg.checkpoint_dir, cfg.save_total_limit) if cfg.checkpoint_dir else None
         row = self._free_rows[0]
         job = FinetuneJob(
@@ -185,6 +192,94 @@ class FinetuneService:
         else:
             self._feed(job)
         return job
+
+    def _check_lora(self, lora) -> None:
+        pool = self.runner.model.lora.config
+        if lora.r > pool.max_lora_rank:
+            raise AdapterError(f"LoRA rank r={lora.r} exceeds the engine's max_lora_rank={pool.max_lora_rank}")
+        missing = [m for m in lora.target_modules if m not in pool.target_modules]
+        if missing:
+            raise AdapterError(f"target_modules {missing} are not in the engine's LoRA pool {list(pool.target_modules)}")
+
+    def _check_name(self, name: str) -> None:
+        names = self.adapter_cache.names if self.adapter_cache is not None else self.runner.adapters.names
+        if name in names:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
+
+    def _update_fn(self, tx, schedule, rank: int):
+        """The optimizer step of a trainer of rank ``rank`` (:func:`make_update_fn` for this pool)."""
+        pool = self.runner.model.lora.config
+        mc = self.model_config
+        shapes = {}
+        for m in pool.target_modules:
+            d_in, d_out = mc.module_dims(m)
+            shapes[m] = ((mc.num_layers, d_in, pool.max_lora_rank), (mc.num_layers, pool.max_lora_rank, d_out))
+        return make_update_fn(tx, schedule, rank, pool.max_lora_rank, self.runner.model.dtype, shapes)
+
+    def create_run(
+        self, *, rank: int, seed: int, target_modules: tuple[str, ...], lora_alpha: float,
+        adapter_name: str | None = None, run_id: str | None = None,
+    ) -> TrainingRun:
+        """Start a Tinker training run (:meth:`coserve_jax.engine.engine.Engine.create_training_run`
+        documents the arguments and errors): an adapter slot, a gradient-accumulator row, fresh
+        LoRA weights (PEFT's init, seeded) and AdamW state."""
+        self._require_finetuning()
+        if self.publish is not None:
+            raise FinetuneError("training runs are not supported on a multi-host engine yet")
+        lora = LoRAConfig(r=rank, lora_alpha=lora_alpha, target_modules=tuple(target_modules))
+        self._check_lora(lora)
+        if self.adapter_cache is not None:
+            self.adapter_cache.make_room()
+        run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        if run_id in self.runs or run_id in self.jobs:
+            raise FinetuneError(f"a training run or job with id {run_id!r} exists")
+        name = adapter_name or run_id
+        self._check_name(name)
+        if not self._free_rows:
+            raise FinetuneError(f"all {self.config.finetune.max_jobs} finetuning slots are busy (max_finetune_jobs)")
+        mc = self.model_config
+        tx = make_run_optimizer()
+        row = self._free_rows[0]
+        run = TrainingRun(
+            run_id=run_id, adapter_name=name, lora=lora, seed=seed, grad_row=row, adapter_index=0,
+            num_layers=mc.num_layers, layers_per_slice=self.config.finetune.layers_per_slice,
+            params=self.runner.place_job_params(init_lora(mc, lora, seed)), tx=tx, pack_len=self.pack_len,
+            max_seq_len=self.config.finetune.max_seq_len, vocab_size=mc.vocab_size,
+            base_model_name_or_path=self.model_path, on_submit=self._submitted, close_fn=self.close_run,
+        )
+        self.runner.compile_optimizer(run, self._update_fn(tx, lambda step: 0.0, rank))
+        self.runner.load_adapter(name, run.lora_weights())
+        run.adapter_index = self.runner.adapters.adapter_index(name)
+        self._free_rows.remove(row)
+        self.runner.zero_grad_row(row)
+        self.runs[run_id] = run
+        return run
+
+    def _submitted(self, run: TrainingRun) -> None:
+        self._feed(run)
+
+    def close_run(self, run: TrainingRun) -> None:
+        """End a run (what :meth:`TrainingRun.close` calls): its calls fail, its row is freed."""
+        self.scheduler.remove_training(run.id)
+        self.runner.release_optimizer(run.id)
+        run.closed = True
+        run.fail_pending(f"training run {run.id} was closed")
+        if run.grad_row not in self._free_rows:
+            self._free_rows.append(run.grad_row)
+            self._free_rows.sort()
+
+    def _advance_runs(self) -> None:
+        """Due optimizer steps of the runs, then their next sequences."""
+        for run in self.runs.values():
+            if run.closed:
+                continue
+            try:
+                while run.optimizer_step_due:
+                    run.prepare_optimizer_step()
+                    self.runner.optimizer_step(run)
+            except Exception as e:
+                run.fail_pending(f"optimizer step failed: {type(e).__name__}: {e}")
+            self._feed(run)
 
     @staticmethod
     def resolve_config(config: FinetuneConfig | None, settings: dict) -> FinetuneConfig:
@@ -274,26 +369,42 @@ class FinetuneService:
         job.save_checkpoint()
 
     # ---- the step --------------------------------------------------------------------------
-    def record_forward(self, plan: SchedulerOutput, ft_loss) -> None:
+    def _owner(self, job_id):
+        return self.jobs.get(job_id) or self.evaluations.get(job_id) or self.runs.get(job_id)
+
+    def record_forward(self, plan: SchedulerOutput, ft_loss, ft_logprobs=None) -> None:
         """Give the owners of the plan's training chunks their chunks' losses (``ft_loss``: the
-        step's per-slot losses, a device array; not synchronised here)."""
+        step's per-slot losses, a device array; not synchronised here), and to those returning
+        logprobs their chunks' slices of ``ft_logprobs`` (the step's per-finetuning-slot logprobs)."""
         n_inf = plan.num_inference_seqs
+        at = 0
         for j, chunk in enumerate(plan.finetune, n_inf):
-            owner = self.jobs.get(chunk.job_id) or self.evaluations.get(chunk.job_id)
+            owner = self._owner(chunk.job_id)
             if owner is not None:
                 owner.add_forward_loss(chunk, ChunkLoss(ft_loss, j))
+                if chunk.return_logprobs:
+                    owner.add_logprobs(chunk, ChunkLogprobs(ft_logprobs, at, chunk.num_tokens))
+            at += chunk.num_tokens
 
-    def record_train(self, train, loss) -> None:
+    def record_train(self, train, loss, logprobs=None) -> None:
         """Give the owner of a train step's sequence (:class:`~coserve_jax.sched.outputs.TrainSequence`)
-        its loss (a device scalar; not synchronised here)."""
-        job = self.jobs.get(train.job_id)
-        if job is not None:
-            job.add_forward_loss(train, ChunkLoss(loss, None))
+        its loss (a device scalar; not synchronised here) and, if it returns logprobs, its rows'
+        logprobs (``[N]`` of its length bucket)."""
+        owner = self.jobs.get(train.job_id) or self.runs.get(train.job_id)
+        if owner is not None:
+            owner.add_forward_loss(train, ChunkLoss(loss, None))
+            if train.return_logprobs:
+                owner.add_logprobs(train, ChunkLogprobs(logprobs, 0, train.num_tokens))
 
     def advance(self) -> None:
         """Act on the training sequences the scheduler finished: optimizer steps, next
         sequences, finished jobs. One job's failure (e.g. a full disk at a checkpoint) ends it alone."""
         for seq in self.scheduler.pop_trained():
+            run = self.runs.get(seq.job_id)
+            if run is not None:
+                if not run.closed:
+                    run.sequence_done(seq)
+                continue
             ev = self.evaluations.get(seq.job_id)
             if ev is not None:
                 if not ev.sequence_done(seq):
@@ -311,8 +422,10 @@ class FinetuneService:
                     self._feed(job)
             except Exception as e:
                 self.end_job(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
+        if self.runs:
+            self._advance_runs()
 
-    def _feed(self, owner: FinetuneJob | Evaluation) -> None:
+    def _feed(self, owner: FinetuneJob | Evaluation | TrainingRun) -> None:
         """Hand the scheduler the owner's next sequences, up to :data:`MAX_IN_FLIGHT` in flight."""
         in_flight = len(self.scheduler.training_sequences(owner.id))
         while in_flight < MAX_IN_FLIGHT:
@@ -352,9 +465,12 @@ class FinetuneService:
         job.status = JobStatus.RUNNING
         self._feed(job)
 
-    def training_adapter(self, index: int) -> FinetuneJob | None:
-        """The unfinished job that trains adapter slot ``index``, if any."""
+    def training_adapter(self, index: int) -> FinetuneJob | TrainingRun | None:
+        """The unfinished job or open training run that trains adapter slot ``index``, if any."""
         for job in self.jobs.values():
             if job.adapter_index == index and not job.done:
                 return job
+        for run in self.runs.values():
+            if run.adapter_index == index and not run.closed:
+                return run
         return None

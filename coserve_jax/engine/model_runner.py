@@ -312,24 +312,34 @@ class ModelRunner:
         )
         self.ft_buffers = self.backward[length](self.state, self.ft_buffers, inputs)
 
-    def run_train(self, t: TrainSequence) -> jax.Array:
+    def run_train(self, t: TrainSequence) -> tuple[jax.Array, jax.Array]:
         """Dispatch a whole training sequence's train step (its gradient added into its job's
-        row). Returns its summed weighted loss (a device scalar)."""
+        row). Returns its summed weighted loss (a device scalar) and its rows' target logprobs
+        (float32 ``[N]`` of its length bucket, a device array; 0 off the loss head's rows)."""
         length = self._smallest(self._train_lengths, t.num_tokens, "train step")
         n = t.num_tokens
         tokens, targets = np.zeros(length, np.int32), np.zeros(length, np.int32)
         weights = np.zeros(length, np.float32)
         tokens[:n], targets[:n], weights[:n] = t.token_ids, t.targets, t.weights
+        loss_code = np.zeros(length, np.int32)
+        loss_params = np.zeros((length, 3), np.float32)
+        if t.loss_code:
+            loss_code[:n] = t.loss_code
+            loss_params[:n, 0] = t.sampler_logprobs
+            loss_params[:n, 1:] = t.clip
         positions, segment_ids, seeds = _pack_rows(t.segments, t.dropout_seeds, length)
-        heads = np.flatnonzero(weights)
+        head = weights != 0
+        head[:n] |= t.return_logprobs
+        heads = np.flatnonzero(head)
         head_index = np.full(length, length, np.int32)
         head_index[: len(heads)] = heads
         inputs = fused.TrainInputs(
-            tokens, targets, weights, positions, segment_ids, seeds, head_index, np.int32(head_bucket(len(heads), length)),
-            np.int32(t.grad_row), np.int32(t.adapter_index), np.float32(t.dropout_rate),
+            tokens, targets, weights, loss_code, loss_params, positions, segment_ids, seeds, head_index,
+            np.int32(head_bucket(len(heads), length)), np.int32(t.grad_row), np.int32(t.adapter_index),
+            np.float32(t.dropout_rate),
         )
-        self.ft_buffers, loss = self.train[length](self.state, self.ft_buffers, inputs)
-        return loss
+        self.ft_buffers, loss, logprobs = self.train[length](self.state, self.ft_buffers, inputs)
+        return loss, logprobs
 
     def wait(self, out=None) -> None:
         """Block until the dispatched work (``out`` and the finetuning buffers) is done."""

@@ -132,12 +132,15 @@ class StepOutput(NamedTuple):
         sampler: :class:`~coserve_jax.engine.sampler.SamplerOutput`, ``[S]`` rows.
         ft_loss: float32 ``[S]``: each sequence slot's summed weighted finetuning loss (0 but for
             the slots of training chunks).
+        ft_logprobs: float32 ``[C]``: each finetuning slot's target logprob where the loss head
+            ran (weighted tokens, chunks returning logprobs), else 0 (``[0]`` without finetuning).
         last_tokens: int32 ``[M]``: the sampled tokens padded to ``max_num_seqs``, the next
             step's ``prev_tokens``.
     """
 
     sampler: SamplerOutput
     ft_loss: jax.Array
+    ft_logprobs: jax.Array
     last_tokens: jax.Array
 
 
@@ -186,11 +189,12 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
             attend_inputs=inputs.attn, lora_groups=lora_groups,
         )
         loss = jnp.zeros(inputs.logits_indices.shape, jnp.float32)
+        ft_logprobs = jnp.zeros((0,), jnp.float32)
         if ft is None:
             h, (k_cache, v_cache) = out
         else:
             h, (k_cache, v_cache), (saved, final) = out
-            ft_buffers, loss = save_forward(
+            ft_buffers, loss, ft_logprobs = save_forward(
                 model.config, base_weights(model), ft_buffers, ft, saved, final, inputs.logits_indices.shape[0],
                 head_sizes(ft.weights.shape[0]))
         logits = model.logits(jnp.take(h, inputs.logits_indices, axis=0))  # [S, V]: last tokens only
@@ -202,7 +206,7 @@ def make_step_fn(graphdef: Any, *, scale: float, impl: str, max_logprobs: int, p
         )
         out = sample(logits, sp, max_logprobs, processed)
         last = jnp.zeros(prev_tokens.shape, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
-        result = StepOutput(out, loss, last)
+        result = StepOutput(out, loss, ft_logprobs, last)
         if parallel is not None:  # (the mask would otherwise follow the vocabulary-split logits)
             result, seen = jax.lax.with_sharding_constraint((result, seen), parallel.replicated)
         return k_cache, v_cache, ft_buffers, seen, result

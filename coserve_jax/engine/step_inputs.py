@@ -84,6 +84,8 @@ STEP_INPUT_TABLE: dict[str, FieldSpec] = {
     "finetune.dest": FieldSpec(("C",), "int32", "R"),
     "finetune.targets": FieldSpec(("C",), "int32"),
     "finetune.weights": FieldSpec(("C",), "float32"),
+    "finetune.loss_code": FieldSpec(("C",), "int32"),
+    "finetune.loss_params": FieldSpec(("C", "3"), "float32"),
     "finetune.seq": FieldSpec(("C",), "int32", "S"),
     "finetune.head_index": FieldSpec(("C",), "int32", "C"),
     "finetune.head_bucket": FieldSpec((), "int32"),
@@ -111,7 +113,7 @@ class StepInputs:
     logits_indices: jax.Array  # [S] int32: the token slot of each sequence's last token
     sampling: SamplingInputs  # [S] each: temperature, top_k, top_p, min_p, seed, sample_index, repetition_penalty, row
     dropout: LoRADropout | None = None  # [T] each: rate, seed, position (finetuning tokens only)
-    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights, seq, head_index; head_bucket []
+    finetune: FinetuneForward | None = None  # [C] each: save_slots, dest, targets, weights, loss_code, loss_params [C, 3], seq, head_index; head_bucket []
     bucket: Bucket = dataclasses.field(default=Bucket(0, 0), metadata=dict(static=True))
 
 
@@ -135,7 +137,7 @@ class StepDims:
         t, s = self.bucket.num_tokens, self.bucket.num_seqs
         return {
             "T": t, "S": s, "S+1": s + 1, "P": self.max_pages_per_seq, "M": self.max_num_seqs,
-            "C": min(t, self.finetune_tokens), "R": self.num_store_rows,
+            "C": min(t, self.finetune_tokens), "R": self.num_store_rows, "3": 3,
         }[dim]
 
 
@@ -307,10 +309,20 @@ def build_step_inputs(
                     f.dest[i:i + k] = np.arange(c.store_row, c.store_row + k)
                 f.targets[i:i + k] = c.targets
                 f.weights[i:i + k] = c.weights
+                if c.loss_code:  # a policy loss: the sampler's logprobs and the clip range
+                    f.loss_code[i:i + k] = c.loss_code
+                    f.loss_params[i:i + k, 0] = c.sampler_logprobs
+                    f.loss_params[i:i + k, 1:] = c.clip
                 f.seq[i:i + k] = j
                 off += k
             f.save_slots[: off - n_inf_tok] = np.arange(n_inf_tok, off)
-            heads = np.flatnonzero(f.weights)  # the loss head runs on the weighted tokens only
+            head = f.weights != 0  # the loss head runs on the weighted tokens, and those whose logprobs are asked
+            at = 0
+            for c in ft:
+                if c.return_logprobs:
+                    head[at:at + c.num_tokens] = True
+                at += c.num_tokens
+            heads = np.flatnonzero(head)
             f.head_index[: len(heads)] = heads
             f.head_bucket[...] = head_bucket(len(heads), len(f.weights))
     return x

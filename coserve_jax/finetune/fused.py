@@ -39,6 +39,7 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec as P
 
+from coserve_jax.finetune.policy_losses import coded_coefficients
 from coserve_jax.finetune.token_level import BaseWeights, backward_layers, base_weights, token_losses
 from coserve_jax.lora.dropout import LoRADropout
 from coserve_jax.models import rope
@@ -160,40 +161,59 @@ class FinetuneForward(NamedTuple):
         dest: int32 ``[C]``: store row of each (padding and forward-only chunks: the number of
             rows, which the scatter drops).
         targets: int32 ``[C]``: the token each slot predicts.
-        weights: float32 ``[C]``: its loss weight (``1 / normalizer`` or 0).
+        weights: float32 ``[C]``: its loss weight (``1 / normalizer`` or 0; a policy loss's
+            advantage).
+        loss_code: int32 ``[C]``: its loss (:data:`~coserve_jax.finetune.policy_losses.LOSS_CODES`;
+            0, weighted cross-entropy, for a finetuning job).
+        loss_params: float32 ``[C, 3]``: the sampler's logprob and PPO's clip thresholds
+            (:func:`~coserve_jax.finetune.policy_losses.coded_coefficients`).
         seq: int32 ``[C]``: its sequence slot in the step (padding: ``S``, dropped), to sum each
             chunk's loss.
-        head_index: int32 ``[C]``: the slots with a nonzero loss weight, first (then ``C``).
+        head_index: int32 ``[C]``: the slots the loss head runs on (a nonzero loss weight, or
+            a chunk that returns its logprobs), first (then ``C``).
         head_bucket: int32 scalar: how many slots the loss head runs on: 0 none, ``k`` the
             ``k``-th of :func:`~coserve_jax.engine.step_inputs.head_sizes` (the smallest that
-            holds every weighted slot).
+            holds every head slot).
     """
 
     save_slots: jax.Array
     dest: jax.Array
     targets: jax.Array
     weights: jax.Array
+    loss_code: jax.Array
+    loss_params: jax.Array
     seq: jax.Array
     head_index: jax.Array
     head_bucket: jax.Array
 
 
-def _head_rows(h, head_index, weights, targets, size: int):
-    """The first ``size`` of ``head_index`` (the weighted rows, then out-of-range padding) and
-    their hidden states, loss weights and targets (0 for padding)."""
+def _head_rows(h, head_index, targets, size: int):
+    """The first ``size`` of ``head_index`` (the head rows, then out-of-range padding) and
+    their hidden states and targets (0 for padding)."""
     idx = head_index[:size]
-    return (idx, jnp.take(h, idx, axis=0, mode="fill", fill_value=0), jnp.take(weights, idx, mode="fill", fill_value=0),
-            jnp.take(targets, idx, mode="fill", fill_value=0))
+    return idx, jnp.take(h, idx, axis=0, mode="fill", fill_value=0), jnp.take(targets, idx, mode="fill", fill_value=0)
+
+
+def _head_coefficients(idx, weights, loss_code, loss_params, logprobs):
+    """The loss coefficients of head rows ``idx`` (0 for padding rows) from their logprobs."""
+    w = jnp.take(weights, idx, mode="fill", fill_value=0)
+    code = jnp.take(loss_code, idx, mode="fill", fill_value=0)
+    prm = jnp.take(loss_params, idx, axis=0, mode="fill", fill_value=0)
+    return coded_coefficients(code, w, prm, logprobs)
 
 
 def save_forward(
     config: ModelConfig, head: BaseWeights, bufs: FinetuneBuffers, fwd: FinetuneForward, layer_inputs, final_hidden,
     num_seqs: int, head_sizes: tuple[int, ...],
-) -> tuple[FinetuneBuffers, jax.Array]:
+) -> tuple[FinetuneBuffers, jax.Array, jax.Array]:
     """Store training chunks' layer inputs and their loss head gradient.
 
-    The loss head (the LM head, forward and VJP: ``~4 n H V`` FLOPs for ``n`` tokens) runs only
-    on the slots whose loss weight is nonzero (prompt tokens carry none), gathered into the
+    The loss head (the LM head, forward and VJP: ``~4 n H V`` FLOPs for ``n`` tokens) computes
+    each head slot's target logprob ``p_t``, its loss coefficient ``c_t`` from it
+    (:func:`~coserve_jax.finetune.policy_losses.coded_coefficients`: the weight for
+    cross-entropy, a policy loss's ``-dloss/dp_t``) and ``dL/dh = sum_t c_t dCE_t/dh``. It runs
+    only on the head slots (a nonzero weight or a chunk returning its logprobs; prompt tokens of
+    a finetuning job are neither), gathered into the
     smallest of ``head_sizes`` that holds them (a ``lax.switch``: ``fwd.head_bucket`` picks the
     size, 0 skips the head). A step without training chunks also skips the store's scatter (a
     ``lax.cond``). (``compiled.cost_analysis()`` counts every branch, so this shows in step time,
@@ -205,8 +225,9 @@ def save_forward(
         num_seqs: the step's sequence slots ``S``.
         head_sizes: the loss head's sizes (:func:`~coserve_jax.engine.step_inputs.head_sizes` of ``C``).
     Returns:
-        ``(bufs, losses)``: updated buffers and float32 ``[S]``: each sequence slot's
-        ``sum(weights * CE)`` (0 for inference sequences).
+        ``(bufs, losses, logprobs)``: updated buffers; float32 ``[S]``: each sequence slot's
+        ``sum(c * CE)`` (0 for inference sequences); float32 ``[C]``: each head slot's ``p_t``
+        (0 elsewhere).
     """
     c = final_hidden.shape[0]
     acts = jax.lax.cond(
@@ -216,20 +237,22 @@ def save_forward(
 
     def head_loss(size):
         def run(h):
-            idx, hs, w, t = _head_rows(h, fwd.head_index, fwd.weights, fwd.targets, size)
-            per_token, vjp = jax.vjp(lambda x: w * token_losses(config, head, x, t), hs)
-            (dh,) = vjp(jnp.ones_like(per_token))
-            loss = jnp.zeros((c,), jnp.float32).at[idx].add(per_token, mode="drop")
-            return loss, jnp.zeros_like(h).at[idx].add(dh, mode="drop")
+            idx, hs, t = _head_rows(h, fwd.head_index, fwd.targets, size)
+            ce, vjp = jax.vjp(lambda x: token_losses(config, head, x, t), hs)
+            coef = _head_coefficients(idx, fwd.weights, fwd.loss_code, fwd.loss_params, -ce)
+            (dh,) = vjp(coef)
+            loss = jnp.zeros((c,), jnp.float32).at[idx].add(coef * ce, mode="drop")
+            logprobs = jnp.zeros((c,), jnp.float32).at[idx].add(-ce, mode="drop")
+            return loss, logprobs, jnp.zeros_like(h).at[idx].add(dh, mode="drop")
         return run
 
     def no_head(h):
-        return jnp.zeros((c,), jnp.float32), jnp.zeros_like(h)
+        return jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.float32), jnp.zeros_like(h)
 
-    per_token, dh = jax.lax.switch(fwd.head_bucket, [no_head] + [head_loss(n) for n in head_sizes], final_hidden)
+    per_token, logprobs, dh = jax.lax.switch(fwd.head_bucket, [no_head] + [head_loss(n) for n in head_sizes], final_hidden)
     dh_store = bufs.dh.at[fwd.dest].set(dh.astype(jnp.float32), mode="drop")
     losses = jnp.zeros((num_seqs,), jnp.float32).at[fwd.seq].add(per_token, mode="drop")
-    return FinetuneBuffers(acts, dh_store, bufs.grads), losses
+    return FinetuneBuffers(acts, dh_store, bufs.grads), losses, logprobs
 
 
 class BackwardInputs(NamedTuple):
@@ -327,11 +350,12 @@ class TrainInputs(NamedTuple):
 
     Attributes:
         tokens, targets: int32 ``[N]``: the pack's tokens and the token each predicts;
-        weights: float32 ``[N]``: each prediction's loss weight (0 on prompt tokens and padding);
-        positions: int32 ``[N]``: each row's position in its example; segment_ids: int32 ``[N]``:
+        weights: float32 ``[N]``: each prediction's loss weight (0 on prompt tokens and padding;
+        a policy loss's advantage); loss_code: int32 ``[N]``, loss_params: float32 ``[N, 3]``:
+        each row's loss (as :class:`FinetuneForward`); positions: int32 ``[N]``: each row's position in its example; segment_ids: int32 ``[N]``:
         each row's example (``-1``: padding); dropout_seed: uint32 ``[N]``: each row's example's
-        LoRA dropout seed; head_index: int32 ``[N]``: the rows with a nonzero weight, first (then
-        ``N``); head_bucket: int32: the loss head's size (as :class:`FinetuneForward`);
+        LoRA dropout seed; head_index: int32 ``[N]``: the loss head's rows (a nonzero weight, or
+        a sequence returning its logprobs), first (then ``N``); head_bucket: int32: the loss head's size (as :class:`FinetuneForward`);
         grad_row, adapter_index: int32: the job's accumulator row and adapter; dropout_rate:
         float32.
     """
@@ -339,6 +363,8 @@ class TrainInputs(NamedTuple):
     tokens: jax.Array
     targets: jax.Array
     weights: jax.Array
+    loss_code: jax.Array
+    loss_params: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
     dropout_seed: jax.Array
@@ -355,15 +381,18 @@ def abstract_train_inputs(length: int) -> TrainInputs:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     row = sds((length,), jnp.int32)
-    return TrainInputs(row, row, sds((length,), jnp.float32), row, row, sds((length,), jnp.uint32), row,
+    return TrainInputs(row, row, sds((length,), jnp.float32), row, sds((length, 3), jnp.float32), row, row,
+                       sds((length,), jnp.uint32), row,
                        sds((), jnp.int32), sds((), jnp.int32), sds((), jnp.int32), sds((), jnp.float32))
 
 
 def make_train_fn(graphdef, config: ModelConfig, length: int, head_sizes: tuple[int, ...]):
     """The idle train step for sequences of up to ``length`` tokens, as a pure function
-    ``(state, bufs, inputs: TrainInputs) -> (bufs, loss)`` (jit it with ``bufs`` donated): the
-    pack's summed weighted loss (float32) and its LoRA gradient added into the job's row of
-    ``bufs.grads`` (single device: the tensor-parallel engine uses the token-level path).
+    ``(state, bufs, inputs: TrainInputs) -> (bufs, loss, logprobs)`` (jit it with ``bufs``
+    donated): the pack's summed ``c * CE`` (float32; the loss coefficients ``c`` as in
+    :func:`save_forward`, held constant), each row's target logprob (float32 ``[N]``, 0 off the
+    head rows) and its LoRA gradient added into the job's row of ``bufs.grads`` (single device:
+    the tensor-parallel engine uses the token-level path).
 
     The same gradient as the token-level forward and backward (the pack's examples attend within
     themselves, dropout masks keyed the same way), computed as one ``jax.value_and_grad``: the
@@ -398,21 +427,27 @@ def make_train_fn(graphdef, config: ModelConfig, length: int, head_sizes: tuple[
 
         def head_loss(size):
             def run(h):
-                _, hs, w, t = _head_rows(h, inp.head_index, inp.weights, inp.targets, size)
-                return jnp.sum(w * token_losses(config, base, hs, t))
+                idx, hs, t = _head_rows(h, inp.head_index, inp.targets, size)
+                ce = token_losses(config, base, hs, t)
+                coef = jax.lax.stop_gradient(_head_coefficients(idx, inp.weights, inp.loss_code, inp.loss_params, -ce))
+                logprobs = jnp.zeros((n,), jnp.float32).at[idx].add(-jax.lax.stop_gradient(ce), mode="drop")
+                return jnp.sum(coef * ce), logprobs
             return run
+
+        def no_head(h):
+            return jnp.float32(0.0), jnp.zeros((n,), jnp.float32)
 
         def loss_fn(lora):
             h, _ = jax.lax.scan(body, h0, (base.layers, lora, scaling, jnp.arange(config.num_layers, dtype=jnp.int32)))
-            return jax.lax.switch(inp.head_bucket, [lambda h: jnp.float32(0.0)] + [head_loss(k) for k in head_sizes], h)
+            return jax.lax.switch(inp.head_bucket, [no_head] + [head_loss(k) for k in head_sizes], h)
 
-        loss, g = jax.value_and_grad(loss_fn)(lora)
+        (loss, logprobs), g = jax.value_and_grad(loss_fn, has_aux=True)(lora)
         grads = {
             m: {k: jax.lax.dynamic_update_index_in_dim(
                 acc[k], acc[k][inp.grad_row] + g[m][k].astype(jnp.float32)[None], inp.grad_row, 0) for k in ("A", "B")}
             for m, acc in bufs.grads.items()
         }
-        return FinetuneBuffers(bufs.acts, bufs.dh, grads), loss
+        return FinetuneBuffers(bufs.acts, bufs.dh, grads), loss, logprobs
 
     return train
 

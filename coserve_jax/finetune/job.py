@@ -61,6 +61,18 @@ def plan_steps(config: FinetuneConfig, num_examples: int) -> tuple[int, int]:
     return seqs, math.ceil(seqs / acc)
 
 
+def lora_weights_of(params: dict, num_layers: int, lora, base_model_name_or_path: str | None) -> LoRAWeights:
+    """A trainer's master weights ``{m: {"A": [L, in, r], "B": [L, r, out]}}`` (placed on the
+    devices) as host :class:`~coserve_jax.lora.peft_io.LoRAWeights` (float32) with ``lora``'s
+    alpha and scaling (a :class:`~coserve_jax.finetune.config.LoRAConfig`)."""
+    host = fetch(params)  # also from devices of other hosts
+    modules = {}
+    for m, w in host.items():
+        for layer in range(num_layers):
+            modules[(layer, m)] = LoRAModule(np.asarray(w["A"][layer]), np.asarray(w["B"][layer]), lora.lora_alpha)
+    return LoRAWeights(modules, lora.use_rslora, base_model_name_or_path)
+
+
 class JobStatus(enum.StrEnum):
     """OpenAI's fine-tuning job statuses (the subset that applies)."""
 
@@ -236,13 +248,7 @@ class FinetuneJob:
 
     def lora_weights(self) -> LoRAWeights:
         """The adapter's current weights on the host (float32)."""
-        lora = self.config.lora
-        host = fetch(self.params)  # also from devices of other hosts
-        modules = {}
-        for m, w in host.items():
-            for layer in range(self.num_layers):
-                modules[(layer, m)] = LoRAModule(np.asarray(w["A"][layer]), np.asarray(w["B"][layer]), lora.lora_alpha)
-        return LoRAWeights(modules, lora.use_rslora, self.base_model_name_or_path)
+        return lora_weights_of(self.params, self.num_layers, self.config.lora, self.base_model_name_or_path)
 
     def __repr__(self) -> str:
         return f"FinetuneJob(id={self.id!r}, adapter={self.adapter_name!r}, status={self.status.value}, step={self.step}/{self.total_steps})"

@@ -59,6 +59,36 @@ class LossConfig:
                              f"{self.clip_low_threshold}, {self.clip_high_threshold}")
 
 
+LOSS_CODES = {"cross_entropy": 0, "importance_sampling": 1, "ppo": 2}
+"""Each loss's code in the step's per-token ``loss_code`` input (:func:`coded_coefficients`)."""
+
+
+def coded_coefficients(code: jnp.ndarray, weights: jnp.ndarray, params: jnp.ndarray, logprobs: jnp.ndarray) -> jnp.ndarray:
+    """The coefficients ``c_t`` of tokens of mixed losses, as the loss head computes them on the
+    device (one executable for every loss: the loss is data).
+
+    Args:
+        code: int32 ``[N]``: each token's loss (:data:`LOSS_CODES`).
+        weights: float32 ``[N]``: ``cross_entropy``'s weight ``w_t``, or the advantage ``A_t``
+            (0 on tokens without a loss).
+        params: float32 ``[N, 3]``: the sampler's logprob ``q_t`` and PPO's clip thresholds
+            ``lo, hi`` (ignored by ``cross_entropy``).
+        logprobs: float32 ``[N]``: the model's ``p_t``.
+    Returns:
+        float32 ``[N]``: ``w_t``; ``r_t A_t``; or PPO's ``r_t A_t`` where the unclipped term is
+        the minimum or ``r_t`` is inside ``[lo, hi]``, else 0 (a token with ``A_t = 0`` gets 0
+        even if ``r_t`` overflows).
+    """
+    lp = logprobs.astype(jnp.float32)
+    w = weights.astype(jnp.float32)
+    q, lo, hi = params[:, 0], params[:, 1], params[:, 2]
+    r = jnp.exp(lp - q)
+    ra = jnp.where(w == 0, 0.0, r * w)
+    unclipped_is_min = ra <= jnp.where(w == 0, 0.0, jnp.clip(r, lo, hi) * w)
+    ppo = jnp.where(unclipped_is_min | ((r >= lo) & (r <= hi)), ra, 0.0)
+    return jnp.where(code == 0, w, jnp.where(code == 1, ra, ppo))
+
+
 def check_inputs(loss_fn: str, inputs: dict) -> None:
     """Raise ``ValueError`` naming what is wrong: an unknown loss, a missing input, or inputs of
     different lengths."""
@@ -94,17 +124,19 @@ def elementwise_loss(loss_fn: str, logprobs: jnp.ndarray, inputs: dict, config: 
 
 def gradient_weights(loss_fn: str, logprobs: jnp.ndarray, inputs: dict, config: LossConfig = LossConfig()) -> jnp.ndarray:
     """The per-token coefficients ``c_t = -dloss_t/dp_t``, float32 ``[N]``: the weights with
-    which the loss head's weighted cross-entropy has the loss's gradient (module docstring)."""
+    which the loss head's weighted cross-entropy has the loss's gradient (module docstring;
+    :func:`coded_coefficients` with one loss for every token).
+
+    Raises:
+        ValueError: an unknown loss.
+    """
+    if loss_fn not in LOSS_CODES:
+        raise ValueError(f"loss_fn must be one of {list(LOSS_FNS)}, got {loss_fn!r}")
     lp = jnp.asarray(logprobs, jnp.float32)
-    if loss_fn == "cross_entropy":
-        return jnp.asarray(inputs["weights"], jnp.float32) * jnp.ones_like(lp)
-    adv = jnp.asarray(inputs["advantages"], jnp.float32)
-    r = _ratio(lp, inputs)
-    if loss_fn == "importance_sampling":
-        return r * adv
-    if loss_fn == "ppo":  # the clipped term is constant outside [lo, hi]; inside, both terms are r A
-        clipped = jnp.clip(r, config.clip_low_threshold, config.clip_high_threshold)
-        unclipped_is_min = r * adv <= clipped * adv
-        inside = (r >= config.clip_low_threshold) & (r <= config.clip_high_threshold)
-        return jnp.where(unclipped_is_min | inside, r * adv, 0.0)
-    raise ValueError(f"loss_fn must be one of {list(LOSS_FNS)}, got {loss_fn!r}")
+    n = lp.shape[0]
+    w = inputs["weights"] if loss_fn == "cross_entropy" else inputs["advantages"]
+    q = inputs.get("logprobs", [0.0] * n) if loss_fn != "cross_entropy" else [0.0] * n
+    params = jnp.stack([jnp.asarray(q, jnp.float32), jnp.full((n,), config.clip_low_threshold, jnp.float32),
+                        jnp.full((n,), config.clip_high_threshold, jnp.float32)], axis=1)
+    code = jnp.full((n,), LOSS_CODES[loss_fn], jnp.int32)
+    return coded_coefficients(code, jnp.asarray(w, jnp.float32), params, lp)

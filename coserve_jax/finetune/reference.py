@@ -36,20 +36,20 @@ from coserve_jax.models.decoder import CausalLM
 from coserve_jax.models.lora_pool import LoRAPool, LoRAPoolConfig
 
 
-def whole_sequence_loss(
-    model: CausalLM, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer, dropout_rate=0.0, dropout_seed=0,
+def whole_sequence_logprobs(
+    model: CausalLM, lora: LoRAParams, scaling: dict, tokens, targets, dropout_rate=0.0, dropout_seed=0,
 ):
-    """One sequence's loss by the production whole-sequence forward (differentiate with ``jax.grad``).
+    """Each position's log-probability of its target by the production whole-sequence forward
+    (differentiate with ``jax.grad``).
 
     Args:
         model: the base model (its own LoRA pool, if any, is not used).
         lora: the adapter ``{module: {"A": [L, in, r], "B": [L, r, out]}}`` (any float dtype);
             scaling: ``{module: float32 [L]}``.
-        tokens: int32 ``[N]``; loss_mask: bool ``[N]`` (token ``t`` is a target predicted from
-            ``tokens[:t]``); normalizer: the summed loss is divided by it.
+        tokens: int32 ``[N]``; targets: int32 ``[N]``: the token position ``t`` predicts.
         dropout_rate, dropout_seed: LoRA dropout (:mod:`coserve_jax.lora.dropout`).
     Returns:
-        float32 scalar.
+        float32 ``[N]``: ``log p(targets[t] | tokens[:t + 1])``.
     """
     config = model.config
     L, dtype = config.num_layers, model.dtype
@@ -73,8 +73,23 @@ def whole_sequence_loss(
         dropout=lora_dropout.constant(n, dropout_rate, dropout_seed),
     )
     logits = ref.logits(hidden)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.asarray(targets)[:, None], axis=-1)[:, 0]
+
+
+def whole_sequence_loss(
+    model: CausalLM, lora: LoRAParams, scaling: dict, tokens, loss_mask, normalizer, dropout_rate=0.0, dropout_seed=0,
+):
+    """One sequence's loss by the production whole-sequence forward (differentiate with ``jax.grad``).
+
+    Args:
+        model, lora, scaling, dropout_rate, dropout_seed: as :func:`whole_sequence_logprobs`.
+        tokens: int32 ``[N]``; loss_mask: bool ``[N]`` (token ``t`` is a target predicted from
+            ``tokens[:t]``); normalizer: the summed loss is divided by it.
+    Returns:
+        float32 scalar.
+    """
     targets = jnp.roll(tokens, -1)  # position t predicts token t + 1
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+    ce = -whole_sequence_logprobs(model, lora, scaling, tokens, targets, dropout_rate, dropout_seed)
     weights = jnp.roll(loss_mask, -1).at[-1].set(False).astype(jnp.float32) / normalizer
     return jnp.sum(weights * ce)
 

@@ -72,6 +72,13 @@ class TrainingSequence:
         num_examples: examples of the job's data the pack holds (for its accumulation group).
         store_start: its first row in the activation store (``None`` until the scheduler gives
             it rows, and always for a forward-only sequence).
+        loss_code: the loss of its tokens (0: cross-entropy weighted by ``weights``; 1
+            importance sampling, 2 PPO, with ``weights`` the advantages: Tinker's losses, see
+            :mod:`coserve_jax.finetune.policy_losses`).
+        sampler_logprobs: a policy loss's sampler logprob per token (``None`` for 0).
+        clip: PPO's clip thresholds (low, high).
+        return_logprobs: the steps return every token's target logprob (else only the
+            weighted tokens' are computed).
     Raises:
         ValueError: fewer than 2 tokens, lists of different lengths, segments that do not add
             up to the tokens, or a slice size that does not divide the layers.
@@ -96,13 +103,21 @@ class TrainingSequence:
     dropout_seeds: tuple[int, ...] = ()
     num_examples: int = 1
     store_start: int | None = None
+    loss_code: int = 0
+    sampler_logprobs: list[float] | None = None
+    clip: tuple[float, float] = (0.0, 0.0)
+    return_logprobs: bool = False
 
     def __post_init__(self):
         n = len(self.token_ids)
-        if n < 2:
+        if n < 2 and not self.return_logprobs:
             raise ValueError("a training sequence needs at least 2 tokens")
+        if n < 1:
+            raise ValueError("a sequence needs at least 1 token")
         if len(self.targets) != n or len(self.weights) != n:
             raise ValueError("token_ids, targets and weights must have the same length")
+        if self.loss_code and (self.sampler_logprobs is None or len(self.sampler_logprobs) != n):
+            raise ValueError("a policy loss needs one sampler logprob per token")
         if self.layers_per_slice < 1 or self.num_layers % self.layers_per_slice:
             raise ValueError(f"layers_per_slice={self.layers_per_slice} must divide num_layers={self.num_layers}")
         self.segments = tuple(self.segments) or (n,)

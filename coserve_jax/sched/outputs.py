@@ -106,6 +106,11 @@ class FinetuneChunk:
         targets, weights: per token of the chunk, the token it predicts and the loss weight.
         dropout_rate, dropout_seed: the example's LoRA dropout.
         forward_only: a validation chunk (loss only, nothing saved for a backward).
+        loss_code, sampler_logprobs, clip: the sequence's loss (0: weighted cross-entropy; a
+            policy loss's code, the sampler's logprob per token and PPO's clip range: see
+            :class:`~coserve_jax.sched.finetune.TrainingSequence`).
+        return_logprobs: the step returns every token's target logprob (the loss head runs on
+            all of the chunk's tokens).
     """
 
     job_id: Hashable
@@ -122,6 +127,10 @@ class FinetuneChunk:
     dropout_rate: float = 0.0
     dropout_seed: int = 0
     forward_only: bool = False
+    loss_code: int = 0
+    sampler_logprobs: list[float] | None = None
+    clip: tuple[float, float] = (0.0, 0.0)
+    return_logprobs: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -168,6 +177,7 @@ class TrainSequence:
         grad_row: its job's gradient-accumulator row; adapter_index: the job's adapter.
         num_layers: the model's layers (all of which the step runs).
         dropout_rate: the job's LoRA dropout rate; dropout_seeds: each example's seed.
+        loss_code, sampler_logprobs, clip, return_logprobs: as :class:`FinetuneChunk`.
     """
 
     job_id: Hashable
@@ -182,6 +192,10 @@ class TrainSequence:
     num_layers: int
     dropout_rate: float = 0.0
     dropout_seeds: tuple[int, ...] = ()
+    loss_code: int = 0
+    sampler_logprobs: list[float] | None = None
+    clip: tuple[float, float] = (0.0, 0.0)
+    return_logprobs: bool = False
 
     @property
     def num_tokens(self) -> int:

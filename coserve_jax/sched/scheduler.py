@@ -320,7 +320,9 @@ class Scheduler:
                 token_ids=seq.token_ids[pos:pos + n], page_table=kv.page_table(kid), adapter_index=seq.adapter_index,
                 store_row=-1 if seq.forward_only else seq.store_start + pos, targets=seq.targets[pos:pos + n],
                 weights=seq.weights[pos:pos + n], dropout_rate=seq.dropout_rate, dropout_seed=seq.dropout_seeds[i],
-                forward_only=seq.forward_only,
+                forward_only=seq.forward_only, loss_code=seq.loss_code,
+                sampler_logprobs=seq.sampler_logprobs[pos:pos + n] if seq.loss_code else None, clip=seq.clip,
+                return_logprobs=seq.return_logprobs,
             ))
             pos += n
             budget -= n
@@ -341,6 +343,7 @@ class Scheduler:
                     train = TrainSequence(
                         seq.job_id, seq.index, seq.num_restarts, seq.token_ids, seq.targets, seq.weights, seq.segments,
                         seq.grad_row, seq.adapter_index, seq.num_layers, seq.dropout_rate, seq.dropout_seeds,
+                        seq.loss_code, seq.sampler_logprobs, seq.clip, seq.return_logprobs,
                     )
                     self._rr_forward += 1
                     break
