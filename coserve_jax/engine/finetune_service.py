@@ -274,9 +274,11 @@ class FinetuneService:
             if run.closed:
                 continue
             try:
+                run.run_due_barriers()
                 while run.optimizer_step_due:
                     run.prepare_optimizer_step()
                     self.runner.optimizer_step(run)
+                    run.run_due_barriers()
             except Exception as e:
                 run.fail_pending(f"optimizer step failed: {type(e).__name__}: {e}")
             self._feed(run)

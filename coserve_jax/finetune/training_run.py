@@ -118,18 +118,36 @@ class RunFuture:
         self._done = threading.Event()
         self._result = None
         self._error: str | None = None
+        self._callbacks: list[Callable[["RunFuture"], None]] = []
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def error(self) -> str | None:
+        """Why the call failed (``None``: it did not, or is not done)."""
+        return self._error
+
+    def add_done_callback(self, fn: Callable[["RunFuture"], None]) -> None:
+        """Call ``fn(self)`` when the call is done (at once if it is), in the thread that
+        finishes it (the engine's)."""
+        self._callbacks.append(fn)
+        if self.done:
+            fn(self)
+
+    def _finish(self) -> None:
+        self._done.set()
+        for fn in self._callbacks:
+            fn(self)
+
     def set_result(self, result) -> None:
         self._result = result
-        self._done.set()
+        self._finish()
 
     def set_error(self, error: str) -> None:
         self._error = error
-        self._done.set()
+        self._finish()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until done (another thread steps the engine); returns whether it is."""
@@ -150,12 +168,13 @@ class RunFuture:
 
 @dataclasses.dataclass(eq=False)
 class _Call:
-    kind: str  # "forward", "forward_backward" or "optim_step"
+    kind: str  # "forward", "forward_backward", "optim_step" or "barrier"
     future: RunFuture
     data: list[Datum] = dataclasses.field(default_factory=list)
     loss_fn: str = "cross_entropy"
     loss_config: LossConfig = LossConfig()
     adam: AdamParams | None = None
+    fn: Callable | None = None  # a barrier's action
     handed_out: int = 0  # data handed to the scheduler
     finished: int = 0  # data whose sequence is done
     logprobs: list = dataclasses.field(default_factory=list)
@@ -283,6 +302,22 @@ class TrainingRun:
         self._on_submit(self)
         return call.future
 
+    def after_previous(self, fn: Callable[["TrainingRun"], object]) -> RunFuture:
+        """Run ``fn(run)`` in the engine's thread once every call submitted before is done and
+        before any submitted after it runs (a save of the weights between two calls); its return
+        value is the future's result, its exception the future's error.
+
+        Raises:
+            RunError: the run is closed.
+        """
+        if self.closed:
+            raise RunError(f"training run {self.id} is closed")
+        call = _Call("barrier", RunFuture("barrier"), fn=fn)
+        with self._lock:
+            self._calls.append(call)
+        self._on_submit(self)
+        return call.future
+
     def _submit(self, kind: str, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None) -> RunFuture:
         if self.closed:
             raise RunError(f"training run {self.id} is closed")
@@ -324,12 +359,25 @@ class TrainingRun:
         """The oldest unfinished call is an ``optim_step`` (every call before it is done)."""
         return bool(self._calls) and self._calls[0].kind == "optim_step"
 
+    def run_due_barriers(self) -> None:
+        """Run the :meth:`after_previous` actions whose earlier calls are all done."""
+        while self._calls and self._calls[0].kind == "barrier":
+            with self._lock:
+                call = self._calls.popleft()
+            try:
+                result = call.fn(self)
+            except Exception as e:
+                call.future.set_error(f"{type(e).__name__}: {e}")
+            else:
+                call.future.set_result(result)
+            self._pop_finished()
+
     def next_sequence(self) -> TrainingSequence | None:
         """The next pack of data to run: consecutive data of the oldest call with data not yet
-        handed out, before the first queued ``optim_step``; ``None`` if there is none."""
+        handed out, before the first queued ``optim_step`` or barrier; ``None`` if there is none."""
         with self._lock:
             for call in self._calls:
-                if call.kind == "optim_step":
+                if call.kind in ("optim_step", "barrier"):
                     return None
                 if call.handed_out < len(call.data):
                     return self._pack(call)
@@ -401,7 +449,7 @@ class TrainingRun:
 
     def _pop_finished(self) -> None:
         with self._lock:
-            while self._calls and self._calls[0].kind != "optim_step" and self._calls[0].future.done:
+            while self._calls and self._calls[0].kind in ("forward", "forward_backward") and self._calls[0].future.done:
                 self._calls.popleft()
 
     def prepare_optimizer_step(self) -> None:

@@ -1,0 +1,401 @@
+"""The Tinker training API's server state: sessions, training runs (Tinker's "models"), futures,
+sampler weights and sampling sessions, over the engine loop.
+
+Each Tinker model is a :class:`~coserve_jax.finetune.training_run.TrainingRun` in the engine
+(an adapter slot and a gradient row, trained inside the serving steps); its calls are submitted
+in the client's ``seq_id`` order (the client numbers every ordered call of a training client and
+may send them concurrently) and answered with a future id at once; ``retrieve_future`` long-polls
+the result. ``save_weights_for_sampler`` writes the run's adapter as a PEFT directory under the
+output directory and loads it as a servable adapter named by its ``tinker://`` path, which the
+OpenAI routes serve too (to the same project). Sampling runs as ordinary engine requests.
+
+Results are the official client's formats (:mod:`coserve_jax.serve.tinker_wire` for the two
+protobuf ones). Everything a project makes is visible to that project only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from coserve_jax.finetune.job import FinetuneError
+from coserve_jax.finetune.training_run import AdamParams, RunError, RunFuture
+from coserve_jax.lora.manager import AdapterError
+from coserve_jax.sched.sampling_params import SamplingParams
+from coserve_jax.serve import tinker_wire
+from coserve_jax.serve.errors import APIError
+
+log = logging.getLogger("coserve_jax.serve")
+
+RETRIEVE_WAIT_S = 20.0
+"""How long ``retrieve_future`` waits for a result before answering ``try_again`` (the client
+polls again at once), seconds."""
+
+SEQ_GAP_WAIT_S = 10.0
+"""How long a call waits for the calls its ``seq_id`` says come first, seconds; after that it
+runs anyway (a client that lost a call must not hang)."""
+
+LORA_ALPHA = 32.0
+"""The alpha of every training run's LoRA (the scaling is ``alpha / rank``)."""
+
+
+@dataclasses.dataclass
+class _Future:
+    project: str
+    kind: str
+    event: asyncio.Event
+    content_type: str = "application/json"
+    payload: Any = None  # bytes (protobuf) or a JSON-able dict
+    error: str | None = None
+    category: str = "user"
+
+
+@dataclasses.dataclass
+class _Model:
+    model_id: str
+    project: str
+    session_id: str
+    base_model: str
+    rank: int
+    train_attn: bool
+    train_mlp: bool
+    seed: int
+    next_seq: int = 1
+    order: asyncio.Condition | None = None
+    sampler_saves: int = 0
+
+
+def _user_error(message: str, status: int = 400) -> APIError:
+    return APIError(status, message, None, "invalid_request_error")
+
+
+class TinkerService:
+    """Sessions, training runs, futures and sampling sessions of the Tinker routes.
+
+    Args:
+        state: the server's :class:`~coserve_jax.serve.state.ServerState` (engine loop, model
+            name, adapter owners, output directory).
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.dir = os.path.join(os.path.abspath(state.config.output_dir), "tinker")
+        self.sessions: dict[str, dict] = {}
+        self.models: dict[str, _Model] = {}
+        self.futures: dict[str, _Future] = {}
+        self.samplers: dict[str, tuple[str, str | None]] = {}  # sampling session -> (project, adapter)
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def create_session(self, project: str, tags: list[str], user_metadata: dict | None) -> str:
+        sid = f"session-{uuid.uuid4().hex[:16]}"
+        now = time.time()
+        self.sessions[sid] = {"project": project, "created": now, "heartbeat": now, "tags": list(tags),
+                              "user_metadata": user_metadata}
+        return sid
+
+    def heartbeat(self, project: str, session_id: str) -> None:
+        s = self._session(project, session_id)
+        s["heartbeat"] = time.time()
+
+    def _session(self, project: str, session_id: str) -> dict:
+        s = self.sessions.get(session_id)
+        if s is None or s["project"] != project:
+            raise _user_error(f"no session {session_id!r}", 404)
+        return s
+
+    def _model(self, project: str, model_id: str) -> _Model:
+        m = self.models.get(model_id)
+        if m is None or m.project != project:
+            raise _user_error(f"no model {model_id!r}", 404)
+        return m
+
+    # ---- futures -------------------------------------------------------------------------------
+    def _new_future(self, project: str, kind: str) -> tuple[str, _Future]:
+        rid = f"req-{uuid.uuid4().hex[:20]}"
+        fut = _Future(project, kind, asyncio.Event())
+        self.futures[rid] = fut
+        return rid, fut
+
+    def _resolve(self, fut: _Future, payload: Any = None, content_type: str = "application/json",
+                 error: str | None = None, category: str = "user") -> None:
+        fut.payload, fut.content_type, fut.error, fut.category = payload, content_type, error, category
+        fut.event.set()
+
+    def _bridge(self, fut: _Future, convert) -> Any:
+        """A :class:`RunFuture` callback (engine thread) that resolves ``fut`` on the event loop
+        with ``convert(result)`` -> ``(payload, content_type)``."""
+        loop = asyncio.get_running_loop()
+
+        def done(rf: RunFuture) -> None:
+            if rf.error is not None:
+                loop.call_soon_threadsafe(self._resolve, fut, None, "application/json", rf.error, "user")
+                return
+            try:
+                payload, ctype = convert(rf.result())
+            except Exception as e:  # a bug converting a result fails that future alone
+                log.exception("converting a Tinker result failed")
+                loop.call_soon_threadsafe(self._resolve, fut, None, "application/json", f"{type(e).__name__}: {e}", "server")
+                return
+            loop.call_soon_threadsafe(self._resolve, fut, payload, ctype)
+        return done
+
+    async def retrieve(self, project: str, request_id: str, wait_s: float = RETRIEVE_WAIT_S) -> Response:
+        """The future's result, an error record, or ``try_again`` if it is not done within ``wait_s``."""
+        fut = self.futures.get(request_id)
+        if fut is None or fut.project != project:
+            raise _user_error(f"no future {request_id!r}", 404)
+        try:
+            await asyncio.wait_for(fut.event.wait(), wait_s)
+        except asyncio.TimeoutError:
+            return JSONResponse({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+        if fut.error is not None:
+            return JSONResponse({"error": fut.error, "category": fut.category})
+        if isinstance(fut.payload, bytes):
+            return Response(fut.payload, media_type=fut.content_type)
+        return JSONResponse(fut.payload)
+
+    # ---- training runs ----------------------------------------------------------------------------
+    async def create_model(self, project: str, session_id: str, base_model: str, lora: dict | None) -> dict:
+        """Start a training run; returns the untyped future (already resolved with the model id).
+
+        Raises:
+            APIError: 404 unknown session or base model, 400 a LoRA the engine cannot train.
+        """
+        self._session(project, session_id)
+        if base_model != self.state.model_name:
+            raise _user_error(f"base_model {base_model!r} is not served here; this server trains "
+                              f"{self.state.model_name!r}", 404)
+        lora = lora or {}
+        rank = int(lora.get("rank", 32))
+        seed = lora.get("seed")
+        seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
+        train_attn, train_mlp = bool(lora.get("train_attn", True)), bool(lora.get("train_mlp", True))
+        train_unembed = bool(lora.get("train_unembed", True))
+        model_id = f"run-{uuid.uuid4().hex[:12]}"
+
+        def create(engine):
+            return engine.create_training_run(
+                rank=rank, seed=seed, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed,
+                lora_alpha=LORA_ALPHA, adapter_name=model_id, run_id=model_id)
+
+        try:
+            await self.state.loop.call(create)
+        except (FinetuneError, AdapterError, ValueError) as e:
+            raise _user_error(str(e)) from None
+        self.state.owners[model_id] = project
+        self.models[model_id] = _Model(model_id, project, session_id, base_model, rank, train_attn, train_mlp, seed,
+                                       order=asyncio.Condition())
+        rid, fut = self._new_future(project, "create_model")
+        self._resolve(fut, {"model_id": model_id, "type": "create_model"})
+        return {"request_id": rid, "model_id": model_id}
+
+    def get_info(self, project: str, model_id: str) -> dict:
+        m = self._model(project, model_id)
+        return {"type": "get_info", "model_id": model_id, "model_name": m.base_model, "is_lora": True,
+                "lora_rank": m.rank, "model_data": {"arch": "llama", "model_name": m.base_model,
+                                                    "tokenizer_id": m.base_model}}
+
+    async def _in_order(self, m: _Model, seq_id: int | None, submit) -> Any:
+        """Run ``submit()`` (an engine-loop call) when every call before ``seq_id`` was submitted."""
+        if not seq_id:
+            return await submit()
+        async with m.order:
+            try:
+                await asyncio.wait_for(m.order.wait_for(lambda: m.next_seq >= seq_id), SEQ_GAP_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("model %s: call %d ran before calls %d..%d arrived", m.model_id, seq_id, m.next_seq, seq_id - 1)
+            try:
+                return await submit()
+            finally:
+                m.next_seq = max(m.next_seq, seq_id + 1)
+                m.order.notify_all()
+
+    async def forward_backward(self, project: str, req: dict) -> dict:
+        """Queue a ``forward`` or ``forward_backward`` call (``req`` from
+        :func:`~coserve_jax.serve.tinker_wire.parse_forward_backward`).
+
+        Raises:
+            APIError: 404 unknown model, 400 bad data (nothing is queued).
+        """
+        m = self._model(project, req["model_id"])
+        rid, fut = self._new_future(project, "forward" if req["forward_only"] else "forward_backward")
+
+        def convert(out):
+            return tinker_wire.forward_backward_output(out.loss_fn_outputs, out.metrics), tinker_wire.PROTO_CONTENT_TYPE
+
+        done = self._bridge(fut, convert)
+
+        def submit(engine):
+            run = engine.finetuning.runs[m.model_id]
+            call = run.forward if req["forward_only"] else run.forward_backward
+            call(req["data"], req["loss_fn"], req["loss_fn_config"]).add_done_callback(done)
+
+        try:
+            await self._in_order(m, req["seq_id"], lambda: self.state.loop.call(submit))
+        except (ValueError, TypeError, RunError) as e:
+            del self.futures[rid]
+            raise _user_error(str(e)) from None
+        return {"request_id": rid, "model_id": m.model_id}
+
+    async def optim_step(self, project: str, model_id: str, seq_id: int | None, adam: dict) -> dict:
+        """Queue an ``optim_step`` with Tinker's ``AdamParams`` fields.
+
+        Raises:
+            APIError: 404 unknown model, 400 bad parameters.
+        """
+        m = self._model(project, model_id)
+        try:
+            params = AdamParams(**{k: float(v) for k, v in adam.items() if k != "type"})
+        except (TypeError, ValueError) as e:
+            raise _user_error(f"adam_params: {e}") from None
+        rid, fut = self._new_future(project, "optim_step")
+        done = self._bridge(fut, lambda out: ({"type": "optim_step", "metrics": out.metrics}, "application/json"))
+
+        def submit(engine):
+            engine.finetuning.runs[m.model_id].optim_step(params).add_done_callback(done)
+
+        try:
+            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
+        except RunError as e:
+            del self.futures[rid]
+            raise _user_error(str(e)) from None
+        return {"request_id": rid, "model_id": m.model_id}
+
+    async def save_weights_for_sampler(self, project: str, model_id: str, seq_id: int | None, name: str | None) -> dict:
+        """After every earlier call of the run: write its adapter (PEFT) under the output
+        directory and load it as a servable adapter named ``tinker://<model>/sampler_weights/<name>``.
+
+        Raises:
+            APIError: 404 unknown model, 400 a bad name.
+        """
+        m = self._model(project, model_id)
+        m.sampler_saves += 1
+        name = name or f"{m.sampler_saves:06d}"
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise _user_error(f"path {name!r}: use letters, digits, '-', '_' and '.'")
+        path = f"tinker://{model_id}/sampler_weights/{name}"
+        directory = os.path.join(self.dir, model_id, "sampler_weights", name)
+        rid, fut = self._new_future(project, "save_weights_for_sampler")
+        loop = asyncio.get_running_loop()
+
+        def export(run):  # the engine thread, between two steps, after the run's earlier calls
+            run.export(directory)
+            return directory
+
+        def exported(rf: RunFuture) -> None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._load_sampler(fut, rf, path, project)))
+
+        def submit(engine):
+            engine.finetuning.runs[m.model_id].after_previous(export).add_done_callback(exported)
+
+        try:
+            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
+        except RunError as e:
+            del self.futures[rid]
+            raise _user_error(str(e)) from None
+        return {"request_id": rid, "model_id": m.model_id}
+
+    async def _load_sampler(self, fut: _Future, rf: RunFuture, path: str, project: str) -> None:
+        """Load exported sampler weights as the adapter ``path`` (replacing an older save of the
+        same name) and resolve the save's future."""
+        if rf.error is not None:
+            self._resolve(fut, error=rf.error, category="server")
+            return
+        directory = rf.result()
+
+        def load(engine):
+            if path in engine.list_adapters():
+                engine.unload_adapter(path)
+            engine.load_adapter(path, directory)
+
+        try:
+            await self.state.loop.call(load)
+        except Exception as e:  # (no slot can be freed: every adapter is in use)
+            self._resolve(fut, error=f"{type(e).__name__}: {e}", category="server")
+            return
+        self.state.remember_adapter(path, directory, project)
+        self._resolve(fut, {"path": path, "type": "save_weights_for_sampler"})
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def _adapter_for(self, project: str, model_path: str | None, base_model: str | None) -> str | None:
+        if model_path:
+            if model_path not in self.state.owners or self.state.owners[model_path] != project:
+                raise _user_error(f"no sampler weights at {model_path!r}", 404)
+            return model_path
+        if base_model not in (None, self.state.model_name):
+            raise _user_error(f"base_model {base_model!r} is not served here", 404)
+        return None
+
+    def create_sampling_session(self, project: str, session_id: str, model_path: str | None, base_model: str | None) -> str:
+        self._session(project, session_id)
+        adapter = self._adapter_for(project, model_path, base_model)
+        sid = f"sampler-{uuid.uuid4().hex[:16]}"
+        self.samplers[sid] = (project, adapter)
+        return sid
+
+    async def sample(self, project: str, req: dict) -> dict:
+        """Queue ``num_samples`` completions of the prompt (Tinker's ``asample``) as engine
+        requests on the sampler's adapter; each sampled token's logprob is returned.
+
+        Raises:
+            APIError: 404 unknown sampler or weights, 400 bad parameters.
+        """
+        from coserve_jax.serve.generate import submit
+
+        sid = req.get("sampling_session_id")
+        if sid:
+            owner, adapter = self.samplers.get(sid, (None, None))
+            if owner != project:
+                raise _user_error(f"no sampling session {sid!r}", 404)
+        else:
+            adapter = self._adapter_for(project, req.get("model_path"), req.get("base_model"))
+        tokens: list[int] = []
+        for chunk in req["prompt"]["chunks"]:
+            if chunk.get("type", "encoded_text") != "encoded_text":
+                raise _user_error("only text (encoded_text) prompt chunks are supported")
+            tokens += [int(t) for t in chunk["tokens"]]
+        if req.get("prompt_logprobs") or req.get("topk_prompt_logprobs"):
+            raise _user_error("prompt_logprobs are not supported yet: use a forward call of a training client")
+        sp = req["sampling_params"]
+        n = int(req.get("num_samples", 1))
+        seed = sp.get("seed")
+        stop = sp.get("stop")
+        stop_ids = [int(x) for x in stop] if isinstance(stop, list) and stop and isinstance(stop[0], int) else None
+        stop_str = [stop] if isinstance(stop, str) else (stop if isinstance(stop, list) and stop_ids is None else None)
+        try:
+            params = [SamplingParams(
+                max_tokens=int(sp.get("max_tokens") or 16), temperature=float(sp.get("temperature", 1.0)),
+                top_p=float(sp.get("top_p", 1.0)), top_k=int(sp.get("top_k", -1)) if sp.get("top_k", -1) > 0 else 0,
+                seed=None if seed is None else int(seed) + i, logprobs=0, stop=stop_str or None,
+                stop_token_ids=stop_ids) for i in range(n)]
+        except (TypeError, ValueError) as e:
+            raise _user_error(f"sampling_params: {e}") from None
+        rid, fut = self._new_future(project, "sample")
+        q, index = await submit(self.state, rid, [tokens], [params], adapter, time.monotonic(), project)
+
+        async def collect():
+            outs: dict[int, list] = {i: [[], [], None] for i in index.values()}
+            pending = set(index)
+            while pending:
+                d = await q.get()
+                o = outs[index[d.request_id]]
+                o[0] += d.token_ids
+                o[1] += d.logprobs or []
+                if d.finished:
+                    o[2] = "stop" if d.finish_reason == "stop" else "length"
+                    pending.discard(d.request_id)
+            seqs = [tuple(outs[i]) for i in sorted(outs)]
+            if any(s[2] is None for s in seqs):
+                self._resolve(fut, error="sampling was aborted", category="server")
+            else:
+                self._resolve(fut, tinker_wire.sample_response(seqs), tinker_wire.PROTO_CONTENT_TYPE)
+
+        asyncio.get_running_loop().create_task(collect())
+        return {"request_id": rid}
