@@ -10,13 +10,13 @@ from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.state import ServerState
 
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/api/v1/healthz"})
 """Paths served without an API key (liveness probes and the version, as vLLM serves them)."""
 
 
 class GuardMiddleware:
-    """API key (``Authorization: Bearer``) on every path but :data:`OPEN_PATHS` whenever a key is
-    configured (:class:`~coserve_jax.serve.auth.KeyRing`); the key's
+    """API key (``Authorization: Bearer``, or the tinker client's ``X-API-Key: tml-KEY``) on every
+    path but :data:`OPEN_PATHS` whenever a key is configured (:class:`~coserve_jax.serve.auth.KeyRing`); the key's
     :class:`~coserve_jax.serve.auth.Principal` goes into the request's state. Body-size limits:
     413 above ``limits.max_body_bytes`` (``limits.max_upload_bytes`` for uploads)."""
 
@@ -33,6 +33,8 @@ class GuardMiddleware:
         if path not in OPEN_PATHS and self.state.keys.required:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
+            if "x-api-key" in headers and not auth:  # the tinker client's header, its key prefixed "tml-"
+                scheme, token = "bearer", headers["x-api-key"].strip().removeprefix("tml-")
             if scheme.lower() != "bearer" or not token.strip():
                 return await self._reject(scope, receive, send, APIError(
                     401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.", None, "missing_api_key"))

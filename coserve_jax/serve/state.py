@@ -93,6 +93,13 @@ class ServerState:
             engine.model.lora.config if engine.model.lora is not None else None,
             db=self.db,
         )
+        self.tinker = None
+        """The Tinker training API's state (:class:`~coserve_jax.serve.tinker_service.TinkerService`),
+        ``None`` on an engine without finetuning."""
+        if engine.finetune_layout is not None:
+            from coserve_jax.serve.tinker_service import TinkerService
+
+            self.tinker = TinkerService(self)
         self.restored_adapters = self._restore()
         self.stats = None if config.disable_log_stats else StatLogger(config.log_stats_interval_s)
         self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
@@ -202,6 +209,8 @@ class ServerState:
 
     def start(self) -> None:
         self.loop.start()
+        if self.tinker is not None:
+            self.tinker.start()
         if self.stats is not None:
             self.stats.start(self.engine)
 

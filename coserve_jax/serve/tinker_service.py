@@ -42,6 +42,10 @@ SEQ_GAP_WAIT_S = 10.0
 """How long a call waits for the calls its ``seq_id`` says come first, seconds; after that it
 runs anyway (a client that lost a call must not hang)."""
 
+SESSION_TIMEOUT_S = 60.0
+"""A session without a heartbeat for this long ends: its training runs are closed (their queued
+calls fail, their finetuning slots are freed; saved weights stay). The client beats every 10 s."""
+
 LORA_ALPHA = 32.0
 """The alpha of every training run's LoRA (the scaling is ``alpha / rank``)."""
 
@@ -91,6 +95,38 @@ class TinkerService:
         self.models: dict[str, _Model] = {}
         self.futures: dict[str, _Future] = {}
         self.samplers: dict[str, tuple[str, str | None]] = {}  # sampling session -> (project, adapter)
+        self._reaper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start ending sessions whose heartbeats stopped (call on the server's event loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_sessions())
+
+    async def _reap_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, SESSION_TIMEOUT_S / 2))
+            now = time.time()
+            for sid, s in list(self.sessions.items()):
+                if now - s["heartbeat"] > SESSION_TIMEOUT_S:
+                    await self.end_session(sid)
+
+    async def end_session(self, session_id: str) -> None:
+        """End a session: close its training runs (their adapters stay servable)."""
+        self.sessions.pop(session_id, None)
+        for m in [m for m in self.models.values() if m.session_id == session_id]:
+            await self.unload_model(m.project, m.model_id)
+
+    async def unload_model(self, project: str, model_id: str) -> None:
+        """Close a training run: its queued calls fail and its finetuning slot is freed."""
+        m = self._model(project, model_id)
+
+        def close(engine):
+            run = engine.finetuning.runs.get(m.model_id)
+            if run is not None:
+                run.close()
+
+        await self.state.loop.call(close)
+        del self.models[model_id]
 
     # ---- sessions ------------------------------------------------------------------------------
     def create_session(self, project: str, tags: list[str], user_metadata: dict | None) -> str:
@@ -333,6 +369,13 @@ class TinkerService:
             raise _user_error(f"base_model {base_model!r} is not served here", 404)
         return None
 
+    def sampler(self, project: str, sampler_id: str) -> dict:
+        """Tinker's ``GetSamplerResponse`` of a sampling session."""
+        owner, adapter = self.samplers.get(sampler_id, (None, None))
+        if owner != project:
+            raise _user_error(f"no sampling session {sampler_id!r}", 404)
+        return {"sampler_id": sampler_id, "base_model": self.state.model_name, "model_path": adapter}
+
     def create_sampling_session(self, project: str, session_id: str, model_path: str | None, base_model: str | None) -> str:
         self._session(project, session_id)
         adapter = self._adapter_for(project, model_path, base_model)
@@ -398,4 +441,4 @@ class TinkerService:
                 self._resolve(fut, tinker_wire.sample_response(seqs), tinker_wire.PROTO_CONTENT_TYPE)
 
         asyncio.get_running_loop().create_task(collect())
-        return {"request_id": rid}
+        return {"request_id": rid, "sample_sequence_ids": [f"{rid}-seq-{i}" for i in range(n)]}
