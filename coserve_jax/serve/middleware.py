@@ -13,6 +13,9 @@ from coserve_jax.serve.state import ServerState
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/api/v1/healthz"})
 """Paths served without an API key (liveness probes and the version, as vLLM serves them)."""
 
+OPEN_PREFIXES = ("/api/v1/weights_download/",)
+"""Path prefixes served without an API key: signed download URLs (the route checks the signature)."""
+
 
 class GuardMiddleware:
     """API key (``Authorization: Bearer``, or the tinker client's ``X-API-Key: tml-KEY``) on every
@@ -30,7 +33,7 @@ class GuardMiddleware:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         who = OPEN
-        if path not in OPEN_PATHS and self.state.keys.required:
+        if path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and self.state.keys.required:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if "x-api-key" in headers and not auth:  # the tinker client's header, its key prefixed "tml-"

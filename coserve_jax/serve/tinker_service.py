@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import hashlib
+import hmac
 import logging
 import os
+import pathlib
+import secrets
 import time
 import uuid
 from typing import Any
@@ -45,6 +50,12 @@ runs anyway (a client that lost a call must not hang)."""
 SESSION_TIMEOUT_S = 60.0
 """A session without a heartbeat for this long ends: its training runs are closed (their queued
 calls fail, their finetuning slots are freed; saved weights stay). The client beats every 10 s."""
+
+URL_TTL_S = 3600
+"""How long a signed download URL is valid, seconds."""
+
+DOWNLOAD_PREFIX = "/api/v1/weights_download/"
+"""Where signed URLs point (served without an API key: the signature is the authorization)."""
 
 LORA_ALPHA = 32.0
 """The alpha of every training run's LoRA (the scaling is ``alpha / rank``)."""
@@ -304,9 +315,15 @@ class TinkerService:
             raise _user_error(str(e)) from None
         return {"request_id": rid, "model_id": m.model_id}
 
-    async def save_weights_for_sampler(self, project: str, model_id: str, seq_id: int | None, name: str | None) -> dict:
-        """After every earlier call of the run: write its adapter (PEFT) under the output
-        directory and load it as a servable adapter named ``tinker://<model>/sampler_weights/<name>``.
+    async def save_weights(self, project: str, model_id: str, seq_id: int | None, name: str | None, kind: str,
+                           sampling_session: bool = False) -> dict:
+        """After every earlier call of the run, write its adapter as a PEFT directory under the
+        output directory: ``kind`` ``"sampler_weights"`` (``save_weights_for_sampler``; also
+        loaded as a servable adapter named by its ``tinker://<model>/sampler_weights/<name>``
+        path) or ``"external_weights"`` (``save_weights_external``: downloadable by signed URLs).
+        ``sampling_session`` (sampler weights saved without a name, as
+        ``save_weights_and_get_sampling_client`` does): the result also names a new sampling
+        session on them.
 
         Raises:
             APIError: 404 unknown model, 400 a bad name.
@@ -314,11 +331,11 @@ class TinkerService:
         m = self._model(project, model_id)
         m.sampler_saves += 1
         name = name or f"{m.sampler_saves:06d}"
-        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
             raise _user_error(f"path {name!r}: use letters, digits, '-', '_' and '.'")
-        path = f"tinker://{model_id}/sampler_weights/{name}"
-        directory = os.path.join(self.dir, model_id, "sampler_weights", name)
-        rid, fut = self._new_future(project, "save_weights_for_sampler")
+        path = f"tinker://{model_id}/{kind}/{name}"
+        directory = self.checkpoint_dir(model_id, kind, name)
+        rid, fut = self._new_future(project, f"save_{kind}")
         loop = asyncio.get_running_loop()
 
         def export(run):  # the engine thread, between two steps, after the run's earlier calls
@@ -326,7 +343,14 @@ class TinkerService:
             return directory
 
         def exported(rf: RunFuture) -> None:
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._load_sampler(fut, rf, path, project)))
+            if kind == "sampler_weights":
+                loop.call_soon_threadsafe(
+                    lambda: loop.create_task(self._load_sampler(fut, rf, path, project, m.session_id if sampling_session else None)))
+            elif rf.error is not None:
+                loop.call_soon_threadsafe(self._resolve, fut, None, "application/json", rf.error, "server")
+            else:
+                size = sum(f.stat().st_size for f in pathlib.Path(directory).rglob("*") if f.is_file())
+                loop.call_soon_threadsafe(self._resolve, fut, {"path": path, "size_bytes": size, "type": "save_weights_external"})
 
         def submit(engine):
             engine.finetuning.runs[m.model_id].after_previous(export).add_done_callback(exported)
@@ -338,9 +362,63 @@ class TinkerService:
             raise _user_error(str(e)) from None
         return {"request_id": rid, "model_id": m.model_id}
 
-    async def _load_sampler(self, fut: _Future, rf: RunFuture, path: str, project: str) -> None:
+    def checkpoint_dir(self, model_id: str, kind: str, name: str) -> str:
+        """Where a run's saved weights of ``kind`` named ``name`` live."""
+        return os.path.join(self.dir, model_id, kind, name)
+
+    # ---- downloads -----------------------------------------------------------------------------------
+    def _secret(self) -> bytes:
+        path = pathlib.Path(self.dir) / "url-signing-key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        return path.read_bytes()
+
+    def _signature(self, rel: str, expires: int) -> str:
+        return hmac.new(self._secret(), f"{rel}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def external_urls(self, project: str, model_id: str, name: str, base_url: str) -> dict:
+        """Signed download URLs (valid :data:`URL_TTL_S`) of every file of saved external weights
+        (``GET /api/v1/training_runs/{model}/checkpoints/external_weights/{name}/external_weights_urls``).
+
+        Raises:
+            APIError: 404 another project's run or no such weights.
+        """
+        owner = self.state.owners.get(model_id)
+        if owner != project:
+            raise _user_error(f"no training run {model_id!r}", 404)
+        root = pathlib.Path(self.checkpoint_dir(model_id, "external_weights", name))
+        if not root.is_dir():
+            raise _user_error(f"no external weights tinker://{model_id}/external_weights/{name}", 404)
+        expires = int(time.time() + URL_TTL_S)
+        urls = {}
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                rel = f"{model_id}/external_weights/{name}/{f.relative_to(root).as_posix()}"
+                urls[f.relative_to(root).as_posix()] = (
+                    f"{base_url.rstrip('/')}{DOWNLOAD_PREFIX}{rel}?expires={expires}&signature={self._signature(rel, expires)}")
+        return {"urls": urls, "expires": datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).isoformat()}
+
+    def download_path(self, rel: str, expires: int, signature: str) -> str:
+        """The file a signed URL names.
+
+        Raises:
+            APIError: 403 a bad or expired signature, 404 no such file.
+        """
+        if expires < time.time() or not hmac.compare_digest(signature, self._signature(rel, expires)):
+            raise APIError(403, "the download URL is invalid or expired", None, "forbidden")
+        root = pathlib.Path(self.dir).resolve()
+        path = (root / rel).resolve()
+        if root not in path.parents or not path.is_file():
+            raise _user_error("no such file", 404)
+        return str(path)
+
+    async def _load_sampler(self, fut: _Future, rf: RunFuture, path: str, project: str, session: str | None) -> None:
         """Load exported sampler weights as the adapter ``path`` (replacing an older save of the
-        same name) and resolve the save's future."""
+        same name) and resolve the save's future (with a new sampling session of ``session`` on
+        them, if given)."""
         if rf.error is not None:
             self._resolve(fut, error=rf.error, category="server")
             return
@@ -357,7 +435,12 @@ class TinkerService:
             self._resolve(fut, error=f"{type(e).__name__}: {e}", category="server")
             return
         self.state.remember_adapter(path, directory, project)
-        self._resolve(fut, {"path": path, "type": "save_weights_for_sampler"})
+        result = {"path": path, "type": "save_weights_for_sampler"}
+        if session is not None:
+            sid = f"sampler-{uuid.uuid4().hex[:16]}"
+            self.samplers[sid] = (project, path)
+            result["sampling_session_id"] = sid
+        self._resolve(fut, result)
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _adapter_for(self, project: str, model_path: str | None, base_model: str | None) -> str | None:

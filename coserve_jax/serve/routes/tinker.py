@@ -15,12 +15,14 @@ from typing import Any
 
 import pydantic
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse
 from tinker import types as T
 
 from coserve_jax.serve import tinker_wire
 from coserve_jax.serve.auth import Principal
 from coserve_jax.serve.errors import APIError
 from coserve_jax.serve.state import ServerState, principal, server_state
+from coserve_jax.serve.tinker_service import DOWNLOAD_PREFIX
 
 router = APIRouter()
 
@@ -147,7 +149,28 @@ async def optim_step(request: Request, state: ServerState = Depends(server_state
 async def save_weights_for_sampler(request: Request, state: ServerState = Depends(server_state),
                                    who: Principal = Depends(principal)):
     req = _validate(T.SaveWeightsForSamplerRequest, await _json(request))
-    return await _service(state).save_weights_for_sampler(who.project, req.model_id, req.seq_id, req.path)
+    return await _service(state).save_weights(who.project, req.model_id, req.seq_id, req.path, "sampler_weights",
+                                              sampling_session=req.sampling_session_seq_id is not None and req.path is None)
+
+
+@router.post("/api/v1/save_weights_external")
+async def save_weights_external(request: Request, state: ServerState = Depends(server_state),
+                                who: Principal = Depends(principal)):
+    req = _validate(T.SaveWeightsExternalRequest, await _json(request))
+    if req.age_encryption_recipients:
+        raise APIError(400, "age encryption of exported weights is not supported", "age_encryption_recipients", "invalid_value")
+    return await _service(state).save_weights(who.project, req.model_id, req.seq_id, req.path, "external_weights")
+
+
+@router.get("/api/v1/training_runs/{model_id}/checkpoints/external_weights/{name}/external_weights_urls")
+async def external_weights_urls(model_id: str, name: str, request: Request, state: ServerState = Depends(server_state),
+                                who: Principal = Depends(principal)):
+    return _service(state).external_urls(who.project, model_id, name, str(request.base_url))
+
+
+@router.get(DOWNLOAD_PREFIX + "{rel:path}")
+async def download(rel: str, expires: int, signature: str, state: ServerState = Depends(server_state)):
+    return FileResponse(_service(state).download_path(rel, expires, signature))
 
 
 @router.post("/api/v1/create_sampling_session")
