@@ -98,7 +98,8 @@ def test_supervised_loop_equals_torch_peft_adamw(server, checkpoint, tmp_path):
     _, base = checkpoint
     models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEYS['alpha']}"}).json()
     name = models["data"][0]["id"]
-    tc = service(server).create_lora_training_client(base_model=name, rank=4, seed=5, train_unembed=False).result()
+    sc = service(server)
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=5, train_unembed=False).result()
     init = tc.save_weights_external("init").result().path
     peft_model = PeftModel.from_pretrained(base, download_adapter(server, "alpha", init, tmp_path / "init"), is_trainable=True)
     peft_model.train(False)
@@ -122,13 +123,14 @@ def test_supervised_loop_equals_torch_peft_adamw(server, checkpoint, tmp_path):
             loss = loss + (w * torch.nn.functional.cross_entropy(logits, target, reduction="none")).sum()
         loss.backward()
         opt.step()
-        theirs.append(float(loss))
+        theirs.append(float(loss.detach()))
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     assert ours[-1] < ours[0]
 
     final = tc.save_weights_external("final").result().path
     ours_dir = download_adapter(server, "alpha", final, tmp_path / "final")
     loaded = PeftModel.from_pretrained(base, ours_dir)
+    sc.close("success").result()
     got = {n: p.detach().clone() for n, p in loaded.named_parameters() if "lora_" in n}
     want = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
     assert got.keys() == want.keys()
@@ -162,3 +164,108 @@ def test_sampled_logprobs_equal_forward_logprobs(server):
     for seq, o in zip(res.sequences, out.loss_fn_outputs):
         trained = np.asarray(o["logprobs"].tolist())[len(prompt) - 1:]
         assert np.abs(trained - np.asarray(seq.logprobs)).max() <= 1e-5
+    sc.close("success").result()
+
+
+def _train(server, project, data, seed, steps=2):
+    """A run of ``project`` trained ``steps`` steps on ``data`` (its session closed after); returns
+    its saved weights' tinker path, its losses and its adapter's tensors (downloaded)."""
+    from safetensors.numpy import load
+
+    with service(server, project) as sc:
+        name = sc.get_server_capabilities().supported_models[0].model_name
+        tc = sc.create_lora_training_client(base_model=name, rank=4, seed=seed, train_unembed=False).result()
+        losses = []
+        for _ in range(steps):
+            fb = tc.forward_backward(data, "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2))
+            losses.append(fb.result().metrics["loss:sum"])
+        path = tc.save_weights_external("final").result().path
+        rest = tinker.RestClient(base_url=server.url, api_key="tml-" + KEYS[project])
+        url = rest.get_external_weights_urls(path).result().urls["adapter_model.safetensors"]
+        return path, losses, load(httpx.get(url, timeout=60).content)
+
+
+def make_data(seed, n=2, length=30):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        toks = rng.integers(0, 256, length).tolist()
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(toks[:-1]),
+                               loss_fn_inputs={"target_tokens": toks[1:], "weights": [1.0] * (length - 1)}))
+    return out
+
+
+def test_two_projects_train_at_once_isolated_and_each_equals_its_run_alone(server):
+    """Runs of two projects trained concurrently (their calls share engine steps) equal the
+    same runs trained alone; neither project can see the other's run, weights or sampler."""
+    import concurrent.futures
+
+    da, db = make_data(1), make_data(2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(_train, server, "alpha", da, 11)
+        fb = pool.submit(_train, server, "beta", db, 12)
+        (path_a, la, wa), (_, lb, wb) = fa.result(), fb.result()
+    (_, la1, wa1) = _train(server, "alpha", da, 11)
+    (_, lb1, wb1) = _train(server, "beta", db, 12)
+    np.testing.assert_allclose(la, la1, rtol=1e-5)
+    np.testing.assert_allclose(lb, lb1, rtol=1e-5)
+    for together, alone in ((wa, wa1), (wb, wb1)):
+        assert together.keys() == alone.keys()
+        for k in together:
+            np.testing.assert_allclose(together[k], alone[k], rtol=1e-5, atol=1e-7)
+    run_a = path_a.split("/")[2]
+    beta = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-" + KEYS["beta"]}, timeout=60)
+    assert beta.post("/api/v1/get_info", json={"model_id": run_a}).status_code == 404
+    r = beta.get(f"/api/v1/training_runs/{run_a}/checkpoints/external_weights/final/external_weights_urls")
+    assert r.status_code == 404
+    sess = beta.post("/api/v1/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "x"}).json()
+    r = beta.post("/api/v1/create_sampling_session", json={
+        "session_id": sess["session_id"], "sampling_session_seq_id": 0, "model_path": path_a})
+    assert r.status_code == 404
+
+
+def test_bad_calls_fail_alone_with_4xx(server):
+    """Malformed bodies, unknown models, bad data and bad parameters get 4xx with a message;
+    the server and a good run carry on."""
+    http = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-" + KEYS["alpha"]}, timeout=60)
+    assert http.post("/api/v1/create_session", json={"tags": "x"}).status_code == 400
+    sess = http.post("/api/v1/create_session", json={"tags": [], "user_metadata": None, "sdk_version": "x"}).json()["session_id"]
+    name = http.get("/api/v1/get_server_capabilities").json()["supported_models"][0]["model_name"]
+    assert http.post("/api/v1/create_model", json={"session_id": sess, "model_seq_id": 0, "base_model": "nope"}).status_code == 404
+    r = http.post("/api/v1/create_model", json={"session_id": sess, "model_seq_id": 0, "base_model": name,
+                                               "lora_config": {"rank": 64, "train_unembed": False}})
+    assert r.status_code == 400 and "max_lora_rank" in r.text
+    r = http.post("/api/v1/create_model", json={"session_id": sess, "model_seq_id": 0, "base_model": name,
+                                               "lora_config": {"rank": 4}})
+    assert r.status_code == 400 and "train_unembed" in r.text  # LoRA on the LM head is not supported yet
+    model = http.post("/api/v1/create_model", json={"session_id": sess, "model_seq_id": 0, "base_model": name,
+                                                   "lora_config": {"rank": 4, "train_unembed": False}}).json()["model_id"]
+    fb = http.post("/api/v1/forward_backward", content=b"\xff\x00garbage",
+                   headers={"Content-Type": "application/x-protobuf"})
+    assert fb.status_code == 400
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    def proto(data, loss_fn="cross_entropy"):
+        req = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn=loss_fn),
+                                           model_id=model, seq_id=None)
+        return forward_backward_request_to_proto(req).SerializeToString()
+
+    good = make_data(3, n=1)
+    missing = [types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3, 4]})]
+    for body, message in ((proto(missing), "missing"), (proto(good, "dpo"), "loss_fn must be one of"),
+                          (proto([types.Datum(model_input=types.ModelInput.from_ints([1, 9999]),
+                                              loss_fn_inputs={"target_tokens": [2, 3], "weights": [1, 1]})]), "vocabulary")):
+        r = http.post("/api/v1/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"})
+        assert r.status_code == 400 and message in r.text, r.text
+    assert http.post("/api/v1/optim_step", json={"model_id": model, "adam_params": {"learning_rate": -1}}).status_code == 400
+    assert http.post("/api/v1/retrieve_future", json={"request_id": "req-nope"}).status_code == 404
+    r = http.post("/api/v1/forward_backward", content=proto(good), headers={"Content-Type": "application/x-protobuf"})
+    assert r.status_code == 200
+    out = http.post("/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]},
+                    headers={"Accept": "application/x-protobuf"})
+    from tinker.proto.response_conv import deserialize_forward_backward_output
+
+    res = deserialize_forward_backward_output(out.content)
+    assert len(res.loss_fn_outputs) == 1 and res.metrics["loss:sum"] > 0
+    http.post(f"/api/v1/sessions/{sess}/finish", json={"reason": {"type": "success"}})

@@ -95,6 +95,14 @@ async def session_heartbeat(request: Request, state: ServerState = Depends(serve
     return {"type": "session_heartbeat"}
 
 
+@router.post("/api/v1/sessions/{session_id}/finish")
+async def finish_session(session_id: str, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
+    svc = _service(state)
+    svc.heartbeat(who.project, session_id)  # (404 for another project's session)
+    await svc.end_session(session_id)
+    return None
+
+
 @router.post("/api/v1/create_model")
 async def create_model(request: Request, state: ServerState = Depends(server_state),
                        who: Principal = Depends(principal)):
