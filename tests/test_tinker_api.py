@@ -269,3 +269,63 @@ def test_bad_calls_fail_alone_with_4xx(server):
     res = deserialize_forward_backward_output(out.content)
     assert len(res.loss_fn_outputs) == 1 and res.metrics["loss:sum"] > 0
     http.post(f"/api/v1/sessions/{sess}/finish", json={"reason": {"type": "success"}})
+
+
+def test_runs_and_saved_weights_survive_a_restart(checkpoint, tmp_path):
+    """A run's saved weights outlive the server process: after a restart the run and its
+    checkpoints are listed (the run closed: its engine state is gone), the external weights
+    download, and the sampler weights serve both Tinker sampling and the OpenAI routes, to their
+    project only."""
+    import openai
+
+    path, _ = checkpoint
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"key": k, "project": p} for p, k in KEYS.items()]))
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"), "model": {"path": str(path), "dtype": "float32"},
+        "engine": {"max_num_seqs": 4, "max_num_batched_tokens": 32, "token_buckets": [32], "num_kv_pages": 128,
+                   "max_loras": 2, "max_lora_rank": 4, "max_finetune_jobs": 1, "finetune_max_seq_len": 128,
+                   "finetune_seq_buckets": [128], "max_finetune_tokens": 32},
+    }))
+    args = ["--config", str(cfg), "--api-keys-file", str(keys)]
+    env = {"COSERVE_JAX_CACHE_DIR": str(tmp_path / "xla")}
+    srv = ServerProcess(args, env=env)
+    try:
+        with service(srv) as sc:
+            name = sc.get_server_capabilities().supported_models[0].model_name
+            tc = sc.create_lora_training_client(base_model=name, rank=4, seed=2, train_unembed=False).result()
+            tc.forward_backward(make_data(4, n=1), "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2))
+            sampler_path = tc.save_weights_for_sampler("s1").result().path
+            external = tc.save_weights_external("e1").result().path
+            before = tinker.RestClient(base_url=srv.url, api_key="tml-" + KEYS["alpha"]).get_external_weights_urls(external).result()
+            first = httpx.get(before.urls["adapter_model.safetensors"], timeout=60).content
+    finally:
+        assert srv.stop() == 0
+    srv = ServerProcess(args, env=env)
+    try:
+        rest = tinker.RestClient(base_url=srv.url, api_key="tml-" + KEYS["alpha"])
+        runs = rest.list_training_runs().result().training_runs
+        assert [r.training_run_id for r in runs] == [sampler_path.split("/")[2]]
+        ckpts = {c.tinker_path for c in rest.list_checkpoints(runs[0].training_run_id).result().checkpoints}
+        assert ckpts == {sampler_path, external}
+        urls = rest.get_external_weights_urls(external).result().urls
+        assert httpx.get(urls["adapter_model.safetensors"], timeout=60).content == first
+        beta_rest = tinker.RestClient(base_url=srv.url, api_key="tml-" + KEYS["beta"])
+        assert beta_rest.list_training_runs().result().training_runs == []
+        with service(srv) as sc:
+            res = sc.create_sampling_client(model_path=sampler_path).sample(
+                prompt=types.ModelInput.from_ints([5, 6, 7]), num_samples=1,
+                sampling_params=types.SamplingParams(max_tokens=4, temperature=0.0)).result()
+            tinker_tokens = list(res.sequences[0].tokens)
+        oa = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEYS["alpha"], max_retries=0)
+        out = oa.completions.create(model=sampler_path, prompt=[5, 6, 7], max_tokens=4, temperature=0.0, logprobs=0)
+        assert len(out.choices[0].logprobs.tokens) == 4
+        assert sampler_path in [m.id for m in oa.models.list().data]
+        ob = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEYS["beta"], max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            ob.completions.create(model=sampler_path, prompt=[5, 6, 7], max_tokens=4)
+        assert len(tinker_tokens) == 4
+    finally:
+        srv.stop()

@@ -29,12 +29,14 @@ import uuid
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select
 
 from coserve_jax.finetune.job import FinetuneError
 from coserve_jax.finetune.training_run import AdamParams, RunError, RunFuture
 from coserve_jax.lora.manager import AdapterError
 from coserve_jax.sched.sampling_params import SamplingParams
 from coserve_jax.serve import tinker_wire
+from coserve_jax.serve.db import schema
 from coserve_jax.serve.errors import APIError
 
 log = logging.getLogger("coserve_jax.serve")
@@ -87,6 +89,10 @@ class _Model:
     sampler_saves: int = 0
 
 
+def _iso(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+
+
 def _user_error(message: str, status: int = 400) -> APIError:
     return APIError(status, message, None, "invalid_request_error")
 
@@ -107,6 +113,10 @@ class TinkerService:
         self.futures: dict[str, _Future] = {}
         self.samplers: dict[str, tuple[str, str | None]] = {}  # sampling session -> (project, adapter)
         self._reaper: asyncio.Task | None = None
+        self.db = state.db
+        with self.db.transaction() as s:  # runs of a previous process: their engine state is gone
+            for row in s.scalars(select(schema.TinkerRun).where(schema.TinkerRun.closed_at.is_(None))):
+                row.closed_at = int(time.time())
 
     def start(self) -> None:
         """Start ending sessions whose heartbeats stopped (call on the server's event loop)."""
@@ -138,6 +148,15 @@ class TinkerService:
 
         await self.state.loop.call(close)
         del self.models[model_id]
+        await asyncio.to_thread(self._touch, model_id, True)
+
+    def _touch(self, model_id: str, closed: bool = False) -> None:
+        with self.db.transaction() as s:
+            row = s.get(schema.TinkerRun, model_id)
+            if row is not None:
+                row.last_request_at = int(time.time())
+                if closed:
+                    row.closed_at = row.last_request_at
 
     # ---- sessions ------------------------------------------------------------------------------
     def create_session(self, project: str, tags: list[str], user_metadata: dict | None) -> str:
@@ -209,7 +228,12 @@ class TinkerService:
         return JSONResponse(fut.payload)
 
     # ---- training runs ----------------------------------------------------------------------------
-    async def create_model(self, project: str, session_id: str, base_model: str, lora: dict | None) -> dict:
+    def _insert(self, row) -> None:
+        with self.db.transaction() as s:
+            s.merge(row)
+
+    async def create_model(self, project: str, session_id: str, base_model: str, lora: dict | None,
+                           user_metadata: dict | None = None) -> dict:
         """Start a training run; returns the untyped future (already resolved with the model id).
 
         Raises:
@@ -236,6 +260,11 @@ class TinkerService:
             await self.state.loop.call(create)
         except (FinetuneError, AdapterError, ValueError) as e:
             raise _user_error(str(e)) from None
+        now = int(time.time())
+        row = schema.TinkerRun(id=model_id, project=project, session_id=session_id, base_model=base_model, rank=rank,
+                               seed=seed, train_attn=train_attn, train_mlp=train_mlp, user_metadata=user_metadata,
+                               created_at=now, last_request_at=now)
+        await asyncio.to_thread(self._insert, row)
         self.state.owners[model_id] = project
         self.models[model_id] = _Model(model_id, project, session_id, base_model, rank, train_attn, train_mlp, seed,
                                        order=asyncio.Condition())
@@ -346,11 +375,8 @@ class TinkerService:
             if kind == "sampler_weights":
                 loop.call_soon_threadsafe(
                     lambda: loop.create_task(self._load_sampler(fut, rf, path, project, m.session_id if sampling_session else None)))
-            elif rf.error is not None:
-                loop.call_soon_threadsafe(self._resolve, fut, None, "application/json", rf.error, "server")
             else:
-                size = sum(f.stat().st_size for f in pathlib.Path(directory).rglob("*") if f.is_file())
-                loop.call_soon_threadsafe(self._resolve, fut, {"path": path, "size_bytes": size, "type": "save_weights_external"})
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._record_external(fut, rf, path)))
 
         def submit(engine):
             engine.finetuning.runs[m.model_id].after_previous(export).add_done_callback(exported)
@@ -362,9 +388,74 @@ class TinkerService:
             raise _user_error(str(e)) from None
         return {"request_id": rid, "model_id": m.model_id}
 
+    async def _record_external(self, fut: _Future, rf: RunFuture, path: str) -> None:
+        if rf.error is not None:
+            self._resolve(fut, error=rf.error, category="server")
+            return
+        run_id, kind, name = path.removeprefix("tinker://").split("/")
+        size = await asyncio.to_thread(self._record_checkpoint, run_id, kind, name, rf.result())
+        self._resolve(fut, {"path": path, "size_bytes": size, "type": "save_weights_external"})
+
+    def _record_checkpoint(self, model_id: str, kind: str, name: str, directory: str) -> int:
+        """Record saved weights in the database (any thread); returns their size in bytes."""
+        size = sum(f.stat().st_size for f in pathlib.Path(directory).rglob("*") if f.is_file())
+        now = int(time.time())
+        with self.db.transaction() as s:
+            s.merge(schema.TinkerCheckpoint(run_id=model_id, kind=kind, name=name, path=directory, size_bytes=size,
+                                            created_at=now))
+            row = s.get(schema.TinkerRun, model_id)
+            if row is not None:
+                row.last_request_at = now
+        return size
+
     def checkpoint_dir(self, model_id: str, kind: str, name: str) -> str:
         """Where a run's saved weights of ``kind`` named ``name`` live."""
         return os.path.join(self.dir, model_id, kind, name)
+
+    # ---- listing (the RestClient's training runs and checkpoints) -----------------------------------
+    _TYPES = {"sampler_weights": "sampler", "external_weights": "external", "weights": "training"}
+
+    def _checkpoint_json(self, c) -> dict:
+        return {"checkpoint_id": f"{c.kind}/{c.name}", "checkpoint_type": self._TYPES[c.kind],
+                "time": _iso(c.created_at), "tinker_path": f"tinker://{c.run_id}/{c.kind}/{c.name}",
+                "size_bytes": c.size_bytes, "public": False}
+
+    def _run_json(self, s, run) -> dict:
+        ckpts = list(s.scalars(select(schema.TinkerCheckpoint).where(schema.TinkerCheckpoint.run_id == run.id)
+                               .order_by(schema.TinkerCheckpoint.created_at)))
+        sampler = [c for c in ckpts if c.kind == "sampler_weights"]
+        return {"training_run_id": run.id, "base_model": run.base_model, "model_owner": run.project, "is_lora": True,
+                "corrupted": False, "lora_rank": run.rank, "last_request_time": _iso(run.last_request_at),
+                "last_checkpoint": self._checkpoint_json(ckpts[-1]) if ckpts else None,
+                "last_sampler_checkpoint": self._checkpoint_json(sampler[-1]) if sampler else None,
+                "user_metadata": run.user_metadata}
+
+    def list_runs(self, project: str, limit: int, offset: int) -> dict:
+        """The project's training runs, newest first (Tinker's ``TrainingRunsResponse``)."""
+        with self.db.session() as s:
+            q = select(schema.TinkerRun).where(schema.TinkerRun.project == project)
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            rows = s.scalars(q.order_by(schema.TinkerRun.created_at.desc(), schema.TinkerRun.id).offset(offset).limit(limit))
+            runs = [self._run_json(s, r) for r in rows]
+        return {"training_runs": runs, "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    def get_run(self, project: str, run_id: str) -> dict:
+        """One run (Tinker's ``TrainingRun``). Raises APIError 404 for another project's."""
+        with self.db.session() as s:
+            run = s.get(schema.TinkerRun, run_id)
+            if run is None or run.project != project:
+                raise _user_error(f"no training run {run_id!r}", 404)
+            return self._run_json(s, run)
+
+    def list_checkpoints(self, project: str, run_id: str) -> dict:
+        """A run's saved weights, oldest first (Tinker's ``CheckpointsListResponse``)."""
+        with self.db.session() as s:
+            run = s.get(schema.TinkerRun, run_id)
+            if run is None or run.project != project:
+                raise _user_error(f"no training run {run_id!r}", 404)
+            rows = list(s.scalars(select(schema.TinkerCheckpoint).where(schema.TinkerCheckpoint.run_id == run_id)
+                                  .order_by(schema.TinkerCheckpoint.created_at)))
+            return {"checkpoints": [self._checkpoint_json(c) for c in rows]}
 
     # ---- downloads -----------------------------------------------------------------------------------
     def _secret(self) -> bytes:
@@ -386,12 +477,14 @@ class TinkerService:
         Raises:
             APIError: 404 another project's run or no such weights.
         """
-        owner = self.state.owners.get(model_id)
-        if owner != project:
+        with self.db.session() as s:
+            run = s.get(schema.TinkerRun, model_id)
+            ckpt = s.get(schema.TinkerCheckpoint, (model_id, "external_weights", name))
+        if run is None or run.project != project:
             raise _user_error(f"no training run {model_id!r}", 404)
-        root = pathlib.Path(self.checkpoint_dir(model_id, "external_weights", name))
-        if not root.is_dir():
+        if ckpt is None or not pathlib.Path(ckpt.path).is_dir():
             raise _user_error(f"no external weights tinker://{model_id}/external_weights/{name}", 404)
+        root = pathlib.Path(ckpt.path)
         expires = int(time.time() + URL_TTL_S)
         urls = {}
         for f in sorted(root.rglob("*")):
@@ -399,7 +492,7 @@ class TinkerService:
                 rel = f"{model_id}/external_weights/{name}/{f.relative_to(root).as_posix()}"
                 urls[f.relative_to(root).as_posix()] = (
                     f"{base_url.rstrip('/')}{DOWNLOAD_PREFIX}{rel}?expires={expires}&signature={self._signature(rel, expires)}")
-        return {"urls": urls, "expires": datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).isoformat()}
+        return {"urls": urls, "expires": _iso(expires)}
 
     def download_path(self, rel: str, expires: int, signature: str) -> str:
         """The file a signed URL names.
@@ -435,6 +528,8 @@ class TinkerService:
             self._resolve(fut, error=f"{type(e).__name__}: {e}", category="server")
             return
         self.state.remember_adapter(path, directory, project)
+        run_id, _, name = path.removeprefix("tinker://").split("/")
+        await asyncio.to_thread(self._record_checkpoint, run_id, "sampler_weights", name, directory)
         result = {"path": path, "type": "save_weights_for_sampler"}
         if session is not None:
             sid = f"sampler-{uuid.uuid4().hex[:16]}"

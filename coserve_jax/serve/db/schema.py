@@ -111,3 +111,36 @@ class Adapter(Base):
     project: Mapped[str] = mapped_column(String(256), index=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(Integer)
+
+
+class TinkerRun(Base):
+    """A Tinker training run (``create_model``): a LoRA trained by its project's calls. Its
+    engine state (weights being trained, optimizer state) lives in the engine until the run
+    closes; its saved weights are :class:`TinkerCheckpoint` rows."""
+
+    __tablename__ = "tinker_runs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(256), index=True)
+    session_id: Mapped[str] = mapped_column(String(64))
+    base_model: Mapped[str] = mapped_column(Text)
+    rank: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    train_attn: Mapped[bool] = mapped_column(Boolean)
+    train_mlp: Mapped[bool] = mapped_column(Boolean)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    last_request_at: Mapped[int] = mapped_column(Integer)
+    closed_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class TinkerCheckpoint(Base):
+    """Weights a Tinker run saved (``kind``: ``sampler_weights`` or ``external_weights``), a PEFT
+    directory at ``path``; its ``tinker://<run>/<kind>/<name>`` path names it."""
+
+    __tablename__ = "tinker_checkpoints"
+    run_id: Mapped[str] = mapped_column(ForeignKey("tinker_runs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer)

@@ -11,6 +11,7 @@ key's project.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pydantic
@@ -110,7 +111,7 @@ async def create_model(request: Request, state: ServerState = Depends(server_sta
     if req.optimizer_config.type != "adamw":
         raise APIError(400, f"optimizer {req.optimizer_config.type!r} is not supported (adamw only)", "optimizer_config", "invalid_value")
     lora = req.lora_config.model_dump() if req.lora_config is not None else None
-    return await _service(state).create_model(who.project, req.session_id, req.base_model, lora)
+    return await _service(state).create_model(who.project, req.session_id, req.base_model, lora, req.user_metadata)
 
 
 @router.post("/api/v1/unload_model")
@@ -174,6 +175,24 @@ async def save_weights_external(request: Request, state: ServerState = Depends(s
 async def external_weights_urls(model_id: str, name: str, request: Request, state: ServerState = Depends(server_state),
                                 who: Principal = Depends(principal)):
     return _service(state).external_urls(who.project, model_id, name, str(request.base_url))
+
+
+@router.get("/api/v1/training_runs")
+async def list_training_runs(limit: int = 20, offset: int = 0, state: ServerState = Depends(server_state),
+                             who: Principal = Depends(principal)):
+    if not (1 <= limit <= 1000 and offset >= 0):
+        raise APIError(400, "limit must be 1..1000 and offset >= 0", "limit", "invalid_value")
+    return await asyncio.to_thread(_service(state).list_runs, who.project, limit, offset)
+
+
+@router.get("/api/v1/training_runs/{run_id}")
+async def get_training_run(run_id: str, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
+    return await asyncio.to_thread(_service(state).get_run, who.project, run_id)
+
+
+@router.get("/api/v1/training_runs/{run_id}/checkpoints")
+async def list_checkpoints(run_id: str, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
+    return await asyncio.to_thread(_service(state).list_checkpoints, who.project, run_id)
 
 
 @router.get(DOWNLOAD_PREFIX + "{rel:path}")
