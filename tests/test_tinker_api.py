@@ -212,8 +212,8 @@ def test_two_projects_train_at_once_isolated_and_each_equals_its_run_alone(serve
     np.testing.assert_allclose(lb, lb1, rtol=1e-5)
     for together, alone in ((wa, wa1), (wb, wb1)):
         assert together.keys() == alone.keys()
-        for k in together:
-            np.testing.assert_allclose(together[k], alone[k], rtol=1e-5, atol=1e-7)
+        for k in together:  # (the steps each pack runs in differ: fp32 rounding)
+            np.testing.assert_allclose(together[k], alone[k], rtol=1e-4, atol=1e-6)
     run_a = path_a.split("/")[2]
     beta = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-" + KEYS["beta"]}, timeout=60)
     assert beta.post("/api/v1/get_info", json={"model_id": run_a}).status_code == 404
@@ -329,3 +329,35 @@ def test_runs_and_saved_weights_survive_a_restart(checkpoint, tmp_path):
         assert len(tinker_tokens) == 4
     finally:
         srv.stop()
+
+
+def test_forward_backward_custom_equals_the_built_in_loss(server):
+    """``forward_backward_custom`` (the client computes its loss on the forward's logprobs and
+    sends ``-dloss/dlogprob`` as cross-entropy weights) with the cross-entropy written by hand
+    trains the same adapter as the built-in ``cross_entropy``."""
+    from safetensors.numpy import load
+
+    data = make_data(7, n=2)
+
+    def custom(batch, logprobs):
+        loss = sum((-lp * torch.tensor(d.loss_fn_inputs["weights"].tolist())).sum() for d, lp in zip(batch, logprobs))
+        return loss, {"custom:sum": float(loss.detach())}
+
+    weights = []
+    for use_custom in (True, False):
+        with service(server) as sc:
+            name = sc.get_server_capabilities().supported_models[0].model_name
+            tc = sc.create_lora_training_client(base_model=name, rank=4, seed=21, train_unembed=False).result()
+            for _ in range(2):
+                if use_custom:
+                    out = tc.forward_backward_custom(data, custom).result()
+                    assert out.metrics["loss:sum"] == pytest.approx(out.metrics["custom:sum"])
+                else:
+                    tc.forward_backward(data, "cross_entropy")
+                tc.optim_step(types.AdamParams(learning_rate=1e-2))
+            path = tc.save_weights_external("w").result().path
+            url = tinker.RestClient(base_url=server.url, api_key="tml-" + KEYS["alpha"]).get_external_weights_urls(
+                path).result().urls["adapter_model.safetensors"]
+            weights.append(load(httpx.get(url, timeout=60).content))
+    for k in weights[0]:  # (a pack runs as one idle train step or as fused chunks, as the steps fall: fp32 rounding)
+        np.testing.assert_allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6)
