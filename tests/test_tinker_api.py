@@ -361,3 +361,54 @@ def test_forward_backward_custom_equals_the_built_in_loss(server):
             weights.append(load(httpx.get(url, timeout=60).content))
     for k in weights[0]:  # (a pack runs as one idle train step or as fused chunks, as the steps fall: fp32 rounding)
         np.testing.assert_allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6)
+
+
+def _external(server, tc, name, project="alpha"):
+    from safetensors.numpy import load
+
+    path = tc.save_weights_external(name).result().path
+    url = tinker.RestClient(base_url=server.url, api_key="tml-" + KEYS[project]).get_external_weights_urls(
+        path).result().urls["adapter_model.safetensors"]
+    return load(httpx.get(url, timeout=60).content)
+
+
+def test_save_state_and_load_state_resume_training_exactly(server):
+    """``save_state`` then more training; ``create_training_client_from_state_with_optimizer``
+    (a new run) and ``load_state_with_optimizer`` (the same run) both continue from the saved
+    step exactly as the original did (same loss, same weights after the next optimizer step);
+    ``load_state`` without the optimizer restores the weights but restarts AdamW."""
+    data = make_data(9, n=2)
+    adam = types.AdamParams(learning_rate=1e-2, eps=1.0)
+    with service(server) as sc:
+        name = sc.get_server_capabilities().supported_models[0].model_name
+        tc = sc.create_lora_training_client(base_model=name, rank=4, seed=3, train_unembed=False).result()
+        for _ in range(2):
+            tc.forward_backward(data, "cross_entropy")
+            tc.optim_step(adam)
+        state = tc.save_state("after-2").result().path
+        assert state.endswith("/weights/after-2")
+        loss3 = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        tc.optim_step(adam).result()
+        want = _external(server, tc, "after-3")
+
+        tc.load_state_with_optimizer(state).result()
+        again = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        tc.optim_step(adam).result()
+        same_run = _external(server, tc, "after-3-again")
+        assert again == pytest.approx(loss3, rel=1e-5)
+        for k in want:
+            np.testing.assert_allclose(same_run[k], want[k], rtol=1e-4, atol=1e-6)
+
+        tc.load_state(state).result()  # weights only: AdamW starts over
+        assert tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss3, rel=1e-5)
+        tc.optim_step(adam).result()
+        fresh_adam = _external(server, tc, "after-3-fresh-adam")
+        assert max(float(np.abs(fresh_adam[k] - want[k]).max()) for k in want) > 1e-4
+        sc.close("success").result()
+    with service(server) as sc:
+        tc2 = sc.create_training_client_from_state_with_optimizer(state).result()
+        assert tc2.forward_backward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss3, rel=1e-5)
+        tc2.optim_step(adam).result()
+        new_run = _external(server, tc2, "after-3")
+        for k in want:
+            np.testing.assert_allclose(new_run[k], want[k], rtol=1e-4, atol=1e-6)

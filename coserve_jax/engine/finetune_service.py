@@ -29,7 +29,7 @@ from coserve_jax.finetune.config import FinetuneConfig, LoRAConfig
 from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
 from coserve_jax.finetune.evaluation import Evaluation
 from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
-from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn
+from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn, pool_weights
 from coserve_jax.finetune.training_run import TrainingRun, make_run_optimizer
 from coserve_jax.lora.manager import AdapterError
 from coserve_jax.models.config import ModelConfig
@@ -209,12 +209,17 @@ class FinetuneService:
     def _update_fn(self, tx, schedule, rank: int):
         """The optimizer step of a trainer of rank ``rank`` (:func:`make_update_fn` for this pool)."""
         pool = self.runner.model.lora.config
+        return make_update_fn(tx, schedule, rank, pool.max_lora_rank, self.runner.model.dtype, self._slot_shapes())
+
+    def _slot_shapes(self) -> dict:
+        """``{module: (A shape, B shape)}`` of one slot of the engine's LoRA pool."""
+        pool = self.runner.model.lora.config
         mc = self.model_config
         shapes = {}
         for m in pool.target_modules:
             d_in, d_out = mc.module_dims(m)
             shapes[m] = ((mc.num_layers, d_in, pool.max_lora_rank), (mc.num_layers, pool.max_lora_rank, d_out))
-        return make_update_fn(tx, schedule, rank, pool.max_lora_rank, self.runner.model.dtype, shapes)
+        return shapes
 
     def create_run(
         self, *, rank: int, seed: int, target_modules: tuple[str, ...], lora_alpha: float,
@@ -254,6 +259,22 @@ class FinetuneService:
         self.runner.zero_grad_row(row)
         self.runs[run_id] = run
         return run
+
+    def load_run_state(self, run: TrainingRun, directory, optimizer: bool) -> None:
+        """Load a :meth:`TrainingRun.save_state` checkpoint into ``run`` (after its earlier
+        calls: call it from :meth:`TrainingRun.after_previous`) and write the weights into its
+        adapter slot, so inference on its adapter sees them.
+
+        Raises:
+            RunError: see :meth:`TrainingRun.read_state`.
+        """
+        run.read_state(directory, optimizer)
+        pool = self.runner.model.lora.config
+        run.params = self.runner.place_job_params(run.params)
+        self.runner.adapters.write_weights(
+            run.adapter_index, pool_weights(run.params, run.lora.r, pool.max_lora_rank, self.runner.model.dtype,
+                                            self._slot_shapes()))
+        self.runner.refresh_state()
 
     def _submitted(self, run: TrainingRun) -> None:
         self._feed(run)

@@ -99,15 +99,24 @@ def make_update_fn(
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         zeroed = zero_grads_row(grads_acc, row)
-        pool = {}
-        for m, (a_shape, b_shape) in pool_shapes.items():
-            if m in params:
-                pool[m] = (
-                    jnp.pad(params[m]["A"], ((0, 0), (0, 0), (0, pool_rank - rank))).astype(pool_dtype),
-                    jnp.pad(params[m]["B"], ((0, 0), (0, pool_rank - rank), (0, 0))).astype(pool_dtype),
-                )
-            else:
-                pool[m] = (jnp.zeros(a_shape, pool_dtype), jnp.zeros(b_shape, pool_dtype))
+        pool = pool_weights(params, rank, pool_rank, pool_dtype, pool_shapes)
         return params, opt_state, zeroed, pool, norm, jnp.asarray(schedule(step), jnp.float32)
 
     return update
+
+
+def pool_weights(params: dict, rank: int, pool_rank: int, pool_dtype, pool_shapes: dict) -> dict:
+    """A trainer's master weights as one pool slot's arrays (what
+    :meth:`~coserve_jax.lora.manager.AdapterManager.write_weights` takes): ``{m: (A [L, in, R],
+    B [L, R, out])}`` padded from rank ``rank`` to the pool's ``pool_rank``, cast to
+    ``pool_dtype``; modules of ``pool_shapes`` the trainer does not train are zeros."""
+    pool = {}
+    for m, (a_shape, b_shape) in pool_shapes.items():
+        if m in params:
+            pool[m] = (
+                jnp.pad(params[m]["A"], ((0, 0), (0, 0), (0, pool_rank - rank))).astype(pool_dtype),
+                jnp.pad(params[m]["B"], ((0, 0), (0, pool_rank - rank), (0, 0))).astype(pool_dtype),
+            )
+        else:
+            pool[m] = (jnp.zeros(a_shape, pool_dtype), jnp.zeros(b_shape, pool_dtype))
+    return pool

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import LoRAConfig
 from coserve_jax.finetune.job import lora_weights_of
 from coserve_jax.finetune.policy_losses import LOSS_CODES, LOSS_FNS, LossConfig, check_inputs, elementwise_loss
@@ -487,6 +488,45 @@ class TrainingRun:
         atomically (:func:`coserve_jax.lora.peft_io.write_peft`)."""
         write_peft(self.lora_weights(), path, self.num_layers, self.base_model_name_or_path,
                    {"lora_dropout": 0.0, "init_lora_weights": True})
+
+    def save_state(self, directory) -> None:
+        """Write the run's float32 master weights, optimizer state and step as an orbax
+        checkpoint under ``directory`` (crash-safe: :class:`~coserve_jax.finetune.checkpoint.JobCheckpointer`);
+        Tinker's ``save_state``. Call it between calls (:meth:`after_previous`)."""
+        ckpt = JobCheckpointer(directory, max_to_keep=1)
+        try:
+            ckpt.save(self.step, self.params, self.opt_state, {
+                "step": self.step, "rank": self.lora.r, "lora_alpha": self.lora.lora_alpha,
+                "target_modules": list(self.lora.target_modules)})
+        finally:
+            ckpt.close()
+
+    def read_state(self, directory, optimizer: bool) -> None:
+        """Take the weights (and, with ``optimizer``, the optimizer state and step) of a
+        :meth:`save_state` checkpoint; Tinker's ``load_state``. The caller writes the new
+        weights into the adapter slot.
+
+        Raises:
+            RunError: no checkpoint there, or one of a different rank, alpha or modules.
+        """
+        ckpt = JobCheckpointer(directory, max_to_keep=1)
+        try:
+            step = ckpt.latest_step()
+            if step is None:
+                raise RunError(f"no saved state in {directory}")
+            params, opt_state, meta = ckpt.restore(step, self.params, self.opt_state)
+        finally:
+            ckpt.close()
+        if meta.get("rank") != self.lora.r or meta.get("target_modules") != list(self.lora.target_modules) \
+                or meta.get("lora_alpha") != self.lora.lora_alpha:
+            raise RunError(f"the saved state is of a rank-{meta.get('rank')} LoRA on {meta.get('target_modules')} "
+                           f"(alpha {meta.get('lora_alpha')}); this run trains rank {self.lora.r} on "
+                           f"{list(self.lora.target_modules)} (alpha {self.lora.lora_alpha})")
+        self.params = params
+        if optimizer:
+            self.opt_state, self.step = opt_state, int(meta["step"])
+        else:
+            self.opt_state = self.tx.init(params)
 
     def close(self) -> None:
         """End the run: its queued calls fail, its gradient row is freed; its adapter stays

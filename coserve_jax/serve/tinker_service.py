@@ -233,7 +233,7 @@ class TinkerService:
             s.merge(row)
 
     async def create_model(self, project: str, session_id: str, base_model: str, lora: dict | None,
-                           user_metadata: dict | None = None) -> dict:
+                           user_metadata: dict | None = None, model_seq_id: int | None = None) -> dict:
         """Start a training run; returns the untyped future (already resolved with the model id).
 
         Raises:
@@ -249,7 +249,10 @@ class TinkerService:
         seed = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
         train_attn, train_mlp = bool(lora.get("train_attn", True)), bool(lora.get("train_mlp", True))
         train_unembed = bool(lora.get("train_unembed", True))
-        model_id = f"run-{uuid.uuid4().hex[:12]}"
+        # the id the client derives itself when it creates a run by loading weights
+        model_id = f"{session_id}:train:{model_seq_id}" if model_seq_id is not None else f"run-{uuid.uuid4().hex[:12]}"
+        if model_id in self.models:
+            raise _user_error(f"model {model_id!r} exists (model_seq_id {model_seq_id} was used)", 409)
 
         def create(engine):
             return engine.create_training_run(
@@ -349,7 +352,9 @@ class TinkerService:
         """After every earlier call of the run, write its adapter as a PEFT directory under the
         output directory: ``kind`` ``"sampler_weights"`` (``save_weights_for_sampler``; also
         loaded as a servable adapter named by its ``tinker://<model>/sampler_weights/<name>``
-        path) or ``"external_weights"`` (``save_weights_external``: downloadable by signed URLs).
+        path), ``"external_weights"`` (``save_weights_external``: downloadable by signed URLs) or
+        ``"weights"`` (``save_state``: an orbax checkpoint of the weights, AdamW's state and the
+        step, which ``load_weights`` takes).
         ``sampling_session`` (sampler weights saved without a name, as
         ``save_weights_and_get_sampling_client`` does): the result also names a new sampling
         session on them.
@@ -368,7 +373,10 @@ class TinkerService:
         loop = asyncio.get_running_loop()
 
         def export(run):  # the engine thread, between two steps, after the run's earlier calls
-            run.export(directory)
+            if kind == "weights":
+                run.save_state(directory)
+            else:
+                run.export(directory)
             return directory
 
         def exported(rf: RunFuture) -> None:
@@ -376,7 +384,7 @@ class TinkerService:
                 loop.call_soon_threadsafe(
                     lambda: loop.create_task(self._load_sampler(fut, rf, path, project, m.session_id if sampling_session else None)))
             else:
-                loop.call_soon_threadsafe(lambda: loop.create_task(self._record_external(fut, rf, path)))
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._record_saved(fut, rf, path)))
 
         def submit(engine):
             engine.finetuning.runs[m.model_id].after_previous(export).add_done_callback(exported)
@@ -388,13 +396,16 @@ class TinkerService:
             raise _user_error(str(e)) from None
         return {"request_id": rid, "model_id": m.model_id}
 
-    async def _record_external(self, fut: _Future, rf: RunFuture, path: str) -> None:
+    async def _record_saved(self, fut: _Future, rf: RunFuture, path: str) -> None:
         if rf.error is not None:
             self._resolve(fut, error=rf.error, category="server")
             return
         run_id, kind, name = path.removeprefix("tinker://").split("/")
         size = await asyncio.to_thread(self._record_checkpoint, run_id, kind, name, rf.result())
-        self._resolve(fut, {"path": path, "size_bytes": size, "type": "save_weights_external"})
+        if kind == "weights":
+            self._resolve(fut, {"path": path, "type": "save_weights"})
+        else:
+            self._resolve(fut, {"path": path, "size_bytes": size, "type": "save_weights_external"})
 
     def _record_checkpoint(self, model_id: str, kind: str, name: str, directory: str) -> int:
         """Record saved weights in the database (any thread); returns their size in bytes."""
@@ -414,6 +425,7 @@ class TinkerService:
 
     # ---- listing (the RestClient's training runs and checkpoints) -----------------------------------
     _TYPES = {"sampler_weights": "sampler", "external_weights": "external", "weights": "training"}
+
 
     def _checkpoint_json(self, c) -> dict:
         return {"checkpoint_id": f"{c.kind}/{c.name}", "checkpoint_type": self._TYPES[c.kind],
@@ -507,6 +519,53 @@ class TinkerService:
         if root not in path.parents or not path.is_file():
             raise _user_error("no such file", 404)
         return str(path)
+
+    async def load_weights(self, project: str, path: str, optimizer: bool, model_id: str | None, seq_id: int | None,
+                           session_id: str | None, model_seq_id: int | None, user_metadata: dict | None) -> dict:
+        """Tinker's ``load_state`` (into ``model_id``'s run, after its earlier calls) or
+        create-via-load (a new run of ``session_id`` / ``model_seq_id`` with the checkpoint's
+        LoRA shape): the weights of a ``save_state`` checkpoint, with ``optimizer`` also AdamW's
+        state and step.
+
+        Raises:
+            APIError: 404 no such checkpoint (or another project's), 400 a bad path or a shape
+                that does not match.
+        """
+        try:
+            src_run, kind, name = path.removeprefix("tinker://").split("/")
+        except ValueError:
+            raise _user_error(f"path {path!r} is not tinker://<run>/weights/<name>") from None
+        if not path.startswith("tinker://") or kind != "weights":
+            raise _user_error(f"path {path!r}: load_weights takes a save_state checkpoint (tinker://<run>/weights/<name>)")
+        with self.db.session() as s:
+            src = s.get(schema.TinkerRun, src_run)
+            ckpt = s.get(schema.TinkerCheckpoint, (src_run, kind, name))
+            src = None if src is None else (src.project, src.base_model, src.rank, src.train_attn, src.train_mlp, src.seed)
+        if src is None or src[0] != project or ckpt is None:
+            raise _user_error(f"no checkpoint {path!r}", 404)
+        directory = ckpt.path
+        if model_id is None:  # create-via-load: a new run shaped like the checkpoint's
+            if session_id is None or model_seq_id is None:
+                raise _user_error("load_weights needs model_id, or session_id and model_seq_id")
+            created = await self.create_model(project, session_id, src[1], {
+                "rank": src[2], "seed": src[5], "train_attn": src[3], "train_mlp": src[4], "train_unembed": False},
+                user_metadata, model_seq_id)
+            model_id = created["model_id"]
+            seq_id = None
+        m = self._model(project, model_id)
+        rid, fut = self._new_future(project, "load_weights")
+        done = self._bridge(fut, lambda _: ({"path": path, "model_id": m.model_id, "type": "load_weights"}, "application/json"))
+
+        def submit(engine):
+            run = engine.finetuning.runs[m.model_id]
+            run.after_previous(lambda r: engine.finetuning.load_run_state(r, directory, optimizer)).add_done_callback(done)
+
+        try:
+            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
+        except RunError as e:
+            del self.futures[rid]
+            raise _user_error(str(e)) from None
+        return {"request_id": rid, "model_id": m.model_id}
 
     async def _load_sampler(self, fut: _Future, rf: RunFuture, path: str, project: str, session: str | None) -> None:
         """Load exported sampler weights as the adapter ``path`` (replacing an older save of the

@@ -111,7 +111,8 @@ async def create_model(request: Request, state: ServerState = Depends(server_sta
     if req.optimizer_config.type != "adamw":
         raise APIError(400, f"optimizer {req.optimizer_config.type!r} is not supported (adamw only)", "optimizer_config", "invalid_value")
     lora = req.lora_config.model_dump() if req.lora_config is not None else None
-    return await _service(state).create_model(who.project, req.session_id, req.base_model, lora, req.user_metadata)
+    return await _service(state).create_model(who.project, req.session_id, req.base_model, lora, req.user_metadata,
+                                              req.model_seq_id)
 
 
 @router.post("/api/v1/unload_model")
@@ -160,6 +161,22 @@ async def save_weights_for_sampler(request: Request, state: ServerState = Depend
     req = _validate(T.SaveWeightsForSamplerRequest, await _json(request))
     return await _service(state).save_weights(who.project, req.model_id, req.seq_id, req.path, "sampler_weights",
                                               sampling_session=req.sampling_session_seq_id is not None and req.path is None)
+
+
+@router.post("/api/v1/save_weights")
+async def save_weights(request: Request, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
+    req = _validate(T.SaveWeightsRequest, await _json(request))
+    return await _service(state).save_weights(who.project, req.model_id, req.seq_id, req.path, "weights")
+
+
+@router.post("/api/v1/load_weights")
+async def load_weights(request: Request, state: ServerState = Depends(server_state), who: Principal = Depends(principal)):
+    req = _validate(T.LoadWeightsRequest, await _json(request))
+    if req.weights_access_token:
+        raise APIError(400, "weights_access_token is not supported: load your own project's checkpoints",
+                       "weights_access_token", "invalid_value")
+    return await _service(state).load_weights(who.project, req.path, req.optimizer, req.model_id, req.seq_id,
+                                              req.session_id, req.model_seq_id, req.user_metadata)
 
 
 @router.post("/api/v1/save_weights_external")
