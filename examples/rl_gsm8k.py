@@ -146,11 +146,14 @@ def main() -> None:
             params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=int(rng.integers(1 << 30)))
             futures.append((prompt, answer, sampler.sample(prompt=types.ModelInput.from_ints(prompt),
                                                            num_samples=args.group_size, sampling_params=params)))
-        data, rewards = [], []
+        data, rewards, stopped, correct = [], [], [], []
         for prompt, answer, fut in futures:
             seqs = fut.result().sequences
-            rs = [reward(tok.decode(s.tokens, skip_special_tokens=True), s.stop_reason == "stop", answer) for s in seqs]
+            texts = [tok.decode(s.tokens, skip_special_tokens=True) for s in seqs]
+            rs = [reward(t, s.stop_reason == "stop", answer) for t, s in zip(texts, seqs)]
             rewards += rs
+            stopped += [s.stop_reason == "stop" for s in seqs]
+            correct += [last_number(t) == answer for t in texts]
             mean = float(np.mean(rs))
             for s, r_ in zip(seqs, rs):
                 if r_ == mean or not s.tokens:
@@ -162,7 +165,8 @@ def main() -> None:
                     loss_fn_inputs={"target_tokens": tokens[1:],
                                     "logprobs": [0.0] * n_prompt + list(s.logprobs),
                                     "advantages": [0.0] * n_prompt + [r_ - mean] * len(s.tokens)}))
-        stats = {"iteration": it, "mean_reward": float(np.mean(rewards)), "datums": len(data)}
+        stats = {"iteration": it, "mean_reward": float(np.mean(rewards)), "stopped": float(np.mean(stopped)),
+                 "correct": float(np.mean(correct)), "datums": len(data)}
         if data:
             fb = training.forward_backward(data, "importance_sampling")
             opt = training.optim_step(types.AdamParams(learning_rate=args.learning_rate))

@@ -124,6 +124,21 @@ def test_finetuning_takes_the_device_when_inference_is_idle():
     assert DEVICE.predict(shape_of(plan)) <= 40 * 0.9
 
 
+def test_finetuning_runs_when_idle_even_if_every_step_misses_the_target():
+    """A slow device (every finetuning step is predicted above the idle target): with no
+    inference to protect, the forward still runs, at the largest bucket, and then the backward.
+    (SmolLM2 on a 2-core CPU under the hybrid policy once stalled here: millions of empty steps.)"""
+    slo = SLOConfig(ttft_ms=3000, tpot_ms=1)
+    sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(600, 16), make_policy(slo))
+    seq = training_seq(0)
+    sched.add_training_sequence(seq)
+    plan = sched.schedule(0.0)
+    assert plan.num_finetune_tokens == 400 or plan.train is not None  # the whole forward in one step
+    assert sched.last_budget.predicted_ms > 1
+    busy = Load(now=0.0, decoding=[(100, None, 0, 1.0)], num_seqs=1, finetune_tokens=400)
+    assert make_policy(slo).decide(busy).max_finetune_tokens == 0  # with a request decoding it must fit
+
+
 def test_finetuning_backs_off_to_zero_at_peak_load():
     slo = SLOConfig(ttft_ms=3000, tpot_ms=10)
     sched = Scheduler(SchedulerConfig(32, 512, 2048, 4, 512), KVCacheManager(4000, 16), make_policy(slo))

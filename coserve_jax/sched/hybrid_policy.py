@@ -124,6 +124,12 @@ class HybridPolicy:
             if pred <= target:
                 best = (t, inf, ft, pred)
                 break
+        if best is None and not want_inf and load.finetune_tokens:
+            # inference is idle and even the smallest finetuning step misses the target (a slow
+            # device): nothing to protect, so finetune at full size rather than never
+            t = self.token_buckets[-1]
+            ft = min(load.finetune_tokens, t)
+            best = (t, 0, ft, self.latency.predict(self.shape(load, 0, ft, 0)))
         if best is None:  # inference alone misses the target: the least it must do, no finetuning
             t = bucket_for(self.token_buckets, floor) if floor else self.token_buckets[0]
             pred = self.latency.predict(self.shape(load, min(want_inf, t), 0, 0))
