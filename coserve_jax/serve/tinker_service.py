@@ -296,6 +296,17 @@ class TinkerService:
                 m.next_seq = max(m.next_seq, seq_id + 1)
                 m.order.notify_all()
 
+    async def _queue(self, m: _Model, seq_id: int | None, rid: str, submit) -> dict:
+        """Run ``submit(engine)`` on the engine loop in ``seq_id`` order; returns the untyped
+        future of ``rid``. A call the run refuses (bad data, a closed run) drops the future and
+        is a 400."""
+        try:
+            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
+        except (ValueError, TypeError, RunError) as e:
+            del self.futures[rid]
+            raise _user_error(str(e)) from None
+        return {"request_id": rid, "model_id": m.model_id}
+
     async def forward_backward(self, project: str, req: dict) -> dict:
         """Queue a ``forward`` or ``forward_backward`` call (``req`` from
         :func:`~coserve_jax.serve.tinker_wire.parse_forward_backward`).
@@ -316,12 +327,7 @@ class TinkerService:
             call = run.forward if req["forward_only"] else run.forward_backward
             call(req["data"], req["loss_fn"], req["loss_fn_config"]).add_done_callback(done)
 
-        try:
-            await self._in_order(m, req["seq_id"], lambda: self.state.loop.call(submit))
-        except (ValueError, TypeError, RunError) as e:
-            del self.futures[rid]
-            raise _user_error(str(e)) from None
-        return {"request_id": rid, "model_id": m.model_id}
+        return await self._queue(m, req["seq_id"], rid, submit)
 
     async def optim_step(self, project: str, model_id: str, seq_id: int | None, adam: dict) -> dict:
         """Queue an ``optim_step`` with Tinker's ``AdamParams`` fields.
@@ -340,12 +346,7 @@ class TinkerService:
         def submit(engine):
             engine.finetuning.runs[m.model_id].optim_step(params).add_done_callback(done)
 
-        try:
-            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
-        except RunError as e:
-            del self.futures[rid]
-            raise _user_error(str(e)) from None
-        return {"request_id": rid, "model_id": m.model_id}
+        return await self._queue(m, seq_id, rid, submit)
 
     async def save_weights(self, project: str, model_id: str, seq_id: int | None, name: str | None, kind: str,
                            sampling_session: bool = False) -> dict:
@@ -389,12 +390,7 @@ class TinkerService:
         def submit(engine):
             engine.finetuning.runs[m.model_id].after_previous(export).add_done_callback(exported)
 
-        try:
-            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
-        except RunError as e:
-            del self.futures[rid]
-            raise _user_error(str(e)) from None
-        return {"request_id": rid, "model_id": m.model_id}
+        return await self._queue(m, seq_id, rid, submit)
 
     async def _record_saved(self, fut: _Future, rf: RunFuture, path: str) -> None:
         if rf.error is not None:
@@ -560,12 +556,7 @@ class TinkerService:
             run = engine.finetuning.runs[m.model_id]
             run.after_previous(lambda r: engine.finetuning.load_run_state(r, directory, optimizer)).add_done_callback(done)
 
-        try:
-            await self._in_order(m, seq_id, lambda: self.state.loop.call(submit))
-        except RunError as e:
-            del self.futures[rid]
-            raise _user_error(str(e)) from None
-        return {"request_id": rid, "model_id": m.model_id}
+        return await self._queue(m, seq_id, rid, submit)
 
     async def _load_sampler(self, fut: _Future, rf: RunFuture, path: str, project: str, session: str | None) -> None:
         """Load exported sampler weights as the adapter ``path`` (replacing an older save of the
