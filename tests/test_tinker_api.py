@@ -45,7 +45,7 @@ def server(checkpoint, tmp_path_factory):
     cfg.write_text(json.dumps({
         "output_dir": str(tmp / "out"),
         "model": {"path": str(path), "dtype": "float32"},
-        "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 64, "token_buckets": [16, 64], "num_kv_pages": 256,
+        "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 64, "token_buckets": [64], "num_kv_pages": 256,
                    "max_loras": 4, "max_lora_rank": 8, "max_finetune_jobs": 2, "finetune_max_seq_len": 256,
                    "finetune_seq_buckets": [256], "max_finetune_tokens": 64},
     }))
@@ -271,6 +271,7 @@ def test_bad_calls_fail_alone_with_4xx(server):
     http.post(f"/api/v1/sessions/{sess}/finish", json={"reason": {"type": "success"}})
 
 
+@pytest.mark.slow  # (two more servers, 35 s; the default suite's restart checks are test_serve_restart's)
 def test_runs_and_saved_weights_survive_a_restart(checkpoint, tmp_path):
     """A run's saved weights outlive the server process: after a restart the run and its
     checkpoints are listed (the run closed: its engine state is gone), the external weights
