@@ -49,13 +49,14 @@ def test_hybrid_policy_engine(hf_checkpoint, tmp_path):
     assert again.latency_model_cached  # the profile is not repeated
     # a loaded model is rescaled to the device's speed now: same machine, about 1x (within the
     # load swings of a shared 2-core VM running two test workers: 2.3x was seen); a model fitted on
-    # a 3x faster day is scaled up about 3x more than today's, before any step is measured
+    # a 30x faster day is scaled up to the clamp, 4x, before any step is measured (its ratio to
+    # today's model is left unchecked: the load can halve between two engines' calibrations)
     same_day = again.latency_model.global_ratio
     assert 1 / 3 < same_day < 3.0
     (cached,) = (tmp_path / "cache" / "latency").glob("*.json")
     data = json.loads(cached.read_text())
-    data["weights"] = [w / 3 for w in data["weights"]]
+    data["weights"] = [w / 30 for w in data["weights"]]
     cached.write_text(json.dumps(data))
     faster_day = Engine(path, **kw)
     assert faster_day.latency_model_cached
-    assert min(4.0, 1.5 * same_day) <= faster_day.latency_model.global_ratio <= 4.0  # (clamped at 4x)
+    assert faster_day.latency_model.global_ratio == 4.0

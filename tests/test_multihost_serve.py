@@ -61,6 +61,7 @@ def workload(url: str, tmp_path) -> dict:
     }
 
 
+@pytest.mark.slow  # (113 s on 2 cores) multi-process equality stays in the default suite: test_tensor_parallel.py's loopback run
 def test_two_processes_serve_what_one_does(tmp_path):
     one = ServerProcess(["--output-dir", str(tmp_path / "one"), *SETTINGS], timeout=600, env=devices(8))
     try:

@@ -48,7 +48,7 @@ def test_kill_9_mid_job_then_restart_resumes_it_and_keeps_everything(tmp_path):
     out = tmp_path / "out"
     env = {"COSERVE_JAX_CACHE_DIR": str(tmp_path / "xla")}
     args = ["--output-dir", str(out), "--set", "finetune.save_steps=1"]
-    hp = {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 50}
+    hp = {"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 50}
     chat = [{"role": "user", "content": "What is 3 plus 3?"}]
 
     srv = ServerProcess(args, env=env)
@@ -64,13 +64,13 @@ def test_kill_9_mid_job_then_restart_resumes_it_and_keeps_everything(tmp_path):
         events_before = [e.message for e in client.fine_tuning.jobs.list_events(first.id, limit=100).data]
         # the same job again, killed once it has checkpoints and before it ends
         second = client.fine_tuning.jobs.create(model=BASE, training_file=fid, seed=11, hyperparameters=hp)
-        assert second.model_extra["total_steps"] == 24
+        assert second.model_extra["total_steps"] == 16
         wait_until(lambda: client.fine_tuning.jobs.retrieve(second.id).model_extra["step"] >= 3, timeout=300, interval=0.1)
     finally:
         srv.proc.send_signal(signal.SIGKILL)
         srv.wait(30)
     killed_at = max(int(p.name) for p in (out / "jobs" / second.id / "checkpoints").iterdir() if p.name.isdigit())
-    assert 1 <= killed_at < 24
+    assert 1 <= killed_at < 16
 
     srv = ServerProcess(args, env=env)
     try:
@@ -79,7 +79,7 @@ def test_kill_9_mid_job_then_restart_resumes_it_and_keeps_everything(tmp_path):
         assert {j.id for j in client.fine_tuning.jobs.list().data} == {first.id, second.id}
         again = client.fine_tuning.jobs.retrieve(first.id)
         assert again.status == "succeeded" and again.fine_tuned_model == done.fine_tuned_model
-        assert again.trained_tokens == done.trained_tokens > 0 and again.model_extra["step"] == 24
+        assert again.trained_tokens == done.trained_tokens > 0 and again.model_extra["step"] == 16
         assert [e.message for e in client.fine_tuning.jobs.list_events(first.id, limit=100).data] == events_before
         assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(first.id).data]  # newest first, from the database
         # the succeeded job's model is served again, with the same weights

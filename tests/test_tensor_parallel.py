@@ -186,10 +186,10 @@ def test_lora_adds_no_forward_collective_and_reduces_gradients_once_per_optimize
     assert counts[("down_proj",)] == counts[LINEAR_MODULES]
 
 
-@pytest.mark.slow  # multi-process equality is also checked, over HTTP, by test_multihost_serve.py
 def test_two_processes_on_loopback_equal_one_process(tmp_path):
     """`python -m coserve_jax.tools.parallel_check` at tp=8: one process of 8 CPU devices, then two
     processes of 4 joined by jax.distributed (Gloo collectives on loopback)."""
+    # (57 s on 2 cores; the same equality over HTTP, test_multihost_serve.py, is in the slow suite)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
     def launch(devices: int, out, extra=()):
@@ -248,7 +248,7 @@ def test_rules_table_and_bad_sizes():
         rules.spec("layers.nonsense")
 
 
-@pytest.mark.slow  # the server's tensor_parallel_size and distributed config also run in test_multihost_serve.py
+@pytest.mark.slow  # the server's tensor_parallel_size and distributed config also run in test_multihost_serve.py (slow)
 def test_server_and_benchmark_configs_take_tensor_parallel_size():
     """`engine.tensor_parallel_size` builds a split engine from a server config and from a bench
     config; both take a multi-host `engine.distributed` and refuse a malformed one with the reason."""
