@@ -145,6 +145,13 @@ def test_seeded_sampling_reproduces_whatever_the_batch(engines):
     assert outs[7].token_ids == alone
     again = engine.generate([prompt], params)[0].token_ids
     assert again == alone
+    # vLLM's priority: the last of 21 prompts, at priority 0 (the others at 1), is admitted
+    # first (in FCFS order it would wait for the others' prefills) and samples the same tokens
+    prios = engine.generate(others + [prompt], crowd + [params], priority=[1] * len(others) + [0])
+    assert prios[-1].token_ids == alone
+    assert prios[-1].first_scheduled_time <= min(o.first_scheduled_time for o in prios[:-1])
+    with pytest.raises(ValueError, match="priorities"):
+        engine.generate([prompt], params, priority=[0, 1])
     other_seed = engine.generate([prompt], SamplingParams(**{**params.__dict__, "seed": 4321}))[0].token_ids
     assert other_seed != alone
     # min_p = 1 keeps only the most likely token: sampling at any temperature is then greedy,

@@ -19,8 +19,9 @@ def make(num_pages=64, page_size=4, max_num_seqs=8, budget=16, max_model_len=64,
     return Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len, watermark), kv)
 
 
-def req(rid, n, max_tokens=100, **kw):
-    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, **kw), eos_token_ids=frozenset({0}))
+def req(rid, n, max_tokens=100, priority=0, **kw):
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, **kw), eos_token_ids=frozenset({0}),
+                   priority=priority)
 
 
 def run_step(s, token=7):
@@ -95,6 +96,44 @@ def test_preemption_frees_pages_and_recomputes():
     assert s.num_preemptions == 1
 
 
+def test_priority_orders_the_queue_and_outranked_requests_give_up_their_seats():
+    """vLLM's priority scheduling: a lower value is served first, first come first served within
+    a priority; a waiting request that outranks running ones takes the seat of the lowest-ranked
+    (latest admitted among equals), which is preempted by recomputation and waits at the front
+    of its priority class. Equal priorities never preempt."""
+    s = make(max_num_seqs=2, budget=100)
+    s.add_request(req("rl-a", 5, priority=1))
+    s.add_request(req("rl-b", 5, priority=1))
+    run_step(s)
+    s.add_request(req("chat-1", 3))
+    plan, _ = run_step(s)
+    assert plan.preempted == ["rl-b"]
+    assert [c.request_id for c in plan.chunks] == ["rl-a", "chat-1"]  # admitted in the same step
+    assert s.requests["rl-b"].output_token_ids == [7] and s.requests["rl-b"].num_computed_tokens == 0
+    s.add_request(req("rl-c", 5, priority=1))
+    s.add_request(req("chat-2", 3))  # queued ahead of rl-b and rl-c
+    assert [r.request_id for r in s.waiting] == ["chat-2", "rl-b", "rl-c"]
+    plan, _ = run_step(s)
+    assert plan.preempted == ["rl-a"]
+    assert [r.request_id for r in s.waiting] == ["rl-a", "rl-b", "rl-c"]
+    s.add_request(req("chat-3", 3))  # both seats are held at its priority: it waits
+    plan, _ = run_step(s)
+    assert not plan.preempted and {c.request_id for c in plan.chunks} == {"chat-1", "chat-2"}
+    s.finish("chat-1")
+    s.finish("chat-2")
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["chat-3", "rl-a"]
+    assert plan.chunks[1].token_ids == [1, 2, 3, 4, 5, 7, 7]  # its prompt and both tokens it made, recomputed
+    # Pages too: a request that outranks the one holding the cache gets its pages.
+    s2 = make(num_pages=9, page_size=4, budget=100, max_model_len=32)  # 8 allocatable pages
+    s2.add_request(req("rl", 28, priority=1))  # 7 pages
+    run_step(s2)
+    s2.add_request(req("chat", 10))  # needs 3
+    plan, _ = run_step(s2)
+    assert plan.preempted == ["rl"] and [c.request_id for c in plan.chunks] == ["chat"]
+    s2.kv_cache.check_invariants()
+
+
 def test_stop_conditions():
     s = make()
     s.add_request(req("eos", 3))
@@ -140,9 +179,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.n = 0
         self.finished = set()
 
-    @rule(n=st.integers(1, 30), max_tokens=st.integers(1, 12))
-    def arrive(self, n, max_tokens):
-        self.s.add_request(req(self.n, n, max_tokens=max_tokens))
+    @rule(n=st.integers(1, 30), max_tokens=st.integers(1, 12), priority=st.integers(0, 2))
+    def arrive(self, n, max_tokens, priority):
+        self.s.add_request(req(self.n, n, max_tokens=max_tokens, priority=priority))
         self.n += 1
 
     @rule(token=st.integers(0, 5))
@@ -184,6 +223,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert s.kv_cache.num_tokens(r.request_id) >= r.num_computed_tokens
         assert len(s.running) <= s.config.max_num_seqs
         assert not (self.finished & set(s.requests))
+        waiting = [r.priority for r in s.waiting]
+        assert waiting == sorted(waiting)  # the queue is in priority order
 
     def teardown(self):
         # Whatever is left drains: nothing starves and no page leaks.

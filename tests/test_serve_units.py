@@ -129,3 +129,32 @@ def test_bad_hyperparameters_are_400s(kw, param):
     with pytest.raises(APIError) as e:
         finetune_config(_job(**kw), FinetuneDefaults(), "/ck")
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_project_admission_lets_a_higher_priority_request_past_the_projects_lower_ranked_sequences():
+    """A project's sequences in the engine are capped (``limits.max_seqs_per_project``), but a
+    request waits only for the project's sequences of its own priority or better: a chat request
+    (priority 0) is not held back by the project's RL samples (priority 1), which the engine then
+    preempts for it; the samples still count the chat request against the cap."""
+    import asyncio
+    import types
+
+    from coserve_jax.serve.state import ServerState
+
+    state = types.SimpleNamespace(_admission=None, _event_loop=None, _in_flight={}, _project_of={}, max_seqs_per_project=2)
+
+    async def main():
+        await ServerState.admit(state, "p", ["s1", "s2"], priority=1)  # the project's cap, at priority 1
+        more = asyncio.ensure_future(ServerState.admit(state, "p", ["s3"], priority=1))
+        await asyncio.wait_for(ServerState.admit(state, "p", ["chat"], priority=0), 1.0)  # at once
+        await ServerState.admit(state, "q", ["other"], priority=1)  # another project: its own cap
+        await asyncio.sleep(0.05)
+        assert not more.done()
+        ServerState.release(state, ["s1"])  # s2 and chat are still 2 at priority <= 1
+        await asyncio.sleep(0.05)
+        assert not more.done()
+        ServerState.release(state, ["chat"])
+        await asyncio.wait_for(more, 1.0)
+        assert state._in_flight == {("p", 1): 2, ("q", 1): 1}
+
+    asyncio.run(main())

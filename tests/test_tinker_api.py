@@ -150,7 +150,7 @@ def test_sampled_logprobs_equal_forward_logprobs(server):
                         loss_fn_inputs={"target_tokens": toks[1:], "weights": [1.0] * (len(toks) - 1)})
     tc.forward_backward([datum], "cross_entropy")
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    sampler = tc.save_weights_and_get_sampling_client("consistency")
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = toks[:12]
     res = sampler.sample(prompt=types.ModelInput.from_ints(prompt), num_samples=3,
                          sampling_params=types.SamplingParams(max_tokens=10, temperature=1.0, seed=3)).result()
@@ -164,6 +164,14 @@ def test_sampled_logprobs_equal_forward_logprobs(server):
     for seq, o in zip(res.sequences, out.loss_fn_outputs):
         trained = np.asarray(o["logprobs"].tolist())[len(prompt) - 1:]
         assert np.abs(trained - np.asarray(seq.logprobs)).max() <= 1e-5
+    # compute_logprobs (sample with prompt_logprobs) scores the whole prompt as forward does,
+    # and prompt_logprobs_last_n leaves the earlier entries None
+    full = prompt + list(res.sequences[0].tokens)
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(full)).result()
+    assert scored[0] is None and len(scored) == len(full)
+    np.testing.assert_allclose(scored[1:], np.asarray(out.loss_fn_outputs[0]["logprobs"].tolist()), atol=1e-5)
+    tail = sampler.compute_logprobs(types.ModelInput.from_ints(full), prompt_logprobs_last_n=5).result()
+    assert tail[:-5] == [None] * (len(full) - 5) and tail[-5:] == pytest.approx(scored[-5:], abs=1e-6)
     sc.close("success").result()
 
 

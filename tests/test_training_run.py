@@ -155,6 +155,36 @@ def test_forward_matches_the_sampler_and_sees_each_optimizer_step(engine):
         run.close()
 
 
+def test_prompt_logprobs_equal_transformers_and_the_runs_forward(engine, hf_checkpoint):
+    """``Engine.prompt_logprobs`` (Tinker's ``compute_logprobs``, vLLM's prompt logprobs of the
+    chosen tokens): the base model's equal transformers' log-softmax; an adapter's equal its
+    training run's ``forward``; a 1-token prompt has only ``None``; a prompt longer than the
+    finetuning sequence length is refused."""
+    import torch
+
+    _, hf = hf_checkpoint("llama31")
+    vocab = engine.config.vocab_size
+    prompts = random_sequences((40, 7), vocab, seed=3) + [[5]]
+    got = engine.prompt_logprobs(prompts)
+    assert got[2] == [None]
+    for p, g in zip(prompts[:2], got):
+        assert g[0] is None and len(g) == len(p)
+        with torch.no_grad():
+            logits = hf(torch.tensor([p])).logits[0].double()
+        ref = torch.log_softmax(logits, -1)[torch.arange(len(p) - 1), torch.tensor(p[1:])].numpy()
+        np.testing.assert_allclose(g[1:], ref, atol=1e-4)
+    run = engine.create_training_run(rank=8, seed=3)
+    try:
+        (fwd,) = run_until(engine, run.forward([Datum(prompts[0][:-1], {"target_tokens": prompts[0][1:],
+                                                                         "weights": [0.0] * 39})]))
+        tuned = engine.prompt_logprobs(prompts[0], run.adapter_name)[0]
+        np.testing.assert_allclose(tuned[1:], fwd.loss_fn_outputs[0]["logprobs"], atol=1e-6)
+    finally:
+        run.close()
+    with pytest.raises(ValueError, match="finetune_max_seq_len"):
+        engine.prompt_logprobs([[1] * 200])
+
+
 def test_two_runs_train_at_once_and_each_equals_its_run_alone(engine):
     vocab = engine.config.vocab_size
     data1 = make_data(vocab, (20, 31), seed=21)

@@ -511,6 +511,7 @@ class Engine(OfflineAPI):
         ttft_slo_ms: float | None = None,
         tpot_slo_ms: float | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue one request. Returns its id.
 
@@ -526,6 +527,8 @@ class Engine(OfflineAPI):
             arrival_time: when the request arrived, on the ``time.monotonic()`` clock (default:
                 now); TTFT and the TTFT deadline count from it (a server or a trace replay that
                 queues requests before handing them over passes the true arrival).
+            priority: vLLM's request priority: lower is served first; a waiting request that
+                outranks running ones preempts them for their seats and pages (default 0).
         Raises:
             ValueError: empty or over-long prompt, token ids outside the vocabulary, text without
                 a tokenizer, ``logprobs`` above ``max_logprobs``, a duplicate id.
@@ -535,10 +538,11 @@ class Engine(OfflineAPI):
         """
         params = params or SamplingParams()
         if params.n > 1:
-            return self._add_parallel(prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time)
+            return self._add_parallel(prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time,
+                                      priority)
         req, text = self.inputs.process(
             prompt, params, adapter, request_id=request_id, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
-            arrival_time=arrival_time,
+            arrival_time=arrival_time, priority=priority,
         )
         self.scheduler.add_request(req)  # validates length and id
         self.outputs.add(req, text, index, adapter)
@@ -546,7 +550,8 @@ class Engine(OfflineAPI):
             self._awaiting_slot.append(req)
         return req.request_id
 
-    def _add_parallel(self, prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time) -> str:
+    def _add_parallel(self, prompt, params, adapter, request_id, index, ttft_slo_ms, tpot_slo_ms, arrival_time,
+                      priority) -> str:
         """Fork a request with ``params.n > 1`` into ``n`` child requests ``"{i}_{request_id}"``
         (vLLM's names), child ``i`` seeded ``seed + i`` when a seed is given; all or none are
         queued. The children share the prompt's full pages through the prefix cache (the first
@@ -563,7 +568,7 @@ class Engine(OfflineAPI):
                 child_params = dataclasses.replace(params, n=1, seed=seed)
                 req, t = self.inputs.process(
                     prompt if i == 0 else children[0].prompt_token_ids, child_params, adapter, request_id=f"{i}_{parent_id}",
-                    ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, arrival_time=arrival)
+                    ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, arrival_time=arrival, priority=priority)
                 text = t if i == 0 else text
                 self.scheduler.add_request(req)
                 children.append(req)

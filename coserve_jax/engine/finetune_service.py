@@ -16,6 +16,7 @@ the scheduler hands them to sequences as their forward starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 from typing import Sequence
@@ -35,6 +36,8 @@ from coserve_jax.lora.manager import AdapterError
 from coserve_jax.models.config import ModelConfig
 from coserve_jax.sched.outputs import SchedulerOutput
 from coserve_jax.sched.scheduler import Scheduler
+
+log = logging.getLogger("coserve_jax.engine")
 
 MAX_IN_FLIGHT = 8
 """Most training sequences of one job (or validation pass) handed to the scheduler at once."""
@@ -119,12 +122,30 @@ class FinetuneService:
 
     @property
     def has_active_jobs(self) -> bool:
-        """A job is unfinished or a training run has calls queued or running."""
-        return any(not j.done for j in self.jobs.values()) or any(r.busy for r in self.runs.values() if not r.closed)
+        """A job is unfinished, a training run has calls queued or running, or a validation or
+        prompt-logprobs pass has sequences left."""
+        return (any(not j.done for j in self.jobs.values()) or any(r.busy for r in self.runs.values() if not r.closed)
+                or any(not e.done for e in self.evaluations.values()))
 
     def _require_finetuning(self) -> None:
         if self.config.finetune is None:
             raise FinetuneError("this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)")
+
+    def check_scoring(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Whether prompts (token ids) can be scored by a ``return_logprobs`` pass.
+
+        Raises:
+            FinetuneError: no finetuning in this engine.
+            ValueError: an empty prompt, or one longer than ``finetune_max_seq_len``.
+        """
+        self._require_finetuning()
+        limit = self.config.finetune.max_seq_len
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; prompt logprobs are computed for at most "
+                                 f"finetune_max_seq_len={limit}")
 
     # ---- creation ------------------------------------------------------------------------
     def create_job(
@@ -344,9 +365,13 @@ class FinetuneService:
             raise ValueError(f"examples {bad[:5]} hold token ids outside the vocabulary")
         return fitted
 
-    def start_evaluation(self, data, adapter: str | None, config: FinetuneConfig | None, eval_id: str | None = None) -> Evaluation:
+    def start_evaluation(self, data, adapter: str | None, config: FinetuneConfig | None, eval_id: str | None = None,
+                         *, return_logprobs: bool = False, on_done=None) -> Evaluation:
         """Queue a validation pass of ``adapter`` (``None``: the base model) on ``data``; it runs
-        as the engine steps (see :meth:`Engine.evaluate`)."""
+        as the engine steps (see :meth:`Engine.evaluate`). With ``return_logprobs`` it keeps every
+        token's target logprob (:attr:`Evaluation.logprobs`); with ``on_done(evaluation)`` the
+        engine ends the pass when its last sequence finished and then calls it (on the engine's
+        thread), else the caller ends it (:meth:`end_evaluation`)."""
         self._require_finetuning()
         if adapter and self.adapter_cache is not None and adapter in self.adapter_cache.parked:
             self.adapter_cache.index(adapter)  # back into a slot (published before the pass is)
@@ -357,7 +382,8 @@ class FinetuneService:
         index = self.runner.adapters.adapter_index(adapter) if adapter else 0
         examples = self.examples(data, config or FinetuneConfig())
         ev = Evaluation(eval_id or f"eval-{uuid.uuid4().hex[:12]}", examples, index, self.model_config.num_layers,
-                        self.config.finetune.layers_per_slice, pack_len=self.pack_len)
+                        self.config.finetune.layers_per_slice, pack_len=self.pack_len, return_logprobs=return_logprobs,
+                        on_done=on_done)
         self.evaluations[ev.id] = ev
         self._feed(ev)
         return ev
@@ -432,6 +458,12 @@ class FinetuneService:
             if ev is not None:
                 if not ev.sequence_done(seq):
                     self._feed(ev)
+                elif ev.on_done is not None:
+                    self.end_evaluation(ev)
+                    try:
+                        ev.on_done(ev)
+                    except Exception:  # a caller's callback never stops the engine
+                        log.exception("evaluation %s: on_done failed", ev.id)
                 continue
             job = self.jobs.get(seq.job_id)
             if job is None or job.done:

@@ -50,6 +50,7 @@ class InputProcessor:
         ttft_slo_ms: float | None = None,
         tpot_slo_ms: float | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> tuple[Request, str | None]:
         """One request and its prompt text (``None`` for token ids); the arguments are
         :meth:`Engine.add_request <coserve_jax.engine.engine.Engine.add_request>`'s.
@@ -59,15 +60,7 @@ class InputProcessor:
                 above ``max_logprobs``. AdapterError: unknown adapter, or no pool.
         """
         params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass prompts as token ids")
-            text, ids = prompt, list(self.tokenizer(prompt)["input_ids"])
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        text, ids = (prompt if isinstance(prompt, str) else None), self.token_ids(prompt)
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} is above max_logprobs={self.max_logprobs}")
         adapter_index = self.adapter_index(adapter) if adapter else 0
@@ -76,9 +69,27 @@ class InputProcessor:
         req = Request(
             request_id=rid, prompt_token_ids=ids, params=params, adapter_index=adapter_index, lora_name=adapter or None, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+            ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, priority=int(priority),
         )
         return req, text
+
+    def token_ids(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids: text tokenized (special tokens added as the tokenizer does by
+        default), ids checked.
+
+        Raises:
+            ValueError: text without a tokenizer, ids outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompts as token ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ids
 
     def new_id(self) -> str:
         """A fresh request id (``"req-<k>"``)."""

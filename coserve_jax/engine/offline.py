@@ -24,11 +24,16 @@ class OfflineAPI:
     :class:`~coserve_jax.engine.engine.Engine` (a mixin: it needs the engine's ``step``,
     ``add_request``, ``abort``, ``has_unfinished``, ``tokenizer`` and ``finetuning``)."""
 
-    def _add_all(self, prompts, params, adapter) -> list[str]:
+    def _add_all(self, prompts, params, adapter, priority=None) -> list[str]:
         ids = []
+        batch = InputProcessor.batch(prompts, params, adapter)
+        prios = [0] * len(batch) if priority is None else (
+            list(priority) if isinstance(priority, (list, tuple)) else [priority] * len(batch))
+        if len(prios) != len(batch):
+            raise ValueError(f"got {len(prios)} priorities for {len(batch)} prompts")
         try:
-            for i, (p, sp, a) in enumerate(InputProcessor.batch(prompts, params, adapter)):
-                ids.append(self.add_request(p, sp, a, index=i))
+            for i, (p, sp, a) in enumerate(batch):
+                ids.append(self.add_request(p, sp, a, index=i, priority=prios[i]))
         except Exception:
             for rid in ids:  # all or nothing
                 self.abort(rid)
@@ -42,6 +47,7 @@ class OfflineAPI:
         adapter: str | None | Sequence[str | None] = None,
         *,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one finished :class:`RequestOutput` per prompt, in order.
 
@@ -51,10 +57,12 @@ class OfflineAPI:
             adapter: adapter name for all, or one per prompt (``None``: base model).
             use_tqdm: show a progress bar (prompts done, input and output tokens/s), as vLLM's
                 ``LLM.generate``.
+            priority: vLLM's request priority, for all prompts or one per prompt (lower is served
+                first; see :meth:`add_request`).
         Raises:
             ValueError, AdapterError: as :meth:`add_request`; nothing is queued then.
         """
-        ids = self._add_all(prompts, params, adapter)
+        ids = self._add_all(prompts, params, adapter, priority)
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
         with _bar(use_tqdm, len(ids), "Processed prompts", "prompt") as bar:
@@ -172,6 +180,39 @@ class OfflineAPI:
         finally:
             self.finetuning.end_evaluation(ev)
         return ev.record(time.time()).loss
+
+    def prompt_logprobs(self, prompts: Prompt | Sequence[Prompt], adapter: str | None = None) -> list[list[float | None]]:
+        """Each prompt token's logprob given the tokens before it, with the base model or an
+        adapter: per prompt ``[None, lp_1, ..., lp_{n-1}]`` (nats), the chosen tokens' entries of
+        vLLM's ``prompt_logprobs`` and what Tinker's ``SamplingClient.compute_logprobs`` returns.
+        Computed as a forward-only pass in the serving steps (the finetuning forward, float32 log
+        softmax over the vocabulary); this call steps the engine until it is done, other requests
+        and jobs advancing meanwhile.
+
+        Args:
+            prompts: one prompt or a list (text, tokenized as :meth:`add_request` does, or token ids).
+            adapter: an adapter name, or ``None`` for the base model.
+        Raises:
+            FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
+            ValueError: a prompt longer than ``finetune_max_seq_len``, empty, or with ids
+                outside the vocabulary; text without a tokenizer.
+        """
+        from coserve_jax.finetune.evaluation import prompt_logprobs_of, scoring_examples
+
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.inputs.token_ids(p) for p in prompts]
+        self.finetuning.check_scoring(ids)
+        examples = scoring_examples(ids)
+        if not examples:
+            return [[None] for _ in ids]
+        ev = self.finetuning.start_evaluation(examples, adapter, None, return_logprobs=True)
+        try:
+            while not ev.done:
+                self.step()
+        finally:
+            self.finetuning.end_evaluation(ev)
+        return prompt_logprobs_of(ids, ev)
 
 
 def _bar(enabled: bool, total: int, desc: str, unit: str):

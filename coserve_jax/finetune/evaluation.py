@@ -7,12 +7,18 @@ examples (every target weighs ``1 / total targets``, so the sum of the chunks' w
 the mean), the quantity OpenAI's fine-tuning reports as ``valid_loss`` and ``transformers.Trainer``
 as ``eval_loss`` (token-weighted). It is computed with the adapter's weights at the time its
 sequences run; a job runs its evaluations between optimizer steps, so one adapter version.
+
+With ``return_logprobs`` a pass also keeps every token's target logprob, per example: the prompt
+logprobs of vLLM's ``prompt_logprobs`` and of the Tinker API's ``compute_logprobs``, computed by
+the same forward as training's (not by the sampling path).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
 
 from coserve_jax.finetune.data import TrainingExample
 from coserve_jax.sched.finetune import TrainingSequence
@@ -42,12 +48,16 @@ class Evaluation:
         step: the optimizer step it evaluates (recorded).
         pack_len: consecutive examples are packed into sequences of up to this many tokens
             (attention within each example; 0: one example a sequence).
+        return_logprobs: keep every token's target logprob (:attr:`logprobs`).
+        on_done: called with the pass when its last sequence finished (on the engine's thread);
+            the engine then ends the pass itself (without it, the caller ends it).
     Raises:
         ValueError: no examples, or no target token in them.
     """
 
     def __init__(self, eval_id: Hashable, examples: Sequence[TrainingExample], adapter_index: int,
-                 num_layers: int, layers_per_slice: int, step: int = 0, pack_len: int = 0):
+                 num_layers: int, layers_per_slice: int, step: int = 0, pack_len: int = 0,
+                 return_logprobs: bool = False, on_done: Callable[["Evaluation"], None] | None = None):
         self.id = eval_id
         self.examples = list(examples)
         self.num_targets = sum(e.num_targets for e in self.examples)
@@ -62,6 +72,13 @@ class Evaluation:
         self._finished = 0
         self._chunks: dict[tuple[int, int], list] = {}  # (sequence, restarts) -> device losses
         self._losses: list = []
+        self.return_logprobs = return_logprobs
+        self.on_done = on_done
+        self._logprobs: dict[tuple[int, int], list] = {}  # (sequence, restarts) -> (offset, ChunkLogprobs)
+        self.logprobs: list[np.ndarray | None] = [None] * len(self.examples)
+        """With ``return_logprobs``: per example, float32 ``[len(token_ids)]``, entry ``t`` the
+        logprob of token ``t + 1`` given tokens ``0..t`` (the last entry is 0), filled as its
+        sequence finishes."""
 
     @property
     def done(self) -> bool:
@@ -91,17 +108,30 @@ class Evaluation:
             job_id=self.id, grad_row=0, adapter_index=self.adapter_index, token_ids=ids, targets=targets,
             weights=weights, dropout_rate=0.0, dropout_seed=0, num_layers=self.num_layers,
             layers_per_slice=self.layers_per_slice, index=first, forward_only=True, segments=tuple(segments),
-            num_examples=len(segments),
+            num_examples=len(segments), return_logprobs=self.return_logprobs,
         )
 
     def add_forward_loss(self, seq: TrainingSequence | FinetuneChunk, loss) -> None:
         """A chunk's weighted loss (a device scalar; not synchronised here)."""
         self._chunks.setdefault((seq.index, seq.num_restarts), []).append(loss)
 
+    def add_logprobs(self, chunk, logprobs) -> None:
+        """Record a forward chunk's target logprobs (a lazy slice of a step's output)."""
+        self._logprobs.setdefault((chunk.index, chunk.num_restarts), []).append((getattr(chunk, "offset", 0), logprobs))
+
     def sequence_done(self, seq: TrainingSequence) -> bool:
         """A sequence finished its forward (its last attempt's chunks count). Returns :attr:`done`."""
         self._losses.extend(self._chunks.pop((seq.index, seq.num_restarts), []))
         self._chunks = {k: v for k, v in self._chunks.items() if k[0] != seq.index}
+        if self.return_logprobs:
+            parts = self._logprobs.pop((seq.index, seq.num_restarts), [])
+            self._logprobs = {k: v for k, v in self._logprobs.items() if k[0] != seq.index}
+            full = np.zeros(seq.num_tokens, np.float32)
+            for offset, lp in parts:
+                values = lp.numpy()
+                full[offset:offset + len(values)] = values
+            for i, start in enumerate(seq.segment_starts):
+                self.logprobs[seq.index + i] = full[start:start + seq.segments[i]]
         self._finished += seq.num_examples
         return self.done
 
@@ -114,3 +144,33 @@ class Evaluation:
         if not self.done:
             raise RuntimeError(f"evaluation {self.id!r} has {len(self.examples) - self._finished} sequences left")
         return EvalRecord(self.step, float(sum(float(x) for x in self._losses)), self.num_targets, now)
+
+
+def scoring_examples(prompts: Sequence[Sequence[int]]) -> list[TrainingExample]:
+    """Prompts (token ids) as examples for a ``return_logprobs`` pass: every token after the first
+    is a target. Prompts of fewer than 2 tokens have nothing to score and are left out (their
+    prompt logprobs are ``[None]``, :func:`prompt_logprobs_of`).
+
+    Returns:
+        One :class:`TrainingExample` per prompt of 2+ tokens, ``line`` its position in ``prompts``.
+    """
+    return [TrainingExample(tuple(int(t) for t in p), (False,) + (True,) * (len(p) - 1), i)
+            for i, p in enumerate(prompts) if len(p) >= 2]
+
+
+def prompt_logprobs_of(prompts: Sequence[Sequence[int]], ev: Evaluation) -> list[list[float | None]]:
+    """Per prompt, vLLM's and Tinker's prompt logprobs of the chosen tokens: ``[None, lp_1, ...,
+    lp_{n-1}]`` (``lp_t`` = log p(token t | tokens before it), nats), from a finished
+    ``return_logprobs`` pass over :func:`scoring_examples` of the same prompts.
+
+    Raises:
+        RuntimeError: the pass is not finished.
+    """
+    if not ev.done:
+        raise RuntimeError(f"evaluation {ev.id!r} is not finished")
+    by_prompt = {ex.line: lp for ex, lp in zip(ev.examples, ev.logprobs)}
+    out: list[list[float | None]] = []
+    for i, p in enumerate(prompts):
+        lp = by_prompt.get(i)
+        out.append([None] + ([] if lp is None else [float(x) for x in lp[:len(p) - 1]]))
+    return out

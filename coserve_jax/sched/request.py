@@ -53,6 +53,9 @@ class Request:
         first_token_time: when its first token was sampled (seconds, the scheduler's clock).
         first_scheduled_time: when it was first admitted into a step (seconds, the same clock;
             arrival to it is the queue time).
+        priority: vLLM's request priority: a lower value is served first (0 by default; any
+            int). The waiting queue is in priority order, first come first served within one,
+            and a waiting request that outranks running ones takes their seats and pages.
     """
 
     request_id: object
@@ -73,6 +76,7 @@ class Request:
     tpot_slo_ms: float | None = None
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
+    priority: int = 0
 
     @property
     def num_tokens(self) -> int:

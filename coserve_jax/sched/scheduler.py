@@ -7,9 +7,14 @@ Each call of :meth:`Scheduler.schedule` plans one step under two limits, a token
    one gets that one token (Sarathi-Serve's stall-free batching, Agrawal et al., OSDI 2024).
 2. **Chunked prefill**: running requests part-way through their prompt get the next chunk, as
    large as the remaining budget allows.
-3. **Admission**: waiting requests, first come first served, are admitted while the budget,
-   the sequence limit and the free pages (above a watermark kept for running requests to grow)
-   allow; a request that does not fit blocks those behind it, so none starves. A request whose
+3. **Admission**: waiting requests, in priority order (vLLM's ``priority``: lower first) and
+   first come first served within a priority, are admitted while the budget, the sequence limit
+   and the free pages (above a watermark kept for running requests to grow) allow; a request that
+   does not fit blocks those behind it, so none starves within its priority. When the request at
+   the head of the queue outranks running requests and lacks a seat or pages, the lowest-ranked
+   of them (the latest admitted among equals) are preempted for it first, as vLLM's priority
+   policy preempts for pages (here for seats too: a chat request need not wait for a batch of
+   low-priority RL samples to finish). A request whose
    LoRA adapter waits for a device slot (``adapter_index`` :data:`~coserve_jax.sched.request.ADAPTER_PENDING`)
    is passed over, as vLLM passes over requests beyond ``max_loras``, until the engine places it.
 
@@ -23,10 +28,11 @@ never written. A request with a repetition penalty computes its whole prompt (it
 is built from the tokens its steps pass through) but still names its pages.
 
 Pages come from :class:`~coserve_jax.sched.kv_cache.KVCacheManager`. When a running request needs
-a page and none is free, the most recently admitted request not yet planned in this step is
-**preempted by recomputation** (vLLM's default): its pages are freed and it goes back to the
-front of the queue with its generated tokens, all of which the next prefill recomputes. No new
-request is admitted in a step that preempted.
+a page and none is free, the lowest-ranked running request not yet planned in this step (the
+most recently admitted among equal priorities) is **preempted by recomputation** (vLLM's
+default): its pages are freed and it goes back to the front of its priority class in the queue
+with its generated tokens, all of which the next prefill recomputes. No new request is admitted
+in a step that preempted for a running request's pages.
 
 **Finetuning** (token-level, :mod:`coserve_jax.sched.finetune`) takes what inference leaves:
 
@@ -187,7 +193,20 @@ class Scheduler:
         self._stops[request.request_id] = (request, p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
         if p.logprobs is not None:
             self._asks[request.request_id] = p.logprobs
-        self.waiting.append(request)
+        self._queue(request, front=False)
+
+    def _queue(self, req: Request, front: bool) -> None:
+        """Put a waiting request in the queue, kept in priority order: behind (``front=False``,
+        a new request) or ahead of (``front=True``, a preempted one) the requests of its priority."""
+        waiting, prio = self.waiting, req.priority
+        if not waiting or (waiting[-1].priority <= prio if not front else waiting[-1].priority < prio):
+            waiting.append(req)  # (every request at one priority: the common case)
+            return
+        for i, other in enumerate(waiting):
+            if other.priority > prio or (front and other.priority == prio):
+                waiting.insert(i, req)
+                return
+        waiting.append(req)  # pragma: no cover - the fast path above covers it
 
     def abort(self, request_id: Hashable) -> Request | None:
         """Cancel a request wherever it is and free its pages. Unknown ids are ignored."""
@@ -444,9 +463,13 @@ class Scheduler:
         decodes = DecodeChunks()
         chunks: list[ScheduledChunk] = []
         preempted: list[Hashable] = []
+        if inference and self.waiting and self.running:
+            self._preempt_for_priority(budget, preempted)
+        outranked = len(preempted)
         if inference:
             budget = self._schedule_running(budget, decodes, chunks, preempted)
-        if not preempted and inference:
+        pressure = len(preempted) > outranked  # a running request ran out of pages
+        if not pressure and inference:
             skipped = 0  # requests at the front whose adapter waits for a slot (vLLM skips them too)
             limit = self.config.max_loras_per_batch
             in_use = {r.adapter_index for r in self.running if r.adapter_index > 0} if limit and self.waiting else None
@@ -480,13 +503,32 @@ class Scheduler:
         if self.training:
             idle = not decodes.request_ids and not chunks  # no inference work in this step
             fwd, bwd, train = self._schedule_finetune(
-                0 if preempted else budget, len(decodes) + len(chunks), ft_cap, backward_layers, idle)
+                0 if pressure else budget, len(decodes) + len(chunks), ft_cap, backward_layers, idle)
         pending, self._plan_pending = self._plan_pending, False
         finished, self._ended = self._ended, []
         return SchedulerOutput(
             decodes=decodes, prefills=chunks, preempted=preempted, finished=finished, finetune=fwd, backward=bwd,
             train=train, has_pending_tokens=pending,
         )
+
+    def _preempt_for_priority(self, budget: int, preempted: list[Hashable]) -> None:
+        """Preempt the lowest-ranked running requests (``_pick_victim``'s order) while the request
+        at the head of the queue outranks them and lacks a seat or the pages of its first chunk
+        (counted without its prefix-cache hits and with the watermark, so at worst one request too
+        many gives way)."""
+        head = self.waiting[0]
+        if head.adapter_index < 0 or head.num_pending:
+            return  # it cannot be admitted this step anyway
+        need = min(head.num_tokens, budget)
+        while self.running:
+            if len(self.running) < self.config.max_num_seqs and self.kv_cache.can_admit(
+                    need, reserve_pages=self.config.watermark_pages):
+                return
+            victim = self._pick_victim(None, DecodeChunks(), [])
+            if victim.priority <= head.priority:
+                return
+            self._preempt(victim)
+            preempted.append(victim.request_id)
 
     def _schedule_running(
         self, budget: int, decodes: DecodeChunks, chunks: list[ScheduledChunk], preempted: list[Hashable]
@@ -654,14 +696,19 @@ class Scheduler:
             names += self._page_names(req, first, full - first, names[-1] if names else None)
             self.kv_cache.register(req.request_id, first, names[first:])
 
-    def _pick_victim(self, current: Request, decodes: DecodeChunks, chunks: list[ScheduledChunk]) -> Request:
-        """The most recently admitted running request not yet planned this step (else ``current``)."""
+    def _pick_victim(self, current: Request | None, decodes: DecodeChunks, chunks: list[ScheduledChunk]) -> Request:
+        """The lowest-ranked running request not yet planned this step: the highest ``priority``
+        value, the most recently admitted among equals; ``current`` (the request that needs the
+        pages) when none other is left or it ranks below them all (vLLM's priority policy)."""
         planned = set(decodes.request_ids)
         planned.update(c.request_id for c in chunks)
+        victim = None
         for req in reversed(self.running):
-            if req is not current and req.request_id not in planned:
-                return req
-        return current
+            if req is not current and req.request_id not in planned and (victim is None or req.priority > victim.priority):
+                victim = req
+        if victim is None or (current is not None and current.priority > victim.priority):
+            return current
+        return victim
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req.request_id)
@@ -671,7 +718,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._queue(req, front=True)
 
     # ---- results -------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, result: StepResult | Iterable[int | None], now: float | None = None) -> list[Request]:

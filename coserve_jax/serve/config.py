@@ -135,11 +135,15 @@ class FinetuneDefaults:
             shutdown).
         export_adapter: write a finished job's adapter as a PEFT directory under
             ``output_dir/jobs/<id>/adapter``.
+        sample_priority: the request priority (vLLM's: lower is served first) of the Tinker
+            API's ``sample`` calls; the OpenAI routes' requests default to 0, so by default an
+            RL loop's sampling gives way to chat traffic (set 0 to serve them alike).
     """
 
     base_learning_rate: float = 1e-4
     save_steps: int | None = None
     export_adapter: bool = True
+    sample_priority: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

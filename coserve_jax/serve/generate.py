@@ -122,11 +122,11 @@ def prepare(state: ServerState, body: P._SamplingRequest, prompts: list[list[int
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[list[int]], params: list[list], adapter: str | None,
-                  arrival: float, project: str = DEFAULT_PROJECT) -> tuple[asyncio.Queue, dict[str, int]]:
+                  arrival: float, project: str = DEFAULT_PROJECT, priority: int = 0) -> tuple[asyncio.Queue, dict[str, int]]:
     """Queue every (prompt, choice) in the engine as ``project`` may (:meth:`ServerState.admit`):
     up to ``max_seqs_per_project`` at once, the rest as earlier ones finish (a task that
-    :func:`collect` and :func:`stream` cancel when they end). Returns the delta queue and
-    ``{engine request id: choice index}``.
+    :func:`collect` and :func:`stream` cancel when they end), at vLLM's request ``priority``
+    (lower first). Returns the delta queue and ``{engine request id: choice index}``.
 
     Raises:
         APIError: 503 shutting down, 404 an adapter gone, 400 a request the engine refuses.
@@ -142,7 +142,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[list[int]], 
             added = []
             try:
                 for rid, k, ids, sp in batch:
-                    engine.add_request(ids, sp, adapter, request_id=rid, index=k, arrival_time=arrival)
+                    engine.add_request(ids, sp, adapter, request_id=rid, index=k, arrival_time=arrival, priority=priority)
                     added.append(rid)
             except Exception:
                 for rid in added:  # all or nothing
@@ -153,7 +153,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[list[int]], 
 
     async def add_batch(batch, q=None) -> asyncio.Queue:
         ids = [rid for rid, _, _, _ in batch]
-        await state.admit(project, ids)
+        await state.admit(project, ids, priority)
         try:
             if state.shutting_down:
                 raise APIError(503, "the server is shutting down", None, "shutting_down")

@@ -94,6 +94,7 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: bool = False
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    priority: int = 0
 
     def check_supported(self, max_n: int, max_stop: int) -> None:
         """Raises: APIError 400 for unknown fields, values the engine does not support, or

@@ -104,8 +104,8 @@ class ServerState:
         self.stats = None if config.disable_log_stats else StatLogger(config.log_stats_interval_s)
         self.loop = EngineLoop(engine, on_step=self._on_step, on_idle=self.jobs.start_queued, on_finished=self._on_finished)
         self.shutting_down = False
-        self._in_flight: dict[str, int] = {}  # project -> its sequences in the engine
-        self._project_of: dict[str, str] = {}  # engine request id -> project
+        self._in_flight: dict[tuple[str, int], int] = {}  # (project, priority) -> its sequences in the engine
+        self._project_of: dict[str, tuple[str, int]] = {}  # engine request id -> (project, priority)
         self._admission: asyncio.Condition | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
@@ -166,22 +166,25 @@ class ServerState:
         project's request queues in the engine behind at most this many, not behind all of them."""
         return self.config.limits.max_seqs_per_project or self.engine.engine_config.max_num_seqs
 
-    async def admit(self, project: str, request_ids: list[str]) -> None:
-        """Wait until ``project`` may put ``len(request_ids)`` more sequences into the engine
-        (always, when it has none there), then count them as in flight until each finishes."""
+    async def admit(self, project: str, request_ids: list[str], priority: int = 0) -> None:
+        """Wait until ``project`` may put ``len(request_ids)`` more sequences of ``priority``
+        into the engine (always, when it has none there at this priority or a better one: its
+        lower-ranked sequences do not hold back a higher-ranked request, which the engine's
+        scheduler lets preempt them), then count them as in flight until each finishes."""
         if self._admission is None:
             self._admission = asyncio.Condition()
             self._event_loop = asyncio.get_running_loop()
         k, cap = len(request_ids), self.max_seqs_per_project
         async with self._admission:
             def room() -> bool:
-                n = self._in_flight.get(project, 0)
+                n = sum(c for (p, prio), c in self._in_flight.items() if p == project and prio <= priority)
                 return n == 0 or n + k <= cap
 
             await self._admission.wait_for(room)
-            self._in_flight[project] = self._in_flight.get(project, 0) + k
+            key = (project, priority)
+            self._in_flight[key] = self._in_flight.get(key, 0) + k
             for rid in request_ids:
-                self._project_of[rid] = project
+                self._project_of[rid] = key
 
     def release(self, request_ids) -> None:
         """Sequences that finished or never reached the engine (any thread)."""

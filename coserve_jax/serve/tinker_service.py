@@ -604,6 +604,37 @@ class TinkerService:
             raise _user_error(f"no sampling session {sampler_id!r}", 404)
         return {"sampler_id": sampler_id, "base_model": self.state.model_name, "model_path": adapter}
 
+    async def _score(self, tokens: list[int], adapter: str | None) -> asyncio.Future:
+        """Start a prompt-logprobs pass of ``tokens`` on ``adapter`` (``None``: the base model) in
+        the engine; returns a future of its :func:`~coserve_jax.finetune.evaluation.prompt_logprobs_of`
+        list (resolved on this event loop when the pass is done).
+
+        Raises:
+            APIError: 400 a prompt the pass cannot take (too long, no finetuning in this engine).
+        """
+        from coserve_jax.finetune.evaluation import prompt_logprobs_of, scoring_examples
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        if len(tokens) < 2:
+            done.set_result([[None] * len(tokens)])
+            return done
+
+        def finished(ev) -> None:  # on the engine's thread
+            result = prompt_logprobs_of([tokens], ev)
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        def start(engine) -> None:
+            engine.finetuning.check_scoring([tokens])
+            engine.finetuning.start_evaluation(scoring_examples([tokens]), adapter, None, return_logprobs=True,
+                                               on_done=finished)
+
+        try:
+            await self.state.loop.call(start)
+        except (ValueError, FinetuneError, AdapterError) as e:
+            raise _user_error(f"prompt_logprobs: {e}") from None
+        return done
+
     def create_sampling_session(self, project: str, session_id: str, model_path: str | None, base_model: str | None) -> str:
         self._session(project, session_id)
         adapter = self._adapter_for(project, model_path, base_model)
@@ -613,7 +644,10 @@ class TinkerService:
 
     async def sample(self, project: str, req: dict) -> dict:
         """Queue ``num_samples`` completions of the prompt (Tinker's ``asample``) as engine
-        requests on the sampler's adapter; each sampled token's logprob is returned.
+        requests on the sampler's adapter; each sampled token's logprob is returned. With
+        ``prompt_logprobs`` (``compute_logprobs``) the prompt is also scored by a forward-only
+        pass on the same adapter in the same steps (``Engine.prompt_logprobs``); with
+        ``prompt_logprobs_last_n`` the entries before the last N are ``None``.
 
         Raises:
             APIError: 404 unknown sampler or weights, 400 bad parameters.
@@ -632,8 +666,13 @@ class TinkerService:
             if chunk.get("type", "encoded_text") != "encoded_text":
                 raise _user_error("only text (encoded_text) prompt chunks are supported")
             tokens += [int(t) for t in chunk["tokens"]]
-        if req.get("prompt_logprobs") or req.get("topk_prompt_logprobs"):
-            raise _user_error("prompt_logprobs are not supported yet: use a forward call of a training client")
+        if req.get("topk_prompt_logprobs") or req.get("target_prompt_logprobs") is not None:
+            raise _user_error("topk_prompt_logprobs and target_prompt_logprobs are not supported: use prompt_logprobs, "
+                              "or a forward call of a training client")
+        last_n = req.get("prompt_logprobs_last_n")
+        if last_n is not None and not (isinstance(last_n, int) and 1 <= last_n <= len(tokens) - 1):
+            raise _user_error(f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {len(tokens) - 1}")
+        scored = await self._score(tokens, adapter) if req.get("prompt_logprobs") else None
         sp = req["sampling_params"]
         n = int(req.get("num_samples", 1))
         seed = sp.get("seed")
@@ -649,7 +688,8 @@ class TinkerService:
         except (TypeError, ValueError) as e:
             raise _user_error(f"sampling_params: {e}") from None
         rid, fut = self._new_future(project, "sample")
-        q, index = await submit(self.state, rid, [tokens], [params], adapter, time.monotonic(), project)
+        q, index = await submit(self.state, rid, [tokens], [params], adapter, time.monotonic(), project,
+                                self.state.config.finetune.sample_priority)
 
         async def collect():
             outs: dict[int, list] = {i: [[], [], None] for i in index.values()}
@@ -663,10 +703,15 @@ class TinkerService:
                     o[2] = "stop" if d.finish_reason == "stop" else "length"
                     pending.discard(d.request_id)
             seqs = [tuple(outs[i]) for i in sorted(outs)]
+            prompt_lp = None
+            if scored is not None:
+                prompt_lp = (await scored)[0]
+                if last_n is not None:
+                    prompt_lp = [None] * (len(tokens) - last_n) + prompt_lp[len(tokens) - last_n:]
             if any(s[2] is None for s in seqs):
                 self._resolve(fut, error="sampling was aborted", category="server")
             else:
-                self._resolve(fut, tinker_wire.sample_response(seqs), tinker_wire.PROTO_CONTENT_TYPE)
+                self._resolve(fut, tinker_wire.sample_response(seqs, prompt_lp), tinker_wire.PROTO_CONTENT_TYPE)
 
         asyncio.get_running_loop().create_task(collect())
         return {"request_id": rid, "sample_sequence_ids": [f"{rid}-seq-{i}" for i in range(n)]}

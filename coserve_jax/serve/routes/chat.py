@@ -51,7 +51,7 @@ async def chat_completions(body: P.ChatCompletionRequest, request: Request, stat
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = prepare(state, body, [ids], max_tokens, logprobs)
     rid = P.new_id("chatcmpl")
-    q, index = await submit(state, rid, [ids], params, adapter, arrival, who.project)
+    q, index = await submit(state, rid, [ids], params, adapter, arrival, who.project, body.priority)
     created = P.now()
 
     def logprobs_of(c: Choice, start: int):

@@ -40,7 +40,7 @@ async def completions(body: P.CompletionRequest, request: Request, state: Server
     max_tokens = min(16, cfg.limits.max_tokens) if body.max_tokens is None else body.max_tokens
     params = prepare(state, body, prompts, max_tokens, body.logprobs)
     rid = P.new_id("cmpl")
-    q, index = await submit(state, rid, prompts, params, adapter, arrival, who.project)
+    q, index = await submit(state, rid, prompts, params, adapter, arrival, who.project, body.priority)
     n_prompt = sum(len(p) for p in prompts)
     created = P.now()
 
