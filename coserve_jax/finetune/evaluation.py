@@ -126,12 +126,8 @@ class Evaluation:
         if self.return_logprobs:
             parts = self._logprobs.pop((seq.index, seq.num_restarts), [])
             self._logprobs = {k: v for k, v in self._logprobs.items() if k[0] != seq.index}
-            full = np.zeros(seq.num_tokens, np.float32)
-            for offset, lp in parts:
-                values = lp.numpy()
-                full[offset:offset + len(values)] = values
-            for i, start in enumerate(seq.segment_starts):
-                self.logprobs[seq.index + i] = full[start:start + seq.segments[i]]
+            for i, lp in enumerate(sequence_logprobs(seq, parts)):
+                self.logprobs[seq.index + i] = lp
         self._finished += seq.num_examples
         return self.done
 
@@ -144,6 +140,21 @@ class Evaluation:
         if not self.done:
             raise RuntimeError(f"evaluation {self.id!r} has {len(self.examples) - self._finished} sequences left")
         return EvalRecord(self.step, float(sum(float(x) for x in self._losses)), self.num_targets, now)
+
+
+def sequence_logprobs(seq: TrainingSequence, parts: Sequence[tuple[int, object]]) -> list[np.ndarray]:
+    """A finished sequence's target logprobs per example of its pack, from its chunks' parts
+    ``(offset in the pack, ChunkLogprobs)`` (anything with ``numpy() -> float32 [n]``).
+
+    Returns:
+        One float32 ``[segment length]`` array per example, in pack order (entries no chunk
+        covered are 0).
+    """
+    full = np.zeros(seq.num_tokens, np.float32)
+    for offset, lp in parts:
+        values = lp.numpy()
+        full[offset:offset + len(values)] = values
+    return [full[start:start + seq.segments[i]] for i, start in enumerate(seq.segment_starts)]
 
 
 def scoring_examples(prompts: Sequence[Sequence[int]]) -> list[TrainingExample]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import LoRAConfig
+from coserve_jax.finetune.evaluation import sequence_logprobs
 from coserve_jax.finetune.job import lora_weights_of
 from coserve_jax.finetune.policy_losses import LOSS_CODES, LOSS_FNS, LossConfig, check_inputs, elementwise_loss
 from coserve_jax.lora.peft_io import LoRAWeights, write_peft
@@ -427,12 +428,8 @@ class TrainingRun:
         parts = self._logprobs.pop((seq.index, seq.num_restarts), [])
         self._logprobs = {k: v for k, v in self._logprobs.items() if k[0] != seq.index}
         call, first = self._sequences.pop(seq.index)
-        full = np.zeros(seq.num_tokens, np.float32)
-        for offset, lp in parts:
-            values = lp.numpy()
-            full[offset:offset + len(values)] = values
-        for i, start in enumerate(seq.segment_starts):
-            call.logprobs[first + i] = full[start:start + seq.segments[i]]
+        for i, lp in enumerate(sequence_logprobs(seq, parts)):
+            call.logprobs[first + i] = lp
         call.finished += len(seq.segments)
         if not seq.forward_only:
             self.trained_tokens += seq.num_tokens

@@ -517,8 +517,13 @@ class Scheduler:
         (counted without its prefix-cache hits and with the watermark, so at worst one request too
         many gives way)."""
         head = self.waiting[0]
-        if head.adapter_index < 0 or head.num_pending:
+        if budget <= 0 or head.adapter_index < 0 or head.num_pending:
             return  # it cannot be admitted this step anyway
+        limit = self.config.max_loras_per_batch
+        if limit and head.adapter_index > 0:
+            in_use = {r.adapter_index for r in self.running if r.adapter_index > 0}
+            if head.adapter_index not in in_use and len(in_use) >= limit:
+                return  # max_loras_per_batch holds it back: seats alone would not admit it
         need = min(head.num_tokens, budget)
         while self.running:
             if len(self.running) < self.config.max_num_seqs and self.kv_cache.can_admit(
