@@ -225,6 +225,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not (self.finished & set(s.requests))
         waiting = [r.priority for r in s.waiting]
         assert waiting == sorted(waiting)  # the queue is in priority order
+        assert s._num_ranked == sum(r.priority != 0 for r in s.requests.values())
 
     def teardown(self):
         # Whatever is left drains: nothing starves and no page leaks.

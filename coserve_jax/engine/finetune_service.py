@@ -28,7 +28,7 @@ from coserve_jax.engine.model_runner import ModelRunner
 from coserve_jax.finetune.checkpoint import JobCheckpointer
 from coserve_jax.finetune.config import FinetuneConfig, LoRAConfig
 from coserve_jax.finetune.data import TrainingExample, TrainingSet, load_dataset, truncate_examples
-from coserve_jax.finetune.evaluation import Evaluation
+from coserve_jax.finetune.evaluation import Evaluation, scoring_examples
 from coserve_jax.finetune.job import FinetuneError, FinetuneJob, JobStatus, plan_steps
 from coserve_jax.finetune.optim import init_lora, learning_rate_schedule, make_optimizer, make_update_fn, pool_weights
 from coserve_jax.finetune.training_run import TrainingRun, make_run_optimizer
@@ -131,11 +131,15 @@ class FinetuneService:
         if self.config.finetune is None:
             raise FinetuneError("this engine has no finetuning (max_finetune_jobs=0 or no LoRA pool: max_loras=0)")
 
-    def check_scoring(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Whether prompts (token ids) can be scored by a ``return_logprobs`` pass.
+    def start_scoring(self, prompts: Sequence[Sequence[int]], adapter: str | None, on_done=None) -> Evaluation | None:
+        """Queue a prompt-logprobs pass over ``prompts`` (token ids) with ``adapter``: a
+        ``return_logprobs`` validation pass over :func:`~coserve_jax.finetune.evaluation.scoring_examples`
+        (see :meth:`start_evaluation` for ``on_done``); read the result with
+        :func:`~coserve_jax.finetune.evaluation.prompt_logprobs_of`. Returns ``None`` when no prompt
+        has 2 tokens (nothing to score).
 
         Raises:
-            FinetuneError: no finetuning in this engine.
+            FinetuneError: no finetuning in this engine. AdapterError: unknown adapter.
             ValueError: an empty prompt, or one longer than ``finetune_max_seq_len``.
         """
         self._require_finetuning()
@@ -146,6 +150,8 @@ class FinetuneService:
             if len(p) > limit:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; prompt logprobs are computed for at most "
                                  f"finetune_max_seq_len={limit}")
+        examples = scoring_examples(prompts)
+        return self.start_evaluation(examples, adapter, None, return_logprobs=True, on_done=on_done) if examples else None
 
     # ---- creation ------------------------------------------------------------------------
     def create_job(

@@ -197,16 +197,14 @@ class OfflineAPI:
             ValueError: a prompt longer than ``finetune_max_seq_len``, empty, or with ids
                 outside the vocabulary; text without a tokenizer.
         """
-        from coserve_jax.finetune.evaluation import prompt_logprobs_of, scoring_examples
+        from coserve_jax.finetune.evaluation import prompt_logprobs_of
 
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.inputs.token_ids(p) for p in prompts]
-        self.finetuning.check_scoring(ids)
-        examples = scoring_examples(ids)
-        if not examples:
+        ev = self.finetuning.start_scoring(ids, adapter)
+        if ev is None:
             return [[None] for _ in ids]
-        ev = self.finetuning.start_evaluation(examples, adapter, None, return_logprobs=True)
         try:
             while not ev.done:
                 self.step()

@@ -163,6 +163,7 @@ class Scheduler:
         self.last_budget: StepBudget | None = None
         self._names: dict[Hashable, list[bytes]] = {}  # per running request: its named full pages, in order
         self._query_names: dict[Hashable, tuple] = {}  # per waiting request: (adapter key, its pages' names)
+        self._num_ranked = 0  # unfinished requests with a priority other than 0 (none: no priority preemption)
 
     # ---- queue ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -193,6 +194,7 @@ class Scheduler:
         self._stops[request.request_id] = (request, p.min_tokens, stop_ids, min(p.max_tokens, self.config.max_model_len - n))
         if p.logprobs is not None:
             self._asks[request.request_id] = p.logprobs
+        self._num_ranked += request.priority != 0
         self._queue(request, front=False)
 
     def _queue(self, req: Request, front: bool) -> None:
@@ -231,6 +233,7 @@ class Scheduler:
             self.kv_cache.free(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self._num_ranked -= req.priority != 0
         self.requests.pop(req.request_id, None)
         self._rows.pop(req.request_id, None)
         self._stops.pop(req.request_id, None)
@@ -463,7 +466,7 @@ class Scheduler:
         decodes = DecodeChunks()
         chunks: list[ScheduledChunk] = []
         preempted: list[Hashable] = []
-        if inference and self.waiting and self.running:
+        if inference and self._num_ranked and self.waiting and self.running:
             self._preempt_for_priority(budget, preempted)
         outranked = len(preempted)
         if inference:
@@ -519,16 +522,16 @@ class Scheduler:
         head = self.waiting[0]
         if budget <= 0 or head.adapter_index < 0 or head.num_pending:
             return  # it cannot be admitted this step anyway
-        limit = self.config.max_loras_per_batch
-        if limit and head.adapter_index > 0:
-            in_use = {r.adapter_index for r in self.running if r.adapter_index > 0}
-            if head.adapter_index not in in_use and len(in_use) >= limit:
-                return  # max_loras_per_batch holds it back: seats alone would not admit it
         need = min(head.num_tokens, budget)
+        limit = self.config.max_loras_per_batch
         while self.running:
             if len(self.running) < self.config.max_num_seqs and self.kv_cache.can_admit(
                     need, reserve_pages=self.config.watermark_pages):
                 return
+            if limit and head.adapter_index > 0:
+                in_use = {r.adapter_index for r in self.running if r.adapter_index > 0}
+                if head.adapter_index not in in_use and len(in_use) >= limit:
+                    return  # max_loras_per_batch holds it back: seats alone would not admit it
             victim = self._pick_victim(None, DecodeChunks(), [])
             if victim.priority <= head.priority:
                 return

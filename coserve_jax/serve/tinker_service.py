@@ -612,7 +612,7 @@ class TinkerService:
         Raises:
             APIError: 400 a prompt the pass cannot take (too long, no finetuning in this engine).
         """
-        from coserve_jax.finetune.evaluation import prompt_logprobs_of, scoring_examples
+        from coserve_jax.finetune.evaluation import prompt_logprobs_of
 
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
@@ -625,9 +625,7 @@ class TinkerService:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
         def start(engine) -> None:
-            engine.finetuning.check_scoring([tokens])
-            engine.finetuning.start_evaluation(scoring_examples([tokens]), adapter, None, return_logprobs=True,
-                                               on_done=finished)
+            engine.finetuning.start_scoring([tokens], adapter, on_done=finished)
 
         try:
             await self.state.loop.call(start)
